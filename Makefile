@@ -1,0 +1,38 @@
+# Two commands: `make demo` (train the Fashion-MNIST classifier) and `make test`.
+# Each creates .venv on first use; editing pyproject.toml reinstalls.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+FMNIST  ?= /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test bench fashion-mnist clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP) fashion-mnist
+	$(PY) -m tasks.classify
+
+bench: $(STAMP)
+	$(PY) -m tasks.bench classify
+
+# Fashion-MNIST comes from the Debian/Ubuntu package dataset-fashion-mnist.
+fashion-mnist:
+	@if [ -n "$$FASHION_MNIST_DIR" ] || [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "Installing Fashion-MNIST (apt package dataset-fashion-mnist)"; \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
+		sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST not found: install the package dataset-fashion-mnist, or set FASHION_MNIST_DIR"; \
+		echo "to a folder with the four IDX .gz files, or run python -m tasks.classify --download"; exit 1; \
+	fi
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

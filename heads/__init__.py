@@ -1,0 +1,6 @@
+"""Necks and task heads on a backbone's ``feature_info``."""
+from .base import TaskModel
+from .classification import ClassificationHead, Classifier
+from .fpn import FPN, BackboneWithFPN
+
+__all__ = ["TaskModel", "ClassificationHead", "Classifier", "FPN", "BackboneWithFPN"]

@@ -1,0 +1,1 @@
+"""Command-line tasks (``python -m tasks.classify`` ...) and their shared engine and data."""
