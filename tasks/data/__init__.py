@@ -1,0 +1,1 @@
+"""Datasets, loaders and augmentation: Fashion-MNIST, FashionScenes, COCO, image folders."""

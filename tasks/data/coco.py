@@ -1,0 +1,464 @@
+"""COCO-format detection data (``--train-ann FILE --train-images DIR``), batching and mAP.
+
+``CocoDetection`` serves ``(image uint8 [3, H, W], target)`` pairs from any COCO JSON:
+non-contiguous category ids become labels 0..K-1, images without annotations are kept as
+negatives, ``iscrowd`` annotations are left out of the targets (but kept for COCOeval, which
+treats them as ignore regions), and boxes are clipped to the image (degenerate ones dropped).
+``collate_detection`` pads a batch to one tensor, ``detections_to_coco`` turns model outputs
+back into COCO results in the files' pixel coordinates, ``coco_evaluate`` runs COCOeval.
+
+Bad input, and what ``skip_bad`` changes:
+
+* annotation file missing / not JSON / without the three lists / with an image entry lacking
+  ``id``, ``file_name``, ``width`` or ``height``: always an error naming the file.
+* malformed annotation (unknown image or category id, bbox not 4 finite numbers, missing or
+  duplicate id): ``ValueError`` naming the file and the annotation id; with ``skip_bad`` it is
+  dropped and counted (``stats["malformed"]``).
+* image file missing (checked for every used image at init, a stat call each):
+  ``FileNotFoundError`` naming it; with ``skip_bad`` the image is dropped and counted
+  (``stats["skipped_images"]``).
+* image unreadable at load time (corrupt, unsupported channels or dtype, size disagreeing with
+  the JSON ``width``/``height``): ``ImageReadError`` naming the file. Decoding every image at
+  init would cost a full pass over the data, so with ``skip_bad`` such an image is skipped
+  when met instead: a warning names it, ``stats["unreadable"]`` counts it (in the process that
+  met it, i.e. a worker) and the next readable sample is returned in its place.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_convert
+
+__all__ = ["CocoDetection", "ImageReadError", "read_image", "collate_detection",
+           "detections_to_coco", "coco_evaluate", "METRIC_NAMES"]
+
+# COCOeval.stats[:6], in its order.
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# Label of the whole-image box that rides through the transforms (see CocoDetection._transform).
+_FRAME_LABEL = -1
+
+
+class ImageReadError(OSError):
+    """An image file exists but cannot be used: undecodable, unsupported channel count or
+    dtype, or a size that disagrees with the annotation file."""
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read any image cv2 can decode as HWC uint8 RGB (gray -> RGB, RGBA drops alpha, 16 -> 8 bit)."""
+    # IMREAD_UNCHANGED keeps bit depth and alpha so they are converted on purpose, and skips
+    # EXIF rotation: COCO boxes are in the stored pixel grid.
+    image = cv2.imread(os.fspath(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: image file not found")
+        raise ImageReadError(f"{path}: cannot decode image (corrupt, truncated or unsupported format)")
+    if image.dtype == np.uint16:
+        image = cv2.convertScaleAbs(image, alpha=255.0 / 65535.0)  # full 16-bit range -> 0..255
+    elif image.dtype != np.uint8:
+        raise ImageReadError(f"{path}: unsupported pixel type {image.dtype} (expected 8 or 16 bit)")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    channels = image.shape[2]
+    if channels == 3:
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if channels == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    raise ImageReadError(f"{path}: {channels} channels, expected 1 (gray), 3 (BGR) or 4 (BGRA)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Annotation file checks
+# ---------------------------------------------------------------------------------------------
+
+def _load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: COCO annotation file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'images', 'annotations' and "
+                         f"'categories' lists, got a {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise ValueError(f"{path}: no '{key}' list (not a COCO detection file?)")
+        if not isinstance(data[key], list):
+            raise ValueError(f"{path}: '{key}' is a {type(data[key]).__name__}, expected a list")
+    return data
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_categories(path: Path, categories: list) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for i, c in enumerate(categories):
+        if not isinstance(c, dict) or not _is_int(c.get("id")):
+            raise ValueError(f"{path}: category #{i} has no integer 'id': {c!r}")
+        if c["id"] in names:
+            raise ValueError(f"{path}: category id {c['id']} appears twice")
+        names[c["id"]] = str(c.get("name", c["id"]))
+    if not names:
+        raise ValueError(f"{path}: 'categories' is empty")
+    return names
+
+
+def _check_images(path: Path, images: list) -> dict[int, dict]:
+    by_id: dict[int, dict] = {}
+    for i, img in enumerate(images):
+        if not isinstance(img, dict) or not _is_int(img.get("id")):
+            raise ValueError(f"{path}: image #{i} has no integer 'id': {img!r}")
+        for key in ("width", "height"):
+            if not _is_int(img.get(key)) or img[key] < 1:
+                raise ValueError(f"{path}: image id {img['id']}: '{key}' is {img.get(key)!r}, "
+                                 f"expected a positive integer")
+        if not isinstance(img.get("file_name"), str):
+            raise ValueError(f"{path}: image id {img['id']}: no 'file_name'")
+        if img["id"] in by_id:
+            raise ValueError(f"{path}: image id {img['id']} appears twice")
+        by_id[img["id"]] = img
+    return by_id
+
+
+def _annotation_problem(ann: Any, image_ids: dict, category_ids: dict, seen: set) -> str | None:
+    """Why ``ann`` cannot be used, or None."""
+    if not isinstance(ann, dict):
+        return f"not an object: {ann!r}"
+    if not _is_int(ann.get("id")):
+        return "no integer 'id'"
+    if ann["id"] in seen:
+        return "duplicate id"
+    if ann.get("image_id") not in image_ids:
+        return f"image_id {ann.get('image_id')!r} is not in 'images'"
+    if ann.get("category_id") not in category_ids:
+        return f"category_id {ann.get('category_id')!r} is not in 'categories'"
+    bbox = ann.get("bbox")
+    if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                       for v in bbox)):
+        return f"bbox {bbox!r} is not 4 finite numbers [x, y, w, h]"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset
+# ---------------------------------------------------------------------------------------------
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Detection samples from a COCO JSON and an image folder.
+
+    ``dataset[i] -> (image, target)``: ``image`` uint8 ``[3, H, W]`` RGB, not normalised;
+    ``target`` = ``boxes`` float32 ``[N, 4]`` xyxy pixels of the transformed image, ``labels``
+    int64 ``[N]`` in ``[0, num_classes)``, ``image_id`` int, ``orig_size`` / ``size``
+    ``(h, w)`` of the file / transformed image, and ``scale`` ``(sy, sx)`` + ``offset``
+    ``(oy, ox)`` such that ``x_file = (x - ox) / sx`` (``detections_to_coco`` uses them).
+
+    ``transforms``: an ``A.Compose`` with ``tasks.data.transforms.detection_bbox_params``-style
+    boxes (``pascal_voc``, ``label_fields=["labels"]``), e.g. ``detection_val_transforms``.
+    ``limit``: only the first ``limit`` images by id (before dropping missing files).
+    ``coco`` holds the same images and annotations as served (crowd regions included, boxes
+    clipped, degenerate and malformed ones removed), so ``coco_evaluate(ds.coco, ...)``
+    scores exactly what the dataset serves.
+    """
+
+    def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike,
+                 transforms: A.Compose | None = None, *, skip_bad: bool = False,
+                 limit: int | None = None):
+        self.ann_file = Path(ann_file)
+        self.image_dir = Path(image_dir)
+        self.transforms = transforms
+        self.skip_bad = skip_bad
+        _check_transforms(transforms)
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit={limit}: expected a number of images >= 0 (or None for all)")
+        self.stats = dict.fromkeys(("images", "annotations", "crowd", "clipped", "degenerate",
+                                    "malformed", "skipped_images", "unreadable"), 0)
+
+        data = _load_json(self.ann_file)
+        names = _check_categories(self.ann_file, data["categories"])
+        images = _check_images(self.ann_file, data["images"])
+        self.cat_ids: list[int] = sorted(names)
+        self.class_names: list[str] = [names[c] for c in self.cat_ids]
+        self.num_classes = len(self.cat_ids)
+        self._cat_to_label = {c: i for i, c in enumerate(self.cat_ids)}
+
+        kept_ids = sorted(images)[:limit] if limit is not None else sorted(images)
+        kept_ids = self._drop_missing_files(images, kept_ids)
+        anns_by_image = self._sanitize_annotations(data["annotations"], images, set(kept_ids))
+
+        self._records = []  # (image_id, path, h, w, boxes float32 [N, 4], labels int64 [N])
+        for img_id in kept_ids:
+            img = images[img_id]
+            anns = [a for a in anns_by_image.get(img_id, []) if not a.get("iscrowd", 0)]
+            boxes = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
+            boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
+            labels = np.array([self._cat_to_label[a["category_id"]] for a in anns], dtype=np.int64)
+            self._records.append((img_id, self.image_dir / img["file_name"],
+                                  img["height"], img["width"], boxes, labels))
+        self.stats["images"] = len(self._records)
+
+        gt = {k: v for k, v in data.items() if k not in ("images", "annotations")}
+        gt["images"] = [images[i] for i in kept_ids]
+        gt["annotations"] = [a for i in kept_ids for a in anns_by_image.get(i, [])]
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco = COCO()
+            self.coco.dataset = gt
+            self.coco.createIndex()
+        self._report()
+
+    # -- init helpers -----------------------------------------------------------------------
+
+    def _drop_missing_files(self, images: dict[int, dict], ids: list[int]) -> list[int]:
+        kept = []
+        for img_id in ids:
+            path = self.image_dir / images[img_id]["file_name"]
+            if path.is_file():
+                kept.append(img_id)
+            elif self.skip_bad:
+                self.stats["skipped_images"] += 1
+            else:
+                raise FileNotFoundError(f"{path}: image file not found (image id {img_id} of "
+                                        f"{self.ann_file}); pass skip_bad=True to skip missing images")
+        return kept
+
+    def _sanitize_annotations(self, anns: list, images: dict[int, dict],
+                              kept: set[int]) -> dict[int, list[dict]]:
+        """Check every annotation; return the usable ones of the kept images, boxes clipped."""
+        seen: set[int] = set()
+        by_image: dict[int, list[dict]] = {}
+        for i, ann in enumerate(anns):
+            problem = _annotation_problem(ann, images, self._cat_to_label, seen)
+            if problem is not None:
+                ann_id = ann.get("id", f"#{i}") if isinstance(ann, dict) else f"#{i}"
+                if not self.skip_bad:
+                    raise ValueError(f"{self.ann_file}: malformed annotation id {ann_id}: {problem}")
+                self.stats["malformed"] += 1
+                continue
+            seen.add(ann["id"])
+            if ann["image_id"] not in kept:
+                continue
+            ann = dict(ann)  # never mutate the caller's JSON
+            # pycocotools' COCOeval reads these without defaults.
+            ann.setdefault("iscrowd", 0)
+            ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
+            if ann["iscrowd"]:
+                self.stats["crowd"] += 1  # COCOeval ignore region, never a training target
+            else:
+                img = images[ann["image_id"]]
+                x, y, w, h = (float(v) for v in ann["bbox"])
+                x1, x2 = min(max(x, 0.0), img["width"]), min(max(x + w, 0.0), img["width"])
+                y1, y2 = min(max(y, 0.0), img["height"]), min(max(y + h, 0.0), img["height"])
+                if x2 <= x1 or y2 <= y1:  # zero size, negative size or fully outside
+                    self.stats["degenerate"] += 1
+                    continue
+                if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+                    self.stats["clipped"] += 1
+                    ann["bbox"] = [x1, y1, x2 - x1, y2 - y1]
+                self.stats["annotations"] += 1
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        return by_image
+
+    def _report(self) -> None:
+        noted = {k: self.stats[k] for k in ("clipped", "degenerate", "malformed", "skipped_images")
+                 if self.stats[k]}
+        if noted:
+            what = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in noted.items())
+            warnings.warn(f"{self.ann_file}: {what} (boxes clipped to the image; degenerate and "
+                          f"malformed annotations and skipped images are not used); "
+                          f"counters in .stats", stacklevel=3)
+
+    # -- categories -------------------------------------------------------------------------
+
+    def label_to_category(self, labels):
+        """Labels 0..K-1 -> COCO category ids (a tensor stays a tensor, else an int64 array)."""
+        table = np.asarray(self.cat_ids, dtype=np.int64)
+        if isinstance(labels, torch.Tensor):
+            idx = labels.detach().cpu().long().numpy()
+        else:
+            idx = np.asarray(labels, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_classes):
+            raise ValueError(f"labels must be in [0, {self.num_classes}), got {idx.min()}..{idx.max()}")
+        cats = table[idx]
+        return torch.as_tensor(cats, device=labels.device) if isinstance(labels, torch.Tensor) else cats
+
+    # -- samples ----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        if not self.skip_bad:
+            return self._load(index)
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            try:
+                return self._load(i)
+            except OSError as e:  # unreadable or vanished since init (FileNotFoundError)
+                self.stats["unreadable"] += 1
+                warnings.warn(f"skipping unusable image: {e}", stacklevel=2)
+        raise ImageReadError(f"{self.ann_file}: none of the {len(self)} images could be read")
+
+    def _load(self, index: int) -> tuple[torch.Tensor, dict]:
+        img_id, path, h, w, boxes, labels = self._records[index]
+        image = read_image(path)
+        if image.shape[:2] != (h, w):
+            raise ImageReadError(f"{path}: image is {image.shape[1]}x{image.shape[0]} but "
+                                 f"{self.ann_file} says {w}x{h} (image id {img_id})")
+        image, boxes, labels, scale, offset = self._transform(image, boxes, labels)
+        target = {
+            "boxes": torch.from_numpy(boxes),
+            "labels": torch.from_numpy(labels),
+            "image_id": img_id,
+            "orig_size": (h, w),
+            "size": tuple(image.shape[:2]),
+            "scale": scale,
+            "offset": offset,
+        }
+        # [H, W, 3] -> [3, H, W]; a contiguous copy so collate and pin_memory don't stride.
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target
+
+    def _transform(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray):
+        h, w = image.shape[:2]
+        if self.transforms is None:
+            return image, boxes, labels, (1.0, 1.0), (0.0, 0.0)
+        # A whole-image "frame" box rides along with the real ones: where the pipeline puts it
+        # is where the original image ended up, computed by the same bbox arithmetic as the
+        # targets, so predictions map back exactly, for any resize/pad pipeline, without
+        # re-deriving each transform's rounding. After a crop or flip the mapping is not
+        # invertible by scale and offset alone (training pipelines; nothing maps back there).
+        out = self.transforms(
+            image=image,
+            bboxes=np.concatenate([boxes, np.array([[0, 0, w, h]], np.float32)]),
+            labels=np.concatenate([labels, np.array([_FRAME_LABEL], np.int64)]))
+        image = out["image"]
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise TypeError(f"transforms must return HWC uint8 RGB images, got {image.dtype} "
+                            f"{image.shape}")
+        boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+        labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
+        is_frame = labels == _FRAME_LABEL
+        if is_frame.any():
+            fx1, fy1, fx2, fy2 = (float(v) for v in boxes[is_frame][0])
+            scale, offset = ((fy2 - fy1) / h, (fx2 - fx1) / w), (fy1, fx1)
+        else:  # cropped away (min_visibility): only the size ratio is known
+            scale, offset = (image.shape[0] / h, image.shape[1] / w), (0.0, 0.0)
+        # Albumentations keeps boxes squeezed to zero width at a crop edge; they teach nothing.
+        keep = ~is_frame & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return image, boxes[keep], labels[keep], scale, offset
+
+
+def _check_transforms(transforms: Any) -> None:
+    if transforms is None:
+        return
+    bbox = getattr(transforms, "processors", {}).get("bboxes") if isinstance(transforms, A.BaseCompose) else None
+    if (bbox is None or bbox.params.format != "pascal_voc"
+            or "labels" not in (bbox.params.label_fields or ())):
+        raise ValueError("transforms must be an albumentations Compose with bbox_params="
+                         "A.BboxParams(format='pascal_voc', label_fields=['labels']) "
+                         "(see tasks.data.transforms.detection_bbox_params)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching, results, evaluation
+# ---------------------------------------------------------------------------------------------
+
+def collate_detection(batch: Sequence[tuple[torch.Tensor, dict]],
+                      size_divisible: int = 32) -> tuple[torch.Tensor, list[dict]]:
+    """Stack images into uint8 ``[B, 3, H, W]``, zero-padded bottom/right to the largest
+    H, W of the batch rounded up to ``size_divisible`` (so every FPN level divides evenly);
+    boxes need no change. Returns ``(images, targets)``."""
+    images, targets = zip(*batch)
+    height = max(img.shape[-2] for img in images)
+    width = max(img.shape[-1] for img in images)
+    height = -(-height // size_divisible) * size_divisible
+    width = -(-width // size_divisible) * size_divisible
+    out = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+    for i, img in enumerate(images):
+        out[i, :, :img.shape[-2], :img.shape[-1]] = img
+    return out, list(targets)
+
+
+def _pair(v: Any) -> tuple[float, float]:
+    if isinstance(v, (int, float)):
+        return float(v), float(v)
+    a, b = v
+    return float(a), float(b)
+
+
+def detections_to_coco(outputs: Sequence[dict], targets: Sequence[dict],
+                       label_to_category: Callable | Sequence[int]) -> list[dict]:
+    """Model outputs (``boxes`` xyxy in transformed-image pixels, ``scores``, ``labels``) ->
+    COCO results (``image_id``, ``category_id``, ``bbox`` xywh in file pixels, ``score``).
+
+    Undoes each target's ``offset`` / ``scale`` (``x_file = (x - ox) / sx``) and clips to its
+    ``orig_size``. ``label_to_category``: ``dataset.label_to_category`` or ``dataset.cat_ids``.
+    """
+    if not callable(label_to_category):
+        table = np.asarray(label_to_category, dtype=np.int64)
+        label_to_category = lambda labels: table[np.asarray(labels, dtype=np.int64)]  # noqa: E731
+    results = []
+    for out, tgt in zip(outputs, targets, strict=True):
+        # float64 so dividing by the scale reproduces the file's coordinates to ~1e-12.
+        boxes = torch.as_tensor(out["boxes"]).detach().to("cpu", torch.float64).reshape(-1, 4)
+        if not len(boxes):
+            continue
+        scores = torch.as_tensor(out["scores"]).detach().cpu().reshape(-1).tolist()
+        labels = torch.as_tensor(out["labels"]).detach().cpu().reshape(-1).long().numpy()
+        sy, sx = _pair(tgt.get("scale", 1.0))
+        oy, ox = _pair(tgt.get("offset", 0.0))
+        h, w = tgt["orig_size"]
+        boxes[:, 0::2] = ((boxes[:, 0::2] - ox) / sx).clamp(0, w)
+        boxes[:, 1::2] = ((boxes[:, 1::2] - oy) / sy).clamp(0, h)
+        xywh = box_convert(boxes, "xyxy", "xywh").tolist()
+        cats = np.asarray(label_to_category(labels)).tolist()
+        image_id = int(tgt["image_id"])
+        results.extend({"image_id": image_id, "category_id": int(c), "bbox": b, "score": float(s)}
+                       for b, s, c in zip(xywh, scores, cats, strict=True))
+    return results
+
+
+def coco_evaluate(coco_gt: COCO, predictions: Sequence[dict], *,
+                  img_ids: Sequence[int] | None = None, verbose: bool = False) -> dict[str, float]:
+    """Box mAP of COCO-format ``predictions`` with pycocotools' COCOeval.
+
+    Returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` on COCOeval's 0..1 scale (-1 where
+    COCOeval has no ground truth for an area range). No predictions gives all zeros.
+    ``img_ids`` restricts evaluation (default: every image of ``coco_gt``); ``verbose`` lets
+    COCOeval print its table.
+    """
+    if not predictions:
+        return dict.fromkeys(METRIC_NAMES, 0.0)
+    # loadRes adds keys to every result dict: give it copies.
+    preds = [dict(p) for p in predictions]
+    unknown = {p["image_id"] for p in preds} - set(coco_gt.getImgIds())
+    if unknown:
+        raise ValueError(f"predictions for image ids not in the ground truth: {sorted(unknown)[:10]}")
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        coco_dt = coco_gt.loadRes(preds)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if img_ids is not None:
+            evaluator.params.imgIds = sorted(img_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])}

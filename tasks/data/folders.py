@@ -1,0 +1,123 @@
+"""ImageFolder trees for a user's own classification data: ``<root>/<class>/*.png``.
+
+Images are decoded with OpenCV in DataLoader workers and transformed with albumentations;
+they leave the worker as uint8 ``[C, H, W]`` tensors and are normalised on the device.
+An unreadable image is an error naming the file, or, with ``skip_bad``, is skipped and counted.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["IMAGE_EXTENSIONS", "BadImageError", "read_image", "ImageFolderDataset", "classification_transforms",
+           "collate_skip_bad"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+# Per-channel statistics for images in [0, 1] when the data brings none (ImageNet's).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class BadImageError(ValueError):
+    """An image file cannot be decoded."""
+
+
+def read_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
+    """``H x W x channels`` uint8 (RGB for 3): gray, RGBA and 16-bit files are converted."""
+    path = str(path)
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image not found: {path}")
+        raise BadImageError(f"cannot decode image {path} (corrupt or not an image)")
+    if img.dtype == np.uint16:
+        img = (img / 257).round().astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise BadImageError(f"{path}: unsupported pixel type {img.dtype}")
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.shape[2] == 4:
+        img = img[:, :, :3]  # drop alpha
+    if channels == 1:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[:, :, None] if img.shape[2] == 3 else img
+    if channels == 3:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB) if img.shape[2] == 1 else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    raise ValueError(f"channels={channels}: image folders give 1 (gray) or 3 (RGB) channels")
+
+
+def classification_transforms(size: int, train: bool, *, hflip: bool = True, seed: int | None = None) -> A.Compose:
+    """Train: random resized crop + flip. Val: shorter side to size*8/7, centre crop."""
+    if train:
+        ops = [A.RandomResizedCrop(size=(size, size), scale=(0.35, 1.0))]
+        if hflip:
+            ops.append(A.HorizontalFlip(p=0.5))
+    else:
+        ops = [A.SmallestMaxSize(max_size=max(size, round(size * 8 / 7))), A.CenterCrop(height=size, width=size)]
+    return A.Compose(ops, seed=seed)
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>``; ``classes`` fixes the label order (the train set's for val)."""
+
+    def __init__(self, root: str | os.PathLike, *, transform: A.Compose | None = None, channels: int = 3,
+                 classes: Sequence[str] | None = None, skip_bad: bool = False, limit: int | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        found = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        if not found:
+            raise ValueError(f"{self.root}: expected one sub-folder per class (e.g. {self.root}/cat/1.png), found none")
+        if classes is None:
+            classes = found
+        else:
+            unknown = sorted(set(found) - set(classes))
+            if unknown:
+                raise ValueError(f"{self.root}: classes {unknown} are not in the training classes {list(classes)}")
+        self.classes = list(classes)
+        self.samples: list[tuple[str, int]] = []
+        for label, name in enumerate(self.classes):
+            folder = self.root / name
+            if folder.is_dir():
+                files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+                self.samples += [(str(f), label) for f in files]
+        if not self.samples:
+            raise ValueError(f"{self.root}: no images with extensions {IMAGE_EXTENSIONS}")
+        if limit is not None:
+            self.samples = self.samples[:limit]
+        self.transform = transform
+        self.channels = channels
+        self.skip_bad = skip_bad
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+        path, label = self.samples[i]
+        try:
+            img = read_image(path, self.channels)
+        except (BadImageError, FileNotFoundError):
+            if self.skip_bad:
+                return None  # dropped (and counted) by collate_skip_bad
+            raise
+        if self.transform is not None:
+            img = self.transform(image=img)["image"]
+        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), label  # [C, H, W] uint8
+
+
+def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack a batch, dropping samples that came back ``None``; returns how many were dropped."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        warnings.warn(f"a whole batch of {len(batch)} images was unreadable and skipped")
+        return torch.zeros(0, 1, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), skipped
+    images = torch.stack([b[0] for b in good])
+    labels = torch.tensor([b[1] for b in good], dtype=torch.int64)
+    return images, labels, skipped

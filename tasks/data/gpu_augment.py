@@ -1,0 +1,103 @@
+"""Batch augmentation on the device for in-memory datasets (Fashion-MNIST and the like).
+
+Each op takes a float batch ``[N, C, H, W]`` and a ``torch.Generator`` on the batch's device,
+draws all its random numbers in one call per kind, and never syncs with the host, so the
+input pipeline costs a few kernel launches per batch instead of a CPU worker pool.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["random_crop", "random_hflip", "random_erasing", "BatchAugment"]
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero-pad by ``padding`` then crop back to ``H x W`` at a random offset per sample
+    (torchvision's ``RandomCrop(size, padding)``, for the whole batch at once)."""
+    if padding <= 0:
+        return x
+    n, c, h, w = x.shape
+    xp = F.pad(x, (padding, padding, padding, padding))  # [N, C, H+2p, W+2p]
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), device=x.device, generator=generator)
+    rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # [N, H]
+    cols = offsets[1, :, None] + torch.arange(w, device=x.device)  # [N, W]
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    # Advanced indices around the channel slice put their broadcast dims first:
+    out = xp[batch, :, rows[:, :, None], cols[:, None, :]]  # [N, H, W, C]
+    return out.permute(0, 3, 1, 2)  # [N, C, H, W], channels_last in memory
+
+
+def random_hflip(x: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mirror each sample left-right with probability ``p``."""
+    if p <= 0:
+        return x
+    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < p
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def random_erasing(x: torch.Tensor, p: float = 0.5, scale: tuple[float, float] = (0.02, 0.33),
+                   ratio: tuple[float, float] = (0.3, 3.3), value: float = 0.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Blank one random rectangle per sample with probability ``p`` (Zhong et al. 2017).
+
+    As torchvision's ``RandomErasing`` (area fraction in ``scale``, aspect ratio log-uniform in
+    ``ratio``); where torchvision retries a box that does not fit, this clamps it to the image.
+    """
+    if p <= 0:
+        return x
+    n, _, h, w = x.shape
+    u = torch.rand(6, n, device=x.device, generator=generator)
+    area = (scale[0] + (scale[1] - scale[0]) * u[0]) * (h * w)
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1]
+    aspect = torch.exp(log_r)
+    eh = torch.sqrt(area * aspect).round().clamp(1, h)
+    ew = torch.sqrt(area / aspect).round().clamp(1, w)
+    y0 = (u[2] * (h - eh + 1)).floor()
+    x0 = (u[3] * (w - ew + 1)).floor()
+    ys = torch.arange(h, device=x.device)[None, :]  # [1, H]
+    xs = torch.arange(w, device=x.device)[None, :]  # [1, W]
+    in_rows = (ys >= y0[:, None]) & (ys < (y0 + eh)[:, None])  # [N, H]
+    in_cols = (xs >= x0[:, None]) & (xs < (x0 + ew)[:, None])  # [N, W]
+    erase = in_rows[:, :, None] & in_cols[:, None, :] & (u[4] < p)[:, None, None]  # [N, H, W]
+    return x.masked_fill(erase[:, None], value)
+
+
+@dataclass
+class BatchAugment:
+    """uint8 batch -> normalised float batch, with the configured augmentations.
+
+    Order: scale to [0, 1], crop (zero padding = black, as torchvision pads before
+    normalising), flip, normalise, erase (value 0 = the mean, as RandomErasing after Normalize).
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int = 0
+    hflip: float = 0.0
+    erasing: float = 0.0
+
+    def _stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # cached per device: a fresh host-to-device copy per batch would be a needless transfer
+        cache = self.__dict__.setdefault("_cache", {})
+        if device not in cache:
+            cache[device] = (torch.tensor(self.mean, device=device).view(1, -1, 1, 1),
+                             torch.tensor(self.std, device=device).view(1, -1, 1, 1))
+        return cache[device]
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                 train: bool = True) -> torch.Tensor:
+        if images.dim() == 3:
+            images = images[:, None]  # [N, 1, H, W]
+        x = images.float().div_(255)
+        if train:
+            x = random_crop(x, self.crop_padding, generator)
+            x = random_hflip(x, self.hflip, generator)
+        mean, std = self._stats(x.device)
+        x = (x - mean) / std
+        if train:
+            x = random_erasing(x, self.erasing, generator=generator)
+        return x

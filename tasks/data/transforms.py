@@ -1,0 +1,147 @@
+"""Augmentation pipelines for file-based data (albumentations) and their seeding.
+
+Detection pipelines take and return HWC uint8 RGB images with ``bboxes`` in absolute xyxy
+pixels ("pascal_voc") and a ``labels`` field; they never normalise (that happens on the GPU,
+in batches).
+
+Seeding. An albumentations 2.x ``Compose`` draws from its *own* generators, not from
+``random`` / ``numpy`` / ``torch``, so seeding those does nothing to it, and:
+
+* ``Compose(seed=s)`` gives every child transform its own generator seeded with the same
+  ``s`` (``BaseCompose.set_random_seed``), so their streams are identical: with
+  ``RandomScale`` then ``HorizontalFlip`` the flip happens exactly when the scale is small.
+  ``reseed_transforms`` instead hands one shared stream to all children
+  (``BaseCompose.set_random_state``), so draws are sequential and independent.
+* DataLoader workers each get a copy of the dataset, pipeline state included: without
+  reseeding, all workers produce the same augmentations, and with non-persistent workers
+  every epoch repeats the first one. ``seed_worker`` (``worker_init_fn``) reseeds from
+  ``torch.initial_seed()``, which the DataLoader sets to ``base_seed + worker_id`` with a
+  ``base_seed`` drawn from torch's RNG (or the loader's ``generator``) each epoch: different
+  per worker and per epoch, reproducible from ``torch.manual_seed``.
+* With ``num_workers=0`` nothing reseeds automatically: the stream just continues, which is
+  reproducible from the start of a run; call ``reseed_dataset(dataset, seed + epoch)`` at the
+  start of each epoch to make an epoch reproducible on its own (exact ``--resume``).
+  The same holds for ``persistent_workers=True``, whose ``worker_init_fn`` runs only once.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+__all__ = ["detection_bbox_params", "detection_train_transforms", "detection_val_transforms",
+           "reseed_transforms", "reseed_dataset", "seed_worker"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection
+# ---------------------------------------------------------------------------------------------
+
+def detection_bbox_params(min_visibility: float = 0.0) -> A.BboxParams:
+    """Box handling shared by the detection pipelines (and what ``CocoDetection`` expects)."""
+    # clip=True: boxes a hair outside the image (float rounding in the source annotations)
+    # would otherwise make albumentations raise on its [0, 1] validity check.
+    return A.BboxParams(format="pascal_voc", label_fields=["labels"],
+                        min_visibility=min_visibility, clip=True)
+
+
+def detection_train_transforms(size: int, scale: Sequence[float] = (0.75, 1.25), hflip: float = 0.5,
+                               *, min_visibility: float = 0.3, seed: int | None = 0) -> A.Compose:
+    """Scale jitter, horizontal flip, then pad / random-crop to exactly ``size`` x ``size``.
+
+    The image is first resized so its longest side is ``size`` (as in validation), so the
+    jitter ``scale`` is relative to the scale the model is evaluated at, whatever the file's
+    resolution ("large scale jitter" style). Padding is constant 0 at the bottom/right, like
+    the validation pipeline and ``collate_detection``. Boxes keeping less than
+    ``min_visibility`` of their area after the crop are dropped.
+    """
+    if size < 1:
+        raise ValueError(f"size={size}: must be a positive number of pixels")
+    lo, hi = (float(s) for s in scale)
+    if not 0 < lo <= hi:
+        raise ValueError(f"scale={tuple(scale)}: expected 0 < low <= high (factors, 1.0 = no change)")
+    if not 0.0 <= hflip <= 1.0:
+        raise ValueError(f"hflip={hflip}: a probability in [0, 1]")
+    transforms = A.Compose([
+        A.LongestMaxSize(max_size=size),
+        # RandomScale samples its factor from 1 + scale_limit.
+        A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), p=1.0),
+        A.HorizontalFlip(p=hflip),
+        A.PadIfNeeded(min_height=size, min_width=size, position="top_left",
+                      border_mode=cv2.BORDER_CONSTANT, fill=0),
+        A.RandomCrop(height=size, width=size),
+    ], bbox_params=detection_bbox_params(min_visibility), seed=seed)
+    return reseed_transforms(transforms, seed)
+
+
+def detection_val_transforms(size: int, *, seed: int | None = 0) -> A.Compose:
+    """Resize the longest side to ``size``, pad bottom/right with 0 to ``size`` x ``size``.
+
+    The image content stays anchored at (0, 0), so predictions map back to the file's pixels by
+    dividing by the resize factors alone (``CocoDetection`` reports them as ``scale``).
+    Deterministic; ``seed`` only matters if random transforms are appended.
+    """
+    if size < 1:
+        raise ValueError(f"size={size}: must be a positive number of pixels")
+    transforms = A.Compose([
+        A.LongestMaxSize(max_size=size),
+        A.PadIfNeeded(min_height=size, min_width=size, position="top_left",
+                      border_mode=cv2.BORDER_CONSTANT, fill=0),
+    ], bbox_params=detection_bbox_params(0.0), seed=seed)
+    return reseed_transforms(transforms, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeding (any albumentations pipeline)
+# ---------------------------------------------------------------------------------------------
+
+def reseed_transforms(transforms: A.BaseCompose, seed: int | None) -> A.BaseCompose:
+    """Give every transform of ``transforms`` one shared stream seeded by ``seed``; returns it.
+
+    ``seed=None`` draws fresh OS entropy (not reproducible).
+    """
+    rng = np.random.default_rng(seed)
+    # The Python stream is derived from the numpy one so one integer seeds both.
+    py_random = random.Random(int(rng.integers(2**63)))
+    transforms.set_random_state(rng, py_random)  # propagates the same objects to all children
+    return transforms
+
+
+def reseed_dataset(dataset, seed: int) -> int:
+    """Reseed every albumentations pipeline found on ``dataset`` (``.transforms``), looking
+    through ``Subset`` (``.dataset``) and ``ConcatDataset`` (``.datasets``) wrappers.
+
+    Pipelines get distinct streams derived from ``seed``. Returns how many were reseeded.
+    """
+    found: list[A.BaseCompose] = []
+    stack, seen = [dataset], set()
+    while stack:
+        d = stack.pop()
+        if id(d) in seen:
+            continue
+        seen.add(id(d))
+        t = getattr(d, "transforms", None)
+        if isinstance(t, A.BaseCompose):
+            found.append(t)
+        if getattr(d, "dataset", None) is not None:
+            stack.append(d.dataset)
+        stack.extend(getattr(d, "datasets", None) or ())
+    for i, t in enumerate(found):
+        # SeedSequence mixes (seed, i) so two pipelines never share a stream.
+        reseed_transforms(t, int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0]))
+    return len(found)
+
+
+def seed_worker(worker_id: int) -> None:
+    """``DataLoader(worker_init_fn=seed_worker)``: reseed ``random``, ``numpy`` and the
+    dataset's albumentations pipeline(s) from this worker's ``torch.initial_seed()``."""
+    seed = torch.initial_seed()  # base_seed + worker_id; a new base_seed every epoch
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # the legacy numpy seed must fit in 32 bits
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        reseed_dataset(info.dataset, seed)

@@ -1,0 +1,119 @@
+"""Checkpoints: one dict format for every task, written atomically, read with ``weights_only``.
+
+``{"format": "onetrunk-ckpt-1", "task", "config", "model", "optimizer", "scheduler", "scaler",
+"epoch", "metrics", "rng"}`` plus ``"ema"`` (the averaged weights, or None). Writing happens
+on a background thread from a CPU copy of the state, so a save costs the training loop only
+the device-to-host copy; a crash mid-write leaves the previous file intact (temp + replace).
+"""
+from __future__ import annotations
+
+import os
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from backbones.weights import CKPT_FORMAT, read_checkpoint
+
+__all__ = ["CKPT_FORMAT", "atomic_save", "load_checkpoint", "CheckpointWriter", "rng_state", "set_rng_state",
+           "to_cpu"]
+
+
+def to_cpu(obj: Any) -> Any:
+    """A detached CPU copy of every tensor in a nested structure."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file in the same folder, then ``os.replace`` over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read an onetrunk checkpoint safely; errors name the file and what is wrong."""
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path} is not an onetrunk checkpoint (no format={CKPT_FORMAT!r}); "
+                         f"for plain trunk weights use --set model.weights={path}")
+    return ckpt
+
+
+class CheckpointWriter:
+    """Writes checkpoints one at a time on a background thread; ``wait()`` before exiting."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict[str, Any], *paths: str | os.PathLike) -> None:
+        self.wait()
+        cpu_state = to_cpu(state)  # synchronous: the live tensors may change after this returns
+
+        def work():
+            try:
+                for p in paths:
+                    atomic_save(cpu_state, p)
+            except BaseException as e:  # surfaced on the next save / wait
+                self._error = e
+
+        self._thread = threading.Thread(target=work, name="checkpoint-writer", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise RuntimeError(f"writing a checkpoint failed: {err}") from err
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from, in a ``weights_only``-loadable form."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _python_state_to_plain(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]

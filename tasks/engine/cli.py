@@ -1,0 +1,203 @@
+"""Command-line flags shared by every task and the run set-up they lead to.
+
+Precedence, lowest first: dataclass defaults, the checkpoint's config (``--resume`` /
+``--eval-only``), the YAML recipe (``--config`` or the task's default), ``--set key=value``,
+then the dedicated flags (``--epochs``, ``--batch-size``, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from .checkpoint import load_checkpoint
+from .config import CONFIG_ROOT, merge_dicts, apply_overrides, config_from_dict, config_to_dict, read_yaml
+from .logging import Console
+
+__all__ = ["common_parser", "Run", "setup_run", "resolve_device", "seed_everything", "find_config"]
+
+# flag (argparse dest) -> config key
+FLAG_KEYS = {
+    "epochs": "train.epochs", "batch_size": "train.batch_size", "amp": "train.amp", "compile": "train.compile",
+    "channels_last": "train.channels_last", "seed": "train.seed", "device": "train.device",
+    "limit_train": "data.limit_train", "limit_val": "data.limit_val", "data_dir": "data.data_dir",
+    "train_ann": "data.train_ann", "val_ann": "data.val_ann", "train_images": "data.train_images",
+    "val_images": "data.val_images", "train_masks": "data.train_masks", "val_masks": "data.val_masks",
+}
+DATA_FLAGS = ("data_dir", "train_ann", "val_ann", "train_images", "val_images", "train_masks", "val_masks")
+
+
+def common_parser(prog: str, description: str, data_flags: Sequence[str]) -> argparse.ArgumentParser:
+    """The flags of DESIGN §3 "Tasks"; ``data_flags`` names the data flags this task takes."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--config", metavar="FILE", help="YAML recipe (default: the task's GPU or CPU recipe)")
+    g.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                   help="override a config key, e.g. --set model.depth=50 (repeatable)")
+    g.add_argument("--output", metavar="DIR", help="run folder (default: runs/<task>/<recipe>[-N])")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
+                   help="continue a run (default CKPT: <output>/last.pt)")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --weights CKPT and exit")
+    g.add_argument("--weights", metavar="CKPT", help="a checkpoint of this task (for --eval-only / --predict)")
+    g.add_argument("--trunk", metavar="CKPT", help="start the backbone from another checkpoint's trunk")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast on CUDA")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--limit-train", type=int, metavar="N", help="use the first N training samples")
+    g.add_argument("--limit-val", type=int, metavar="N", help="use the first N validation samples")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    g.add_argument("--predict", nargs="+", metavar="IMG", help="predict these images and exit")
+    d = p.add_argument_group("data")
+    helps = {"data_dir": "Fashion-MNIST folder (the four IDX .gz files)", "train_ann": "COCO JSON (train)",
+             "val_ann": "COCO JSON (val)", "train_images": "image folder (train)", "val_images": "image folder (val)",
+             "train_masks": "mask folder, VOC style (train)", "val_masks": "mask folder, VOC style (val)"}
+    for name in data_flags:
+        if name not in DATA_FLAGS:
+            raise ValueError(f"unknown data flag {name}")
+        d.add_argument("--" + name.replace("_", "-"), metavar="PATH", help=helps[name])
+    return p
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def find_config(task: str, name: str) -> Path:
+    """``configs/<task>/<name>.yaml``."""
+    return CONFIG_ROOT / task / f"{name}.yaml"
+
+
+@dataclass
+class Run:
+    task: str
+    cfg: Any
+    args: argparse.Namespace
+    output: Path
+    device: torch.device
+    console: Console
+    recipe: str
+    summary: str = ""  # the recipe file's first comment line
+    resume_from: Path | None = None
+    checkpoint: dict[str, Any] | None = None  # the --weights checkpoint (eval-only / predict)
+
+
+def _next_free(base: Path) -> Path:
+    if not (base / "last.pt").exists() and not (base / "metrics.jsonl").exists():
+        return base
+    i = 2
+    while True:
+        cand = base.with_name(f"{base.name}-{i}")
+        if not (cand / "last.pt").exists() and not (cand / "metrics.jsonl").exists():
+            return cand
+        i += 1
+
+
+def _latest_run(base: Path) -> Path | None:
+    pattern = re.compile(re.escape(base.name) + r"(-\d+)?$")
+    runs = [p for p in base.parent.glob(base.name + "*") if pattern.fullmatch(p.name) and (p / "last.pt").exists()]
+    return max(runs, key=lambda p: (p / "last.pt").stat().st_mtime) if runs else None
+
+
+def setup_run(task: str, cfg_cls: type, args: argparse.Namespace, default_recipe: str) -> Run:
+    """Resolve config, output folder, device and seed from the parsed flags."""
+    console = Console(args.quiet)
+    recipe_path = Path(args.config) if args.config else find_config(task, default_recipe)
+    recipe = recipe_path.stem
+    runs_root = Path(os.environ.get("ONETRUNK_RUNS", "runs")) / task / recipe
+
+    # Which checkpoint, if any, provides the base config?
+    resume_from: Path | None = None
+    checkpoint = None
+    base: dict[str, Any] = {}
+    if args.resume:
+        if args.resume != "auto":
+            resume_from = Path(args.resume)
+        elif args.output:
+            resume_from = Path(args.output) / "last.pt"
+        else:
+            latest = _latest_run(runs_root)
+            if latest is None:
+                raise FileNotFoundError(f"--resume: no run with last.pt under {runs_root.parent}; pass --output DIR")
+            resume_from = latest / "last.pt"
+        if not resume_from.is_file():
+            raise FileNotFoundError(f"--resume: {resume_from} does not exist")
+        base = load_checkpoint(resume_from)["config"]
+    elif args.eval_only or args.predict:
+        if args.predict and not args.weights:
+            # predicting with the newest trained model of this recipe is what a user means
+            folder = Path(args.output) if args.output else _latest_run(runs_root)
+            if folder is None or not (folder / "best.pt").is_file():
+                raise FileNotFoundError(f"--predict needs --weights CKPT (no trained run under {runs_root.parent})")
+            args.weights = str(folder / "best.pt")
+        if args.weights:
+            checkpoint = load_checkpoint(args.weights)
+            if checkpoint.get("task") != task:
+                raise ValueError(f"--weights {args.weights} is a {checkpoint.get('task')!r} checkpoint, not {task!r}")
+            base = checkpoint["config"]
+        elif args.eval_only:
+            raise ValueError("--eval-only needs --weights CKPT (a checkpoint of this task)")
+
+    data: dict[str, Any] = dict(base)
+    if args.config or not base:
+        data = merge_dicts(data, read_yaml(recipe_path))
+    data = apply_overrides(data, args.overrides)
+    flags: dict[str, Any] = {}
+    for dest, key in FLAG_KEYS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            section, name = key.split(".")
+            flags.setdefault(section, {})[name] = value
+    data = merge_dicts(data, flags)
+    cfg = config_from_dict(cfg_cls, data, where=f"{recipe_path} (with --set / flags):")
+    device = resolve_device(cfg.train.device)
+
+    if resume_from is not None:
+        output = Path(args.output) if args.output else resume_from.parent
+    elif (args.eval_only or args.predict) and not args.output:
+        output = Path(args.weights).parent  # results next to the checkpoint they come from
+    elif args.output:
+        output = Path(args.output)
+        if (output / "last.pt").exists() and not (args.eval_only or args.predict):
+            raise FileExistsError(f"--output {output} already holds a run (last.pt): pass --resume to continue it "
+                                  f"or choose another --output")
+    else:
+        output = _next_free(runs_root)
+    output.mkdir(parents=True, exist_ok=True)
+    if not (args.eval_only or args.predict):
+        (output / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    seed_everything(cfg.train.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+        # TF32 for any fp32 matmul / conv left outside autocast
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    summary = ""
+    if recipe_path.is_file():
+        first = recipe_path.read_text().splitlines()[:1]
+        summary = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+    return Run(task=task, cfg=cfg, args=args, output=output, device=device, console=console, recipe=recipe,
+               summary=summary, resume_from=resume_from, checkpoint=checkpoint)

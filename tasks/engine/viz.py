@@ -1,0 +1,64 @@
+"""Pictures for run folders: training curves and confusion matrices (matplotlib, Agg)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # run folders are written on headless machines
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["plot_curves", "plot_confusion", "save_figure"]
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # keep the suffix: it picks the format
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike, *, main_metric: str | None = None) -> None:
+    """Loss terms (left) and validation metrics (right) per epoch."""
+    if not records:
+        return
+    epochs = [r["epoch"] for r in records]
+    loss_keys = [k for k in records[-1] if k.startswith("train_loss")]
+    metric_keys = [k for k in records[-1] if k.startswith("val_") and isinstance(records[-1][k], (int, float))]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for k in loss_keys:
+        axes[0].plot(epochs, [r.get(k, np.nan) for r in records], marker=".", label=k[len("train_"):])
+    axes[0].set(xlabel="epoch", ylabel="training loss", title="loss")
+    axes[0].grid(alpha=0.3)
+    if loss_keys:
+        axes[0].legend(fontsize=8)
+    for k in metric_keys:
+        lw = 2.5 if main_metric and k == f"val_{main_metric}" else 1.2
+        axes[1].plot(epochs, [r.get(k, np.nan) for r in records], marker=".", lw=lw, label=k[len("val_"):])
+    axes[1].set(xlabel="epoch", title="validation")
+    axes[1].grid(alpha=0.3)
+    if metric_keys:
+        axes[1].legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | os.PathLike, *, title: str = "") -> None:
+    """Row-normalised confusion matrix with counts, true class on the rows."""
+    m = np.asarray(matrix, dtype=np.float64)
+    norm = m / np.clip(m.sum(1, keepdims=True), 1, None)
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.62 * k, 0.8 + 0.55 * k))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    for i in range(k):
+        for j in range(k):
+            if m[i, j]:
+                ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    save_figure(fig, path)

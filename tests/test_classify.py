@@ -1,0 +1,126 @@
+"""python -m tasks.classify end to end on a tiny synthetic Fashion-MNIST, on CPU."""
+import json
+
+import pytest
+import torch
+
+from backbones import resnet18
+from tasks import classify
+from tasks.engine.checkpoint import load_checkpoint
+from tasks.engine.loop import NonFiniteLossError, Trainer
+from tests.fakes import fake_fashion_images, write_fake_fashion_mnist
+
+QUICK = ["--device", "cpu", "--quiet", "--batch-size", "32", "--limit-train", "192", "--limit-val", "96",
+         "--set", "optim.lr=0.01", "--set", "optim.warmup_epochs=0.5", "--set", "optim.schedule=cosine"]
+
+
+@pytest.fixture(scope="module")
+def fm_dir(tmp_path_factory):
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("fm"), n_train=192, n_test=96)
+
+
+@pytest.fixture(scope="module")
+def two_epoch_run(fm_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "full"
+    metrics = classify.main(QUICK + ["--data-dir", str(fm_dir), "--epochs", "2", "--output", str(out)])
+    return out, metrics
+
+
+def test_run_writes_every_artifact_and_learns(two_epoch_run):
+    out, metrics = two_epoch_run
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "confusion.png"):
+        assert (out / name).is_file(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    assert metrics["acc"] == pytest.approx(records[-1]["val_acc"])
+    assert metrics["acc"] > 0.3  # 10 classes: chance is 0.1
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["task"] == "classify" and ckpt["meta"]["classes"][9] == "Ankle boot"
+    assert {"format", "config", "model", "optimizer", "scheduler", "scaler", "metrics", "rng"} <= set(ckpt)
+
+
+def test_resume_reproduces_uninterrupted_run(two_epoch_run, fm_dir, tmp_path, monkeypatch):
+    full, _ = two_epoch_run
+    out = tmp_path / "resumed"
+    real = Trainer.train_one_epoch
+
+    def interrupted(self, epoch):  # Ctrl-C as the second epoch starts
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, epoch)
+
+    args = QUICK + ["--data-dir", str(fm_dir), "--epochs", "2", "--output", str(out)]
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_one_epoch", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            classify.main(args)
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    classify.main(args + ["--resume"])
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(out / "last.pt")
+    assert b["epoch"] == 2
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0, msg=k)
+    assert b["optimizer"]["state"][0]["momentum_buffer"].equal(a["optimizer"]["state"][0]["momentum_buffer"])
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_eval_only_reproduces_recorded_accuracy(two_epoch_run, fm_dir, tmp_path, capsys):
+    out, _ = two_epoch_run
+    best = load_checkpoint(out / "best.pt")
+    metrics = classify.main(["--eval-only", "--weights", str(out / "best.pt"), "--data-dir", str(fm_dir),
+                             "--device", "cpu", "--limit-val", "96", "--output", str(tmp_path)])
+    assert metrics["acc"] == pytest.approx(best["metrics"]["val_acc"], abs=1e-9)
+    assert (tmp_path / "confusion.png").is_file()
+    assert "Ankle boot" in capsys.readouterr().out
+
+
+def test_predict_prints_top3(two_epoch_run, tmp_path, capsys):
+    import cv2
+    out, _ = two_epoch_run
+    images, labels = fake_fashion_images(2, seed=5)
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        cv2.imwrite(paths[-1], img)
+    result = classify.main(["--predict", *paths, "--weights", str(out / "best.pt"), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert len(result["predictions"]) == 2 and all(len(r["top3"]) == 3 for r in result["predictions"])
+    assert paths[0] in printed and "%" in printed
+
+
+def test_nan_loss_stops_cleanly(fm_dir, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    calls = {"n": 0}
+    real_loss = classify.ClassificationHead.loss
+
+    def poisoned(self, logits, targets):
+        calls["n"] += 1
+        losses = real_loss(self, logits, targets)
+        if calls["n"] == 9:  # second epoch (6 steps per epoch), third step
+            losses["cls"] = losses["cls"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(classify.ClassificationHead, "loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 3"):
+        classify.main(QUICK + ["--data-dir", str(fm_dir), "--epochs", "3", "--output", str(out)])
+    ckpt = load_checkpoint(out / "last.pt")  # epoch 1 survives, nothing later was written
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_existing_run_is_not_overwritten(two_epoch_run, fm_dir):
+    out, _ = two_epoch_run
+    with pytest.raises(FileExistsError, match="--resume"):
+        classify.main(QUICK + ["--data-dir", str(fm_dir), "--epochs", "1", "--output", str(out)])
+
+
+def test_trunk_flag_loads_backbone(fm_dir, tmp_path, capsys):
+    trunk = resnet18(in_chans=1)
+    path = tmp_path / "trunk.pt"
+    torch.save(trunk.state_dict(), path)
+    classify.main(QUICK + ["--data-dir", str(fm_dir), "--epochs", "1", "--output", str(tmp_path / "r"),
+                           "--trunk", str(path), "--set", "optim.lr=0"])
+    assert "tensors loaded" in capsys.readouterr().out
+    ckpt = load_checkpoint(tmp_path / "r" / "last.pt")
+    torch.testing.assert_close(ckpt["model"]["backbone.layer2.0.conv1.weight"], trunk.state_dict()["layer2.0.conv1.weight"])

@@ -1,0 +1,69 @@
+"""On-device batch augmentation, exercised on CPU tensors."""
+import torch
+
+from tasks.data.gpu_augment import BatchAugment, random_crop, random_erasing, random_hflip
+from tasks.data.loaders import TensorLoader
+
+
+def _gen(seed=0):
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+def test_random_crop_is_a_shift_of_the_padded_image():
+    x = torch.arange(2 * 3 * 5 * 6, dtype=torch.float32).reshape(2, 3, 5, 6) + 1
+    out = random_crop(x, 2, _gen())
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        found = [(dy, dx) for dy in range(5) for dx in range(5)
+                 if torch.equal(padded[i, :, dy:dy + 5, dx:dx + 6], out[i])]
+        assert len(found) == 1
+    crops = torch.stack([random_crop(x, 2, _gen(s)) for s in range(20)])
+    assert not all(torch.equal(c, crops[0]) for c in crops)  # offsets vary
+    assert torch.equal(random_crop(x, 2, _gen(3)), random_crop(x, 2, _gen(3)))  # seeded
+
+
+def test_hflip_flips_some_samples():
+    x = torch.randn(64, 1, 4, 4)
+    out = random_hflip(x, 0.5, _gen())
+    flipped = [torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x)]
+    kept = [torch.equal(o, xi) for o, xi in zip(out, x)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+
+
+def test_random_erasing_blanks_one_rectangle():
+    x = torch.ones(200, 1, 28, 28)
+    out = random_erasing(x, p=0.5, value=0.0, generator=_gen())
+    erased = out[:, 0] == 0
+    frac = erased.float().mean((1, 2))
+    assert 0.3 < (frac > 0).float().mean() < 0.7  # about half the images
+    assert frac.max() <= 0.34 and frac[frac > 0].min() >= 0.01
+    for m in erased[frac > 0][:20]:  # the erased pixels form one axis-aligned rectangle
+        rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
+        assert m[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+        assert int(m.sum()) == len(rows) * len(cols)
+
+
+def test_batch_augment_ranges_and_loader_batches():
+    images = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(50) % 10
+    aug = BatchAugment((0.5,), (0.25,), crop_padding=2, hflip=0.5, erasing=0.5)
+    x = aug(images[:8], _gen(), train=True)
+    assert x.shape == (8, 1, 28, 28) and x.dtype == torch.float32
+    assert x.min() >= -2.0 - 1e-6 and x.max() <= 2.0 + 1e-6  # (0 - .5)/.25 .. (1 - .5)/.25
+    val = aug(images[:8], train=False)
+    torch.testing.assert_close(val, (images[:8, None].float() / 255 - 0.5) / 0.25)
+    loader = TensorLoader(images, labels, batch_size=16, augment=aug, train=True, seed=1, channels_last=True)
+    assert len(loader) == 3  # drop_last in training
+    batches = list(loader)
+    assert all(b[0].shape == (16, 1, 28, 28) for b in batches)
+    seen = torch.cat([b[1] for b in batches])
+    assert len(seen) == 48
+    loader.set_epoch(1)
+    assert not torch.equal(torch.cat([b[1] for b in loader]), seen)  # reshuffled per epoch
+    loader.set_epoch(0)
+    assert torch.equal(torch.cat([b[1] for b in loader]), seen)  # and reproducibly
+    val_loader = TensorLoader(images, labels, batch_size=16, augment=aug, train=False)
+    assert len(val_loader) == 4 and sum(len(b[1]) for b in val_loader) == 50
