@@ -1,0 +1,433 @@
+"""FashionScenes: Fashion-MNIST items composed into RGB scenes, written as a standard dataset.
+
+    python -m tasks.data.scenes --out DIR --train 8000 --val 1000 --size 256 --seed 0 \\
+        [--min-items 2 --max-items 8 --workers N --data-dir FMNIST --preview grid.png --quiet]
+
+Each scene holds 2-8 items, each scaled 1x-4x, tinted with its own colour and painted over a
+textured background; later items occlude earlier ones. Train scenes draw their items from the
+Fashion-MNIST train split, val scenes from the test split. The output is what a user's own data
+would look like, so detection and segmentation read it through the ordinary loaders::
+
+    DIR/images/{train,val}/000000.png        RGB scene
+    DIR/masks/{train,val}/000000.png         'L' label map: 0 background, class+1, 255 ignore
+    DIR/annotations/instances_{train,val}.json   COCO: visible-part boxes, RLE masks, iscrowd=0
+    DIR/DONE.json                            written last: the arguments, marks it complete
+
+An item's alpha comes from its gray level. A pixel is labelled with the topmost item that covers
+it at alpha >= 1/2; pixels where an item is only partly there (its soft border) are 255, because
+they mix two labels. Items left with little visible area are dropped from the annotations and
+their visible pixels become 255, so no loss is asked to find an object nobody could see.
+
+Output is a pure function of the arguments (one random generator per scene, seeded from
+``(seed, split, index)``), so the worker count does not change a byte.
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
+
+__all__ = ["NUM_CLASSES", "IGNORE_INDEX", "generate_scenes", "ensure_scenes", "default_root",
+           "render_preview", "get_args_parser", "main"]
+
+NUM_CLASSES = 10
+IGNORE_INDEX = 255
+# Bump when the same arguments would give different files: ensure_scenes then regenerates.
+FORMAT = "fashionscenes-1"
+# our split -> (Fashion-MNIST split it draws items from, id mixed into the per-scene seed)
+SPLITS = {"train": ("train", 0), "val": ("test", 1)}
+DONE = "DONE.json"
+MIN_SIZE = 64
+ITEM_SIDE = 28
+MIN_SCALE, MAX_SCALE = 1.0, 4.0
+# Gray levels (0..255) of the item image. At ALPHA_FULL and above an item is opaque; below it
+# is see-through in proportion, which is what makes its border soft.
+ALPHA_FULL = 64
+LABEL_LEVEL = ALPHA_FULL // 2   # alpha >= 1/2: the pixel shows more item than what lies below
+MIXED_LEVEL = ALPHA_FULL // 8   # alpha in [1/8, 1/2): a blend of two labels -> ignore
+# An item keeps its annotation only if this much of its own mask is still visible ...
+MIN_VISIBLE_FRACTION = 0.4
+# ... and at least this many pixels (an 8x8 patch): smaller ones are noise to a detector.
+MIN_VISIBLE_AREA = 64
+SCENES_PER_JOB = 64  # enough work per task that pool overhead is negligible
+_MIXED = -1          # instance-map value of a mixed (ignored) pixel; 0 = background
+_INDEX_PNG = re.compile(r"\d{6,}\.png")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _check_args(*, train, val, size, seed, min_items=2, max_items=8, workers=None) -> dict:
+    """The arguments that decide the output, validated; errors name the argument."""
+    def integer(name, value, low):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name}={value!r}: expected an integer")
+        if value < low:
+            raise ValueError(f"{name}={value}: must be >= {low}")
+        return int(value)
+
+    args = {"train": integer("train", train, 0), "val": integer("val", val, 0),
+            "size": integer("size", size, MIN_SIZE), "seed": integer("seed", seed, 0),
+            "min_items": integer("min_items", min_items, 1),
+            "max_items": integer("max_items", max_items, 1)}
+    if args["min_items"] > args["max_items"]:
+        raise ValueError(f"min_items={min_items} is larger than max_items={max_items}")
+    if workers is not None:
+        integer("workers", workers, 1)
+    return args
+
+
+def _hsv(rng: np.random.Generator, sat: tuple[float, float], val: tuple[float, float]) -> np.ndarray:
+    """A random RGB colour in [0, 1] with saturation and value drawn from the given ranges."""
+    h, s, v = rng.random(), rng.uniform(*sat), rng.uniform(*val)
+    return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """float32 [size, size, 3] in ~[0, 1]: a gradient between two muted, darkish colours (so
+    the bright tinted items stand out) with low-frequency colour blotches, sometimes stripes."""
+    c0, c1 = (_hsv(rng, sat=(0.0, 0.5), val=(0.1, 0.55)) for _ in range(2))
+    theta = rng.uniform(0.0, 2 * math.pi)
+    # Gradient and blotches are smooth, so they are built on a k x k grid and upsampled:
+    # bicubic to 32 x 32 (rounds the blotches), then bilinear to full size, because bicubic at
+    # full size costs 15x more and looks the same.
+    k = int(rng.integers(3, 8))
+    ramp = np.linspace(0.0, 1.0, k)
+    t = math.cos(theta) * ramp[None, :] + math.sin(theta) * ramp[:, None]  # [k, k]
+    t = (t - t.min()) / (t.max() - t.min())
+    low = c0 + t[..., None] * (c1 - c0) + rng.normal(0.0, 0.06, size=(k, k, 3))  # [k, k, 3]
+    low = cv2.resize(low.astype(np.float32), (32, 32), interpolation=cv2.INTER_CUBIC)
+    img = cv2.resize(low, (size, size), interpolation=cv2.INTER_LINEAR)
+    if rng.random() < 0.5:
+        phi, period = rng.uniform(0.0, math.pi), rng.uniform(6.0, 32.0)
+        amp, phase = rng.uniform(0.02, 0.06), rng.uniform(0.0, 2 * math.pi)
+        freq = np.arange(size, dtype=np.float32) * np.float32(2 * math.pi / period)
+        ax, by = freq * np.float32(math.cos(phi)), freq * np.float32(math.sin(phi)) + np.float32(phase)
+        # sin(ax + by) = sin(ax) cos(by) + cos(ax) sin(by): two outer products instead of a
+        # sine per pixel.
+        wave = np.outer(np.cos(by), np.sin(ax)) + np.outer(np.sin(by), np.cos(ax))  # [H, W]
+        img += (np.float32(amp) * wave)[..., None]
+    return img
+
+
+# ----------------------------------------------------------------------------- one scene
+def render_scene(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray, size: int,
+                 min_items: int, max_items: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """One scene from the uint8 ``items`` [N, 28, 28] and their ``labels`` [N] (0..9).
+
+    Returns the RGB image (uint8 [H, W, 3]), the label map (uint8 [H, W]) and the COCO
+    annotations of the kept items (without ids)."""
+    n = int(rng.integers(min_items, max_items + 1))
+    img = _background(rng, size)
+    inst = np.zeros((size, size), np.int32)  # which item (1..n) is on top; 0 bg, _MIXED mixed
+    own_area = np.zeros(n + 1, np.int64)
+    cats = np.zeros(n + 1, np.int64)
+    for k, pick in enumerate(rng.integers(len(items), size=n), start=1):
+        side = min(size, round(ITEM_SIDE * rng.uniform(MIN_SCALE, MAX_SCALE)))
+        gray = cv2.resize(items[pick], (side, side), interpolation=cv2.INTER_LINEAR)
+        y0, x0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+        win = np.s_[y0:y0 + side, x0:x0 + side]
+        colour = _hsv(rng, sat=(0.45, 1.0), val=(0.65, 1.0))
+        alpha = np.minimum(gray * np.float32(1 / ALPHA_FULL), 1.0)[..., None]  # [s, s, 1]
+        # Shading the tint by the gray level keeps the item's own folds and seams visible.
+        shade = colour * (0.45 + gray[..., None] * np.float32(0.55 / 255))  # [s, s, 3]
+        img[win] += alpha * (shade - img[win])
+        labelled, mixed = gray >= LABEL_LEVEL, gray >= MIXED_LEVEL
+        inst[win] = np.where(labelled, k, np.where(mixed, _MIXED, inst[win]))
+        own_area[k], cats[k] = labelled.sum(), int(labels[pick]) + 1
+
+    visible = np.bincount(np.maximum(inst, 0).ravel(), minlength=n + 1)
+    keep = (visible >= MIN_VISIBLE_AREA) & (visible >= MIN_VISIBLE_FRACTION * own_area)
+    keep[0] = False
+    # Lookup indexed by inst + 1: mixed -> ignore, background -> 0, item -> class or ignore.
+    lut = np.full(n + 2, IGNORE_INDEX, np.uint8)
+    lut[1] = 0
+    lut[2:][keep[1:]] = cats[keep]
+    semantic = lut[inst + 1]
+
+    anns = []
+    kept = np.flatnonzero(keep)
+    if kept.size:
+        # pycocotools wants Fortran order: compare on the transposed map, [K, W, H] in C order,
+        # and transpose the view back to [H, W, K] instead of copying.
+        masks = (np.ascontiguousarray(inst.T) == kept[:, None, None]).view(np.uint8).transpose(2, 1, 0)
+        rles = mask_utils.encode(masks)
+        for k, rle, area, box in zip(kept, rles, mask_utils.area(rles), mask_utils.toBbox(rles)):
+            anns.append({"category_id": int(cats[k]), "bbox": [float(v) for v in box],
+                         "area": int(area), "segmentation": {"size": [size, size],
+                                                            "counts": rle["counts"].decode("ascii")},
+                         "iscrowd": 0})
+    img *= 255
+    img += 0.5  # round to nearest when truncating below
+    rgb = np.clip(img, 0, 255, out=img).astype(np.uint8)
+    return rgb, semantic, anns
+
+
+# ----------------------------------------------------------------------------- workers
+_WORKER_DATA: dict = {}
+
+
+def _init_worker(data: dict) -> None:
+    global _WORKER_DATA
+    _WORKER_DATA = data
+    cv2.setNumThreads(1)  # the pool already uses every core; nested threads only contend
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    # cv2 writes BGR; zlib at a fixed level is deterministic, so equal arrays give equal bytes.
+    if not cv2.imwrite(str(path), array[..., ::-1] if array.ndim == 3 else array):
+        raise OSError(f"{path}: could not write PNG")
+
+
+def _render_job(job: tuple, data: dict | None = None) -> list[list[dict]]:
+    """Render and write scenes ``start..stop`` of ``split``; return their annotations."""
+    out_dir, split, start, stop, args = job
+    items, labels = (data or _WORKER_DATA)[split]
+    out_dir, split_id = Path(out_dir), SPLITS[split][1]
+    result = []
+    for index in range(start, stop):
+        rng = np.random.default_rng(np.random.SeedSequence([args["seed"], split_id, index]))
+        rgb, semantic, anns = render_scene(rng, items, labels, args["size"],
+                                           args["min_items"], args["max_items"])
+        _write_png(out_dir / "images" / split / f"{index:06d}.png", rgb)
+        _write_png(out_dir / "masks" / split / f"{index:06d}.png", semantic)
+        result.append(anns)
+    return result
+
+
+def _coco(split: str, args: dict, per_image: list[list[dict]]) -> dict:
+    from tasks.data.fashion_mnist import CLASSES
+
+    size = args["size"]
+    images, annotations = [], []
+    for index, anns in enumerate(per_image):
+        # ids start at 1 as in COCO itself; tools that test ids for truth break on 0
+        images.append({"id": index + 1, "file_name": f"{index:06d}.png", "width": size, "height": size})
+        for ann in anns:
+            annotations.append({"id": len(annotations) + 1, "image_id": index + 1, **ann})
+    return {
+        "info": {"description": "FashionScenes: Fashion-MNIST items composed into scenes",
+                 "version": FORMAT, "generator": "tasks.data.scenes", "split": split,
+                 "fashion_mnist_split": SPLITS[split][0], "args": args},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": name, "supercategory": "fashion"}
+                       for i, name in enumerate(CLASSES)],
+    }
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, separators=(",", ":")))
+    os.replace(tmp, path)
+
+
+def _done_record(args: dict) -> dict:
+    return {"format": FORMAT, "args": args}
+
+
+def _read_done(root: Path) -> dict | None:
+    try:
+        return json.loads((root / DONE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_stale(folder: Path, count: int) -> None:
+    """Drop scene files of an earlier, larger run: a mask-folder loader would list them."""
+    for path in folder.glob("*.png"):
+        if _INDEX_PNG.fullmatch(path.name) and int(path.stem) >= count:
+            path.unlink()
+
+
+# ----------------------------------------------------------------------------- public API
+def generate_scenes(out_dir, *, train: int = 8000, val: int = 1000, size: int = 256, seed: int = 0,
+                    min_items: int = 2, max_items: int = 8, data_dir=None, workers: int | None = None,
+                    progress: bool = True) -> Path:
+    """Write the dataset into ``out_dir`` (created; earlier scene files replaced) and return it."""
+    args = _check_args(train=train, val=val, size=size, seed=seed, min_items=min_items,
+                       max_items=max_items, workers=workers)
+    from tasks.data.fashion_mnist import load_fashion_mnist  # imports torch: keep it out of workers' way
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # The old marker must not vouch for a folder that is being rewritten.
+    (out / DONE).unlink(missing_ok=True)
+    counts = {split: args[split] for split in SPLITS}
+    data = {}
+    for split, count in counts.items():
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "masks" / split).mkdir(parents=True, exist_ok=True)
+        if count:
+            items, labels = load_fashion_mnist(SPLITS[split][0], data_dir=data_dir)
+            data[split] = (items.numpy(), labels.numpy())
+    (out / "annotations").mkdir(exist_ok=True)
+
+    jobs = [(str(out), split, start, min(start + SCENES_PER_JOB, count), args)
+            for split, count in counts.items() for start in range(0, count, SCENES_PER_JOB)]
+    workers = min(workers or os.cpu_count() or 1, max(len(jobs), 1))
+    per_image = {split: [] for split in SPLITS}
+    # disable=None: tqdm turns itself off when stderr is not a terminal
+    with tqdm(total=sum(counts.values()), desc="FashionScenes", unit="scene",
+              disable=None if progress else True) as bar:
+        if workers == 1:
+            results = (_render_job(job, data) for job in jobs)
+            pool = None
+        else:
+            import multiprocessing
+
+            pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(data,))
+            results = pool.imap(_render_job, jobs)  # in job order, so ids do not depend on timing
+        try:
+            for job, chunk in zip(jobs, results):
+                per_image[job[1]].extend(chunk)
+                bar.update(len(chunk))
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+
+    for split, count in counts.items():
+        _write_json_atomic(out / "annotations" / f"instances_{split}.json", _coco(split, args, per_image[split]))
+        _remove_stale(out / "images" / split, count)
+        _remove_stale(out / "masks" / split, count)
+    _write_json_atomic(out / DONE, _done_record(args))  # last: marks the folder complete
+    return out
+
+
+def default_root(*, train: int = 8000, val: int = 1000, size: int = 256, seed: int = 0) -> Path:
+    """``$ONETRUNK_DATA/scenes-{size}-{train}-{val}-s{seed}`` (``~/.cache/onetrunk`` by default)."""
+    base = Path(os.environ.get("ONETRUNK_DATA") or Path.home() / ".cache" / "onetrunk").expanduser()
+    return base / f"scenes-{size}-{train}-{val}-s{seed}"
+
+
+def _ours(root: Path) -> bool:
+    """Whether ``root`` holds nothing but what generate_scenes writes (so it may be deleted)."""
+    return all(p.name in {"images", "masks", "annotations", DONE, DONE + ".tmp"} for p in root.iterdir())
+
+
+def ensure_scenes(root=None, *, train: int = 8000, val: int = 1000, size: int = 256, seed: int = 0,
+                  data_dir=None, progress: bool = True) -> Path:
+    """A complete dataset folder for these arguments, generated only if missing or incomplete.
+
+    Generation goes into a temporary sibling that is renamed into place at the end, so an
+    interrupted run leaves no half dataset behind ``root``. With several processes (DDP), call
+    it on one rank first and let the others wait, or each rank will generate its own copy."""
+    args = _check_args(train=train, val=val, size=size, seed=seed)
+    root = Path(root).expanduser() if root is not None else default_root(train=train, val=val, size=size, seed=seed)
+    if _read_done(root) == _done_record(args):
+        return root
+    if root.exists() and not (root.is_dir() and _ours(root)):
+        raise FileExistsError(f"{root} exists and holds files that are not a FashionScenes dataset; "
+                              "pass another root or empty it")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        generate_scenes(tmp, train=train, val=val, size=size, seed=seed, data_dir=data_dir, progress=progress)
+        if _read_done(root) == _done_record(args):  # another process finished first
+            return root
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _palette() -> np.ndarray:
+    """uint8 [256, 3]: background black, classes 1..10 in matplotlib's tab10, ignore white."""
+    from matplotlib import colormaps
+
+    palette = np.full((256, 3), 128, np.uint8)
+    palette[0] = 0
+    palette[1:NUM_CLASSES + 1] = (np.asarray(colormaps["tab10"].colors) * 255).round().astype(np.uint8)
+    palette[IGNORE_INDEX] = 255
+    return palette
+
+
+def render_preview(root, out_png, split: str = "val", n: int = 9) -> Path:
+    """Save a picture of the first ``n`` scenes of ``split``: boxes and class names drawn on the
+    images (grid on the left), the label maps coloured the same way (grid on the right)."""
+    import torch
+    from PIL import Image
+    from torchvision.ops import box_convert
+    from torchvision.utils import draw_bounding_boxes, make_grid
+
+    root, out_png = Path(root), Path(out_png)
+    coco = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    images = coco["images"][:n]
+    if not images:
+        raise ValueError(f"{root}: split {split!r} has no images to preview")
+    by_image = {im["id"]: [] for im in images}
+    for ann in coco["annotations"]:
+        if ann["image_id"] in by_image:
+            by_image[ann["image_id"]].append(ann)
+    palette = _palette()
+    scenes, label_maps = [], []
+    for im in images:
+        rgb = np.array(Image.open(root / "images" / split / im["file_name"]).convert("RGB"))
+        anns = by_image[im["id"]]
+        boxes = box_convert(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4),
+                            "xywh", "xyxy")
+        boxes[:, 2:] -= 1  # COCO's x + w is one past the last pixel; PIL draws both ends
+        colors = [tuple(int(c) for c in palette[a["category_id"]]) for a in anns]
+        scenes.append(draw_bounding_boxes(torch.from_numpy(rgb).permute(2, 0, 1), boxes,
+                                          labels=[names[a["category_id"]] for a in anns], colors=colors,
+                                          width=2, fill_labels=True, label_colors="black"))
+        label_map = np.array(Image.open(root / "masks" / split / im["file_name"]))
+        label_maps.append(torch.from_numpy(palette[label_map]).permute(2, 0, 1))  # [3, H, W]
+    nrow = math.ceil(math.sqrt(len(images)))
+    grids = [make_grid(t, nrow=nrow, padding=4, pad_value=255) for t in (scenes, label_maps)]
+    picture = torch.cat(grids, dim=2)  # [3, H, 2W]: scenes beside their label maps
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture.permute(1, 2, 0).numpy()).save(out_png)
+    return out_png
+
+
+# ----------------------------------------------------------------------------- CLI
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tasks.data.scenes",
+                                description="Generate the FashionScenes dataset (COCO JSON + PNG label maps).")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--train", type=int, default=8000, help="number of train scenes (Fashion-MNIST train split)")
+    p.add_argument("--val", type=int, default=1000, help="number of val scenes (Fashion-MNIST test split)")
+    p.add_argument("--size", type=int, default=256, help=f"scene side in pixels (>= {MIN_SIZE})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-items", type=int, default=2)
+    p.add_argument("--max-items", type=int, default=8)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: os.cpu_count())")
+    p.add_argument("--data-dir", default=None, help="folder holding the Fashion-MNIST IDX files")
+    p.add_argument("--preview", default=None, metavar="PNG", help="also save a picture of 9 val scenes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> Path:
+    parser = get_args_parser()
+    a = parser.parse_args(argv)
+    try:
+        out = generate_scenes(a.out, train=a.train, val=a.val, size=a.size, seed=a.seed,
+                              min_items=a.min_items, max_items=a.max_items, data_dir=a.data_dir,
+                              workers=a.workers, progress=not a.quiet)
+        if a.preview:
+            render_preview(out, a.preview, split="val" if a.val else "train")
+    except (ValueError, FileNotFoundError) as e:  # bad flags or no Fashion-MNIST: say so, no traceback
+        parser.error(str(e))
+    if not a.quiet:
+        print(f"FashionScenes written to {out}" + (f", preview {a.preview}" if a.preview else ""))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""FashionScenes generator: determinism, COCO/mask validity, splits, caching, argument checks.
+
+Runs on a tiny fake Fashion-MNIST (IDX files written here), never the real one."""
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from tasks.data import scenes
+
+# Fake train items carry labels 0..4 and test items 5..9, so the category ids of a scene tell
+# which Fashion-MNIST split it was drawn from.
+TRAIN_LABELS, TEST_LABELS = range(0, 5), range(5, 10)
+SMALL = dict(train=6, val=4, size=64)
+# pycocotools' decode trips numpy 2's __array__ copy-keyword deprecation; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+
+def _write_idx(path, array):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0))
+
+
+def _blobs(rng, n):
+    """uint8 [n, 28, 28] filled ellipses with soft edges, like a Fashion-MNIST item's."""
+    yy, xx = np.mgrid[:28, :28]
+    cy, cx = rng.uniform(10, 18, (2, n, 1, 1))
+    ry, rx = rng.uniform(5, 12, (2, n, 1, 1))
+    d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2  # [n, 28, 28], 1 on the ellipse
+    return (np.clip(1.5 - d, 0, 1) * rng.uniform(120, 255, (n, 1, 1))).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def fake_fmnist(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for stem, n, labels in (("train", 50, TRAIN_LABELS), ("t10k", 20, TEST_LABELS)):
+        _write_idx(root / f"{stem}-images-idx3-ubyte.gz", _blobs(rng, n))
+        _write_idx(root / f"{stem}-labels-idx1-ubyte.gz", rng.choice(list(labels), n))
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(fake_fmnist, tmp_path_factory):
+    # 96 px with up to 8 items: heavy occlusion, and 112 px items must be clamped to the scene.
+    out = tmp_path_factory.mktemp("scenes") / "ds"
+    return scenes.generate_scenes(out, train=8, val=6, size=96, seed=3, min_items=4, max_items=8,
+                                  data_dir=fake_fmnist, workers=1, progress=False)
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _load(root, split):
+    return json.loads((root / "annotations" / f"instances_{split}.json").read_text())
+
+
+def test_same_arguments_same_bytes_whatever_the_workers(fake_fmnist, tmp_path):
+    a = scenes.generate_scenes(tmp_path / "a", **SMALL, data_dir=fake_fmnist, workers=1, progress=False)
+    b = scenes.generate_scenes(tmp_path / "b", **SMALL, data_dir=fake_fmnist, workers=2, progress=False)
+    files_a, files_b = _files(a), _files(b)
+    assert len(files_a) == 2 * (6 + 4) + 2 + 1  # images + masks, two JSON files, DONE.json
+    assert files_a == files_b
+    c = scenes.generate_scenes(tmp_path / "c", **SMALL, seed=1, data_dir=fake_fmnist, workers=1, progress=False)
+    files_c = _files(c)
+    assert files_c.keys() == files_a.keys()
+    differing = [k for k in files_a if k.startswith("images/") and files_a[k] != files_c[k]]
+    assert len(differing) == 6 + 4
+
+
+def test_files_and_coco_structure(dataset):
+    for split, count in (("train", 8), ("val", 6)):
+        coco = _load(dataset, split)
+        assert coco["info"]["args"] == dict(train=8, val=6, size=96, seed=3, min_items=4, max_items=8)
+        assert [c["id"] for c in coco["categories"]] == list(range(1, 11))
+        assert {c["supercategory"] for c in coco["categories"]} == {"fashion"}
+        assert len(coco["images"]) == count
+        assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
+        for im in coco["images"]:
+            assert (im["width"], im["height"]) == (96, 96)
+            with Image.open(dataset / "images" / split / im["file_name"]) as img:
+                assert (img.mode, img.size) == ("RGB", (96, 96))
+            with Image.open(dataset / "masks" / split / im["file_name"]) as mask:
+                assert (mask.mode, mask.size) == ("L", (96, 96))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_annotations_match_visible_masks(dataset, split):
+    coco = _load(dataset, split)
+    assert coco["annotations"], "no annotations at all: the generator drops everything"
+    for im in coco["images"]:
+        semantic = np.array(Image.open(dataset / "masks" / split / im["file_name"]))
+        assert set(np.unique(semantic)) <= set(range(11)) | {scenes.IGNORE_INDEX}
+        covered = np.zeros_like(semantic, dtype=np.int32)
+        for ann in (a for a in coco["annotations"] if a["image_id"] == im["id"]):
+            assert 1 <= ann["category_id"] <= scenes.NUM_CLASSES and ann["iscrowd"] == 0
+            x, y, w, h = ann["bbox"]
+            assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= 96 and y + h <= 96
+            m = mask_utils.decode(ann["segmentation"])
+            assert m.shape == (96, 96) and int(m.sum()) == ann["area"]
+            ys, xs = np.nonzero(m)
+            tight = [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+            assert [float(v) for v in tight] == ann["bbox"]
+            assert (semantic[m > 0] == ann["category_id"]).all()
+            covered += m
+        # Instances do not overlap, and every labelled pixel belongs to one of them: a dropped
+        # item's pixels must be ignore, not an unannotated object.
+        assert covered.max() <= 1
+        labelled = (semantic > 0) & (semantic != scenes.IGNORE_INDEX)
+        assert (labelled == (covered > 0)).all()
+
+
+def test_train_scenes_use_train_split_and_val_the_test_split(dataset):
+    for split, labels in (("train", TRAIN_LABELS), ("val", TEST_LABELS)):
+        allowed = {c + 1 for c in labels}
+        cats = {a["category_id"] for a in _load(dataset, split)["annotations"]}
+        assert cats and cats <= allowed, (split, cats)
+        for p in (dataset / "masks" / split).glob("*.png"):
+            values = set(np.unique(np.array(Image.open(p)))) - {0, scenes.IGNORE_INDEX}
+            assert values <= allowed, (p.name, values)
+
+
+def test_regenerating_smaller_removes_stale_scenes(fake_fmnist, tmp_path):
+    scenes.generate_scenes(tmp_path, train=5, val=3, size=64, data_dir=fake_fmnist, workers=1, progress=False)
+    scenes.generate_scenes(tmp_path, train=2, val=1, size=64, data_dir=fake_fmnist, workers=1, progress=False)
+    assert sorted(p.name for p in (tmp_path / "images" / "train").iterdir()) == ["000000.png", "000001.png"]
+    assert sorted(p.name for p in (tmp_path / "masks" / "val").iterdir()) == ["000000.png"]
+
+
+def test_ensure_scenes_reuses_and_regenerates(fake_fmnist, tmp_path, monkeypatch):
+    calls = []
+    generate = scenes.generate_scenes
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["seed"])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(scenes, "generate_scenes", counting)
+    monkeypatch.setenv("ONETRUNK_DATA", str(tmp_path))
+    kw = dict(train=3, val=2, size=64, data_dir=fake_fmnist, progress=False)
+    root = scenes.ensure_scenes(**kw)
+    assert root == tmp_path / "scenes-64-3-2-s0" and (root / "DONE.json").is_file() and calls == [0]
+    assert len(list((root / "images" / "train").iterdir())) == 3
+    assert scenes.ensure_scenes(**kw) == root and calls == [0]  # complete: reused
+    (root / "DONE.json").unlink()
+    assert scenes.ensure_scenes(**kw) == root and calls == [0, 0]  # incomplete: regenerated
+    assert scenes.ensure_scenes(root, **kw, seed=5) == root and calls == [0, 0, 5]  # other args
+    assert json.loads((root / "DONE.json").read_text())["args"]["seed"] == 5
+    assert [p.name for p in tmp_path.iterdir()] == [root.name]  # no temporary folder left
+
+
+def test_interrupted_ensure_scenes_leaves_nothing_that_looks_complete(fake_fmnist, tmp_path, monkeypatch):
+    generate = scenes.generate_scenes
+
+    def crashing(out_dir, **kwargs):
+        generate(out_dir, **kwargs)
+        (out_dir / "DONE.json").unlink()  # as if killed just before the marker was written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scenes, "generate_scenes", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        scenes.ensure_scenes(tmp_path / "ds", train=2, val=1, size=64, data_dir=fake_fmnist, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ensure_scenes_refuses_to_delete_a_foreign_folder(fake_fmnist, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a FashionScenes dataset"):
+        scenes.ensure_scenes(tmp_path, train=2, val=1, size=64, data_dir=fake_fmnist, progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(size=32), "size"),
+    (dict(train=-1), "train"),
+    (dict(val=-2), "val"),
+    (dict(seed=-1), "seed"),
+    (dict(min_items=0), "min_items"),
+    (dict(min_items=5, max_items=3), "min_items"),
+    (dict(workers=0), "workers"),
+    (dict(size=64.5), "size"),
+])
+def test_bad_arguments_name_the_argument(fake_fmnist, tmp_path, kwargs, name):
+    with pytest.raises(ValueError, match=rf"\b{name}="):
+        scenes.generate_scenes(tmp_path, **{**SMALL, **kwargs}, data_dir=fake_fmnist, progress=False)
+    assert not (tmp_path / "DONE.json").exists()
+    if "workers" not in kwargs and "min_items" not in kwargs:
+        with pytest.raises(ValueError, match=rf"\b{name}="):
+            scenes.ensure_scenes(tmp_path / "e", **{**SMALL, **kwargs}, data_dir=fake_fmnist, progress=False)
+
+
+def test_cli_writes_dataset_and_preview(fake_fmnist, tmp_path, capsys):
+    out, preview = tmp_path / "ds", tmp_path / "preview.png"
+    scenes.main(["--out", str(out), "--train", "2", "--val", "4", "--size", "64", "--seed", "1",
+                 "--data-dir", str(fake_fmnist), "--workers", "1", "--quiet", "--preview", str(preview)])
+    assert json.loads((out / "DONE.json").read_text())["args"]["val"] == 4
+    with Image.open(preview) as img:
+        # 4 scenes -> a 2 x 2 grid of scenes beside a 2 x 2 grid of label maps (4 px padding)
+        assert img.mode == "RGB" and img.size == (2 * (2 * 64 + 3 * 4), 2 * 64 + 3 * 4)
+    with pytest.raises(SystemExit):
+        scenes.main(["--out", str(tmp_path / "bad"), "--size", "16", "--data-dir", str(fake_fmnist), "--quiet"])
+    assert "size=16" in capsys.readouterr().err
