@@ -71,6 +71,7 @@ class TrainConfig:
     batch_size: int = 256
     amp: bool = True               # bf16 autocast on CUDA; fp32 on CPU
     compile: bool = False
+    cuda_graph: bool = False       # replay forward + backward as one CUDA graph (fixed batch shapes)
     channels_last: bool = True
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda | cuda:N
@@ -122,6 +123,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

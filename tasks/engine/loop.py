@@ -23,6 +23,7 @@ from torch import nn
 from .checkpoint import CKPT_FORMAT, CheckpointWriter, load_checkpoint, rng_state, set_rng_state
 from .config import config_to_dict
 from .ema import ModelEMA
+from .graphs import GraphedForwardBackward
 from .logging import Console, MetricsLog, format_metrics, progress
 from .optim import build_optimizer, build_scheduler
 from .viz import plot_curves
@@ -102,7 +103,12 @@ class Trainer:
         self.ema = None
         if ocfg.ema:
             self.ema = ModelEMA(self.model, ocfg.ema_decay)  # BN statistics averaged too
+        if tcfg.cuda_graph and tcfg.compile:
+            raise ValueError("train.cuda_graph and train.compile cannot be combined yet: choose one")
         self.step_model = torch.compile(self.model) if tcfg.compile else self.model
+        self.graphed = None
+        if tcfg.cuda_graph and device.type == "cuda":
+            self.graphed = GraphedForwardBackward(self.model, self.optimizer, amp=self.amp)
         self.log = MetricsLog(self.output / "metrics.jsonl")
         self.writer = CheckpointWriter()
         self.start_epoch = 0
@@ -160,14 +166,17 @@ class Trainer:
                        quiet=self.quiet)
         start = time.perf_counter()
         for step, (images, targets) in enumerate(bar):
-            with autocast(self.device, self.amp):
-                loss_dict = model(images, targets)
+            if self.graphed is not None:
+                loss, loss_dict = self.graphed(images, targets)
+            else:
+                with autocast(self.device, self.amp):
+                    loss_dict = model(images, targets)
+                loss = sum(loss_dict.values())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             if not keys:
                 keys = list(loss_dict)
                 sums = torch.zeros(len(keys) + 1, device=self.device)
-            loss = sum(loss_dict.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
             opt.step()

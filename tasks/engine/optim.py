@@ -42,11 +42,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: 
     """Stepped once per optimizer step."""
     total = max(1, epochs * steps_per_epoch)
     warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
-    if cfg.schedule == "onecycle":
-        pct = warmup / total if warmup > 0 else 0.3
-        return OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=max(pct, 1e-3),
+    if cfg.schedule == "onecycle" and total >= 8:  # shorter runs cannot hold its two phases
+        pct = min(max(warmup, 2) / total, 0.5) if warmup > 0 else 0.3
+        return OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=pct,
                           cycle_momentum=cfg.name == "sgd" and cfg.momentum > 0)
-    if cfg.schedule not in ("cosine", "constant"):
+    if cfg.schedule not in ("cosine", "constant", "onecycle"):
         raise ValueError(f"optim.schedule={cfg.schedule!r} is not supported; choose cosine, onecycle or constant")
     final = cfg.final_lr_ratio
 
