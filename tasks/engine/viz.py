@@ -26,19 +26,26 @@ def plot_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike, *, m
     """Loss terms (left) and validation metrics (right) per epoch."""
     if not records:
         return
-    epochs = [r["epoch"] for r in records]
-    loss_keys = [k for k in records[-1] if k.startswith("train_loss")]
-    metric_keys = [k for k in records[-1] if k.startswith("val_") and isinstance(records[-1][k], (int, float))]
+    keys = list(dict.fromkeys(k for r in records for k, v in r.items() if isinstance(v, (int, float))))
+    loss_keys = [k for k in keys if k.startswith("train_loss")]
+    if len(loss_keys) == 2:  # one loss term: its curve is the total's
+        loss_keys = ["train_loss"]
+    metric_keys = [k for k in keys if k.startswith("val_")]
+
+    def series(key):  # only the epochs that have the key (evaluation may skip epochs)
+        pts = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for k in loss_keys:
-        axes[0].plot(epochs, [r.get(k, np.nan) for r in records], marker=".", label=k[len("train_"):])
+        axes[0].plot(*series(k), marker=".", label=k[len("train_"):])
     axes[0].set(xlabel="epoch", ylabel="training loss", title="loss")
     axes[0].grid(alpha=0.3)
     if loss_keys:
         axes[0].legend(fontsize=8)
     for k in metric_keys:
         lw = 2.5 if main_metric and k == f"val_{main_metric}" else 1.2
-        axes[1].plot(epochs, [r.get(k, np.nan) for r in records], marker=".", lw=lw, label=k[len("val_"):])
+        axes[1].plot(*series(k), marker=".", lw=lw, label=k[len("val_"):])
     axes[1].set(xlabel="epoch", title="validation")
     axes[1].grid(alpha=0.3)
     if metric_keys:
