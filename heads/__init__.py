@@ -1,6 +1,7 @@
 """Necks and task heads on a backbone's ``feature_info``."""
 from .base import TaskModel
 from .classification import ClassificationHead, Classifier
+from .detection import Detector, FCOSHead
 from .fpn import FPN, BackboneWithFPN
 
-__all__ = ["TaskModel", "ClassificationHead", "Classifier", "FPN", "BackboneWithFPN"]
+__all__ = ["TaskModel", "ClassificationHead", "Classifier", "FPN", "BackboneWithFPN", "FCOSHead", "Detector"]

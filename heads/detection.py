@@ -1,0 +1,453 @@
+"""FCOS-style anchor-free detection: FPN + shared tower, focal / GIoU / centerness losses.
+
+Layout follows torchvision's ``fcos.py`` (``forward`` -> raw outputs, ``loss``, ``postprocess``),
+but target assignment is vectorised over the whole batch: the ground truth of the batch is padded
+to ``[N, M, 4]`` and every (point, box) pair is tested at once, so there is no per-image Python
+loop and no host synchronisation in ``forward`` or ``loss``.
+
+Regression is parameterised as in FCOS with ``norm_reg_targets``: the head predicts the
+distances (l, t, r, b) from a point to the four box sides *in units of the level's stride*, made
+non-negative by a ReLU. Boxes are ``(x - l*s, y - t*s, x + r*s, y + b*s)``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import batched_nms, clip_boxes_to_image, sigmoid_focal_loss
+
+from backbones.base import Backbone, FeatureSpec
+
+from .base import TaskModel
+from .fpn import FPN
+
+__all__ = ["FCOSHead", "Detector"]
+
+# FCOS assigns an object to the level whose stride s satisfies max(l, t, r, b) in (4s, 8s]
+# (ranges 0-64, 64-128, ... for strides 8, 16, ...): the upper bound of each level is 8 strides.
+_SIZE_PER_STRIDE = 8
+# Bounded: a stream of distinct image sizes (no resizing, odd shapes) must not grow it forever.
+_POINTS_CACHE_SIZE = 32
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _tower(channels: int, num_convs: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(num_convs):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1),
+                   # 32 groups as FCOS, but at least 2 channels per group in narrow towers: one
+                   # channel of a 1x1 map (P7 of a small image) normalises to 0 (and raises at
+                   # batch 1); gcd keeps channel counts that 32 does not divide legal
+                   nn.GroupNorm(math.gcd(32, max(channels // 2, 1)), channels),
+                   nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+def _decode(points: torch.Tensor, strides: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
+    """xyxy boxes from points ``[..., 2]``, strides ``[...]`` and stride-normalised ltrb ``[..., 4]``."""
+    ltrb = reg * strides[..., None]
+    return torch.cat([points - ltrb[..., :2], points + ltrb[..., 2:]], dim=-1)
+
+
+def _giou_loss(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Element-wise ``1 - GIoU`` of xyxy boxes ``[..., 4]``, without reduction.
+
+    The same formula as ``torchvision.ops.generalized_box_iou_loss`` (the tests compare the
+    two), but the intersection is clamped instead of computed through a boolean mask: torchvision's
+    ``intsctk[mask] = ...`` costs five device->host syncs per call and a graph break under
+    ``torch.compile`` (measured on an H100, ResNet-50 FCOS, batch 8 at 800x1088, bf16: 90 -> 79
+    ms per training step eager, 74 -> 59 ms with the head compiled).
+    """
+    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(dim=-1)
+    inter = ((torch.minimum(x2, x2g) - torch.maximum(x1, x1g)).clamp(min=0)
+             * (torch.minimum(y2, y2g) - torch.maximum(y1, y1g)).clamp(min=0))
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    iou = inter / (union + eps)
+    # smallest enclosing box
+    area_c = (torch.maximum(x2, x2g) - torch.minimum(x1, x1g)) * (torch.maximum(y2, y2g) - torch.minimum(y1, y1g))
+    return 1 - (iou - (area_c - union) / (area_c + eps))
+
+
+def _check_target_structure(targets: Any, num_images: int | None = None) -> None:
+    """Types and shapes only (no device sync): cheap enough to run on every ``loss`` call."""
+    if not isinstance(targets, (list, tuple)):
+        raise ValueError(f"detection targets must be a list of dicts (one per image), got {type(targets).__name__}")
+    if num_images is not None and len(targets) != num_images:
+        raise ValueError(f"got {len(targets)} targets for {num_images} images")
+    for i, t in enumerate(targets):
+        if not isinstance(t, Mapping) or "boxes" not in t or "labels" not in t:
+            got = sorted(t) if isinstance(t, Mapping) else type(t).__name__
+            raise ValueError(f"image {i}: target must be a dict with 'boxes' and 'labels', got {got}")
+        boxes, labels = t["boxes"], t["labels"]
+        if not isinstance(boxes, torch.Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+            got = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
+            raise ValueError(f"image {i}: boxes must be a [M, 4] xyxy tensor, got {got}")
+        if not boxes.is_floating_point():
+            raise ValueError(f"image {i}: boxes must be floating point (xyxy pixels), got {boxes.dtype}")
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"image {i}: labels must be a [M] int64 tensor, got {got}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"image {i}: labels must be integer class indices, got {labels.dtype}")
+        if labels.shape[0] != boxes.shape[0]:
+            raise ValueError(f"image {i}: {boxes.shape[0]} boxes but {labels.shape[0]} labels")
+
+
+# ----------------------------------------------------------------------------- head
+
+class FCOSHead(nn.Module):
+    """FCOS head on an FPN it builds from ``in_specs`` (a backbone's ``feature_info``).
+
+    ``raw = head(features, image_size)`` returns a dict:
+        cls_logits ``[N, P, K]``, bbox_reg ``[N, P, 4]`` (stride-normalised l, t, r, b >= 0),
+        centerness ``[N, P]`` (logits), points ``[P, 2]`` (x, y pixel centres of the cells),
+        strides ``[P]``, size_ranges ``[P, 2]`` (the level's (lo, hi] on max(l, t, r, b)),
+        level_sizes ``[(H_l, W_l), ...]`` and image_size. P runs over levels fine to coarse,
+        each level row-major, the order of ``fpn.feature_info``.
+
+    Args:
+        in_specs: the backbone's ``feature_info``; ``in_features`` are picked from it.
+        num_classes: K, without background (labels are in ``[0, K)``).
+        in_features, fpn_channels, extra: the FPN's inputs, width and extra levels.
+        num_convs: conv + GroupNorm + ReLU layers in each of the two towers.
+        prior_prob: initial foreground probability of the classifier (focal-loss init).
+        center_sampling_radius: positives lie within ``radius * stride`` of the box centre
+            (clipped to the box); ``0`` or ``None`` falls back to the whole box (FCOS v1).
+        score_thresh, nms_thresh, topk_candidates, detections_per_img: post-processing.
+        size_ranges: per-level ``(lo, hi]`` ranges of max(l, t, r, b) in pixels; default
+            ``(0, 8 s_0], (8 s_0, 8 s_1], ..., (8 s_{L-2}, inf)`` from the FPN strides.
+    """
+
+    def __init__(self, in_specs: Sequence[FeatureSpec], num_classes: int, *,
+                 in_features: Sequence[str] = ("c3", "c4", "c5"), fpn_channels: int = 256,
+                 extra: str | None = "p6p7", num_convs: int = 4, prior_prob: float = 0.01,
+                 center_sampling_radius: float | None = 1.5, score_thresh: float = 0.05,
+                 nms_thresh: float = 0.6, topk_candidates: int = 1000, detections_per_img: int = 100,
+                 size_ranges: Sequence[tuple[float, float]] | None = None) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not 0.0 < prior_prob < 1.0:
+            raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}")
+        by_name = {s.name: s for s in in_specs}
+        missing = [n for n in in_features if n not in by_name]
+        if missing:
+            raise ValueError(f"in_features {missing} are not among the backbone's features {list(by_name)}")
+        self.fpn = FPN([by_name[n] for n in in_features], fpn_channels, extra)
+        self.num_classes = num_classes
+        self.strides = [s.stride for s in self.fpn.feature_info]
+        if size_ranges is None:
+            bounds = [0.0] + [float(_SIZE_PER_STRIDE * s) for s in self.strides[:-1]] + [math.inf]
+            size_ranges = list(zip(bounds[:-1], bounds[1:]))
+        size_ranges = [(float(lo), float(hi)) for lo, hi in size_ranges]
+        if len(size_ranges) != len(self.strides) or any(lo >= hi for lo, hi in size_ranges):
+            raise ValueError(f"size_ranges must give one (lo, hi) with lo < hi per FPN level "
+                             f"{[s.name for s in self.fpn.feature_info]}, got {size_ranges}")
+        self.size_ranges = size_ranges
+        self.center_sampling_radius = float(center_sampling_radius or 0.0)
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.topk_candidates = topk_candidates
+        self.detections_per_img = detections_per_img
+
+        # Shared over levels (torchvision FCOSHead layout). The regression targets are divided
+        # by the stride, so one set of weights sees the same O(1)-O(8) target scale on every
+        # level: a plain ReLU suffices, where un-normalised targets need exp() and a learned
+        # per-level scale. ReLU also cannot overflow in bf16 the way exp() does early in training.
+        self.cls_tower = _tower(fpn_channels, num_convs)
+        self.reg_tower = _tower(fpn_channels, num_convs)
+        self.cls_logits = nn.Conv2d(fpn_channels, num_classes, 3, padding=1)
+        self.bbox_reg = nn.Conv2d(fpn_channels, 4, 3, padding=1)
+        self.centerness = nn.Conv2d(fpn_channels, 1, 3, padding=1)
+        for m in [*self.cls_tower, *self.reg_tower, self.cls_logits, self.bbox_reg, self.centerness]:
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        # focal-loss init: every point starts as background with probability 1 - prior_prob, so
+        # the ~all-negative first steps do not swamp the loss
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+        self._points_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ points
+
+    def _points(self, sizes: Sequence[tuple[int, int]], device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-point centres ``[P, 2]``, strides ``[P]`` and size ranges ``[P, 2]``, float32.
+
+        float32 whatever the autocast dtype: bf16 cannot hold a pixel coordinate like 1000.5.
+        """
+        key = (tuple(sizes), device)
+        compiling = torch.compiler.is_compiling()  # dynamo would guard on (and recompile for) the dict
+        if not compiling and key in self._points_cache:
+            return self._points_cache[key]
+        points, strides, ranges = [], [], []
+        for (h, w), s, (lo, hi) in zip(sizes, self.strides, self.size_ranges):
+            ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * s
+            xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * s
+            yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+            points.append(torch.stack([xx, yy], dim=-1).reshape(h * w, 2))  # [HW, 2], row-major as the logits
+            strides.append(torch.full((h * w,), float(s), device=device))
+            # fills, not torch.tensor([lo, hi], device=...): a host->device copy from a list
+            ranges.append(torch.stack([torch.full((h * w,), lo, device=device),
+                                       torch.full((h * w,), hi, device=device)], dim=-1))  # [HW, 2]
+        out = torch.cat(points), torch.cat(strides), torch.cat(ranges)
+        if not compiling:
+            if len(self._points_cache) >= _POINTS_CACHE_SIZE:
+                self._points_cache.clear()
+            self._points_cache[key] = out
+        return out
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, features: dict[str, torch.Tensor], image_size: tuple[int, int]) -> dict[str, Any]:
+        pyramid = list(self.fpn(features).values())
+        cls_out, reg_out, ctr_out, sizes = [], [], [], []
+        for x in pyramid:
+            n, _, h, w = x.shape
+            sizes.append((h, w))
+            c = self.cls_tower(x)
+            r = self.reg_tower(x)
+            # NCHW -> NHWC then flatten: free for channels_last, one copy otherwise
+            cls_out.append(self.cls_logits(c).permute(0, 2, 3, 1).reshape(n, h * w, self.num_classes))  # [N, HW, K]
+            reg_out.append(F.relu(self.bbox_reg(r)).permute(0, 2, 3, 1).reshape(n, h * w, 4))  # [N, HW, 4]
+            ctr_out.append(self.centerness(r).reshape(n, h * w))  # [N, HW]: one channel, NCHW = NHWC order
+        points, strides, size_ranges = self._points(sizes, pyramid[0].device)
+        return {
+            "cls_logits": torch.cat(cls_out, dim=1),  # [N, P, K]
+            "bbox_reg": torch.cat(reg_out, dim=1),  # [N, P, 4]
+            "centerness": torch.cat(ctr_out, dim=1),  # [N, P]
+            "points": points,  # [P, 2]
+            "strides": strides,  # [P]
+            "size_ranges": size_ranges,  # [P, 2]
+            "level_sizes": sizes,
+            "image_size": (int(image_size[0]), int(image_size[1])),
+        }
+
+    # ------------------------------------------------------------------ targets
+
+    @staticmethod
+    def _pad_targets(targets: Sequence[dict[str, torch.Tensor]], device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes ``[N, M, 4]`` float32 and labels ``[N, M]`` int64, padding labels with -1.
+
+        M is at least 1 so that reductions over boxes stay defined for an all-empty batch.
+        """
+        boxes = [t["boxes"].to(device=device, dtype=torch.float32) for t in targets]
+        labels = [t["labels"].to(device=device, dtype=torch.int64) for t in targets]
+        boxes = nn.utils.rnn.pad_sequence(boxes, batch_first=True)  # [N, M, 4]
+        labels = nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-1)  # [N, M]
+        if boxes.shape[1] == 0:  # shape, not data: no sync
+            boxes = boxes.new_zeros(len(targets), 1, 4)
+            labels = labels.new_full((len(targets), 1), -1)
+        return boxes, labels
+
+    @torch.no_grad()
+    def assign_targets(self, raw: dict[str, Any], targets: Sequence[dict[str, torch.Tensor]]
+                       ) -> dict[str, torch.Tensor]:
+        """FCOS assignment for the whole batch at once.
+
+        A point is positive for a box when it lies inside the box's centre region (``radius *
+        stride`` around the box centre, clipped to the box) and max(l, t, r, b) falls in its
+        level's size range; a point matching several boxes takes the one of smallest area (ties:
+        the lowest box index).
+
+        Returns ``positive [N, P]`` bool, ``matched [N, P]`` (box index, -1 for background),
+        ``labels [N, P]`` (-1 for background), ``boxes [N, P, 4]`` (the matched box; zeros for
+        background) and ``reg_targets [N, P, 4]`` (l, t, r, b / stride; zeros for background).
+        """
+        points, strides, size_ranges = raw["points"], raw["strides"], raw["size_ranges"]
+        gt_boxes, gt_labels = self._pad_targets(targets, points.device)  # [N, M, 4], [N, M]
+        x = points[None, :, None, 0]  # [1, P, 1]
+        y = points[None, :, None, 1]
+        x1, y1, x2, y2 = (gt_boxes[:, None, :, i] for i in range(4))  # each [N, 1, M]
+        # distances from every point to every box side: four [N, P, M] tensors, never [N, P, M, 4]
+        left, top, right, bottom = x - x1, y - y1, x2 - x, y2 - y
+        max_dist = torch.maximum(torch.maximum(left, top), torch.maximum(right, bottom))
+        lo, hi = size_ranges[None, :, None, 0], size_ranges[None, :, None, 1]  # [1, P, 1]
+        match = (max_dist > lo) & (max_dist <= hi)
+        if self.center_sampling_radius > 0:
+            # The centre region is clipped to the box, so being inside it implies being inside
+            # the box: the in-box test is subsumed here.
+            radius = self.center_sampling_radius * strides[None, :, None]  # [1, P, 1]
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            in_center = ((x - torch.maximum(cx - radius, x1) > 0) & (y - torch.maximum(cy - radius, y1) > 0)
+                         & (torch.minimum(cx + radius, x2) - x > 0) & (torch.minimum(cy + radius, y2) - y > 0))
+            match &= in_center
+        else:
+            match &= torch.minimum(torch.minimum(left, top), torch.minimum(right, bottom)) > 0
+        # padding: its zero box has no interior and cannot pass the strict tests above anyway;
+        # the mask keeps that true whatever the padding value
+        match &= (gt_labels >= 0)[:, None, :]
+        area = (x2 - x1) * (y2 - y1)  # [N, 1, M]
+        cost = torch.where(match, area, torch.full_like(area, math.inf))  # [N, P, M]
+        matched = cost.argmin(dim=2)  # [N, P]; argmin returns the first of equal minima
+        positive = match.any(dim=2)  # [N, P]
+        matched_boxes = gt_boxes.gather(1, matched[..., None].expand(-1, -1, 4))  # [N, P, 4]
+        labels = gt_labels.gather(1, matched)  # [N, P]
+        px, py = points[None, :, 0], points[None, :, 1]  # [1, P]
+        ltrb = torch.stack([px - matched_boxes[..., 0], py - matched_boxes[..., 1],
+                            matched_boxes[..., 2] - px, matched_boxes[..., 3] - py], dim=-1)  # [N, P, 4]
+        reg_targets = ltrb / strides[None, :, None]
+        pos4 = positive[..., None]
+        return {
+            "positive": positive,
+            "matched": torch.where(positive, matched, -1),
+            "labels": torch.where(positive, labels, -1),
+            "boxes": torch.where(pos4, matched_boxes, 0.0),
+            "reg_targets": torch.where(pos4, reg_targets, 0.0),
+        }
+
+    # ------------------------------------------------------------------ loss
+
+    def _normalizer(self, positive: torch.Tensor) -> torch.Tensor:
+        """Number of positives, averaged over DDP ranks (FCOS), at least 1; a tensor, no sync.
+
+        With a process group every rank must call ``loss`` (it is a collective), as in
+        training. DDP averages gradients over ranks, so dividing by the mean count makes the
+        step equal to (sum of losses) / (total positives) whatever the split of the batch.
+        """
+        num = positive.sum().float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(num)
+            num = num / dist.get_world_size()
+        return num.clamp(min=1.0)
+
+    def loss(self, raw: dict[str, Any], targets: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """``classification`` (focal), ``bbox_regression`` (GIoU), ``bbox_ctrness`` (BCE),
+        each summed and divided by the number of positives. Computed in float32."""
+        cls_logits = raw["cls_logits"].float()  # [N, P, K]
+        _check_target_structure(targets, cls_logits.shape[0])
+        a = self.assign_targets(raw, targets)
+        positive = a["positive"]  # [N, P]
+        normalizer = self._normalizer(positive)
+
+        # one-hot by comparison: background (-1) matches no class; no scatter, no sync
+        classes = torch.arange(self.num_classes, device=cls_logits.device)
+        cls_targets = (a["labels"][..., None] == classes).to(cls_logits.dtype)  # [N, P, K]
+        loss_cls = sigmoid_focal_loss(cls_logits, cls_targets, alpha=0.25, gamma=2.0, reduction="sum")
+
+        # Losses are evaluated on every point and masked, instead of indexing the positives:
+        # boolean indexing needs the count on the host (a sync) and a data-dependent shape.
+        # Background points get a stride-sized box round the point as a harmless, non-degenerate
+        # GIoU target so that no NaN can leak through the mask into the gradients.
+        points, strides = raw["points"], raw["strides"]
+        pred_boxes = _decode(points, strides, raw["bbox_reg"].float())  # [N, P, 4]
+        dummy = _decode(points, strides, points.new_full((1, 1, 4), 0.5))  # [1, P, 4]
+        target_boxes = torch.where(positive[..., None], a["boxes"], dummy)  # [N, P, 4]
+        giou = _giou_loss(pred_boxes, target_boxes)  # [N, P]
+        loss_reg = torch.where(positive, giou, 0.0).sum()
+
+        # centerness target sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)); background is masked
+        # out, its zeros only need the clamp to stay finite
+        lr, tb = a["reg_targets"][..., 0::2], a["reg_targets"][..., 1::2]  # [N, P, 2] each
+        ctr_targets = torch.sqrt((lr.amin(-1) / lr.amax(-1).clamp(min=1e-6))
+                                 * (tb.amin(-1) / tb.amax(-1).clamp(min=1e-6)))  # [N, P]
+        ctr = F.binary_cross_entropy_with_logits(raw["centerness"].float(), ctr_targets, reduction="none")
+        loss_ctr = torch.where(positive, ctr, 0.0).sum()
+
+        return {
+            "classification": loss_cls / normalizer,
+            "bbox_regression": loss_reg / normalizer,
+            "bbox_ctrness": loss_ctr / normalizer,
+        }
+
+    # ------------------------------------------------------------------ postprocess
+
+    @torch.no_grad()
+    def postprocess(self, raw: dict[str, Any], image_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+        """Per image ``dict(boxes=[D, 4] xyxy pixels clipped to image_size, scores=[D], labels=[D])``,
+        sorted by score, ``D <= detections_per_img``."""
+        cls_logits = raw["cls_logits"].float()  # [N, P, K]
+        n, _, k = cls_logits.shape
+        # torchvision FCOS score: geometric mean of class probability and centerness
+        scores = torch.sqrt(torch.sigmoid(cls_logits) * torch.sigmoid(raw["centerness"].float())[..., None])  # [N, P, K]
+
+        # Per-level top-k for the whole batch at once. Top-k then threshold selects the same set
+        # as torchvision's threshold then top-k, without a data-dependent shape.
+        top_scores, top_points, top_labels = [], [], []
+        start = 0
+        for h, w in raw["level_sizes"]:
+            level = scores[:, start:start + h * w].reshape(n, h * w * k)  # [N, HW*K]
+            s, idx = level.topk(min(self.topk_candidates, h * w * k), dim=1)  # [N, k_l]
+            top_scores.append(s)
+            top_points.append(idx // k + start)
+            top_labels.append(idx % k)
+            start += h * w
+        scores = torch.cat(top_scores, dim=1)  # [N, C]
+        point_idx = torch.cat(top_points, dim=1)  # [N, C]
+        labels = torch.cat(top_labels, dim=1)  # [N, C]
+
+        reg = raw["bbox_reg"].float().gather(1, point_idx[..., None].expand(-1, -1, 4))  # [N, C, 4]
+        boxes = _decode(raw["points"][point_idx], raw["strides"][point_idx], reg)  # [N, C, 4]
+        boxes = clip_boxes_to_image(boxes, tuple(image_size))
+        # a box clipped to nothing (point outside an odd-sized image, zero regression) can match
+        # nothing and would only break consumers that reject x2 <= x1
+        keep = (scores > self.score_thresh) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+
+        results = []
+        for i in range(n):  # NMS sizes differ per image; the filtering above is batched
+            b, s, lab = boxes[i][keep[i]], scores[i][keep[i]], labels[i][keep[i]]
+            kept = batched_nms(b, s, lab, self.nms_thresh)[: self.detections_per_img]
+            results.append({"boxes": b[kept], "scores": s[kept], "labels": lab[kept]})
+        return results
+
+
+# ----------------------------------------------------------------------------- model
+
+class Detector(TaskModel):
+    """``Detector(backbone, head)``: train mode ``model(images, targets)`` -> loss dict; eval mode
+    ``model(images)`` -> ``[dict(boxes, scores, labels)]`` per image.
+
+    ``check_targets`` validates target values (labels in range, x2 > x1, finite) on every
+    training call at the cost of one host sync; turn it off when the data pipeline already
+    validates them (e.g. on the CPU in the loader).
+    """
+
+    targets_required = True
+
+    def __init__(self, backbone: Backbone, head: FCOSHead, *, check_targets: bool = True) -> None:
+        super().__init__(backbone, head)
+        self.check_targets = check_targets
+
+    def validate_targets(self, targets: Any, num_images: int | None = None) -> None:
+        """Raise ``ValueError`` naming the image (and box) for malformed detection targets."""
+        _check_target_structure(targets, num_images)
+        if not targets:
+            return
+        num_classes = self.head.num_classes
+        # all value checks of the batch gathered into one [N, 3] tensor: a single host sync
+        flags = []
+        device = targets[0]["boxes"].device
+        for t in targets:
+            boxes, labels = t["boxes"], t["labels"]
+            flags.append(torch.stack([
+                (~torch.isfinite(boxes)).any(),
+                ((labels < 0) | (labels >= num_classes)).any(),
+                ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any(),
+            ]).to(device))
+        bad = torch.stack(flags).tolist()
+        for i, (nonfinite, out_of_range, degenerate) in enumerate(bad):
+            boxes, labels = targets[i]["boxes"], targets[i]["labels"]
+            if nonfinite:
+                j = int((~torch.isfinite(boxes)).any(dim=1).nonzero()[0])
+                raise ValueError(f"image {i}: box {j} has a non-finite coordinate: {boxes[j].tolist()}")
+            if out_of_range:
+                j = int(((labels < 0) | (labels >= num_classes)).nonzero()[0])
+                raise ValueError(f"image {i}: label {int(labels[j])} of box {j} is outside [0, {num_classes})")
+            if degenerate:
+                j = int(((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).nonzero()[0])
+                raise ValueError(f"image {i}: box {j} {boxes[j].tolist()} has x2 <= x1 or y2 <= y1 "
+                                 "(boxes are xyxy absolute pixels)")
+
+    def forward(self, images: torch.Tensor, targets: Any = None):
+        if self.training and targets is not None and self.check_targets:
+            # before the trunk runs: fail fast, naming the image
+            self.validate_targets(targets, images.shape[0] if isinstance(images, torch.Tensor) else None)
+        return super().forward(images, targets)
