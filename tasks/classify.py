@@ -31,6 +31,7 @@ from tasks.data.folders import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset,
                                 collate_skip_bad, read_image)
 from tasks.data.gpu_augment import BatchAugment
 from tasks.data.loaders import DeviceLoader, TensorLoader, seed_worker
+from tasks.engine.checkpoint import model_state
 from tasks.engine.cli import Run, common_parser, setup_run
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.loop import Trainer, autocast
@@ -218,9 +219,7 @@ def _default_recipe() -> str:
 
 def _load_for_inference(run: Run) -> Classifier:
     model = build_model(run.cfg)
-    ckpt = run.checkpoint
-    state = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
-    model.load_state_dict(state)
+    model.load_state_dict(model_state(run.checkpoint))
     model = model.to(run.device).eval()
     if run.cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -275,16 +274,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         say("trunk from " + args.trunk)
         model.backbone.load_weights(args.trunk, strict=False)
     meta = {"classes": data.classes, "mean": list(data.mean), "std": list(data.std), "image_size": data.image_size}
+
+    def evaluate_epoch(model, final: bool) -> dict[str, Any]:
+        metrics, cm = evaluate(model, data.val, cfg.model.num_classes, device, cfg.train.amp)
+        if final:
+            plot_confusion(cm.numpy(), data.classes, run.output / "confusion.png",
+                           title=f"{run.recipe}, {cfg.train.epochs} epochs: accuracy {metrics['acc']:.2%}")
+        return metrics
+
     trainer = Trainer(TASK, cfg, model, data.train, output=run.output, device=device, quiet=args.quiet,
-                      console=say, main_metric="acc", meta=meta,
-                      evaluate=lambda m: evaluate(m, data.val, cfg.model.num_classes, device, cfg.train.amp)[0])
+                      console=say, main_metric="acc", meta=meta, evaluate=evaluate_epoch)
     if run.resume_from is not None:
         trainer.resume(run.resume_from)
     record = trainer.fit()
-    final_model = trainer.ema.module if trainer.ema is not None else trainer.model
-    metrics, cm = evaluate(final_model, data.val, cfg.model.num_classes, device, cfg.train.amp)
-    plot_confusion(cm.numpy(), data.classes, run.output / "confusion.png",
-                   title=f"{run.recipe} epoch {record.get('epoch')}: accuracy {metrics['acc']:.2%}")
+    metrics = {"acc": record["val_acc"], "per_class_acc": record["val_per_class_acc"]}
     skipped = getattr(data.train, "skipped", {}).get("n", 0)
     if skipped:
         say(f"skipped {skipped} unreadable training images (data.skip_bad)")

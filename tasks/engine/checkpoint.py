@@ -18,8 +18,8 @@ import torch
 
 from backbones.weights import CKPT_FORMAT, read_checkpoint
 
-__all__ = ["CKPT_FORMAT", "atomic_save", "load_checkpoint", "CheckpointWriter", "rng_state", "set_rng_state",
-           "to_cpu"]
+__all__ = ["CKPT_FORMAT", "atomic_save", "load_checkpoint", "model_state", "CheckpointWriter", "rng_state",
+           "set_rng_state", "to_cpu"]
 
 
 def to_cpu(obj: Any) -> Any:
@@ -55,6 +55,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not an onetrunk checkpoint (no format={CKPT_FORMAT!r}); "
                          f"for plain trunk weights use --set model.weights={path}")
     return ckpt
+
+
+def model_state(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The weights to predict with: the EMA when the run kept one (its metrics are the EMA's)."""
+    return ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
 
 
 class CheckpointWriter:

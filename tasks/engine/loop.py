@@ -67,8 +67,9 @@ class Trainer:
         model: a task model (train mode with targets returns a loss dict).
         train_loader: iterable of ``(images, targets)`` already on ``device``; ``len()`` steps;
             optional ``set_epoch(epoch)``.
-        evaluate: called with the model to evaluate (the EMA model when enabled) in eval mode
-            under ``torch.no_grad`` and autocast; returns scalar metrics.
+        evaluate: ``evaluate(model, final)`` with the model to evaluate (the EMA model when
+            enabled) in eval mode under ``torch.no_grad`` and autocast; returns metrics.
+            ``final`` is true for the last epoch (write pictures, predictions).
         main_metric: key of ``evaluate``'s result that decides ``best.pt`` (higher is better).
         meta: stored in every checkpoint (class names, input normalisation, image size).
     """
@@ -211,12 +212,16 @@ class Trainer:
                 f"stopped without saving it. Last good checkpoint: {self.output / 'last.pt'} "
                 f"(if any). Lower optim.lr, set optim.clip_grad_norm, or check the data.")
 
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
     @torch.no_grad()
-    def evaluate(self) -> dict[str, Any]:
-        model = self.ema.module if self.ema is not None else self.model
+    def evaluate(self, final: bool = False) -> dict[str, Any]:
+        model = self.eval_model
         model.eval()
         with autocast(self.device, self.amp):
-            metrics = self.evaluate_fn(model)
+            metrics = self.evaluate_fn(model, final)
         self.model.train()
         return metrics
 
@@ -239,7 +244,7 @@ class Trainer:
                 last = epoch + 1 == self.epochs
                 if last or (epoch + 1) % max(1, tcfg.eval_every) == 0:
                     t0 = time.perf_counter()
-                    metrics = self.evaluate()
+                    metrics = self.evaluate(final=last)
                     record.update({f"val_{k}": v for k, v in metrics.items()})
                     record["eval_time_s"] = time.perf_counter() - t0
                 self.log.append(record)
@@ -258,9 +263,11 @@ class Trainer:
                 self.console(f"epoch {epoch + 1}/{self.epochs}  " + format_metrics(
                     record, ["train_loss", f"val_{self.main_metric}", "train_img_per_s", "train_time_s"]))
                 if self.on_epoch_end is not None:
-                    self.on_epoch_end(self.ema.module if self.ema is not None else self.model, record)
+                    self.on_epoch_end(self.eval_model, record)
         finally:
             self.writer.wait()
+        if not record:  # resumed a finished run: nothing trained, still report
+            record = {"epoch": self.start_epoch, **{f"val_{k}": v for k, v in self.evaluate(final=True).items()}}
         if self.best is not None:
             record[f"best_{self.main_metric}"] = self.best
         return record

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # run folders are written on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_curves", "plot_confusion", "save_figure"]
+__all__ = ["plot_curves", "plot_confusion", "save_figure", "class_colors", "draw_detection_grid"]
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:
@@ -69,3 +69,37 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | o
                 ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=7,
                         color="white" if norm[i, j] > 0.5 else "black")
     save_figure(fig, path)
+
+
+# Class colours shared by the detection and segmentation pictures (matplotlib's tab20).
+def class_colors(n: int) -> list[tuple[int, int, int]]:
+    cmap = matplotlib.colormaps["tab20"]
+    return [tuple(int(255 * c) for c in cmap(i % 20)[:3]) for i in range(n)]
+
+
+def draw_detection_grid(images: Sequence, predictions: Sequence[dict], class_names: Sequence[str],
+                        path: str | os.PathLike, *, targets: Sequence[dict] | None = None,
+                        score_thresh: float = 0.3, nrow: int = 4) -> None:
+    """Predicted boxes (class colour, label and score) over uint8 ``[3, H, W]`` images,
+    ground truth (if given) as thin white boxes; saved as one grid PNG."""
+    import torch
+    from PIL import Image
+    from torchvision.utils import draw_bounding_boxes, make_grid
+
+    colors = class_colors(len(class_names))
+    tiles = []
+    for i, (img, pred) in enumerate(zip(images, predictions)):
+        img = img.cpu()
+        if targets is not None and len(targets[i]["boxes"]):
+            img = draw_bounding_boxes(img, targets[i]["boxes"].cpu().float(), colors="white", width=1)
+        keep = pred["scores"].cpu() >= score_thresh
+        boxes, scores, labels = pred["boxes"].cpu()[keep].float(), pred["scores"].cpu()[keep], pred["labels"].cpu()[keep]
+        if len(boxes):
+            text = [f"{class_names[int(c)]} {float(s):.2f}" for c, s in zip(labels, scores)]
+            img = draw_bounding_boxes(img, boxes, labels=text, colors=[colors[int(c)] for c in labels], width=2)
+        tiles.append(img)
+    grid = make_grid(torch.stack(tiles), nrow=nrow, padding=4, pad_value=255)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,96 @@
+"""python -m tasks.detect end to end on a tiny FashionScenes set, on CPU."""
+import json
+
+import pytest
+import torch
+
+from backbones import resnet18
+from tasks import detect
+from tasks.engine.checkpoint import load_checkpoint
+from tests.fakes import write_fake_fashion_mnist
+
+TINY = ["--device", "cpu", "--quiet", "--batch-size", "4", "--config", "configs/detect/scenes_quick.yaml",
+        "--set", "data.scenes_train=24", "--set", "data.scenes_val=8", "--set", "data.scenes_size=64",
+        "--set", "data.image_size=64", "--set", "data.num_workers=0", "--set", "data.eval_batch_size=4",
+        "--set", "model.fpn_channels=32", "--set", "model.num_convs=1"]
+
+
+@pytest.fixture(scope="module")
+def scenes_args(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    fm = write_fake_fashion_mnist(root / "fm", n_train=64, n_test=32)
+    return TINY + ["--data-dir", str(fm), "--set", f"data.scenes_root={root / 'scenes'}"]
+
+
+@pytest.fixture(scope="module")
+def run(scenes_args, tmp_path_factory):
+    out = tmp_path_factory.mktemp("detect") / "run"
+    metrics = detect.main(scenes_args + ["--epochs", "2", "--output", str(out)])
+    return out, metrics
+
+
+def test_run_writes_artifacts_and_coco_metrics(run):
+    out, metrics = run
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "best.pt", "curves.png", "predictions.json",
+                 "detections.png"):
+        assert (out / name).is_file(), name
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        for k in ("train_loss_classification", "train_loss_bbox_regression", "train_loss_bbox_ctrness"):
+            assert 0 < r[k] < 100, (k, r[k])
+        assert 0.0 <= r["val_AP"] <= 1.0 and "val_AP50" in r and "val_APl" in r
+    assert records[1]["train_loss"] < records[0]["train_loss"]
+    preds = json.loads((out / "predictions.json").read_text())
+    assert preds and {"image_id", "category_id", "bbox", "score"} <= set(preds[0])
+    assert all(1 <= p["category_id"] <= 10 for p in preds)
+    assert metrics["AP"] == pytest.approx(records[-1]["val_AP"])
+
+
+def test_eval_only_reproduces_recorded_ap(run, scenes_args, tmp_path):
+    out, _ = run
+    best = load_checkpoint(out / "best.pt")
+    args = [a for a in scenes_args if a != "--quiet"]
+    metrics = detect.main(args + ["--eval-only", "--weights", str(out / "best.pt"), "--output", str(tmp_path)])
+    assert metrics["AP"] == pytest.approx(best["metrics"]["val_AP"], abs=1e-6)
+    assert (tmp_path / "predictions.json").is_file() and (tmp_path / "detections.png").is_file()
+
+
+def test_predict_writes_json_and_picture(run, tmp_path, capsys):
+    import cv2
+    import numpy as np
+    out, _ = run
+    img = np.zeros((48, 80, 3), np.uint8)
+    img[10:30, 20:50] = 200
+    path = tmp_path / "scene.png"
+    cv2.imwrite(str(path), img)
+    result = detect.main(["--predict", str(path), "--weights", str(out / "best.pt"), "--device", "cpu",
+                          "--output", str(tmp_path)])
+    entry = result["predictions"][0]
+    assert entry["width"] == 80 and entry["height"] == 48
+    saved = json.loads((tmp_path / "predictions" / "scene.json").read_text())
+    assert saved["detections"] == entry["detections"]
+    for d in entry["detections"]:
+        x1, y1, x2, y2 = d["box_xyxy"]
+        assert 0 <= x1 <= x2 <= 80 and 0 <= y1 <= y2 <= 48  # mapped back to the file's pixels
+    assert (tmp_path / "predictions" / "scene.png").is_file()
+    assert "scene.png" in capsys.readouterr().out
+
+
+def test_trunk_from_a_grayscale_classifier(scenes_args, tmp_path, capsys):
+    gray = resnet18(in_chans=1)
+    ckpt = {"format": "onetrunk-ckpt-1", "task": "classify", "config": {},
+            "model": {f"backbone.{k}": v for k, v in gray.state_dict().items()}}
+    path = tmp_path / "cls.pt"
+    torch.save(ckpt, path)
+    out = tmp_path / "run"
+    detect.main(scenes_args + ["--epochs", "1", "--output", str(out), "--trunk", str(path), "--set", "optim.lr=0"])
+    printed = capsys.readouterr().out
+    assert "onetrunk classify checkpoint" in printed and "1->3 input channels" in printed
+    state = load_checkpoint(out / "last.pt")["model"]
+    torch.testing.assert_close(state["backbone.layer3.0.conv1.weight"], gray.state_dict()["layer3.0.conv1.weight"])
+
+
+def test_coco_flags_need_each_other(tmp_path):
+    with pytest.raises(ValueError, match="--val-ann"):
+        detect.main(["--device", "cpu", "--train-ann", "a.json", "--train-images", "x", "--output", str(tmp_path)])
