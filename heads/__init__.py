@@ -3,5 +3,7 @@ from .base import TaskModel
 from .classification import ClassificationHead, Classifier
 from .detection import Detector, FCOSHead
 from .fpn import FPN, BackboneWithFPN
+from .segmentation import FCNHead, Segmenter
 
-__all__ = ["TaskModel", "ClassificationHead", "Classifier", "FPN", "BackboneWithFPN", "FCOSHead", "Detector"]
+__all__ = ["TaskModel", "ClassificationHead", "Classifier", "FPN", "BackboneWithFPN", "FCOSHead", "Detector",
+           "FCNHead", "Segmenter"]

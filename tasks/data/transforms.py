@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 __all__ = ["detection_bbox_params", "detection_train_transforms", "detection_val_transforms",
+           "segmentation_train_transforms", "segmentation_val_transforms",
            "reseed_transforms", "reseed_dataset", "seed_worker"]
 
 
@@ -145,3 +146,69 @@ def seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     if info is not None:
         reseed_dataset(info.dataset, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation
+# ---------------------------------------------------------------------------------------------
+# Joint image + mask pipelines: call as ``t(image=hwc_uint8_rgb, mask=hw_uint8_labels)``. The
+# mask is always resized with nearest neighbour (a blend of two class ids is a third, wrong,
+# class) and padded with 255, the ignore index, so padding never teaches "background".
+
+SEGMENTATION_IGNORE_INDEX = 255
+
+
+def segmentation_train_transforms(size: int, scale: Sequence[float] = (0.5, 2.0), hflip: float = 0.5,
+                                  seed: int | None = 0, *, base_size: int | None = None) -> A.Compose:
+    """Random scale, pad to at least ``size`` (image 0, mask 255), random ``size`` x ``size``
+    crop, horizontal flip.
+
+    ``scale`` is relative to the file's resolution (DeepLab / torchvision references style).
+    ``base_size``: first resize the longest side to it, making the jitter relative to that
+    scale instead; pass the validation ``size`` when validation resizes
+    (``segmentation_val_transforms(size)``), so training and evaluation see objects at the same
+    scale on average.
+    """
+    if size < 1:
+        raise ValueError(f"size={size}: must be a positive number of pixels")
+    if base_size is not None and base_size < 1:
+        raise ValueError(f"base_size={base_size}: must be a positive number of pixels (or None)")
+    lo, hi = (float(s) for s in scale)
+    if not 0 < lo <= hi:
+        raise ValueError(f"scale={tuple(scale)}: expected 0 < low <= high (factors, 1.0 = no change)")
+    if not 0.0 <= hflip <= 1.0:
+        raise ValueError(f"hflip={hflip}: a probability in [0, 1]")
+    steps = []
+    if base_size is not None:
+        steps.append(A.LongestMaxSize(max_size=base_size, interpolation=cv2.INTER_LINEAR,
+                                      mask_interpolation=cv2.INTER_NEAREST))
+    steps += [
+        # RandomScale samples its factor from 1 + scale_limit.
+        A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), interpolation=cv2.INTER_LINEAR,
+                      mask_interpolation=cv2.INTER_NEAREST, p=1.0),
+        A.PadIfNeeded(min_height=size, min_width=size, position="top_left",
+                      border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=SEGMENTATION_IGNORE_INDEX),
+        A.RandomCrop(height=size, width=size),
+        A.HorizontalFlip(p=hflip),
+    ]
+    return reseed_transforms(A.Compose(steps, seed=seed), seed)
+
+
+def segmentation_val_transforms(size: int | None = None, *, seed: int | None = 0) -> A.Compose:
+    """``None``: identity (evaluate at the file's resolution). Otherwise resize the longest
+    side to ``size`` and pad bottom/right to ``size`` x ``size`` (image 0, mask 255), so the
+    content stays anchored at (0, 0) and the padding is ignored by loss and metrics.
+
+    Deterministic; ``seed`` only matters if random transforms are appended.
+    """
+    steps = []
+    if size is not None:
+        if size < 1:
+            raise ValueError(f"size={size}: must be a positive number of pixels (or None)")
+        steps = [
+            A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_LINEAR,
+                             mask_interpolation=cv2.INTER_NEAREST),
+            A.PadIfNeeded(min_height=size, min_width=size, position="top_left",
+                          border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=SEGMENTATION_IGNORE_INDEX),
+        ]
+    return reseed_transforms(A.Compose(steps, seed=seed), seed)

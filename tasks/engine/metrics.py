@@ -15,16 +15,23 @@ class ConfusionMatrix:
     def __init__(self, num_classes: int, device: torch.device | str = "cpu", ignore_index: int | None = None) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        # one extra bin collects ignored pixels: no boolean indexing, so no host sync per update
+        self._counts = torch.zeros(num_classes * num_classes + 1, dtype=torch.int64, device=device)
+
+    @property
+    def mat(self) -> torch.Tensor:
+        k = self.num_classes
+        return self._counts[: k * k].view(k, k)
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        pred, target = pred.reshape(-1), target.reshape(-1)
-        if self.ignore_index is not None:
-            keep = target != self.ignore_index
-            pred, target = pred[keep], target[keep]
+        pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
         k = self.num_classes
-        self.mat += torch.bincount(target.long() * k + pred.long(), minlength=k * k).reshape(k, k)
+        index = target * k + pred
+        if self.ignore_index is not None:
+            index = torch.where(target == self.ignore_index, k * k, index)
+        # index_add_, not bincount: bincount reads the max index back to the host on CUDA
+        self._counts.index_add_(0, index, torch.ones_like(index))
 
     def compute(self) -> dict[str, float | list[float]]:
         m = self.mat.double().cpu()

@@ -1,0 +1,412 @@
+"""Semantic segmentation data: mask folders (VOC style), COCO instances painted into label
+maps, and batching.
+
+Every dataset serves ``(image, mask)``: ``image`` uint8 ``[3, H, W]`` RGB, not normalised;
+``mask`` int64 ``[H, W]`` of class ids in ``[0, num_classes)`` or ``ignore_index`` (255). Each
+has ``num_classes`` (background included), ``class_names`` and ``ignore_index``.
+
+* ``MaskFolderDataset``: ``image_dir/*.png|*.jpg`` + ``mask_dir/<stem>.png``. Masks are
+  palette ('P') PNGs whose palette *index* is the class (PASCAL VOC), or 8-bit gray ('L') PNGs
+  of class ids (FashionScenes: ``scenes_segmentation(root, split)``).
+* ``CocoSemanticDataset``: a COCO instance file: background 0, category ``c`` -> 1 + its rank
+  among the sorted category ids, instances painted in file order (later ones on top), crowd
+  regions painted 255 last (ignore wins over any instance).
+* ``collate_segmentation``: pad a batch to one size (images 0, masks 255).
+
+Bad input, and what ``skip_bad`` changes (the style of ``tasks.data.coco``):
+
+* image without a mask (checked at init): ``FileNotFoundError`` naming the image and the mask
+  it looked for; with ``skip_bad`` the pair is dropped and counted (``stats["skipped_images"]``).
+* annotation file problems and malformed COCO annotations: as ``CocoDetection``, plus a
+  ``segmentation`` that is not polygons or RLE of the image's size (``stats["malformed"]``).
+* at load time (checking every mask at init would decode the whole dataset): unreadable image
+  or mask, mask not 'P'/'L', mask size different from its image, class ids ``>= num_classes``
+  other than 255: ``ImageReadError`` / ``MaskError`` (a ``ValueError``) naming the file; with
+  ``skip_bad`` a warning names it, ``stats["unreadable"]`` counts it (in the process that met
+  it) and the next usable sample is served in its place.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from .coco import (ImageReadError, _annotation_problem, _check_categories, _check_images,
+                   _is_int, _load_json, read_image)
+
+__all__ = ["MaskFolderDataset", "CocoSemanticDataset", "MaskError", "read_mask", "collate_segmentation",
+           "scenes_segmentation", "IGNORE_INDEX", "IMAGE_SUFFIXES"]
+
+IGNORE_INDEX = 255
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_MASK_MODES = ("P", "L")
+
+
+class MaskError(ValueError):
+    """A mask file exists but cannot be used: wrong mode, size or class ids."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared sample machinery
+# ---------------------------------------------------------------------------------------------
+
+class _SegmentationDataset(torch.utils.data.Dataset):
+    """``__getitem__`` with ``skip_bad`` retry, transforms and tensor conversion; subclasses
+    implement ``_read(index) -> (image HWC uint8 RGB, mask HW uint8)`` and ``_name(index)``."""
+
+    ignore_index = IGNORE_INDEX
+    num_classes: int
+    class_names: list[str]
+
+    def __init__(self, transforms: Callable | None, skip_bad: bool, limit: int | None) -> None:
+        if transforms is not None and not callable(transforms):
+            raise ValueError(f"transforms must be an albumentations pipeline called as "
+                             f"t(image=..., mask=...), got {type(transforms).__name__}")
+        if limit is not None and (not _is_int(limit) or limit < 0):
+            raise ValueError(f"limit={limit!r}: expected a number of images >= 0 (or None for all)")
+        self.transforms = transforms
+        self.skip_bad = skip_bad
+        self.stats = dict.fromkeys(("images", "skipped_images", "unreadable"), 0)
+
+    def __len__(self) -> int:  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.skip_bad:
+            return self._load(index)
+        for attempt in range(len(self)):
+            i = (index + attempt) % len(self)
+            try:
+                return self._load(i)
+            except (OSError, MaskError) as e:  # unreadable, vanished since init, or a bad mask
+                self.stats["unreadable"] += 1
+                warnings.warn(f"skipping unusable sample: {e}", stacklevel=2)
+        raise ImageReadError(f"{self._source()}: none of the {len(self)} samples could be used")
+
+    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self._read(index)
+        if self.transforms is not None:
+            out = self.transforms(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise TypeError(f"transforms must return HWC uint8 RGB images, got {image.dtype} {image.shape}")
+            if mask.shape != image.shape[:2]:
+                raise TypeError(f"transforms must return a [H, W] mask the size of the image, got "
+                                f"{mask.shape} for an image of {image.shape}")
+        # [H, W, 3] -> [3, H, W]; contiguous copies so collate and pin_memory don't stride.
+        image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))  # [H, W]
+        return image, mask
+
+    def _check_labels(self, mask: np.ndarray, path: Any) -> None:
+        bad = (mask >= self.num_classes) & (mask != self.ignore_index)
+        if bad.any():
+            values = np.unique(mask[bad])
+            raise MaskError(f"{path}: class ids {values[:10].tolist()} out of range: expected 0.."
+                            f"{self.num_classes - 1} or {self.ignore_index} (ignore) for "
+                            f"num_classes={self.num_classes}")
+
+    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+    def _source(self) -> str:  # pragma: no cover - subclasses
+        raise NotImplementedError
+
+
+def _check_num_classes(num_classes: Any, class_names: Sequence[str] | None) -> list[str]:
+    # 255 is the ignore index, so class ids must stay below it (and fit the uint8 masks).
+    if not _is_int(num_classes) or not 1 <= num_classes <= IGNORE_INDEX:
+        raise ValueError(f"num_classes={num_classes!r}: expected an integer in 1..{IGNORE_INDEX} "
+                         f"(background included; {IGNORE_INDEX} is the ignore index)")
+    if class_names is None:
+        return [str(i) for i in range(num_classes)]
+    class_names = [str(n) for n in class_names]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class_names for num_classes={num_classes}")
+    return class_names
+
+
+# ---------------------------------------------------------------------------------------------
+# Image + mask folders
+# ---------------------------------------------------------------------------------------------
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A label-map PNG as an HW uint8 array of class ids.
+
+    'P' (palette) masks give their palette *indices*, as PASCAL VOC stores classes: converting
+    them to RGB or gray would give colours, not classes. 'L' masks give their gray levels.
+    """
+    try:
+        with Image.open(path) as im:
+            if im.mode not in _MASK_MODES:
+                raise MaskError(f"{path}: mask mode {im.mode!r}, expected a palette ('P', the index is "
+                                f"the class) or 8-bit gray ('L') PNG of class ids; colour-coded masks "
+                                f"must be converted to class ids first")
+            return np.array(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: mask file not found") from None
+    except (OSError, SyntaxError) as e:  # PIL raises these for truncated / undecodable files
+        raise ImageReadError(f"{path}: cannot decode mask ({e})") from None
+
+
+class MaskFolderDataset(_SegmentationDataset):
+    """Images ``image_dir/*.{png,jpg,jpeg}`` with masks ``mask_dir/<image stem>.png``, sorted
+    by file name; ``limit``: the first ``limit`` of them (before dropping unpaired images).
+
+    ``num_classes``: K, background included; mask values must be in ``[0, K)`` or 255.
+    ``class_names``: default ``"0"``, ``"1"``, ... ``transforms``: a joint albumentations
+    pipeline (``tasks.data.transforms.segmentation_*_transforms``).
+    """
+
+    def __init__(self, image_dir: str | os.PathLike, mask_dir: str | os.PathLike, *, num_classes: int,
+                 transforms: Callable | None = None, class_names: Sequence[str] | None = None,
+                 skip_bad: bool = False, limit: int | None = None) -> None:
+        super().__init__(transforms, skip_bad, limit)
+        self.image_dir = Path(image_dir)
+        self.mask_dir = Path(mask_dir)
+        self.class_names = _check_num_classes(num_classes, class_names)
+        self.num_classes = num_classes
+        for what, folder in (("image", self.image_dir), ("mask", self.mask_dir)):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"{folder}: {what} folder not found")
+        images = sorted(p for p in self.image_dir.iterdir()
+                        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not images:
+            raise ValueError(f"{self.image_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        by_stem: dict[str, Path] = {}
+        for p in images:
+            if p.stem in by_stem:  # both would claim the same mask
+                raise ValueError(f"{by_stem[p.stem]} and {p}: two images share the stem {p.stem!r}, "
+                                 f"so they would share the mask {self.mask_dir / (p.stem + '.png')}")
+            by_stem[p.stem] = p
+        if limit is not None:
+            images = images[:limit]
+        self._pairs: list[tuple[Path, Path]] = []
+        for image in images:
+            mask = self.mask_dir / f"{image.stem}.png"
+            if mask.is_file():
+                self._pairs.append((image, mask))
+            elif skip_bad:
+                self.stats["skipped_images"] += 1
+            else:
+                raise FileNotFoundError(f"{image}: no mask {mask}; pass skip_bad=True to skip "
+                                        f"images without masks")
+        self.stats["images"] = len(self._pairs)
+        if self.stats["skipped_images"]:
+            warnings.warn(f"{self.image_dir}: {self.stats['skipped_images']} images without a mask in "
+                          f"{self.mask_dir} are not used; counters in .stats", stacklevel=2)
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def _source(self) -> str:
+        return str(self.image_dir)
+
+    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image_path, mask_path = self._pairs[index]
+        image = read_image(image_path)
+        mask = read_mask(mask_path)
+        if mask.shape != image.shape[:2]:
+            raise MaskError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                            f"{image_path} is {image.shape[1]}x{image.shape[0]}")
+        self._check_labels(mask, mask_path)
+        return image, mask
+
+
+def scenes_segmentation(root: str | os.PathLike, split: str = "train", **kwargs) -> MaskFolderDataset:
+    """A FashionScenes split (``tasks.data.scenes``) as a ``MaskFolderDataset``: 11 classes,
+    background + the 10 Fashion-MNIST classes; ``kwargs`` go to ``MaskFolderDataset``."""
+    from .fashion_mnist import CLASSES
+    from .scenes import NUM_CLASSES
+
+    root = Path(root)
+    return MaskFolderDataset(root / "images" / split, root / "masks" / split, num_classes=NUM_CLASSES + 1,
+                             class_names=["background", *CLASSES], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO instances -> semantic label maps
+# ---------------------------------------------------------------------------------------------
+
+def _segmentation_problem(segm: Any, height: int, width: int) -> str | None:
+    """Why ``segm`` is not a usable COCO polygon list or RLE for an image of this size, or None."""
+    if isinstance(segm, list):
+        if not segm:
+            return "'segmentation' is an empty polygon list"
+        for poly in segm:
+            # pycocotools reads a 4-number "polygon" as a box: demand real polygons.
+            if (not isinstance(poly, (list, tuple)) or len(poly) < 6 or len(poly) % 2
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                               for v in poly)):
+                return "'segmentation' polygon is not a list of >= 3 finite (x, y) pairs"
+        return None
+    if isinstance(segm, dict):
+        size, counts = segm.get("size"), segm.get("counts")
+        if not isinstance(size, (list, tuple)) or [*size] != [height, width]:
+            return f"RLE size {size!r} is not the image's [height, width] = [{height}, {width}]"
+        if isinstance(counts, list):
+            if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
+                return f"uncompressed RLE counts do not add up to height * width = {height * width}"
+            return None
+        if isinstance(counts, (str, bytes)):
+            return None
+        return f"RLE 'counts' is a {type(counts).__name__}, expected a string or a list of ints"
+    if segm is None:
+        return "no 'segmentation' (polygons or RLE)"
+    return f"'segmentation' is a {type(segm).__name__}, expected a polygon list or an RLE dict"
+
+
+def _to_rle(segm: list | dict, height: int, width: int) -> dict:
+    """One compressed RLE from COCO polygons, uncompressed or compressed RLE (``COCO.annToRLE``)."""
+    if isinstance(segm, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+    if isinstance(segm["counts"], list):
+        return mask_utils.frPyObjects(segm, height, width)
+    return segm
+
+
+class CocoSemanticDataset(_SegmentationDataset):
+    """Semantic label maps painted from a COCO instance file and an image folder.
+
+    Labels: 0 background, ``1 + i`` for the ``i``-th category id in sorted order
+    (``cat_ids[i]``), so ``num_classes = len(categories) + 1`` and ``class_names[0]`` is
+    ``"background"``. Instances are painted in annotation-file order (later ones on top);
+    crowd regions (``iscrowd=1``) are painted ``ignore_index`` after all of them. Images
+    without annotations are all background. ``limit``: the first ``limit`` images by id.
+    """
+
+    def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike, *,
+                 transforms: Callable | None = None, skip_bad: bool = False, limit: int | None = None) -> None:
+        super().__init__(transforms, skip_bad, limit)
+        self.ann_file = Path(ann_file)
+        self.image_dir = Path(image_dir)
+        self.stats.update(annotations=0, crowd=0, malformed=0)
+
+        data = _load_json(self.ann_file)
+        names = _check_categories(self.ann_file, data["categories"])
+        images = _check_images(self.ann_file, data["images"])
+        self.cat_ids: list[int] = sorted(names)
+        if len(self.cat_ids) >= IGNORE_INDEX:
+            raise ValueError(f"{self.ann_file}: {len(self.cat_ids)} categories; at most {IGNORE_INDEX - 1} "
+                             f"fit below the ignore index {IGNORE_INDEX} with background 0")
+        self.class_names = ["background"] + [names[c] for c in self.cat_ids]
+        self.num_classes = len(self.cat_ids) + 1
+        self._cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+
+        kept_ids = sorted(images)[:limit] if limit is not None else sorted(images)
+        kept_ids = self._drop_missing_files(images, kept_ids)
+        anns = self._sanitize_annotations(data["annotations"], images, set(kept_ids))
+
+        # (image_id, path, h, w, [(label, segmentation)] painted in order, crowd is label 255)
+        self._records = []
+        for img_id in kept_ids:
+            img = images[img_id]
+            instances = [(self._cat_to_label[a["category_id"]], a["segmentation"])
+                         for a in anns.get(img_id, []) if not a.get("iscrowd", 0)]
+            crowd = [(IGNORE_INDEX, a["segmentation"]) for a in anns.get(img_id, []) if a.get("iscrowd", 0)]
+            self._records.append((img_id, self.image_dir / img["file_name"], img["height"], img["width"],
+                                  instances + crowd))
+        self.stats["images"] = len(self._records)
+        noted = {k: self.stats[k] for k in ("malformed", "skipped_images") if self.stats[k]}
+        if noted:
+            what = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in noted.items())
+            warnings.warn(f"{self.ann_file}: {what} (not used); counters in .stats", stacklevel=2)
+
+    def _drop_missing_files(self, images: dict[int, dict], ids: list[int]) -> list[int]:
+        kept = []
+        for img_id in ids:
+            path = self.image_dir / images[img_id]["file_name"]
+            if path.is_file():
+                kept.append(img_id)
+            elif self.skip_bad:
+                self.stats["skipped_images"] += 1
+            else:
+                raise FileNotFoundError(f"{path}: image file not found (image id {img_id} of "
+                                        f"{self.ann_file}); pass skip_bad=True to skip missing images")
+        return kept
+
+    def _sanitize_annotations(self, anns: list, images: dict[int, dict], kept: set[int]) -> dict[int, list[dict]]:
+        """The usable annotations of the kept images, grouped by image in file order."""
+        seen: set[int] = set()
+        by_image: dict[int, list[dict]] = {}
+        for i, ann in enumerate(anns):
+            problem = _annotation_problem(ann, images, self._cat_to_label, seen)
+            if problem is None:
+                img = images[ann["image_id"]]
+                problem = _segmentation_problem(ann.get("segmentation"), img["height"], img["width"])
+            if problem is not None:
+                ann_id = ann.get("id", f"#{i}") if isinstance(ann, dict) else f"#{i}"
+                if not self.skip_bad:
+                    raise ValueError(f"{self.ann_file}: malformed annotation id {ann_id}: {problem}")
+                self.stats["malformed"] += 1
+                continue
+            seen.add(ann["id"])
+            if ann["image_id"] in kept:
+                self.stats["crowd" if ann.get("iscrowd", 0) else "annotations"] += 1
+                by_image.setdefault(ann["image_id"], []).append(ann)
+        return by_image
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _source(self) -> str:
+        return str(self.ann_file)
+
+    def label_to_category(self, labels: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Labels 1..K-1 -> COCO category ids (background 0 has none)."""
+        idx = np.asarray(labels, dtype=np.int64)
+        if idx.size and (idx.min() < 1 or idx.max() >= self.num_classes):
+            raise ValueError(f"labels must be in [1, {self.num_classes}), got {idx.min()}..{idx.max()}")
+        return np.asarray(self.cat_ids, dtype=np.int64)[idx - 1]
+
+    def semantic_mask(self, index: int) -> np.ndarray:
+        """The painted label map (HW uint8) of sample ``index``, before transforms."""
+        _, _, h, w, regions = self._records[index]
+        mask = np.zeros((h, w), np.uint8)
+        if regions:
+            rles = [_to_rle(segm, h, w) for _, segm in regions]
+            masks = mask_utils.decode(rles)  # [H, W, R] uint8, R = regions in paint order
+            for r, (label, _) in enumerate(regions):
+                mask[masks[:, :, r] > 0] = label  # later regions overwrite earlier ones
+        return mask
+
+    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        img_id, path, h, w, _ = self._records[index]
+        image = read_image(path)
+        if image.shape[:2] != (h, w):
+            raise ImageReadError(f"{path}: image is {image.shape[1]}x{image.shape[0]} but "
+                                 f"{self.ann_file} says {w}x{h} (image id {img_id})")
+        return image, self.semantic_mask(index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------------------------
+
+def collate_segmentation(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], size_divisible: int = 32,
+                         ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack images into uint8 ``[B, 3, H, W]`` (zero-padded bottom/right) and masks into int64
+    ``[B, H, W]`` (padded with ``ignore_index``, so padding counts in no loss or metric), at
+    the largest H, W of the batch rounded up to ``size_divisible``."""
+    if not batch:
+        raise ValueError("collate_segmentation got an empty batch")
+    images, masks = zip(*batch)
+    for i, (img, m) in enumerate(zip(images, masks)):
+        if img.dim() != 3 or m.dim() != 2 or tuple(img.shape[-2:]) != tuple(m.shape):
+            raise ValueError(f"sample {i}: expected image [3, H, W] and mask [H, W] of the same size, "
+                             f"got {tuple(img.shape)} and {tuple(m.shape)}")
+    height = -(-max(img.shape[-2] for img in images) // size_divisible) * size_divisible
+    width = -(-max(img.shape[-1] for img in images) // size_divisible) * size_divisible
+    out_images = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+    out_masks = torch.full((len(masks), height, width), ignore_index, dtype=torch.int64)
+    for i, (img, m) in enumerate(zip(images, masks)):
+        out_images[i, :, :img.shape[-2], :img.shape[-1]] = img
+        out_masks[i, :m.shape[-2], :m.shape[-1]] = m
+    return out_images, out_masks
