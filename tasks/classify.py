@@ -27,10 +27,9 @@ from torch.utils.data import DataLoader
 from backbones import build_backbone
 from heads import ClassificationHead, Classifier
 from tasks.data import fashion_mnist
-from tasks.data.folders import (IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, classification_transforms,
-                                collate_skip_bad, read_image)
-from tasks.data.gpu_augment import BatchAugment
-from tasks.data.loaders import DeviceLoader, TensorLoader, seed_worker
+from tasks.data.folders import ImageFolderDataset, classification_transforms, collate_skip_bad, read_image
+from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
+from tasks.data.loaders import DeviceLoader, TensorLoader, make_loader
 from tasks.engine.checkpoint import model_state
 from tasks.engine.cli import Run, common_parser, setup_run
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
@@ -146,9 +145,9 @@ def _folders(cfg: ClassifyConfig, device: torch.device) -> ClassifyData:
     size = d.image_size or 224
     chans = cfg.model.in_chans
     train_ds = ImageFolderDataset(d.train_images, channels=chans, skip_bad=d.skip_bad, limit=d.limit_train,
-                                  transform=classification_transforms(size, True, hflip=d.hflip, seed=cfg.train.seed))
+                                  transforms=classification_transforms(size, True, hflip=d.hflip, seed=cfg.train.seed))
     val_ds = ImageFolderDataset(d.val_images, channels=chans, classes=train_ds.classes, skip_bad=d.skip_bad,
-                                limit=d.limit_val, transform=classification_transforms(size, False))
+                                limit=d.limit_val, transforms=classification_transforms(size, False))
     if len(train_ds.classes) != cfg.model.num_classes:
         raise ValueError(f"{d.train_images} has {len(train_ds.classes)} classes but model.num_classes="
                          f"{cfg.model.num_classes}: pass --set model.num_classes={len(train_ds.classes)}")
@@ -168,11 +167,8 @@ def _folders(cfg: ClassifyConfig, device: torch.device) -> ClassifyData:
         return on_device
 
     def loader(ds, train: bool, batch: int) -> DataLoader:
-        gen = torch.Generator()
-        gen.manual_seed(cfg.train.seed)
-        return DataLoader(ds, batch_size=batch, shuffle=train, drop_last=train and len(ds) >= batch,
-                          num_workers=d.num_workers, pin_memory=device.type == "cuda", collate_fn=collate_skip_bad,
-                          worker_init_fn=seed_worker, generator=gen, persistent_workers=False)
+        return make_loader(ds, batch_size=batch, shuffle=train, num_workers=d.num_workers,
+                           collate_fn=collate_skip_bad, seed=cfg.train.seed, device=device)
 
     train = DeviceLoader(loader(train_ds, True, cfg.train.batch_size), device, finish(True), seed=cfg.train.seed)
     val = DeviceLoader(loader(val_ds, False, d.eval_batch_size), device, finish(False))

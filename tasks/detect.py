@@ -29,11 +29,10 @@ from torch.utils.data import DataLoader
 from backbones import build_backbone
 from heads import Detector, FCOSHead
 from tasks.data.coco import CocoDetection, collate_detection, coco_evaluate, detections_to_coco, read_image
-from tasks.data.folders import IMAGENET_MEAN, IMAGENET_STD
-from tasks.data.gpu_augment import BatchAugment
-from tasks.data.loaders import DeviceLoader
+from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
+from tasks.data.loaders import DeviceLoader, make_loader, normalize_images
 from tasks.data.scenes import default_root, ensure_scenes
-from tasks.data.transforms import detection_train_transforms, detection_val_transforms, seed_worker
+from tasks.data.transforms import detection_train_transforms, detection_val_transforms
 from tasks.engine.checkpoint import model_state
 from tasks.engine.cli import Run, common_parser, setup_run
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
@@ -140,21 +139,11 @@ def build_data(cfg: DetectConfig, device: torch.device, *, train: bool = True, q
     paths = data_paths(cfg, quiet=quiet)
     val_set = CocoDetection(paths["val_ann"], paths["val_images"], detection_val_transforms(d.image_size),
                             skip_bad=d.skip_bad, limit=d.limit_val)
-    norm = BatchAugment(IMAGENET_MEAN, IMAGENET_STD)
-    cl = cfg.train.channels_last
-
-    def on_device(batch):
-        images, targets = batch
-        x = norm(images, train=False)  # uint8 -> normalised float, on the device
-        return (x.contiguous(memory_format=torch.channels_last) if cl else x), targets
+    on_device = normalize_images(BatchAugment(IMAGENET_MEAN, IMAGENET_STD), cfg.train.channels_last)
 
     def loader(ds, shuffle: bool, batch_size: int) -> DataLoader:
-        gen = torch.Generator()
-        gen.manual_seed(cfg.train.seed)
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle and len(ds) >= batch_size,
-                          num_workers=d.num_workers, collate_fn=collate_detection, worker_init_fn=seed_worker,
-                          generator=gen, pin_memory=device.type == "cuda",
-                          persistent_workers=False)
+        return make_loader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=d.num_workers,
+                           collate_fn=collate_detection, seed=cfg.train.seed, device=device)
 
     val = DeviceLoader(loader(val_set, False, d.eval_batch_size), device, on_device)
     train_set = train_loader = None

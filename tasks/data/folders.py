@@ -17,38 +17,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "BadImageError", "read_image", "ImageFolderDataset", "classification_transforms",
-           "collate_skip_bad"]
+from .coco import ImageReadError
+from .coco import read_image as read_rgb
+from .transforms import reseed_transforms
+
+__all__ = ["IMAGE_EXTENSIONS", "read_image", "ImageFolderDataset", "classification_transforms", "collate_skip_bad"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-# Per-channel statistics for images in [0, 1] when the data brings none (ImageNet's).
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class BadImageError(ValueError):
-    """An image file cannot be decoded."""
 
 
 def read_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
-    """``H x W x channels`` uint8 (RGB for 3): gray, RGBA and 16-bit files are converted."""
-    path = str(path)
-    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"image not found: {path}")
-        raise BadImageError(f"cannot decode image {path} (corrupt or not an image)")
-    if img.dtype == np.uint16:
-        img = (img / 257).round().astype(np.uint8)
-    elif img.dtype != np.uint8:
-        raise BadImageError(f"{path}: unsupported pixel type {img.dtype}")
-    if img.ndim == 2:
-        img = img[:, :, None]
-    if img.shape[2] == 4:
-        img = img[:, :, :3]  # drop alpha
-    if channels == 1:
-        return cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[:, :, None] if img.shape[2] == 3 else img
+    """``H x W x channels`` uint8: RGB for 3, luminance for 1 (any file ``read_rgb`` takes)."""
+    img = read_rgb(path)
     if channels == 3:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB) if img.shape[2] == 1 else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return img
+    if channels == 1:
+        return cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[:, :, None]
     raise ValueError(f"channels={channels}: image folders give 1 (gray) or 3 (RGB) channels")
 
 
@@ -60,13 +44,13 @@ def classification_transforms(size: int, train: bool, *, hflip: bool = True, see
             ops.append(A.HorizontalFlip(p=0.5))
     else:
         ops = [A.SmallestMaxSize(max_size=max(size, round(size * 8 / 7))), A.CenterCrop(height=size, width=size)]
-    return A.Compose(ops, seed=seed)
+    return reseed_transforms(A.Compose(ops, seed=seed), seed)
 
 
 class ImageFolderDataset(Dataset):
     """``root/<class>/<image>``; ``classes`` fixes the label order (the train set's for val)."""
 
-    def __init__(self, root: str | os.PathLike, *, transform: A.Compose | None = None, channels: int = 3,
+    def __init__(self, root: str | os.PathLike, *, transforms: A.Compose | None = None, channels: int = 3,
                  classes: Sequence[str] | None = None, skip_bad: bool = False, limit: int | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -91,7 +75,7 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"{self.root}: no images with extensions {IMAGE_EXTENSIONS}")
         if limit is not None:
             self.samples = self.samples[:limit]
-        self.transform = transform
+        self.transforms = transforms
         self.channels = channels
         self.skip_bad = skip_bad
 
@@ -102,12 +86,12 @@ class ImageFolderDataset(Dataset):
         path, label = self.samples[i]
         try:
             img = read_image(path, self.channels)
-        except (BadImageError, FileNotFoundError):
+        except (ImageReadError, FileNotFoundError):
             if self.skip_bad:
                 return None  # dropped (and counted) by collate_skip_bad
             raise
-        if self.transform is not None:
-            img = self.transform(image=img)["image"]
+        if self.transforms is not None:
+            img = self.transforms(image=img)["image"]
         return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), label  # [C, H, W] uint8
 
 

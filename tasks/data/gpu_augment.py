@@ -12,7 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["random_crop", "random_hflip", "random_erasing", "BatchAugment"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "random_crop", "random_hflip", "random_erasing", "BatchAugment"]
+
+# Per-channel statistics of images in [0, 1] for data that brings none (ImageNet's).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from .gpu_augment import BatchAugment
 
-__all__ = ["TensorLoader", "DeviceLoader", "epoch_seed", "move_to", "seed_worker"]
+__all__ = ["TensorLoader", "DeviceLoader", "epoch_seed", "move_to", "make_loader", "normalize_images"]
 
 
 def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
@@ -105,18 +105,26 @@ class DeviceLoader:
             yield self.on_device(batch) if self.on_device is not None else batch
 
 
-def seed_worker(worker_id: int) -> None:
-    """``DataLoader(worker_init_fn=seed_worker)``: reseed numpy, ``random`` and the dataset's
-    albumentations pipeline from the worker's torch seed, which the loader derives from its
-    (per-epoch reseeded) generator: augmentations differ across workers and repeat across runs."""
-    import random
 
-    import numpy as np
+def make_loader(dataset, *, batch_size: int, shuffle: bool, num_workers: int, collate_fn: Callable,
+                seed: int, device: torch.device) -> DataLoader:
+    """A DataLoader for file-based data: workers reseed numpy / random / albumentations from a
+    generator that ``DeviceLoader.set_epoch`` reseeds per epoch; training drops a ragged last
+    batch (fixed shapes for cuDNN plans and CUDA graphs)."""
+    from .transforms import seed_worker
 
-    seed = torch.initial_seed() % 2 ** 32
-    np.random.seed(seed)
-    random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info is not None else None
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                      drop_last=shuffle and len(dataset) >= batch_size, num_workers=num_workers,
+                      collate_fn=collate_fn, worker_init_fn=seed_worker, generator=gen,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def normalize_images(augment: BatchAugment, channels_last: bool, train: bool = False) -> Callable[[Any], Any]:
+    """``DeviceLoader`` hook: ``(uint8 images, targets) -> (normalised float images, targets)``."""
+    def on_device(batch):
+        images, targets = batch[0], batch[1]
+        x = augment(images, train=train)
+        return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), targets
+    return on_device
