@@ -31,7 +31,7 @@ from heads import Detector, FCOSHead
 from tasks.data.coco import CocoDetection, collate_detection, coco_evaluate, detections_to_coco, read_image
 from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
 from tasks.data.loaders import DeviceLoader, make_loader, normalize_images
-from tasks.data.scenes import default_root, ensure_scenes
+from tasks.data.scenes import ensure_scenes
 from tasks.data.transforms import detection_train_transforms, detection_val_transforms
 from tasks.engine.checkpoint import model_state
 from tasks.engine.cli import Run, common_parser, setup_run
@@ -40,6 +40,7 @@ from tasks.engine.loop import Trainer, autocast
 from tasks.engine.logging import progress
 from tasks.engine.viz import draw_detection_grid
 
+NORMALIZE = BatchAugment(IMAGENET_MEAN, IMAGENET_STD)  # RGB files: ImageNet statistics
 TASK = "detect"
 GPU_RECIPE, CPU_RECIPE = "scenes_fcos_resnet18", "scenes_quick"
 
@@ -115,10 +116,8 @@ def data_paths(cfg: DetectConfig, *, quiet: bool = False) -> dict[str, str]:
         return {k: getattr(d, k) for k in ("train_ann", "train_images", "val_ann", "val_images")}
     if d.dataset != "scenes":
         raise ValueError(f"data.dataset={d.dataset!r}: choose scenes or coco")
-    root = Path(d.scenes_root) if d.scenes_root else default_root(train=d.scenes_train, val=d.scenes_val,
-                                                                    size=d.scenes_size, seed=d.scenes_seed)
-    root = ensure_scenes(root, train=d.scenes_train, val=d.scenes_val, size=d.scenes_size, seed=d.scenes_seed,
-                         data_dir=d.data_dir, progress=not quiet)
+    root = ensure_scenes(d.scenes_root, train=d.scenes_train, val=d.scenes_val, size=d.scenes_size,
+                         seed=d.scenes_seed, data_dir=d.data_dir, progress=not quiet)
     return {"train_ann": str(root / "annotations" / "instances_train.json"),
             "train_images": str(root / "images" / "train"),
             "val_ann": str(root / "annotations" / "instances_val.json"),
@@ -139,7 +138,7 @@ def build_data(cfg: DetectConfig, device: torch.device, *, train: bool = True, q
     paths = data_paths(cfg, quiet=quiet)
     val_set = CocoDetection(paths["val_ann"], paths["val_images"], detection_val_transforms(d.image_size),
                             skip_bad=d.skip_bad, limit=d.limit_val)
-    on_device = normalize_images(BatchAugment(IMAGENET_MEAN, IMAGENET_STD), cfg.train.channels_last)
+    on_device = normalize_images(NORMALIZE, cfg.train.channels_last)
 
     def loader(ds, shuffle: bool, batch_size: int) -> DataLoader:
         return make_loader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=d.num_workers,
@@ -182,7 +181,7 @@ def evaluate(model: torch.nn.Module, data: DetectData, device: torch.device, amp
                 take = 8 - len(shown[0])
                 shown[1].extend(outputs[:take])
                 shown[2].extend({"boxes": t["boxes"]} for t in targets[:take])
-                shown[0].extend(_denormalize(images[:take]))
+                shown[0].extend(list(NORMALIZE.to_uint8(images[:take]).cpu()))
     model.train(was_training)
     metrics = coco_evaluate(data.val_set.coco, results)
     if predictions_path is not None:
@@ -190,12 +189,6 @@ def evaluate(model: torch.nn.Module, data: DetectData, device: torch.device, amp
     if picture_path is not None and shown[0]:
         draw_detection_grid(shown[0], shown[1], data.class_names, picture_path, targets=shown[2])
     return metrics
-
-
-def _denormalize(x: torch.Tensor) -> list[torch.Tensor]:
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, -1, 1, 1)
-    return list(((x.float() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).cpu())
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -212,7 +205,7 @@ def predict(run: Run, paths: list[str]) -> list[dict[str, Any]]:
     meta = run.checkpoint.get("meta", {})
     names, size = meta["class_names"], meta["image_size"]
     model = _load_for_inference(run, len(names))
-    norm = BatchAugment(IMAGENET_MEAN, IMAGENET_STD)
+
     out_dir = run.output / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -223,7 +216,7 @@ def predict(run: Run, paths: list[str]) -> list[dict[str, Any]]:
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         canvas = np.zeros((size, size, 3), np.uint8)  # as validation: resize, pad bottom / right
         canvas[:nh, :nw] = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-        x = norm(torch.from_numpy(canvas).permute(2, 0, 1)[None].to(run.device), train=False)  # [1, 3, S, S]
+        x = NORMALIZE(torch.from_numpy(canvas).permute(2, 0, 1)[None].to(run.device), train=False)  # [1, 3, S, S]
         with torch.no_grad(), autocast(run.device, run.cfg.train.amp):
             det = model(x)[0]
         boxes = det["boxes"].float().cpu() / torch.tensor([nw / w, nh / h, nw / w, nh / h])

@@ -91,6 +91,11 @@ class BatchAugment:
                              torch.tensor(self.std, device=device).view(1, -1, 1, 1))
         return cache[device]
 
+    def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """Undo the normalisation: float ``[N, C, H, W]`` -> uint8 (for pictures)."""
+        mean, std = self._stats(x.device)
+        return ((x.float() * std + mean) * 255).round_().clamp_(0, 255).to(torch.uint8)
+
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None,
                  train: bool = True) -> torch.Tensor:
         if images.dim() == 3:

@@ -11,7 +11,8 @@ matplotlib.use("Agg")  # run folders are written on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_curves", "plot_confusion", "save_figure", "class_colors", "draw_detection_grid"]
+__all__ = ["plot_curves", "plot_confusion", "save_figure", "class_colors", "draw_detection_grid",
+           "draw_segmentation_grid", "save_palette_mask"]
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:
@@ -79,10 +80,12 @@ def class_colors(n: int) -> list[tuple[int, int, int]]:
 
 def draw_detection_grid(images: Sequence, predictions: Sequence[dict], class_names: Sequence[str],
                         path: str | os.PathLike, *, targets: Sequence[dict] | None = None,
-                        score_thresh: float = 0.3, nrow: int = 4) -> None:
-    """Predicted boxes (class colour, label and score) over uint8 ``[3, H, W]`` images,
-    ground truth (if given) as thin white boxes; saved as one grid PNG."""
+                        score_thresh: float = 0.4, max_boxes: int = 15, nrow: int = 4, min_side: int = 384) -> None:
+    """Predicted boxes (class colour, label and score; the ``max_boxes`` best above
+    ``score_thresh``) over uint8 ``[3, H, W]`` images, ground truth (if given) as thin white
+    boxes; small images are upscaled to ``min_side`` so labels stay legible. One grid PNG."""
     import torch
+    import torch.nn.functional as F
     from PIL import Image
     from torchvision.utils import draw_bounding_boxes, make_grid
 
@@ -90,10 +93,17 @@ def draw_detection_grid(images: Sequence, predictions: Sequence[dict], class_nam
     tiles = []
     for i, (img, pred) in enumerate(zip(images, predictions)):
         img = img.cpu()
+        zoom = max(1.0, min_side / max(img.shape[-2:]))
+        if zoom > 1:
+            size = (round(img.shape[-2] * zoom), round(img.shape[-1] * zoom))
+            img = F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+            img = img.round().clamp(0, 255).to(torch.uint8)
         if targets is not None and len(targets[i]["boxes"]):
-            img = draw_bounding_boxes(img, targets[i]["boxes"].cpu().float(), colors="white", width=1)
-        keep = pred["scores"].cpu() >= score_thresh
-        boxes, scores, labels = pred["boxes"].cpu()[keep].float(), pred["scores"].cpu()[keep], pred["labels"].cpu()[keep]
+            img = draw_bounding_boxes(img, targets[i]["boxes"].cpu().float() * zoom, colors="white", width=1)
+        scores = pred["scores"].cpu().float()
+        keep = (scores >= score_thresh).nonzero().flatten()
+        keep = keep[scores[keep].argsort(descending=True)][:max_boxes]
+        boxes, scores, labels = pred["boxes"].cpu()[keep].float() * zoom, scores[keep], pred["labels"].cpu()[keep]
         if len(boxes):
             text = [f"{class_names[int(c)]} {float(s):.2f}" for c, s in zip(labels, scores)]
             img = draw_bounding_boxes(img, boxes, labels=text, colors=[colors[int(c)] for c in labels], width=2)
@@ -103,3 +113,53 @@ def draw_detection_grid(images: Sequence, predictions: Sequence[dict], class_nam
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp)
     os.replace(tmp, path)
+
+
+def _overlay(image, labels, colors, ignore_index: int):
+    """uint8 ``[3, H, W]`` image with label map ``[H, W]`` painted over it (class 0 and
+    ``ignore_index`` left bare)."""
+    import torch
+    from torchvision.utils import draw_segmentation_masks
+
+    k = len(colors)
+    classes = torch.arange(1, k, device=labels.device)[:, None, None]  # background not painted
+    masks = (labels[None] == classes) & (labels[None] != ignore_index)  # [K-1, H, W]
+    if not masks.any():
+        return image
+    return draw_segmentation_masks(image, masks, alpha=0.55, colors=colors[1:])
+
+
+def draw_segmentation_grid(images: Sequence, predictions: Sequence, class_names: Sequence[str],
+                           path: str | os.PathLike, *, targets: Sequence | None = None,
+                           ignore_index: int = 255) -> None:
+    """One row per image: the image, the true mask over it (if given), the predicted mask over
+    it. ``images`` uint8 ``[3, H, W]``; masks integer ``[H, W]``. Saved as one PNG."""
+    import torch
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    colors = class_colors(len(class_names))
+    tiles = []
+    for i, (img, pred) in enumerate(zip(images, predictions)):
+        img = img.cpu()
+        tiles.append(img)
+        if targets is not None:
+            tiles.append(_overlay(img, targets[i].cpu(), colors, ignore_index))
+        tiles.append(_overlay(img, pred.cpu(), colors, ignore_index))
+    grid = make_grid(torch.stack(tiles), nrow=3 if targets is not None else 2, padding=4, pad_value=255)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp)
+    os.replace(tmp, path)
+
+
+def save_palette_mask(mask, path: str | os.PathLike, n_classes: int) -> None:
+    """A label map as a 'P' PNG (VOC style: pixel value = class, palette = class colours)."""
+    import numpy as np
+    from PIL import Image
+
+    pal = [0, 0, 0] + [c for rgb in class_colors(max(n_classes, 1))[1:] for c in rgb]
+    pal += [0] * (3 * 255 - len(pal)) + [255, 255, 255]  # index 255 (ignore) in white
+    img = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
+    img.putpalette(pal)
+    img.save(path)
