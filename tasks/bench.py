@@ -1,8 +1,9 @@
 """Benchmarks against the peers a user would otherwise write, in one process on one GPU.
 
 Usage:
-    python -m tasks.bench classify [--out DIR] [--recipe FILE ...] [--set KEY=VALUE ...]
-                                   [--peer-epochs 15] [--no-peer] [--data-dir FMNIST]
+    python -m tasks.bench classify [--out DIR] [--recipe FILE[::FLAGS] ...] [--peer-epochs 15] [--no-peer]
+    python -m tasks.bench detect   [--out DIR] [--set KEY=VALUE ...]
+    python -m tasks.bench segment  [--out DIR] [--set KEY=VALUE ...]
 
 ``classify``: this project's recipe(s) (``python -m tasks.classify``) and the peer of the
 issue: torchvision ``resnet18`` with a 3x3/1 one-channel ``conv1`` and no max-pool,
@@ -11,6 +12,15 @@ issue: torchvision ``resnet18`` with a 3x3/1 one-channel ``conv1`` and no max-po
 0.1, bf16 autocast, channels_last, batch 256. Training time excludes evaluation for both;
 first-epoch time (worker start-up, cuDNN autotuning, compilation) is included and also
 reported apart. Results go to ``<out>/bench_classify.json`` and a Markdown table on stdout.
+
+``detect`` / ``segment``: this project's model and torchvision's (FCOS on ``resnet_fpn_backbone``
+with BatchNorm, weights none; ``fcn_resnet50`` and an FCN head on torchvision's ResNet of our
+depth through ``IntermediateLayerGetter``) trained by the same engine from the same recipe
+(``configs/<task>/scenes_*_resnet18.yaml`` plus ``--set`` overrides): same data pipeline, trunk
+depth, image size, epochs, batch, optimizer and schedule, so the difference is the model code.
+The peers get the already-normalised batches (their own transform's normalisation is set to
+identity). Training images/s, inference images/s (forward + post-processing on device-resident
+batches) and the task metric of each go to ``<out>/bench_<task>.json``.
 """
 from __future__ import annotations
 
@@ -153,6 +163,157 @@ def ours_classify(recipe: str, out: Path, extra: list[str], data_dir: str | None
             "acc_curve": [round(r.get("val_acc", float("nan")), 4) for r in records]}
 
 
+# ----------------------------------------------------------------------------- detect / segment
+
+class _TorchvisionFCOS(torch.nn.Module):
+    """torchvision FCOS behind the ``model(images, targets)`` protocol of our task models."""
+
+    def __init__(self, depth: int, num_classes: int, image_size: int, cfg) -> None:
+        super().__init__()
+        from torch import nn
+        from torchvision.models.detection import FCOS
+        from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+        from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+        # BatchNorm, not the default FrozenBatchNorm2d: the trunk trains from scratch
+        body = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, norm_layer=nn.BatchNorm2d,
+                                   trainable_layers=5, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+        m = cfg.model
+        self.fcos = FCOS(body, num_classes, min_size=image_size, max_size=image_size, image_mean=[0.0] * 3,
+                         image_std=[1.0] * 3, score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
+                         detections_per_img=m.detections_per_img, topk_candidates=m.topk_candidates,
+                         center_sampling_radius=m.center_sampling_radius)
+
+    def forward(self, images: torch.Tensor, targets=None):
+        if self.training:
+            return self.fcos(list(images), [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        return self.fcos(list(images))
+
+
+class _TorchvisionFCN(torch.nn.Module):
+    """torchvision FCN (``fcn_resnet50``, or its head on a torchvision ResNet through
+    ``IntermediateLayerGetter``) behind our protocol: losses in training, logits otherwise."""
+
+    def __init__(self, num_classes: int, depth: int | None = None) -> None:
+        super().__init__()
+        import torchvision
+        from torchvision.models._utils import IntermediateLayerGetter
+        from torchvision.models.segmentation import fcn_resnet50
+        from torchvision.models.segmentation.fcn import FCN, FCNHead
+
+        if depth is None:
+            self.net = fcn_resnet50(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
+        else:  # torchvision's BasicBlock cannot dilate: C5 at stride 32 (FCN-32s)
+            trunk = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+            channels = trunk.fc.in_features
+            self.net = FCN(IntermediateLayerGetter(trunk, {"layer4": "out"}), FCNHead(channels, num_classes))
+
+    def forward(self, images: torch.Tensor, masks=None):
+        import torch.nn.functional as F
+
+        out = self.net(images)["out"]
+        if self.training and masks is not None:
+            return {"seg": F.cross_entropy(out.float(), masks, ignore_index=255)}
+        return out
+
+
+@torch.no_grad()
+def inference_img_per_s(model: torch.nn.Module, loader, device: torch.device, amp: bool, batches: int = 8) -> float:
+    """Images/s of ``model(images)`` in eval mode over device-resident batches (data loading
+    excluded), after two warm-up batches; CUDA-synchronised wall time."""
+    from tasks.engine.loop import autocast
+
+    model.eval()
+    held = []
+    for i, (images, _) in enumerate(loader):
+        held.append(images)
+        if i + 1 >= batches:
+            break
+    with autocast(device, amp):
+        for x in held[:2]:
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        n = 0
+        for x in held:
+            model(x)
+            n += x.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def bench_dense(task: str, out: Path, overrides: list[str], device: torch.device | None = None) -> dict[str, Any]:
+    """Ours and the torchvision peers for ``task`` ("detect" / "segment"), one after another."""
+    import importlib
+
+    from tasks.engine.cli import resolve_device, seed_everything
+    from tasks.engine.config import CONFIG_ROOT, load_config
+    from tasks.engine.loop import Trainer
+
+    mod = importlib.import_module(f"tasks.{task}")
+    recipe = CONFIG_ROOT / task / f"{mod.GPU_RECIPE}.yaml"
+    cfg_cls = {"detect": "DetectConfig", "segment": "SegmentConfig"}[task]
+    cfg = load_config(getattr(mod, cfg_cls), recipe, overrides)
+    device = device or resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data = mod.build_data(cfg, device, quiet=True)
+    k = len(data.class_names)
+    metric = {"detect": "AP", "segment": "miou"}[task]
+    models = {f"onetrunk ResNet-{cfg.model.depth}": lambda: mod.build_model(cfg, k)}
+    if task == "detect":
+        models[f"torchvision FCOS ResNet-{cfg.model.depth} FPN"] = (
+            lambda: _TorchvisionFCOS(cfg.model.depth, k, cfg.data.image_size, cfg))
+    else:
+        models[f"torchvision FCN head on ResNet-{cfg.model.depth} (IntermediateLayerGetter)"] = (
+            lambda: _TorchvisionFCN(k, cfg.model.depth))
+        models["torchvision fcn_resnet50"] = lambda: _TorchvisionFCN(k)
+    results: dict[str, Any] = {"env": env_info(), "recipe": str(recipe), "overrides": overrides, "runs": []}
+    for i, (name, build) in enumerate(models.items()):
+        seed_everything(cfg.train.seed)
+        model = build()
+        n_params = sum(p.numel() for p in model.parameters())
+        run_dir = out / f"{task}{i}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+        def evaluate(m, final: bool):
+            return mod.evaluate(m, data, device, cfg.train.amp)
+
+        trainer = Trainer(task, cfg, model, data.train, evaluate=evaluate, main_metric=metric, output=run_dir,
+                          device=device, quiet=True)
+        record = trainer.fit()
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        row = {"name": name, "params_m": round(n_params / 1e6, 2), metric: record[f"val_{metric}"],
+               f"best_{metric}": record.get(f"best_{metric}"), "epochs": len(records),
+               "train_time_s": record["train_time_total_s"], "first_epoch_s": records[0]["train_time_s"],
+               "train_img_per_s": statistics.median(r["train_img_per_s"] for r in records[1:] or records),
+               "infer_img_per_s": inference_img_per_s(trainer.eval_model, data.val, device, cfg.train.amp),
+               "curve": [round(r.get(f"val_{metric}", float("nan")), 4) for r in records]}
+        if task == "detect":
+            row.update({key: record[f"val_{key}"] for key in ("AP50", "AP75", "APs", "APm")})
+        else:
+            row["pixel_acc"] = record["val_pixel_acc"]
+        results["runs"].append(row)
+        print(json.dumps(row), flush=True)
+        (out / f"bench_{task}.json").write_text(json.dumps(results, indent=1))
+        del trainer, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(_dense_table(results["runs"], metric))
+    return results
+
+
+def _dense_table(rows: list[dict[str, Any]], metric: str) -> str:
+    lines = [f"| model | params (M) | {metric} | epochs | train s (1st epoch) | train img/s | infer img/s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['params_m']} | {r[metric]:.4f} | {r['epochs']} | {r['train_time_s']:.1f} "
+                     f"({r['first_epoch_s']:.1f}) | {r['train_img_per_s']:,.0f} | {r['infer_img_per_s']:,.0f} |")
+    return "\n".join(lines)
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     head = "| run | test acc | epochs | train s (1st epoch) | img/s (steady) |\n|---|---|---|---|---|"
     lines = [head]
@@ -165,7 +326,10 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m tasks.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["classify"])
+    p.add_argument("what", choices=["classify", "detect", "segment"])
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="detect / segment: overrides of the GPU recipe, e.g. --set train.epochs=6")
+    p.add_argument("--device", help="detect / segment: cpu or cuda (default: the recipe's)")
     p.add_argument("--out", default="runs/bench", help="folder for run folders and the JSON results")
     p.add_argument("--recipe", action="append", default=[], metavar="FILE[::FLAGS]",
                    help="our recipe(s) to run; FLAGS after '::' are passed on (e.g. '::--epochs 40')")
@@ -175,6 +339,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.what in ("detect", "segment"):
+        from tasks.engine.cli import resolve_device
+        return bench_dense(args.what, out, args.overrides, resolve_device(args.device) if args.device else None)
     results: dict[str, Any] = {"env": env_info(), "runs": []}
     print(json.dumps(results["env"]))
     recipes = args.recipe or ["configs/classify/fashion_mnist_resnet18.yaml"]
