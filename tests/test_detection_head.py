@@ -309,7 +309,10 @@ def test_postprocess_decodes_thresholds_and_suppresses():
 
 def test_bf16_autocast_and_channels_last():
     model = _detector().train().to(memory_format=torch.channels_last)
-    images = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    # 128 px, not 64: at 64 px P6 is 1x1, and PyTorch's CPU bf16 conv backward (torch 2.14) returns
+    # non-finite weight gradients for a 1x1 input to a 3x3/2 conv in about a third of the runs
+    # (a library bug, reproduced with a bare nn.Conv2d); CUDA and fp32 are unaffected.
+    images = torch.randn(2, 3, 128, 128).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(images, TARGETS)
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
