@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
 import torch

@@ -30,7 +30,7 @@ from tasks.data import fashion_mnist
 from tasks.data.folders import ImageFolderDataset, classification_transforms, collate_skip_bad, read_image
 from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
 from tasks.data.loaders import DeviceLoader, TensorLoader, make_loader
-from tasks.engine.checkpoint import model_state
+from tasks.engine.checkpoint import load_for_inference
 from tasks.engine.cli import Run, common_parser, setup_run
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.loop import Trainer, autocast
@@ -215,11 +215,7 @@ def _default_recipe() -> str:
 
 def _load_for_inference(run: Run) -> Classifier:
     model = build_model(run.cfg)
-    model.load_state_dict(model_state(run.checkpoint))
-    model = model.to(run.device).eval()
-    if run.cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return load_for_inference(model, run.checkpoint, run.device, run.cfg.train.channels_last)
 
 
 def predict(run: Run, paths: list[str]) -> list[dict[str, Any]]:

@@ -33,9 +33,9 @@ from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
 from tasks.data.loaders import DeviceLoader, make_loader, normalize_images
 from tasks.data.scenes import ensure_scenes
 from tasks.data.transforms import detection_train_transforms, detection_val_transforms
-from tasks.engine.checkpoint import model_state
+from tasks.engine.checkpoint import load_for_inference
 from tasks.engine.cli import Run, common_parser, setup_run
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.loop import Trainer, autocast
 from tasks.engine.logging import progress
 from tasks.engine.viz import draw_detection_grid
@@ -60,27 +60,8 @@ class DetectModelConfig(ModelConfig):
 
 
 @dataclass
-class DetectDataConfig:
-    dataset: str = "scenes"             # scenes | coco (set by --train-ann)
-    train_ann: Optional[str] = None
-    train_images: Optional[str] = None
-    val_ann: Optional[str] = None
-    val_images: Optional[str] = None
-    data_dir: Optional[str] = None      # Fashion-MNIST, to generate FashionScenes
-    scenes_root: Optional[str] = None   # default: $ONETRUNK_DATA/scenes-<size>-<train>-<val>-s<seed>
-    scenes_train: int = 8000
-    scenes_val: int = 1000
-    scenes_size: int = 256
-    scenes_seed: int = 0
-    image_size: int = 256               # longest side after resizing; batches are size x size
-    scale_min: float = 0.75             # training scale jitter
-    scale_max: float = 1.25
-    hflip: bool = True
-    limit_train: Optional[int] = None
-    limit_val: Optional[int] = None
-    num_workers: int = 8
-    skip_bad: bool = False
-    eval_batch_size: int = 32
+class DetectDataConfig(DenseDataConfig):
+    """FashionScenes or a COCO detection dataset (see ``DenseDataConfig``)."""
 
 
 @dataclass
@@ -195,9 +176,7 @@ def evaluate(model: torch.nn.Module, data: DetectData, device: torch.device, amp
 
 def _load_for_inference(run: Run, num_classes: int) -> Detector:
     model = build_model(run.cfg, num_classes)
-    model.load_state_dict(model_state(run.checkpoint))
-    model = model.to(run.device).eval()
-    return model.to(memory_format=torch.channels_last) if run.cfg.train.channels_last else model
+    return load_for_inference(model, run.checkpoint, run.device, run.cfg.train.channels_last)
 
 
 def predict(run: Run, paths: list[str]) -> list[dict[str, Any]]:
@@ -205,7 +184,6 @@ def predict(run: Run, paths: list[str]) -> list[dict[str, Any]]:
     meta = run.checkpoint.get("meta", {})
     names, size = meta["class_names"], meta["image_size"]
     model = _load_for_inference(run, len(names))
-
     out_dir = run.output / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []

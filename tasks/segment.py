@@ -34,9 +34,9 @@ from tasks.data.scenes import ensure_scenes
 from tasks.data.segmentation import (IGNORE_INDEX, CocoSemanticDataset, MaskFolderDataset, collate_segmentation,
                                      scenes_segmentation)
 from tasks.data.transforms import segmentation_train_transforms, segmentation_val_transforms
-from tasks.engine.checkpoint import model_state
+from tasks.engine.checkpoint import load_for_inference
 from tasks.engine.cli import Run, common_parser, setup_run
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.loop import Trainer, autocast
 from tasks.engine.logging import progress
 from tasks.engine.metrics import ConfusionMatrix
@@ -58,29 +58,11 @@ class SegmentModelConfig(ModelConfig):
 
 
 @dataclass
-class SegmentDataConfig:
-    dataset: str = "scenes"             # scenes | coco | folders (set by --train-ann / --train-masks)
-    train_ann: Optional[str] = None
-    train_images: Optional[str] = None
+class SegmentDataConfig(DenseDataConfig):
+    """FashionScenes masks, COCO instances or VOC-style mask folders (set by --train-masks)."""
+
     train_masks: Optional[str] = None
-    val_ann: Optional[str] = None
-    val_images: Optional[str] = None
     val_masks: Optional[str] = None
-    data_dir: Optional[str] = None      # Fashion-MNIST, to generate FashionScenes
-    scenes_root: Optional[str] = None
-    scenes_train: int = 8000
-    scenes_val: int = 1000
-    scenes_size: int = 256
-    scenes_seed: int = 0
-    image_size: int = 256               # training crop; validation resizes the longest side to it
-    scale_min: float = 0.75
-    scale_max: float = 1.25
-    hflip: bool = True
-    limit_train: Optional[int] = None
-    limit_val: Optional[int] = None
-    num_workers: int = 8
-    skip_bad: bool = False
-    eval_batch_size: int = 32
 
 
 @dataclass
@@ -199,9 +181,7 @@ def evaluate(model: torch.nn.Module, data: SegmentData, device: torch.device, am
 
 def _load_for_inference(run: Run, num_classes: int) -> Segmenter:
     model = build_model(run.cfg, num_classes)
-    model.load_state_dict(model_state(run.checkpoint))
-    model = model.to(run.device).eval()
-    return model.to(memory_format=torch.channels_last) if run.cfg.train.channels_last else model
+    return load_for_inference(model, run.checkpoint, run.device, run.cfg.train.channels_last)
 
 
 def predict(run: Run, paths: list[str]) -> list[dict[str, Any]]:
@@ -209,7 +189,6 @@ def predict(run: Run, paths: list[str]) -> list[dict[str, Any]]:
     ``<name>_overlay.png``; predicted at the file's own resolution."""
     names = run.checkpoint.get("meta", {})["class_names"]
     model = _load_for_inference(run, len(names))
-
     out_dir = run.output / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []

@@ -43,7 +43,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
-__all__ = ["CocoDetection", "ImageReadError", "read_image", "collate_detection",
+__all__ = ["CocoDetection", "ImageReadError", "read_image", "keep_existing_images", "collate_detection",
            "detections_to_coco", "coco_evaluate", "METRIC_NAMES"]
 
 # COCOeval.stats[:6], in its order.
@@ -159,6 +159,23 @@ def _annotation_problem(ann: Any, image_ids: dict, category_ids: dict, seen: set
     return None
 
 
+def keep_existing_images(image_dir: Path, images: dict[int, dict], ids: list[int], *, ann_file: Path,
+                         skip_bad: bool, stats: dict[str, int]) -> list[int]:
+    """The ids whose image file exists; a missing one raises ``FileNotFoundError`` naming it, or
+    with ``skip_bad`` is dropped and counted in ``stats["skipped_images"]``."""
+    kept = []
+    for img_id in ids:
+        path = image_dir / images[img_id]["file_name"]
+        if path.is_file():
+            kept.append(img_id)
+        elif skip_bad:
+            stats["skipped_images"] += 1
+        else:
+            raise FileNotFoundError(f"{path}: image file not found (image id {img_id} of "
+                                    f"{ann_file}); pass skip_bad=True to skip missing images")
+    return kept
+
+
 # ---------------------------------------------------------------------------------------------
 # Dataset
 # ---------------------------------------------------------------------------------------------
@@ -228,17 +245,8 @@ class CocoDetection(torch.utils.data.Dataset):
     # -- init helpers -----------------------------------------------------------------------
 
     def _drop_missing_files(self, images: dict[int, dict], ids: list[int]) -> list[int]:
-        kept = []
-        for img_id in ids:
-            path = self.image_dir / images[img_id]["file_name"]
-            if path.is_file():
-                kept.append(img_id)
-            elif self.skip_bad:
-                self.stats["skipped_images"] += 1
-            else:
-                raise FileNotFoundError(f"{path}: image file not found (image id {img_id} of "
-                                        f"{self.ann_file}); pass skip_bad=True to skip missing images")
-        return kept
+        return keep_existing_images(self.image_dir, images, ids, ann_file=self.ann_file, skip_bad=self.skip_bad,
+                                    stats=self.stats)
 
     def _sanitize_annotations(self, anns: list, images: dict[int, dict],
                               kept: set[int]) -> dict[int, list[dict]]:

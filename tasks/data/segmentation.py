@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .coco import (ImageReadError, _annotation_problem, _check_categories, _check_images,
+from .coco import (ImageReadError, _annotation_problem, keep_existing_images, _check_categories, _check_images,
                    _is_int, _load_json, read_image)
 
 __all__ = ["MaskFolderDataset", "CocoSemanticDataset", "MaskError", "read_mask", "collate_segmentation",
@@ -301,7 +301,8 @@ class CocoSemanticDataset(_SegmentationDataset):
         self._cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
 
         kept_ids = sorted(images)[:limit] if limit is not None else sorted(images)
-        kept_ids = self._drop_missing_files(images, kept_ids)
+        kept_ids = keep_existing_images(self.image_dir, images, kept_ids, ann_file=self.ann_file,
+                                        skip_bad=self.skip_bad, stats=self.stats)
         anns = self._sanitize_annotations(data["annotations"], images, set(kept_ids))
 
         # (image_id, path, h, w, [(label, segmentation)] painted in order, crowd is label 255)
@@ -318,19 +319,6 @@ class CocoSemanticDataset(_SegmentationDataset):
         if noted:
             what = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in noted.items())
             warnings.warn(f"{self.ann_file}: {what} (not used); counters in .stats", stacklevel=2)
-
-    def _drop_missing_files(self, images: dict[int, dict], ids: list[int]) -> list[int]:
-        kept = []
-        for img_id in ids:
-            path = self.image_dir / images[img_id]["file_name"]
-            if path.is_file():
-                kept.append(img_id)
-            elif self.skip_bad:
-                self.stats["skipped_images"] += 1
-            else:
-                raise FileNotFoundError(f"{path}: image file not found (image id {img_id} of "
-                                        f"{self.ann_file}); pass skip_bad=True to skip missing images")
-        return kept
 
     def _sanitize_annotations(self, anns: list, images: dict[int, dict], kept: set[int]) -> dict[int, list[dict]]:
         """The usable annotations of the kept images, grouped by image in file order."""

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-__all__ = ["ConfigError", "ModelConfig", "OptimConfig", "TrainConfig", "load_config", "apply_overrides",
+__all__ = ["ConfigError", "ModelConfig", "DenseDataConfig", "OptimConfig", "TrainConfig", "load_config", "apply_overrides",
            "config_to_dict", "config_from_dict", "CONFIG_ROOT"]
 
 CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
@@ -45,6 +45,32 @@ class ModelConfig:
                     freeze_at=self.freeze_at, zero_init_residual=self.zero_init_residual,
                     drop_path_rate=self.drop_path_rate, grad_checkpointing=self.grad_checkpointing,
                     weights=self.weights)
+
+
+@dataclass
+class DenseDataConfig:
+    """Data of the dense tasks (detection, segmentation): FashionScenes or COCO files."""
+
+    dataset: str = "scenes"             # scenes | coco (set by --train-ann)
+    train_ann: Optional[str] = None
+    train_images: Optional[str] = None
+    val_ann: Optional[str] = None
+    val_images: Optional[str] = None
+    data_dir: Optional[str] = None      # Fashion-MNIST, to generate FashionScenes
+    scenes_root: Optional[str] = None   # default: $ONETRUNK_DATA/scenes-<size>-<train>-<val>-s<seed>
+    scenes_train: int = 8000
+    scenes_val: int = 1000
+    scenes_size: int = 256
+    scenes_seed: int = 0
+    image_size: int = 256               # longest side after resizing; training crops are square
+    scale_min: float = 0.75             # training scale jitter
+    scale_max: float = 1.25
+    hflip: bool = True
+    limit_train: Optional[int] = None
+    limit_val: Optional[int] = None
+    num_workers: int = 8
+    skip_bad: bool = False              # skip (and count) unreadable images instead of stopping
+    eval_batch_size: int = 32
 
 
 @dataclass
