@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ class EpochResult:
 
 
 class Trainer:
-    """Fits ``model`` on ``train_loader`` and calls ``evaluate(model) -> dict`` each epoch.
+    """Fits ``model`` on ``train_loader``, evaluating every ``train.eval_every`` epochs and at the end.
 
     Args:
         task: task name stored in checkpoints.
@@ -75,9 +75,8 @@ class Trainer:
     """
 
     def __init__(self, task: str, cfg: Any, model: nn.Module, train_loader: Iterable, *,
-                 evaluate: Callable[[nn.Module], dict[str, Any]], main_metric: str, output: str | Path,
+                 evaluate: Callable[[nn.Module, bool], dict[str, Any]], main_metric: str, output: str | Path,
                  device: torch.device, console: Console | None = None, quiet: bool = False,
-                 on_epoch_end: Optional[Callable[[nn.Module, dict[str, Any]], None]] = None,
                  meta: dict[str, Any] | None = None) -> None:
         self.task, self.cfg = task, cfg
         self.device = device
@@ -87,7 +86,6 @@ class Trainer:
         self.train_loader = train_loader
         self.evaluate_fn = evaluate
         self.main_metric = main_metric
-        self.on_epoch_end = on_epoch_end
         self.meta = meta or {}
         tcfg, ocfg = cfg.train, cfg.optim
         self.epochs = tcfg.epochs
@@ -262,8 +260,6 @@ class Trainer:
                 self._plot(force=last)
                 self.console(f"epoch {epoch + 1}/{self.epochs}  " + format_metrics(
                     record, ["train_loss", f"val_{self.main_metric}", "train_img_per_s", "train_time_s"]))
-                if self.on_epoch_end is not None:
-                    self.on_epoch_end(self.eval_model, record)
         finally:
             self.writer.wait()
         if not record:  # resumed a finished run: nothing trained, still report
