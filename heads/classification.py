@@ -9,7 +9,7 @@ from backbones.base import Backbone, FeatureSpec
 
 from .base import TaskModel
 
-__all__ = ["ClassificationHead", "Classifier"]
+__all__ = ["ClassificationHead", "Classifier", "MultiLabelHead"]
 
 
 class ClassificationHead(nn.Module):
@@ -47,3 +47,31 @@ class Classifier(TaskModel):
 
     def __init__(self, backbone: Backbone, head: ClassificationHead) -> None:
         super().__init__(backbone, head)
+
+
+class MultiLabelHead(nn.Module):
+    """Which of ``num_classes`` classes appear in the image: pool + linear, one sigmoid per class.
+
+    ``loss`` is binary cross-entropy against multi-hot targets ``[N, K]``; ``postprocess``
+    returns the per-class probabilities ``[N, K]``.
+    """
+
+    def __init__(self, in_spec: FeatureSpec, num_classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.in_name = in_spec.name
+        self.num_classes = num_classes
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(in_spec.channels, num_classes)
+
+    def forward(self, features: dict[str, torch.Tensor], image_size: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.fc(self.dropout(features[self.in_name].mean(dim=(2, 3))))  # [N, K]
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        if targets.shape != logits.shape:
+            raise ValueError(f"multi-label targets must be [N, {self.num_classes}] multi-hot, got {tuple(targets.shape)}")
+        return {"bce": F.binary_cross_entropy_with_logits(logits.float(), targets.float())}
+
+    def postprocess(self, logits: torch.Tensor, image_size: tuple[int, int] | None = None) -> torch.Tensor:
+        return torch.sigmoid(logits.float())

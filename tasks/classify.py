@@ -34,6 +34,7 @@ from tasks.engine.checkpoint import load_for_inference
 from tasks.engine.cli import Run, common_parser, setup_run
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.loop import Trainer, autocast
+from tasks.engine.trunk import load_trunk
 from tasks.engine.metrics import ConfusionMatrix
 from tasks.engine.viz import plot_confusion
 
@@ -263,8 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model = build_model(cfg)
     if args.trunk:
-        say("trunk from " + args.trunk)
-        model.backbone.load_weights(args.trunk, strict=False)
+        load_trunk(model.backbone, args.trunk, cfg.model)  # printed even with --quiet: it changes the run
     meta = {"classes": data.classes, "mean": list(data.mean), "std": list(data.std), "image_size": data.image_size}
 
     def evaluate_epoch(model, final: bool) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from tasks.engine.checkpoint import load_for_inference
 from tasks.engine.cli import Run, common_parser, setup_run
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.loop import Trainer, autocast
+from tasks.engine.trunk import load_trunk
 from tasks.engine.logging import progress
 from tasks.engine.viz import draw_detection_grid
 
@@ -74,14 +75,16 @@ class DetectConfig:
 
 # ----------------------------------------------------------------------------- model
 
-def build_model(cfg: DetectConfig, num_classes: int) -> Detector:
-    m = cfg.model
-    backbone = build_backbone(f"resnet{m.depth}", **m.backbone_kwargs())
-    head = FCOSHead(backbone.feature_info, num_classes, in_features=m.in_features, fpn_channels=m.fpn_channels,
+def build_head(m: DetectModelConfig, feature_info, num_classes: int) -> FCOSHead:
+    return FCOSHead(feature_info, num_classes, in_features=m.in_features, fpn_channels=m.fpn_channels,
                     extra=m.extra, num_convs=m.num_convs, center_sampling_radius=m.center_sampling_radius,
                     score_thresh=m.score_thresh, nms_thresh=m.nms_thresh, topk_candidates=m.topk_candidates,
                     detections_per_img=m.detections_per_img)
-    return Detector(backbone, head)
+
+
+def build_model(cfg: DetectConfig, num_classes: int) -> Detector:
+    backbone = build_backbone(f"resnet{cfg.model.depth}", **cfg.model.backbone_kwargs())
+    return Detector(backbone, build_head(cfg.model, backbone.feature_info, num_classes))
 
 
 # ----------------------------------------------------------------------------- data
@@ -142,6 +145,23 @@ def build_data(cfg: DetectConfig, device: torch.device, *, train: bool = True, q
 
 # ----------------------------------------------------------------------------- evaluation
 
+class DetectionEvaluator:
+    """Collects detections as COCO results (file coordinates) and scores them with COCOeval."""
+
+    def __init__(self, dataset: CocoDetection) -> None:
+        self.dataset = dataset
+        self.results: list[dict] = []
+
+    def update(self, outputs: list[dict[str, torch.Tensor]], targets: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """Add a batch; returns the outputs moved to the CPU (float32)."""
+        outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
+        self.results += detections_to_coco(outputs, targets, self.dataset.label_to_category)
+        return outputs
+
+    def compute(self) -> dict[str, float]:
+        return coco_evaluate(self.dataset.coco, self.results)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: DetectData, device: torch.device, amp: bool = True, *,
              predictions_path: Path | None = None, picture_path: Path | None = None,
@@ -150,23 +170,20 @@ def evaluate(model: torch.nn.Module, data: DetectData, device: torch.device, amp
     predictions (COCO results JSON) and a picture of the first images."""
     was_training = model.training
     model.eval()
-    results: list[dict] = []
+    evaluator = DetectionEvaluator(data.val_set)
     shown: tuple[list, list, list] = ([], [], [])
     with autocast(device, amp):
         for images, targets in progress(data.val, total=len(data.val), desc="eval", quiet=quiet):
-            outputs = model(images)
-            outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()}
-                       for o in outputs]
-            results += detections_to_coco(outputs, targets, data.val_set.label_to_category)
+            outputs = evaluator.update(model(images), targets)
             if picture_path is not None and len(shown[0]) < 8:
                 take = 8 - len(shown[0])
                 shown[1].extend(outputs[:take])
                 shown[2].extend({"boxes": t["boxes"]} for t in targets[:take])
                 shown[0].extend(list(NORMALIZE.to_uint8(images[:take]).cpu()))
     model.train(was_training)
-    metrics = coco_evaluate(data.val_set.coco, results)
+    metrics = evaluator.compute()
     if predictions_path is not None:
-        predictions_path.write_text(json.dumps(results))
+        predictions_path.write_text(json.dumps(evaluator.results))
     if picture_path is not None and shown[0]:
         draw_detection_grid(shown[0], shown[1], data.class_names, picture_path, targets=shown[2])
     return metrics
@@ -252,8 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model = build_model(cfg, num_classes)
     if args.trunk:
-        say("trunk from " + args.trunk)
-        model.backbone.load_weights(args.trunk, strict=False)
+        load_trunk(model.backbone, args.trunk, cfg.model)  # printed even with --quiet: it changes the run
     meta = {"class_names": data.class_names, "category_ids": data.val_set.cat_ids,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "image_size": cfg.data.image_size}
 

@@ -38,6 +38,7 @@ from tasks.engine.checkpoint import load_for_inference
 from tasks.engine.cli import Run, common_parser, setup_run
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.loop import Trainer, autocast
+from tasks.engine.trunk import load_trunk
 from tasks.engine.logging import progress
 from tasks.engine.metrics import ConfusionMatrix
 from tasks.engine.viz import draw_segmentation_grid, save_palette_mask
@@ -75,12 +76,16 @@ class SegmentConfig:
 
 # ----------------------------------------------------------------------------- model
 
+def build_head(feature_info, num_classes: int, *, in_features, channels, dropout, aux, aux_weight) -> FCNHead:
+    return FCNHead(feature_info, num_classes, in_features=in_features, channels=channels, dropout=dropout,
+                   aux=aux, aux_weight=aux_weight, ignore_index=IGNORE_INDEX)
+
+
 def build_model(cfg: SegmentConfig, num_classes: int) -> Segmenter:
     m = cfg.model
     backbone = build_backbone(f"resnet{m.depth}", **m.backbone_kwargs())
-    head = FCNHead(backbone.feature_info, num_classes, in_features=m.in_features, channels=m.channels,
-                   dropout=m.dropout, aux=m.aux, aux_weight=m.aux_weight, ignore_index=IGNORE_INDEX)
-    return Segmenter(backbone, head)
+    return Segmenter(backbone, build_head(backbone.feature_info, num_classes, in_features=m.in_features,
+                                          channels=m.channels, dropout=m.dropout, aux=m.aux, aux_weight=m.aux_weight))
 
 
 # ----------------------------------------------------------------------------- data
@@ -171,9 +176,13 @@ def evaluate(model: torch.nn.Module, data: SegmentData, device: torch.device, am
                 shown[1].extend(pred[:take].cpu())
                 shown[2].extend(masks[:take].cpu())
     model.train(was_training)
-    m = cm.compute()
     if picture_path is not None and shown[0]:
         draw_segmentation_grid(shown[0], shown[1], data.class_names, picture_path, targets=shown[2])
+    return segmentation_metrics(cm)
+
+
+def segmentation_metrics(cm: ConfusionMatrix) -> dict[str, Any]:
+    m = cm.compute()
     return {"miou": m["miou"], "pixel_acc": m["acc"], "iou": m["iou"]}
 
 
@@ -251,8 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model = build_model(cfg, num_classes)
     if args.trunk:
-        say("trunk from " + args.trunk)
-        model.backbone.load_weights(args.trunk, strict=False)
+        load_trunk(model.backbone, args.trunk, cfg.model)  # printed even with --quiet: it changes the run
     meta = {"class_names": data.class_names, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
             "image_size": cfg.data.image_size}
 

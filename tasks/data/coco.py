@@ -199,9 +199,11 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike,
                  transforms: A.Compose | None = None, *, skip_bad: bool = False,
-                 limit: int | None = None):
+                 limit: int | None = None, mask_dir: str | os.PathLike | None = None):
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
+        # optional semantic label maps (<mask_dir>/<image stem>.png), served as target["mask"]
+        self.mask_dir = Path(mask_dir) if mask_dir is not None else None
         self.transforms = transforms
         self.skip_bad = skip_bad
         _check_transforms(transforms)
@@ -331,7 +333,8 @@ class CocoDetection(torch.utils.data.Dataset):
         if image.shape[:2] != (h, w):
             raise ImageReadError(f"{path}: image is {image.shape[1]}x{image.shape[0]} but "
                                  f"{self.ann_file} says {w}x{h} (image id {img_id})")
-        image, boxes, labels, scale, offset = self._transform(image, boxes, labels)
+        mask = self._read_mask(path, image.shape[:2]) if self.mask_dir is not None else None
+        image, boxes, labels, scale, offset, mask = self._transform(image, boxes, labels, mask)
         target = {
             "boxes": torch.from_numpy(boxes),
             "labels": torch.from_numpy(labels),
@@ -341,22 +344,35 @@ class CocoDetection(torch.utils.data.Dataset):
             "scale": scale,
             "offset": offset,
         }
+        if mask is not None:
+            target["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).long()  # [H, W]
         # [H, W, 3] -> [3, H, W]; a contiguous copy so collate and pin_memory don't stride.
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target
 
-    def _transform(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray):
+    def _read_mask(self, image_path: Path, size: tuple[int, int]) -> np.ndarray:
+        from .segmentation import read_mask  # segmentation builds on this module
+
+        path = self.mask_dir / (image_path.stem + ".png")
+        mask = read_mask(path)
+        if mask.shape != tuple(size):
+            raise ImageReadError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                                 f"{image_path} is {size[1]}x{size[0]}")
+        return mask
+
+    def _transform(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None):
         h, w = image.shape[:2]
         if self.transforms is None:
-            return image, boxes, labels, (1.0, 1.0), (0.0, 0.0)
+            return image, boxes, labels, (1.0, 1.0), (0.0, 0.0), mask
         # A whole-image "frame" box rides along with the real ones: where the pipeline puts it
         # is where the original image ended up, computed by the same bbox arithmetic as the
         # targets, so predictions map back exactly, for any resize/pad pipeline, without
         # re-deriving each transform's rounding. After a crop or flip the mapping is not
         # invertible by scale and offset alone (training pipelines; nothing maps back there).
+        extra = {"mask": mask} if mask is not None else {}
         out = self.transforms(
             image=image,
             bboxes=np.concatenate([boxes, np.array([[0, 0, w, h]], np.float32)]),
-            labels=np.concatenate([labels, np.array([_FRAME_LABEL], np.int64)]))
+            labels=np.concatenate([labels, np.array([_FRAME_LABEL], np.int64)]), **extra)
         image = out["image"]
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise TypeError(f"transforms must return HWC uint8 RGB images, got {image.dtype} "
@@ -371,7 +387,7 @@ class CocoDetection(torch.utils.data.Dataset):
             scale, offset = (image.shape[0] / h, image.shape[1] / w), (0.0, 0.0)
         # Albumentations keeps boxes squeezed to zero width at a crop edge; they teach nothing.
         keep = ~is_frame & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        return image, boxes[keep], labels[keep], scale, offset
+        return image, boxes[keep], labels[keep], scale, offset, out.get("mask")
 
 
 def _check_transforms(transforms: Any) -> None:

@@ -51,14 +51,16 @@ def detection_bbox_params(min_visibility: float = 0.0) -> A.BboxParams:
 
 
 def detection_train_transforms(size: int, scale: Sequence[float] = (0.75, 1.25), hflip: float = 0.5,
-                               *, min_visibility: float = 0.3, seed: int | None = 0) -> A.Compose:
+                               *, min_visibility: float = 0.3, seed: int | None = 0,
+                               mask_fill: int = 255) -> A.Compose:
     """Scale jitter, horizontal flip, then pad / random-crop to exactly ``size`` x ``size``.
 
     The image is first resized so its longest side is ``size`` (as in validation), so the
     jitter ``scale`` is relative to the scale the model is evaluated at, whatever the file's
     resolution ("large scale jitter" style). Padding is constant 0 at the bottom/right, like
     the validation pipeline and ``collate_detection``. Boxes keeping less than
-    ``min_visibility`` of their area after the crop are dropped.
+    ``min_visibility`` of their area after the crop are dropped. A ``mask`` passed along
+    (multi-task data) follows with nearest-neighbour resizing and ``mask_fill`` padding.
     """
     if size < 1:
         raise ValueError(f"size={size}: must be a positive number of pixels")
@@ -73,13 +75,13 @@ def detection_train_transforms(size: int, scale: Sequence[float] = (0.75, 1.25),
         A.RandomScale(scale_limit=(lo - 1.0, hi - 1.0), p=1.0),
         A.HorizontalFlip(p=hflip),
         A.PadIfNeeded(min_height=size, min_width=size, position="top_left",
-                      border_mode=cv2.BORDER_CONSTANT, fill=0),
+                      border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=mask_fill),
         A.RandomCrop(height=size, width=size),
     ], bbox_params=detection_bbox_params(min_visibility), seed=seed)
     return reseed_transforms(transforms, seed)
 
 
-def detection_val_transforms(size: int, *, seed: int | None = 0) -> A.Compose:
+def detection_val_transforms(size: int, *, seed: int | None = 0, mask_fill: int = 255) -> A.Compose:
     """Resize the longest side to ``size``, pad bottom/right with 0 to ``size`` x ``size``.
 
     The image content stays anchored at (0, 0), so predictions map back to the file's pixels by
@@ -91,7 +93,7 @@ def detection_val_transforms(size: int, *, seed: int | None = 0) -> A.Compose:
     transforms = A.Compose([
         A.LongestMaxSize(max_size=size),
         A.PadIfNeeded(min_height=size, min_width=size, position="top_left",
-                      border_mode=cv2.BORDER_CONSTANT, fill=0),
+                      border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=mask_fill),
     ], bbox_params=detection_bbox_params(0.0), seed=seed)
     return reseed_transforms(transforms, seed)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ConfusionMatrix"]
+__all__ = ["ConfusionMatrix", "multilabel_metrics"]
 
 
 class ConfusionMatrix:
@@ -48,3 +48,22 @@ class ConfusionMatrix:
             "iou": iou.tolist(),
             "miou": float(iou[present].mean()) if present.any() else 0.0,
         }
+
+
+@torch.no_grad()
+def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
+    """Multi-label classification: mean average precision over classes with at least one
+    positive (non-interpolated AP: mean precision at each true positive, ranking by score) and
+    micro-averaged F1 at ``threshold``. ``scores`` / ``targets``: ``[N, K]``, targets 0/1."""
+    scores, targets = scores.float().cpu(), targets.float().cpu()
+    order = scores.argsort(dim=0, descending=True)  # [N, K]: per class, images by score
+    hits = targets.gather(0, order)  # [N, K]
+    precision = hits.cumsum(0) / torch.arange(1, len(scores) + 1, dtype=torch.float32)[:, None]
+    positives = targets.sum(0)  # [K]
+    ap = (precision * hits).sum(0) / positives.clamp(min=1)
+    pred = scores >= threshold
+    tp = (pred & (targets > 0)).sum().item()
+    fp = (pred & (targets == 0)).sum().item()
+    fn = (~pred & (targets > 0)).sum().item()
+    return {"mAP": float(ap[positives > 0].mean()) if (positives > 0).any() else 0.0,
+            "F1": 2 * tp / max(2 * tp + fp + fn, 1)}

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 __all__ = ["plot_curves", "plot_confusion", "save_figure", "class_colors", "draw_detection_grid",
-           "draw_segmentation_grid", "save_palette_mask"]
+           "draw_segmentation_grid", "overlay_mask", "save_palette_mask"]
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:
@@ -115,7 +115,7 @@ def draw_detection_grid(images: Sequence, predictions: Sequence[dict], class_nam
     os.replace(tmp, path)
 
 
-def _overlay(image, labels, colors, ignore_index: int):
+def overlay_mask(image, labels, colors, ignore_index: int = 255):
     """uint8 ``[3, H, W]`` image with label map ``[H, W]`` painted over it (class 0 and
     ``ignore_index`` left bare)."""
     import torch
@@ -144,8 +144,8 @@ def draw_segmentation_grid(images: Sequence, predictions: Sequence, class_names:
         img = img.cpu()
         tiles.append(img)
         if targets is not None:
-            tiles.append(_overlay(img, targets[i].cpu(), colors, ignore_index))
-        tiles.append(_overlay(img, pred.cpu(), colors, ignore_index))
+            tiles.append(overlay_mask(img, targets[i].cpu(), colors, ignore_index))
+        tiles.append(overlay_mask(img, pred.cpu(), colors, ignore_index))
     grid = make_grid(torch.stack(tiles), nrow=3 if targets is not None else 2, padding=4, pad_value=255)
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")

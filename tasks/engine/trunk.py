@@ -1,0 +1,42 @@
+"""``--trunk CKPT``: start a task's backbone from another checkpoint's trunk, and say how.
+
+Any onetrunk checkpoint works (a Fashion-MNIST classifier included: its grayscale ``conv1`` is
+adapted to RGB), as do torchvision / timm ResNet state dicts. What cannot be carried over (a
+``cifar`` 3x3 stem into an ``imagenet`` 7x7 one) is named and left at its initialisation;
+a trunk of another depth is refused.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from backbones.resnet import ResNet
+from backbones.weights import CKPT_FORMAT, LoadReport, read_checkpoint
+
+from .config import ModelConfig
+
+__all__ = ["load_trunk"]
+
+
+def load_trunk(backbone: ResNet, path: str | os.PathLike, model_cfg: ModelConfig,
+               say: Callable[[str], None] = print) -> LoadReport:
+    ckpt = read_checkpoint(path)
+    notes = []
+    if ckpt.get("format") == CKPT_FORMAT:
+        src = ckpt.get("config", {}).get("model", {})
+        if src.get("depth") not in (None, model_cfg.depth):
+            raise ValueError(f"--trunk {path} holds a ResNet-{src['depth']} trunk but this model is "
+                             f"ResNet-{model_cfg.depth}: pass --set model.depth={src['depth']}")
+        if src.get("stem") not in (None, model_cfg.stem):
+            notes.append(f"the checkpoint's trunk has the {src['stem']!r} stem, this model the {model_cfg.stem!r} "
+                         f"one: the stem conv starts from its initialisation (--set model.stem={src['stem']} "
+                         f"carries it over)")
+    report = backbone.load_weights(path, strict=False, verbose=False)
+    say(f"--trunk: {report}")
+    for note in notes:
+        say(f"  note: {note}")
+    frozen = backbone.freeze_at
+    say(f"  frozen: stem..C{frozen} (no gradients, fixed norm statistics)" if frozen else
+        "  trainable (freeze with --set model.freeze_at=k: 1 = stem, 5 = the whole trunk)")
+    say("  new, initialised here: the task head")
+    return report
