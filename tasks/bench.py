@@ -4,6 +4,7 @@ Usage:
     python -m tasks.bench classify [--out DIR] [--recipe FILE[::FLAGS] ...] [--peer-epochs 15] [--no-peer]
     python -m tasks.bench detect   [--out DIR] [--set KEY=VALUE ...]
     python -m tasks.bench segment  [--out DIR] [--set KEY=VALUE ...]
+    python -m tasks.bench multitask [--out DIR] [--set KEY=VALUE ...]   # one-pass vs three models, inference
 
 ``classify``: this project's recipe(s) (``python -m tasks.classify``) and the peer of the
 issue: torchvision ``resnet18`` with a 3x3/1 one-channel ``conv1`` and no max-pool,
@@ -314,6 +315,71 @@ def _dense_table(rows: list[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
+def bench_multitask_inference(out: Path, overrides: list[str], device: torch.device | None = None,
+                              batches: int = 8) -> dict[str, Any]:
+    """Inference images/s of one ``MultiTaskModel`` against the three single-task models
+    (same weights, trunk copied into each) run one after another on the same batches, and
+    whether their outputs agree. Weights are the initialisation: speed and equality do not
+    depend on training."""
+    import copy
+
+    from heads import Detector, Segmenter, TaskModel
+    from tasks import multitask
+    from tasks.engine.cli import resolve_device, seed_everything
+    from tasks.engine.config import CONFIG_ROOT, load_config
+    from tasks.engine.loop import autocast
+
+    recipe = CONFIG_ROOT / "multitask" / f"{multitask.GPU_RECIPE}.yaml"
+    cfg = load_config(multitask.MultiTaskConfig, recipe, overrides)
+    device = device or resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    seed_everything(cfg.train.seed)
+    data = multitask.build_data(cfg, device, train=False, quiet=True)
+    merged = multitask.build_model(cfg, len(data.class_names)).to(device).eval()
+    singles = {"classify": TaskModel, "detect": Detector, "segment": Segmenter}
+    singles = {name: cls(copy.deepcopy(merged.backbone), merged.heads[name]).to(device).eval()
+               for name, cls in singles.items()}
+    if cfg.train.channels_last:
+        merged = merged.to(memory_format=torch.channels_last)
+        singles = {k: m.to(memory_format=torch.channels_last) for k, m in singles.items()}
+    held = []
+    for i, (images, _) in enumerate(data.val):
+        held.append(images)
+        if i + 1 >= batches:
+            break
+
+    def timed(fn) -> float:
+        with torch.no_grad(), autocast(device, cfg.train.amp):
+            for x in held[:2]:
+                fn(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for x in held:
+                fn(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return sum(x.shape[0] for x in held) / (time.perf_counter() - t0)
+
+    merged_ips = timed(merged)
+    single_ips = {name: timed(m) for name, m in singles.items()}
+    sequential_ips = 1.0 / sum(1.0 / v for v in single_ips.values())  # the three, one after another
+    with torch.no_grad(), autocast(device, cfg.train.amp):
+        x = held[0]
+        a, b = merged(x), {name: m(x) for name, m in singles.items()}
+    same = (torch.equal(a["classify"], b["classify"]) and torch.equal(a["segment"], b["segment"])
+            and all(torch.equal(p[k], q[k]) for p, q in zip(a["detect"], b["detect"]) for k in p))
+    result = {"env": env_info(), "recipe": str(recipe), "overrides": overrides,
+              "batch_size": held[0].shape[0], "image_size": list(held[0].shape[-2:]),
+              "multitask_img_per_s": merged_ips, "single_img_per_s": single_ips,
+              "sequential_img_per_s": sequential_ips, "speedup": merged_ips / sequential_ips,
+              "identical_outputs": bool(same)}
+    (out / "bench_multitask.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return result
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     head = "| run | test acc | epochs | train s (1st epoch) | img/s (steady) |\n|---|---|---|---|---|"
     lines = [head]
@@ -326,7 +392,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m tasks.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["classify", "detect", "segment"])
+    p.add_argument("what", choices=["classify", "detect", "segment", "multitask"])
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                    help="detect / segment: overrides of the GPU recipe, e.g. --set train.epochs=6")
     p.add_argument("--device", help="detect / segment: cpu or cuda (default: the recipe's)")
@@ -339,9 +405,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.what in ("detect", "segment"):
+    if args.what in ("detect", "segment", "multitask"):
         from tasks.engine.cli import resolve_device
-        return bench_dense(args.what, out, args.overrides, resolve_device(args.device) if args.device else None)
+        device = resolve_device(args.device) if args.device else None
+        if args.what == "multitask":
+            return bench_multitask_inference(out, args.overrides, device)
+        return bench_dense(args.what, out, args.overrides, device)
     results: dict[str, Any] = {"env": env_info(), "runs": []}
     print(json.dumps(results["env"]))
     recipes = args.recipe or ["configs/classify/fashion_mnist_resnet18.yaml"]
