@@ -435,4 +435,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from tasks.engine.cli import run_cli
+    run_cli(main)

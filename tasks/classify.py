@@ -15,7 +15,6 @@ metrics.jsonl, curves.png, last.pt / best.pt and confusion.png.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -31,7 +30,7 @@ from tasks.data.folders import ImageFolderDataset, classification_transforms, co
 from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
 from tasks.data.loaders import DeviceLoader, TensorLoader, make_loader
 from tasks.engine.checkpoint import load_for_inference
-from tasks.engine.cli import Run, common_parser, setup_run
+from tasks.engine.cli import Run, common_parser, run_cli, setup_run
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.loop import Trainer, autocast
 from tasks.engine.trunk import load_trunk
@@ -289,7 +288,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

@@ -16,7 +16,6 @@ results format), and detections.png shows predicted (coloured) and true (white) 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -34,7 +33,7 @@ from tasks.data.loaders import DeviceLoader, make_loader, normalize_images
 from tasks.data.scenes import ensure_scenes
 from tasks.data.transforms import detection_train_transforms, detection_val_transforms
 from tasks.engine.checkpoint import load_for_inference
-from tasks.engine.cli import Run, common_parser, setup_run
+from tasks.engine.cli import Run, common_parser, run_cli, setup_run
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.loop import Trainer, autocast
 from tasks.engine.trunk import load_trunk
@@ -290,7 +289,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

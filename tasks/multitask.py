@@ -16,7 +16,6 @@ mIoU. ``--predict`` writes, per image, a JSON (classes, boxes, mask file) and on
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -33,7 +32,7 @@ from tasks.data.scenes import ensure_scenes
 from tasks.data.segmentation import IGNORE_INDEX
 from tasks.data.transforms import detection_train_transforms, detection_val_transforms
 from tasks.engine.checkpoint import load_checkpoint, load_for_inference
-from tasks.engine.cli import common_parser, setup_run
+from tasks.engine.cli import common_parser, run_cli, setup_run
 from tasks.engine.config import OptimConfig, TrainConfig, config_from_dict
 from tasks.engine.logging import progress
 from tasks.engine.loop import Trainer, autocast
@@ -362,7 +361,4 @@ def _main_merged(args) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

@@ -18,7 +18,6 @@ masks; ``--predict`` writes a palette PNG mask and an overlay per image.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -35,7 +34,7 @@ from tasks.data.segmentation import (IGNORE_INDEX, CocoSemanticDataset, MaskFold
                                      scenes_segmentation)
 from tasks.data.transforms import segmentation_train_transforms, segmentation_val_transforms
 from tasks.engine.checkpoint import load_for_inference
-from tasks.engine.cli import Run, common_parser, setup_run
+from tasks.engine.cli import Run, common_parser, run_cli, setup_run
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.loop import Trainer, autocast
 from tasks.engine.trunk import load_trunk
@@ -281,7 +280,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_cli(main)

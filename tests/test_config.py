@@ -42,3 +42,12 @@ def test_missing_file():
 def test_shipped_recipes_load(path):
     cfg = load_config(ClassifyConfig, path)
     assert cfg.model.in_chans == 1 and path.read_text().startswith("# ")
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "tasks.classify", "--device", "cpu", "--set", "model.depht=50",
+                           "--output", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "depht" in proc.stderr and "Traceback" not in proc.stderr

@@ -22,7 +22,7 @@ from .checkpoint import load_checkpoint
 from .config import CONFIG_ROOT, merge_dicts, apply_overrides, config_from_dict, config_to_dict, read_yaml
 from .logging import Console
 
-__all__ = ["common_parser", "Run", "setup_run", "resolve_device", "seed_everything", "find_config"]
+__all__ = ["common_parser", "Run", "setup_run", "resolve_device", "seed_everything", "find_config", "run_cli"]
 
 # flag (argparse dest) -> config key
 FLAG_KEYS = {
@@ -201,3 +201,22 @@ def setup_run(task: str, cfg_cls: type, args: argparse.Namespace, default_recipe
         summary = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
     return Run(task=task, cfg=cfg, args=args, output=output, device=device, console=console, recipe=recipe,
                summary=summary, resume_from=resume_from, checkpoint=checkpoint)
+
+
+def run_cli(main) -> None:
+    """``if __name__ == "__main__"`` of every task: a mistake in the input (bad config, missing
+    file, wrong data) ends with one line naming it instead of a traceback; Ctrl-C exits 130.
+    ``ONETRUNK_DEBUG=1`` shows the full traceback."""
+    import sys
+
+    from .loop import NonFiniteLossError
+
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (ValueError, OSError, NonFiniteLossError) as e:  # ConfigError, IDXError ... are ValueErrors
+        if os.environ.get("ONETRUNK_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
