@@ -122,6 +122,7 @@ def test_frozen_shared_trunk_merges_and_predicts(data_args, tmp_path, capsys):
                           "--output", str(tmp_path / "det")])
     printed = capsys.readouterr().out
     assert "'cifar' stem" in printed and "1->3 input channels" in printed and "frozen: stem..C5" in printed
+    assert "conv1.weight not loaded but frozen" in printed  # the frozen random stem is called out
     segment.main(common + ["--config", "configs/segment/scenes_quick.yaml", "--output", str(tmp_path / "seg")])
     image = tmp_path / "x.png"
     cv2.imwrite(str(image), np.full((40, 60, 3), 90, np.uint8))

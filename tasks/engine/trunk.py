@@ -32,6 +32,13 @@ def load_trunk(backbone: ResNet, path: str | os.PathLike, model_cfg: ModelConfig
                          f"one: the stem conv starts from its initialisation (--set model.stem={src['stem']} "
                          f"carries it over)")
     report = backbone.load_weights(path, strict=False, verbose=False)
+    not_loaded = [k for k, *_ in report.mismatched] + report.missing
+    frozen_names = {n for m in backbone.frozen_modules() for n, _ in m.named_parameters()}
+    frozen_new = [k for k in not_loaded if any(k.endswith(n) for n in frozen_names)]
+    if frozen_new:
+        notes.append(f"{', '.join(frozen_new[:3])}{' ...' if len(frozen_new) > 3 else ''} not loaded but frozen "
+                     f"(model.freeze_at={backbone.freeze_at}): it stays at its random initialisation; "
+                     f"lower freeze_at or make the stems match")
     say(f"--trunk: {report}")
     for note in notes:
         say(f"  note: {note}")
