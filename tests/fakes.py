@@ -32,3 +32,14 @@ def write_fake_fashion_mnist(folder: Path, n_train: int = 256, n_test: int = 128
         write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
     return folder
+
+
+# Flags that shrink a FashionScenes task run to seconds on a CPU: 24 / 8 scenes of 64 px.
+TINY_SCENES = ["--set", "data.scenes_train=24", "--set", "data.scenes_val=8", "--set", "data.scenes_size=64",
+               "--set", "data.image_size=64", "--set", "data.num_workers=0", "--set", "data.eval_batch_size=4"]
+
+
+def tiny_scenes_args(root: Path) -> list[str]:
+    """``TINY_SCENES`` plus a fake Fashion-MNIST and a scenes folder under ``root``."""
+    fm = write_fake_fashion_mnist(root / "fm", n_train=64, n_test=32)
+    return TINY_SCENES + ["--data-dir", str(fm), "--set", f"data.scenes_root={root / 'scenes'}"]

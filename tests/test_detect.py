@@ -7,19 +7,15 @@ import torch
 from backbones import resnet18
 from tasks import detect
 from tasks.engine.checkpoint import load_checkpoint
-from tests.fakes import write_fake_fashion_mnist
+from tests.fakes import tiny_scenes_args
 
 TINY = ["--device", "cpu", "--quiet", "--batch-size", "4", "--config", "configs/detect/scenes_quick.yaml",
-        "--set", "data.scenes_train=24", "--set", "data.scenes_val=8", "--set", "data.scenes_size=64",
-        "--set", "data.image_size=64", "--set", "data.num_workers=0", "--set", "data.eval_batch_size=4",
         "--set", "model.fpn_channels=32", "--set", "model.num_convs=1"]
 
 
 @pytest.fixture(scope="module")
 def scenes_args(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    fm = write_fake_fashion_mnist(root / "fm", n_train=64, n_test=32)
-    return TINY + ["--data-dir", str(fm), "--set", f"data.scenes_root={root / 'scenes'}"]
+    return TINY + tiny_scenes_args(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,14 @@ from heads import ClassificationHead, Detector, FCNHead, FCOSHead, MultiLabelHea
 from tasks import detect, multitask, segment
 from tasks.engine.checkpoint import load_checkpoint
 from tasks.engine.metrics import multilabel_metrics
-from tests.fakes import write_fake_fashion_mnist
+from tests.fakes import tiny_scenes_args
 
-SCENES = ["--set", "data.scenes_train=24", "--set", "data.scenes_val=8", "--set", "data.scenes_size=64",
-          "--set", "data.image_size=64", "--set", "data.num_workers=0", "--set", "data.eval_batch_size=4"]
 CPU = ["--device", "cpu", "--quiet", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
 def data_args(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    fm = write_fake_fashion_mnist(root / "fm", n_train=64, n_test=32)
-    return SCENES + ["--data-dir", str(fm), "--set", f"data.scenes_root={root / 'scenes'}"]
+    return tiny_scenes_args(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,14 @@ from PIL import Image
 
 from tasks import segment
 from tasks.engine.checkpoint import load_checkpoint
-from tests.fakes import write_fake_fashion_mnist
+from tests.fakes import tiny_scenes_args
 
-TINY = ["--device", "cpu", "--quiet", "--batch-size", "4", "--config", "configs/segment/scenes_quick.yaml",
-        "--set", "data.scenes_train=24", "--set", "data.scenes_val=8", "--set", "data.scenes_size=64",
-        "--set", "data.image_size=64", "--set", "data.num_workers=0", "--set", "data.eval_batch_size=4"]
+TINY = ["--device", "cpu", "--quiet", "--batch-size", "4", "--config", "configs/segment/scenes_quick.yaml"]
 
 
 @pytest.fixture(scope="module")
 def scenes_args(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    fm = write_fake_fashion_mnist(root / "fm", n_train=64, n_test=32)
-    return TINY + ["--data-dir", str(fm), "--set", f"data.scenes_root={root / 'scenes'}"]
+    return TINY + tiny_scenes_args(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
