@@ -153,12 +153,11 @@ def ours_classify(recipe: str, out: Path, extra: list[str], data_dir: str | None
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps_imgs = [r["train_img_per_s"] for r in records]
     epochs = len(records)
-    n_imgs = steps_imgs[0] * records[0]["train_time_s"]  # images per epoch
     return {"name": f"onetrunk: {Path(recipe).stem} {' '.join(extra)}".strip(), "acc": final["acc"],
             "best_acc": final.get("best_acc"), "epochs": epochs,
             "batch_size": yaml.safe_load((out / "config.yaml").read_text())["train"]["batch_size"],
             "train_time_s": final["train_time_total_s"], "first_epoch_s": records[0]["train_time_s"],
-            "img_per_s": n_imgs * epochs / final["train_time_total_s"],
+            "img_per_s": sum(r["train_images"] for r in records) / final["train_time_total_s"],
             "steady_img_per_s": statistics.median(steps_imgs[1:] or steps_imgs),
             "eval_time_s": sum(r.get("eval_time_s", 0.0) for r in records), "wall_s": wall,
             "acc_curve": [round(r.get("val_acc", float("nan")), 4) for r in records]}

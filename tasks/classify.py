@@ -117,25 +117,8 @@ def _fashion_mnist(cfg: ClassifyConfig, device: torch.device) -> ClassifyData:
     val = TensorLoader(val_x.to(where), val_y.to(where), batch_size=d.eval_batch_size, augment=aug, train=False,
                        channels_last=cl)
     if where != device:  # data on the host, model on the device
-        train, val = _HostToDevice(train, device), _HostToDevice(val, device)
+        train, val = DeviceLoader(train, device), DeviceLoader(val, device)
     return ClassifyData(train, val, list(fashion_mnist.CLASSES), mean, std, 28)
-
-
-class _HostToDevice:
-    """Moves the batches of a host-side ``TensorLoader`` to the device."""
-
-    def __init__(self, loader: TensorLoader, device: torch.device) -> None:
-        self.loader, self.device = loader, device
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-    def __iter__(self):
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def _folders(cfg: ClassifyConfig, device: torch.device) -> ClassifyData:

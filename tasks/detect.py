@@ -109,7 +109,6 @@ def data_paths(cfg: DetectConfig, *, quiet: bool = False) -> dict[str, str]:
 
 @dataclass
 class DetectData:
-    train_set: CocoDetection | None
     val_set: CocoDetection
     train: Any
     val: Any
@@ -128,7 +127,7 @@ def build_data(cfg: DetectConfig, device: torch.device, *, train: bool = True, q
                            collate_fn=collate_detection, seed=cfg.train.seed, device=device)
 
     val = DeviceLoader(loader(val_set, False, d.eval_batch_size), device, on_device)
-    train_set = train_loader = None
+    train_loader = None
     if train:
         train_set = CocoDetection(paths["train_ann"], paths["train_images"],
                                   detection_train_transforms(d.image_size, (d.scale_min, d.scale_max),
@@ -139,7 +138,7 @@ def build_data(cfg: DetectConfig, device: torch.device, *, train: bool = True, q
                              f"({train_set.cat_ids} vs {val_set.cat_ids})")
         train_loader = DeviceLoader(loader(train_set, True, cfg.train.batch_size), device, on_device,
                                     seed=cfg.train.seed)
-    return DetectData(train_set, val_set, train_loader, val, val_set.class_names)
+    return DetectData(val_set, train_loader, val, val_set.class_names)
 
 
 # ----------------------------------------------------------------------------- evaluation

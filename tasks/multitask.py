@@ -27,7 +27,7 @@ from heads import MultiLabelHead, MultiTaskModel
 from tasks import detect, segment
 from tasks.data.coco import CocoDetection, collate_detection, read_image
 from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
-from tasks.data.loaders import DeviceLoader, make_loader
+from tasks.data.loaders import DeviceLoader, make_loader, normalize_images
 from tasks.data.scenes import ensure_scenes
 from tasks.data.segmentation import IGNORE_INDEX
 from tasks.data.transforms import detection_train_transforms, detection_val_transforms
@@ -132,12 +132,10 @@ def build_data(cfg: MultiTaskConfig, device: torch.device, *, train: bool = True
     val_set = CocoDetection(paths["val_ann"], paths["val_images"], detection_val_transforms(d.image_size),
                             skip_bad=d.skip_bad, limit=d.limit_val, mask_dir=paths["val_masks"])
     k = val_set.num_classes
-    cl = cfg.train.channels_last
+    normalize = normalize_images(NORMALIZE, cfg.train.channels_last)
 
     def on_device(batch):
-        images, targets = batch
-        x = NORMALIZE(images, train=False)
-        x = x.contiguous(memory_format=torch.channels_last) if cl else x
+        x, targets = normalize(batch)
         # "_meta" keeps the per-image targets (ids, scales) for COCO evaluation; heads ignore it
         return x, {**multitask_targets(targets, k), "_meta": targets}
 

@@ -67,3 +67,17 @@ def test_batch_augment_ranges_and_loader_batches():
     assert torch.equal(torch.cat([b[1] for b in loader]), seen)  # and reproducibly
     val_loader = TensorLoader(images, labels, batch_size=16, augment=aug, train=False)
     assert len(val_loader) == 4 and sum(len(b[1]) for b in val_loader) == 50
+
+
+def test_device_loader_reseeds_a_host_tensor_loader():
+    from tasks.data.loaders import DeviceLoader
+    images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
+    inner = TensorLoader(images, torch.arange(40), batch_size=8, augment=BatchAugment((0.5,), (0.25,)), train=True)
+    loader = DeviceLoader(inner, torch.device("cpu"))
+    order = lambda: torch.cat([y for _, y in loader])  # noqa: E731
+    loader.set_epoch(0)
+    first = order()
+    loader.set_epoch(1)
+    assert not torch.equal(order(), first)  # the epoch reaches the inner loader
+    loader.set_epoch(0)
+    assert torch.equal(order(), first)

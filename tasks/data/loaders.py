@@ -79,8 +79,8 @@ class TensorLoader:
 
 
 class DeviceLoader:
-    """A ``DataLoader`` whose batches arrive on ``device``, finished by ``on_device(batch)``
-    (e.g. uint8 -> normalised float), with per-epoch reseeding of its sampler."""
+    """A ``DataLoader`` (or a host-side ``TensorLoader``) whose batches arrive on ``device``,
+    finished by ``on_device(batch)`` (e.g. uint8 -> normalised float), reseeded per epoch."""
 
     def __init__(self, loader: DataLoader, device: torch.device, on_device: Callable[[Any], Any] | None = None,
                  seed: int = 0) -> None:
@@ -92,6 +92,8 @@ class DeviceLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if hasattr(self.loader, "set_epoch"):  # a TensorLoader kept on the host
+            self.loader.set_epoch(epoch)
         gen = getattr(self.loader, "generator", None)
         if gen is not None:
             gen.manual_seed(epoch_seed(self.seed, epoch))

@@ -237,7 +237,8 @@ class Trainer:
                 total_train_s += result.seconds
                 record = {"epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0],
                           **{f"train_{k}": v for k, v in result.losses.items()},
-                          "train_time_s": result.seconds, "train_time_total_s": total_train_s,
+                          "train_images": result.images, "train_time_s": result.seconds,
+                          "train_time_total_s": total_train_s,
                           "train_img_per_s": result.images / max(result.seconds, 1e-9)}
                 last = epoch + 1 == self.epochs
                 if last or (epoch + 1) % max(1, tcfg.eval_every) == 0:
