@@ -43,7 +43,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
-__all__ = ["CocoDetection", "ImageReadError", "read_image", "keep_existing_images", "collate_detection",
+__all__ = ["CocoDetection", "ImageReadError", "read_image", "checked_annotations", "keep_existing_images", "collate_detection",
            "detections_to_coco", "coco_evaluate", "METRIC_NAMES"]
 
 # COCOeval.stats[:6], in its order.
@@ -159,6 +159,27 @@ def _annotation_problem(ann: Any, image_ids: dict, category_ids: dict, seen: set
     return None
 
 
+def checked_annotations(anns: list, images: dict[int, dict], cat_to_label: dict[int, int], *, ann_file: Path,
+                        skip_bad: bool, stats: dict[str, int],
+                        extra_check: Callable[[dict], str | None] | None = None):
+    """Yield the well-formed annotations; a malformed one (``_annotation_problem``, or
+    ``extra_check``) raises ``ValueError`` naming the file and annotation id, or with
+    ``skip_bad`` is dropped and counted in ``stats["malformed"]``."""
+    seen: set[int] = set()
+    for i, ann in enumerate(anns):
+        problem = _annotation_problem(ann, images, cat_to_label, seen)
+        if problem is None and extra_check is not None:
+            problem = extra_check(ann)
+        if problem is not None:
+            ann_id = ann.get("id", f"#{i}") if isinstance(ann, dict) else f"#{i}"
+            if not skip_bad:
+                raise ValueError(f"{ann_file}: malformed annotation id {ann_id}: {problem}")
+            stats["malformed"] += 1
+            continue
+        seen.add(ann["id"])
+        yield ann
+
+
 def keep_existing_images(image_dir: Path, images: dict[int, dict], ids: list[int], *, ann_file: Path,
                          skip_bad: bool, stats: dict[str, int]) -> list[int]:
     """The ids whose image file exists; a missing one raises ``FileNotFoundError`` naming it, or
@@ -253,17 +274,9 @@ class CocoDetection(torch.utils.data.Dataset):
     def _sanitize_annotations(self, anns: list, images: dict[int, dict],
                               kept: set[int]) -> dict[int, list[dict]]:
         """Check every annotation; return the usable ones of the kept images, boxes clipped."""
-        seen: set[int] = set()
         by_image: dict[int, list[dict]] = {}
-        for i, ann in enumerate(anns):
-            problem = _annotation_problem(ann, images, self._cat_to_label, seen)
-            if problem is not None:
-                ann_id = ann.get("id", f"#{i}") if isinstance(ann, dict) else f"#{i}"
-                if not self.skip_bad:
-                    raise ValueError(f"{self.ann_file}: malformed annotation id {ann_id}: {problem}")
-                self.stats["malformed"] += 1
-                continue
-            seen.add(ann["id"])
+        for ann in checked_annotations(anns, images, self._cat_to_label, ann_file=self.ann_file,
+                                       skip_bad=self.skip_bad, stats=self.stats):
             if ann["image_id"] not in kept:
                 continue
             ann = dict(ann)  # never mutate the caller's JSON

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .coco import (ImageReadError, _annotation_problem, keep_existing_images, _check_categories, _check_images,
+from .coco import (ImageReadError, checked_annotations, keep_existing_images, _check_categories, _check_images,
                    _is_int, _load_json, read_image)
 
 __all__ = ["MaskFolderDataset", "CocoSemanticDataset", "MaskError", "read_mask", "collate_segmentation",
@@ -322,20 +322,13 @@ class CocoSemanticDataset(_SegmentationDataset):
 
     def _sanitize_annotations(self, anns: list, images: dict[int, dict], kept: set[int]) -> dict[int, list[dict]]:
         """The usable annotations of the kept images, grouped by image in file order."""
-        seen: set[int] = set()
+        def segmentation_problem(ann: dict) -> str | None:
+            img = images[ann["image_id"]]
+            return _segmentation_problem(ann.get("segmentation"), img["height"], img["width"])
+
         by_image: dict[int, list[dict]] = {}
-        for i, ann in enumerate(anns):
-            problem = _annotation_problem(ann, images, self._cat_to_label, seen)
-            if problem is None:
-                img = images[ann["image_id"]]
-                problem = _segmentation_problem(ann.get("segmentation"), img["height"], img["width"])
-            if problem is not None:
-                ann_id = ann.get("id", f"#{i}") if isinstance(ann, dict) else f"#{i}"
-                if not self.skip_bad:
-                    raise ValueError(f"{self.ann_file}: malformed annotation id {ann_id}: {problem}")
-                self.stats["malformed"] += 1
-                continue
-            seen.add(ann["id"])
+        for ann in checked_annotations(anns, images, self._cat_to_label, ann_file=self.ann_file,
+                                       skip_bad=self.skip_bad, stats=self.stats, extra_check=segmentation_problem):
             if ann["image_id"] in kept:
                 self.stats["crowd" if ann.get("iscrowd", 0) else "annotations"] += 1
                 by_image.setdefault(ann["image_id"], []).append(ann)
