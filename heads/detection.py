@@ -26,7 +26,7 @@ from backbones.base import Backbone, FeatureSpec
 from .base import TaskModel
 from .fpn import FPN
 
-__all__ = ["FCOSHead", "Detector"]
+__all__ = ["FCOSHead", "Detector", "pad_targets", "is_padded_targets"]
 
 # FCOS assigns an object to the level whose stride s satisfies max(l, t, r, b) in (4s, 8s]
 # (ranges 0-64, 64-128, ... for strides 8, 16, ...): the upper bound of each level is 8 strides.
@@ -75,10 +75,32 @@ def _giou_loss(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) ->
     return 1 - (iou - (area_c - union) / (area_c + eps))
 
 
+def is_padded_targets(targets: Any) -> bool:
+    """The batched target form: ``{"boxes": [N, M, 4], "labels": [N, M]}``, labels -1 on padding."""
+    return isinstance(targets, Mapping) and "boxes" in targets and "labels" in targets
+
+
 def _check_target_structure(targets: Any, num_images: int | None = None) -> None:
     """Types and shapes only (no device sync): cheap enough to run on every ``loss`` call."""
+    if is_padded_targets(targets):
+        boxes, labels = targets["boxes"], targets["labels"]
+        if not isinstance(boxes, torch.Tensor) or boxes.dim() != 3 or boxes.shape[-1] != 4:
+            got = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
+            raise ValueError(f"padded targets: boxes must be a [N, M, 4] xyxy tensor, got {got}")
+        if not boxes.is_floating_point():
+            raise ValueError(f"padded targets: boxes must be floating point (xyxy pixels), got {boxes.dtype}")
+        if (not isinstance(labels, torch.Tensor) or labels.shape != boxes.shape[:2] or labels.is_floating_point()
+                or labels.dtype == torch.bool):
+            got = (f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor)
+                   else type(labels).__name__)
+            raise ValueError(f"padded targets: labels must be an integer [N, M] = {tuple(boxes.shape[:2])} "
+                             f"tensor (-1 on padding), got {got}")
+        if num_images is not None and boxes.shape[0] != num_images:
+            raise ValueError(f"got padded targets for {boxes.shape[0]} images but {num_images} images")
+        return
     if not isinstance(targets, (list, tuple)):
-        raise ValueError(f"detection targets must be a list of dicts (one per image), got {type(targets).__name__}")
+        raise ValueError("detection targets must be a list of dicts (one per image) or a dict of padded "
+                         f"'boxes' [N, M, 4] and 'labels' [N, M], got {type(targets).__name__}")
     if num_images is not None and len(targets) != num_images:
         raise ValueError(f"got {len(targets)} targets for {num_images} images")
     for i, t in enumerate(targets):
@@ -98,6 +120,27 @@ def _check_target_structure(targets: Any, num_images: int | None = None) -> None
             raise ValueError(f"image {i}: labels must be integer class indices, got {labels.dtype}")
         if labels.shape[0] != boxes.shape[0]:
             raise ValueError(f"image {i}: {boxes.shape[0]} boxes but {labels.shape[0]} labels")
+
+
+def pad_targets(targets: Sequence[Mapping[str, torch.Tensor]], multiple: int = 1,
+                device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Per-image targets -> the padded form ``{"boxes": [N, M, 4] float32, "labels": [N, M] int64}``,
+    labels -1 on padding; M is the largest box count rounded up to ``multiple`` (at least 1).
+
+    A fixed M (``multiple`` above any image's count) gives every batch the same shapes, which a
+    CUDA graph needs; built on the CPU in a DataLoader worker it also turns 2N small tensors per
+    batch into two (less inter-process traffic and host-to-device copies).
+    """
+    n = len(targets)
+    m = max([int(t["boxes"].shape[0]) for t in targets] + [1])
+    m = -(-m // max(1, multiple)) * max(1, multiple)
+    boxes = torch.zeros(n, m, 4, dtype=torch.float32, device=device)
+    labels = torch.full((n, m), -1, dtype=torch.int64, device=device)
+    for i, t in enumerate(targets):
+        k = t["boxes"].shape[0]
+        boxes[i, :k] = t["boxes"]
+        labels[i, :k] = t["labels"]
+    return {"boxes": boxes, "labels": labels}
 
 
 # ----------------------------------------------------------------------------- head
@@ -233,24 +276,27 @@ class FCOSHead(nn.Module):
     # ------------------------------------------------------------------ targets
 
     @staticmethod
-    def _pad_targets(targets: Sequence[dict[str, torch.Tensor]], device: torch.device
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad_targets(targets: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Boxes ``[N, M, 4]`` float32 and labels ``[N, M]`` int64, padding labels with -1.
 
         M is at least 1 so that reductions over boxes stay defined for an all-empty batch.
+        Padded targets (``pad_targets``) pass through as they are.
         """
-        boxes = [t["boxes"].to(device=device, dtype=torch.float32) for t in targets]
-        labels = [t["labels"].to(device=device, dtype=torch.int64) for t in targets]
-        boxes = nn.utils.rnn.pad_sequence(boxes, batch_first=True)  # [N, M, 4]
-        labels = nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=-1)  # [N, M]
+        if is_padded_targets(targets):
+            boxes = targets["boxes"].to(device=device, dtype=torch.float32)
+            labels = targets["labels"].to(device=device, dtype=torch.int64)
+        else:
+            boxes = nn.utils.rnn.pad_sequence([t["boxes"].to(device=device, dtype=torch.float32) for t in targets],
+                                              batch_first=True)  # [N, M, 4]
+            labels = nn.utils.rnn.pad_sequence([t["labels"].to(device=device, dtype=torch.int64) for t in targets],
+                                               batch_first=True, padding_value=-1)  # [N, M]
         if boxes.shape[1] == 0:  # shape, not data: no sync
-            boxes = boxes.new_zeros(len(targets), 1, 4)
-            labels = labels.new_full((len(targets), 1), -1)
+            boxes = boxes.new_zeros(boxes.shape[0], 1, 4)
+            labels = labels.new_full((labels.shape[0], 1), -1)
         return boxes, labels
 
     @torch.no_grad()
-    def assign_targets(self, raw: dict[str, Any], targets: Sequence[dict[str, torch.Tensor]]
-                       ) -> dict[str, torch.Tensor]:
+    def assign_targets(self, raw: dict[str, Any], targets: Any) -> dict[str, torch.Tensor]:
         """FCOS assignment for the whole batch at once.
 
         A point is positive for a box when it lies inside the box's centre region (``radius *
@@ -319,9 +365,12 @@ class FCOSHead(nn.Module):
             num = num / dist.get_world_size()
         return num.clamp(min=1.0)
 
-    def loss(self, raw: dict[str, Any], targets: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def loss(self, raw: dict[str, Any], targets: Any) -> dict[str, torch.Tensor]:
         """``classification`` (focal), ``bbox_regression`` (GIoU), ``bbox_ctrness`` (BCE),
-        each summed and divided by the number of positives. Computed in float32."""
+        each summed and divided by the number of positives. Computed in float32.
+
+        ``targets``: per image ``[dict(boxes=[M, 4] xyxy, labels=[M])]``, or the padded batch
+        ``dict(boxes=[N, M, 4], labels=[N, M])`` with label -1 on padding (``pad_targets``)."""
         cls_logits = raw["cls_logits"].float()  # [N, P, K]
         _check_target_structure(targets, cls_logits.shape[0])
         a = self.assign_targets(raw, targets)
@@ -391,9 +440,13 @@ class FCOSHead(nn.Module):
         # nothing and would only break consumers that reject x2 <= x1
         keep = (scores > self.score_thresh) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
 
+        # one selection for the whole batch (two host syncs), then split into per-image views;
+        # indexing image by image would cost a sync per image and tensor
+        idx = keep.nonzero()  # [T, 2] (image, candidate), image-major
+        counts = torch.bincount(idx[:, 0], minlength=n).tolist()
+        chosen = (boxes[idx[:, 0], idx[:, 1]], scores[idx[:, 0], idx[:, 1]], labels[idx[:, 0], idx[:, 1]])
         results = []
-        for i in range(n):  # NMS sizes differ per image; the filtering above is batched
-            b, s, lab = boxes[i][keep[i]], scores[i][keep[i]], labels[i][keep[i]]
+        for b, s, lab in zip(*(c.split(counts) for c in chosen)):  # NMS sizes differ per image
             kept = batched_nms(b, s, lab, self.nms_thresh)[: self.detections_per_img]
             results.append({"boxes": b[kept], "scores": s[kept], "labels": lab[kept]})
         return results
@@ -417,34 +470,38 @@ class Detector(TaskModel):
         self.check_targets = check_targets
 
     def validate_targets(self, targets: Any, num_images: int | None = None) -> None:
-        """Raise ``ValueError`` naming the image (and box) for malformed detection targets."""
+        """Raise ``ValueError`` naming the image (and box) for malformed detection targets.
+
+        Every value check of the batch runs on the padded ``[N, M]`` layout at once: a single
+        host sync when the batch is good."""
         _check_target_structure(targets, num_images)
-        if not targets:
-            return
+        if is_padded_targets(targets):
+            boxes, labels = targets["boxes"], targets["labels"]
+            real = labels != -1  # -1 marks padding in this form
+        else:
+            if not targets:
+                return
+            device = targets[0]["boxes"].device
+            counts = torch.tensor([t["boxes"].shape[0] for t in targets], device=device)
+            padded = pad_targets(targets, device=device)
+            boxes, labels = padded["boxes"], padded["labels"]
+            real = torch.arange(boxes.shape[1], device=device) < counts[:, None]  # a label -1 here is an error
         num_classes = self.head.num_classes
-        # all value checks of the batch gathered into one [N, 3] tensor: a single host sync
-        flags = []
-        device = targets[0]["boxes"].device
-        for t in targets:
-            boxes, labels = t["boxes"], t["labels"]
-            flags.append(torch.stack([
-                (~torch.isfinite(boxes)).any(),
-                ((labels < 0) | (labels >= num_classes)).any(),
-                ((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).any(),
-            ]).to(device))
-        bad = torch.stack(flags).tolist()
-        for i, (nonfinite, out_of_range, degenerate) in enumerate(bad):
-            boxes, labels = targets[i]["boxes"], targets[i]["labels"]
-            if nonfinite:
-                j = int((~torch.isfinite(boxes)).any(dim=1).nonzero()[0])
-                raise ValueError(f"image {i}: box {j} has a non-finite coordinate: {boxes[j].tolist()}")
-            if out_of_range:
-                j = int(((labels < 0) | (labels >= num_classes)).nonzero()[0])
-                raise ValueError(f"image {i}: label {int(labels[j])} of box {j} is outside [0, {num_classes})")
-            if degenerate:
-                j = int(((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])).nonzero()[0])
-                raise ValueError(f"image {i}: box {j} {boxes[j].tolist()} has x2 <= x1 or y2 <= y1 "
-                                 "(boxes are xyxy absolute pixels)")
+        nonfinite = (~torch.isfinite(boxes)).any(dim=-1) & real  # [N, M]
+        out_of_range = ((labels < 0) | (labels >= num_classes)) & real
+        degenerate = ((boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1])) & real & ~nonfinite
+        flags = torch.stack([nonfinite, out_of_range, degenerate])  # [3, N, M]
+        if not bool(flags.any()):
+            return
+        i = int(flags.any(dim=2).any(dim=0).nonzero()[0])  # the first bad image
+        kind = int(flags[:, i].any(dim=1).nonzero()[0])
+        j = int(flags[kind, i].nonzero()[0])
+        if kind == 0:
+            raise ValueError(f"image {i}: box {j} has a non-finite coordinate: {boxes[i, j].tolist()}")
+        if kind == 1:
+            raise ValueError(f"image {i}: label {int(labels[i, j])} of box {j} is outside [0, {num_classes})")
+        raise ValueError(f"image {i}: box {j} {boxes[i, j].tolist()} has x2 <= x1 or y2 <= y1 "
+                         "(boxes are xyxy absolute pixels)")
 
     def forward(self, images: torch.Tensor, targets: Any = None):
         if self.training and targets is not None and self.check_targets:

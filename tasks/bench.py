@@ -4,7 +4,7 @@ Usage:
     python -m tasks.bench classify [--out DIR] [--recipe FILE[::FLAGS] ...] [--peer-epochs 15] [--no-peer]
     python -m tasks.bench detect   [--out DIR] [--set KEY=VALUE ...]
     python -m tasks.bench segment  [--out DIR] [--set KEY=VALUE ...]
-    python -m tasks.bench multitask [--out DIR] [--set KEY=VALUE ...]   # one-pass vs three models, inference
+    python -m tasks.bench multitask [--out DIR] [--set KEY=VALUE ...] [--weights CKPT]  # one-pass vs three models
 
 ``classify``: this project's recipe(s) (``python -m tasks.classify``) and the peer of the
 issue: torchvision ``resnet18`` with a 3x3/1 one-channel ``conv1`` and no max-pool,
@@ -26,6 +26,7 @@ batches) and the task metric of each go to ``<out>/bench_<task>.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import platform
@@ -186,6 +187,10 @@ class _TorchvisionFCOS(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, targets=None):
         if self.training:
+            if isinstance(targets, dict):  # our padded training batch -> torchvision's per-image dicts
+                keep = targets["labels"] >= 0
+                targets = [{"boxes": b[k], "labels": lab[k]}
+                           for b, lab, k in zip(targets["boxes"], targets["labels"], keep)]
             return self.fcos(list(images), [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
         return self.fcos(list(images))
 
@@ -281,11 +286,15 @@ def bench_dense(task: str, out: Path, overrides: list[str], device: torch.device
         def evaluate(m, final: bool):
             return mod.evaluate(m, data, device, cfg.train.amp)
 
-        trainer = Trainer(task, cfg, model, data.train, evaluate=evaluate, main_metric=metric, output=run_dir,
+        run_cfg = cfg
+        if i > 0 and cfg.train.cuda_graph:  # torchvision's models sync the host inside forward: no capture
+            run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cuda_graph=False))
+        trainer = Trainer(task, run_cfg, model, data.train, evaluate=evaluate, main_metric=metric, output=run_dir,
                           device=device, quiet=True)
         record = trainer.fit()
         records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        row = {"name": name, "params_m": round(n_params / 1e6, 2), metric: record[f"val_{metric}"],
+        row = {"name": name, "params_m": round(n_params / 1e6, 2), "cuda_graph": run_cfg.train.cuda_graph,
+               metric: record[f"val_{metric}"],
                f"best_{metric}": record.get(f"best_{metric}"), "epochs": len(records),
                "train_time_s": record["train_time_total_s"], "first_epoch_s": records[0]["train_time_s"],
                "train_img_per_s": statistics.median(r["train_img_per_s"] for r in records[1:] or records),
@@ -315,11 +324,12 @@ def _dense_table(rows: list[dict[str, Any]], metric: str) -> str:
 
 
 def bench_multitask_inference(out: Path, overrides: list[str], device: torch.device | None = None,
-                              batches: int = 8) -> dict[str, Any]:
+                              batches: int = 8, weights: str | None = None) -> dict[str, Any]:
     """Inference images/s of one ``MultiTaskModel`` against the three single-task models
     (same weights, trunk copied into each) run one after another on the same batches, and
-    whether their outputs agree. Weights are the initialisation: speed and equality do not
-    depend on training."""
+    whether their outputs agree. ``weights``: a ``tasks.multitask`` checkpoint of the recipe.
+    Without it the initial weights are used, which understates detection: an untrained head
+    scores every point near its prior, so all top-k candidates reach NMS."""
     import copy
 
     from heads import Detector, Segmenter, TaskModel
@@ -335,7 +345,11 @@ def bench_multitask_inference(out: Path, overrides: list[str], device: torch.dev
         torch.backends.cudnn.benchmark = True
     seed_everything(cfg.train.seed)
     data = multitask.build_data(cfg, device, train=False, quiet=True)
-    merged = multitask.build_model(cfg, len(data.class_names)).to(device).eval()
+    merged = multitask.build_model(cfg, len(data.class_names))
+    if weights:
+        from tasks.engine.checkpoint import load_checkpoint, model_state
+        merged.load_state_dict(model_state(load_checkpoint(weights)))
+    merged = merged.to(device).eval()
     singles = {"classify": TaskModel, "detect": Detector, "segment": Segmenter}
     singles = {name: cls(copy.deepcopy(merged.backbone), merged.heads[name]).to(device).eval()
                for name, cls in singles.items()}
@@ -369,7 +383,7 @@ def bench_multitask_inference(out: Path, overrides: list[str], device: torch.dev
         a, b = merged(x), {name: m(x) for name, m in singles.items()}
     same = (torch.equal(a["classify"], b["classify"]) and torch.equal(a["segment"], b["segment"])
             and all(torch.equal(p[k], q[k]) for p, q in zip(a["detect"], b["detect"]) for k in p))
-    result = {"env": env_info(), "recipe": str(recipe), "overrides": overrides,
+    result = {"env": env_info(), "recipe": str(recipe), "overrides": overrides, "weights": weights,
               "batch_size": held[0].shape[0], "image_size": list(held[0].shape[-2:]),
               "multitask_img_per_s": merged_ips, "single_img_per_s": single_ips,
               "sequential_img_per_s": sequential_ips, "speedup": merged_ips / sequential_ips,
@@ -401,6 +415,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--peer-epochs", type=int, default=15)
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--data-dir")
+    p.add_argument("--weights", metavar="CKPT", help="multitask: a trained checkpoint of the recipe (default: initial weights)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -408,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from tasks.engine.cli import resolve_device
         device = resolve_device(args.device) if args.device else None
         if args.what == "multitask":
-            return bench_multitask_inference(out, args.overrides, device)
+            return bench_multitask_inference(out, args.overrides, device, weights=args.weights)
         return bench_dense(args.what, out, args.overrides, device)
     results: dict[str, Any] = {"env": env_info(), "runs": []}
     print(json.dumps(results["env"]))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from backbones import build_backbone
 from heads import Detector, FCOSHead
-from tasks.data.coco import CocoDetection, collate_detection, coco_evaluate, detections_to_coco, read_image
+from tasks.data.coco import CocoDetection, collate_detection, collate_detection_padded, coco_evaluate, detections_to_coco, read_image
 from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
 from tasks.data.loaders import DeviceLoader, make_loader, normalize_images
 from tasks.data.scenes import ensure_scenes
@@ -62,6 +63,9 @@ class DetectModelConfig(ModelConfig):
 @dataclass
 class DetectDataConfig(DenseDataConfig):
     """FashionScenes or a COCO detection dataset (see ``DenseDataConfig``)."""
+    # training targets are padded to a multiple of this many boxes per image: equal shapes from
+    # batch to batch (what train.cuda_graph needs) unless an image has more boxes than that
+    box_multiple: int = 16
 
 
 @dataclass
@@ -83,7 +87,9 @@ def build_head(m: DetectModelConfig, feature_info, num_classes: int) -> FCOSHead
 
 def build_model(cfg: DetectConfig, num_classes: int) -> Detector:
     backbone = build_backbone(f"resnet{cfg.model.depth}", **cfg.model.backbone_kwargs())
-    return Detector(backbone, build_head(cfg.model, backbone.feature_info, num_classes))
+    # CocoDetection already clips boxes, drops degenerate ones and maps labels into range:
+    # checking them again would cost a host sync per step (and rule out CUDA graphs)
+    return Detector(backbone, build_head(cfg.model, backbone.feature_info, num_classes), check_targets=False)
 
 
 # ----------------------------------------------------------------------------- data
@@ -123,8 +129,11 @@ def build_data(cfg: DetectConfig, device: torch.device, *, train: bool = True, q
     on_device = normalize_images(NORMALIZE, cfg.train.channels_last)
 
     def loader(ds, shuffle: bool, batch_size: int) -> DataLoader:
+        # training: padded targets (few tensors, fixed shapes); validation keeps the per-image
+        # dicts, whose ids and scales map predictions back to the files
+        collate = partial(collate_detection_padded, box_multiple=d.box_multiple) if shuffle else collate_detection
         return make_loader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=d.num_workers,
-                           collate_fn=collate_detection, seed=cfg.train.seed, device=device)
+                           collate_fn=collate, seed=cfg.train.seed, device=device)
 
     val = DeviceLoader(loader(val_set, False, d.eval_batch_size), device, on_device)
     train_loader = None

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tasks.data.coco import (CocoDetection, ImageReadError, coco_evaluate, collate_detection,
+from tasks.data.coco import (CocoDetection, ImageReadError, coco_evaluate, collate_detection, collate_detection_padded,
                              detections_to_coco, read_image)
 from tasks.data.transforms import (detection_train_transforms, detection_val_transforms,
                                    reseed_dataset, seed_worker)
@@ -274,3 +274,15 @@ def test_collate_pads_to_multiple_of_32(coco_dir):
     assert (images[1, :, :20, :65] == 9).all() and images[1, :, 20:].sum() == 0
     images, _ = collate_detection([_dataset(coco_dir)[i] for i in range(2)])
     assert images.shape == (2, 3, 64, 64)
+
+
+def test_padded_collate_pads_boxes_to_a_fixed_multiple(coco_dir):
+    ds = _dataset(coco_dir)
+    images, targets = collate_detection_padded([ds[i] for i in range(2)], box_multiple=8)
+    _, per_image = collate_detection([ds[i] for i in range(2)])
+    assert images.dtype == torch.uint8 and targets["boxes"].shape[:2] == targets["labels"].shape == (2, 8)
+    for i, t in enumerate(per_image):
+        m = len(t["labels"])
+        torch.testing.assert_close(targets["boxes"][i, :m], t["boxes"].float())
+        assert targets["labels"][i, :m].tolist() == t["labels"].tolist()
+        assert targets["labels"][i, m:].eq(-1).all() and targets["boxes"][i, m:].eq(0).all()

@@ -8,7 +8,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from backbones import FeatureSpec, build_backbone
 from heads import Detector, FCOSHead
-from heads.detection import _giou_loss
+from heads.detection import _giou_loss, pad_targets
 
 K = 5  # classes in the tiny models
 
@@ -333,3 +333,28 @@ def test_channels_last_matches_contiguous():
         got = model.head(model.backbone(images.contiguous(memory_format=torch.channels_last)), (64, 64))
     for k in ("cls_logits", "bbox_reg", "centerness"):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
+
+
+def test_padded_targets_give_the_same_losses_as_per_image_targets():
+    model = _detector().train()
+    images = torch.randn(2, 3, 96, 96)
+    torch.manual_seed(0)
+    per_image = model(images, TARGETS)
+    padded = pad_targets(TARGETS, multiple=16)
+    assert padded["boxes"].shape == (2, 16, 4) and padded["labels"].shape == (2, 16)
+    assert padded["labels"][1, 1:].eq(-1).all() and padded["labels"][0, :2].tolist() == [1, 3]
+    batched = model(images, padded)
+    for k in per_image:
+        torch.testing.assert_close(batched[k], per_image[k])
+
+
+def test_invalid_padded_targets_raise_naming_the_image():
+    model = _detector().train()
+    padded = pad_targets([TARGETS[0], _target([[1, 1, 5, 5], [8, 1, 8, 5]], [0, 1])], multiple=4)
+    with pytest.raises(ValueError, match=r"image 1: box 1 .* x2 <= x1"):
+        model(torch.randn(2, 3, 64, 64), padded)
+    padded["labels"][0, 3] = K  # a label on a padding slot is a real (out-of-range) box
+    with pytest.raises(ValueError, match=rf"image 0: label {K} of box 3"):
+        model(torch.randn(2, 3, 64, 64), padded)
+    with pytest.raises(ValueError, match=r"labels must be an integer \[N, M\] = \(2, 4\)"):
+        model(torch.randn(2, 3, 64, 64), {"boxes": padded["boxes"], "labels": padded["labels"][:, :2]})

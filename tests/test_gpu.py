@@ -43,3 +43,39 @@ def test_cuda_graph_step_matches_eager(amp):
         torch.testing.assert_close(b, a, rtol=5e-2 if amp else 1e-3, atol=5e-3 if amp else 1e-4, msg=n)
     torch.testing.assert_close(graphed.backbone.bn1.running_mean, eager.backbone.bn1.running_mean,
                                rtol=1e-2, atol=1e-3)
+
+
+def test_cuda_graph_detection_step_with_padded_targets_matches_eager():
+    from heads import Detector, FCOSHead
+    from heads.detection import pad_targets
+
+    torch.manual_seed(0)
+    trunk = resnet18()
+    eager = Detector(trunk, FCOSHead(trunk.feature_info, 5, fpn_channels=32), check_targets=False).cuda().train()
+    graphed = copy.deepcopy(eager)
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(n_boxes):
+        xy = torch.rand(4, n_boxes, 2, generator=gen) * 80
+        wh = 8 + torch.rand(4, n_boxes, 2, generator=gen) * 40
+        per_image = [{"boxes": torch.cat([xy[i], xy[i] + wh[i]], -1), "labels": torch.randint(0, 5, (n_boxes,), generator=gen)}
+                     for i in range(4)]
+        t = pad_targets(per_image, multiple=8)
+        return torch.randn(4, 3, 128, 128, generator=gen).cuda(), {k: v.cuda() for k, v in t.items()}
+
+    batches = [batch(1 + i % 5) for i in range(6)] + [batch(11)]  # the last: M=16, runs eagerly
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.01, momentum=0.9)
+    opt_g = torch.optim.SGD(graphed.parameters(), lr=0.01, momentum=0.9)
+    step = GraphedForwardBackward(graphed, opt_g, amp=False, warmup=2)
+    torch.backends.cudnn.deterministic = True
+    for x, t in batches:
+        le = sum(eager(x, t).values())
+        opt_e.zero_grad(set_to_none=True)
+        le.backward()
+        opt_e.step()
+        lg, _ = step(x, t)
+        opt_g.step()
+        torch.testing.assert_close(lg, le, rtol=1e-3, atol=1e-4)
+    assert step.graph is not None
+    for (n, a), b in zip(eager.named_parameters(), graphed.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=n)

@@ -434,6 +434,18 @@ def collate_detection(batch: Sequence[tuple[torch.Tensor, dict]],
     return out, list(targets)
 
 
+def collate_detection_padded(batch: Sequence[tuple[torch.Tensor, dict]], size_divisible: int = 32,
+                             box_multiple: int = 16) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training collate: images as ``collate_detection``, targets as one padded batch
+    ``{"boxes": [B, M, 4], "labels": [B, M]}`` (label -1 on padding; M rounded up to
+    ``box_multiple``). Two tensors cross from the worker instead of two per image, and a fixed M
+    keeps every batch's shapes equal (CUDA graphs)."""
+    from heads.detection import pad_targets
+
+    images, targets = collate_detection(batch, size_divisible)
+    return images, pad_targets(targets, multiple=box_multiple)
+
+
 def _pair(v: Any) -> tuple[float, float]:
     if isinstance(v, (int, float)):
         return float(v), float(v)

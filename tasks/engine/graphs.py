@@ -10,12 +10,15 @@ Rules the capture relies on (PyTorch's "whole-network capture" recipe): a few wa
 on a side stream before capture (cuDNN autotuning, lazy allocations); gradients set to None
 right before capture so backward writes them into the graph's memory, and never set to None
 again; autocast without its weight cache; fixed input shapes (other shapes run eagerly).
+Targets may be a tensor or a dict / list of tensors (detection's padded boxes and labels);
+every tensor in them is a static input of the graph.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map
 
 __all__ = ["GraphedForwardBackward"]
 
@@ -52,14 +55,18 @@ class GraphedForwardBackward:
         return loss, loss_dict
 
     def __call__(self, images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if not isinstance(targets, torch.Tensor):
-            raise TypeError("train.cuda_graph needs tensor targets (classification / segmentation); "
-                            "set train.cuda_graph=false for this task")
+        leaves, spec = tree_flatten(targets)
+        if not all(isinstance(t, torch.Tensor) for t in leaves):
+            raise TypeError("train.cuda_graph needs targets made of tensors only (a tensor, or e.g. detection's "
+                            "padded {'boxes', 'labels'}); set train.cuda_graph=false for this task or data")
         if self.graph is not None:
             x, y = self.static_in
-            if images.shape == x.shape and targets.shape == y.shape:
+            static_leaves, static_spec = tree_flatten(y)
+            if (images.shape == x.shape and spec == static_spec
+                    and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(leaves, static_leaves))):
                 x.copy_(images)
-                y.copy_(targets)
+                for dst, src in zip(static_leaves, leaves):
+                    dst.copy_(src)
                 self.graph.replay()
                 return self.static_out
             # another shape (a ragged batch): eager, zeroing the graph's gradient tensors in place
@@ -71,7 +78,7 @@ class GraphedForwardBackward:
                 out = self._run(images, targets, set_to_none=True)
             torch.cuda.current_stream().wait_stream(self.side)
             return out
-        self.static_in = (images.clone(), targets.clone())
+        self.static_in = (images.clone(), tree_map(torch.clone, targets))
         self.optimizer.zero_grad(set_to_none=True)  # backward allocates .grad inside the graph
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
