@@ -270,7 +270,8 @@ class FCOSHead(nn.Module):
             "strides": strides,  # [P]
             "size_ranges": size_ranges,  # [P, 2]
             "level_sizes": sizes,
-            "image_size": (int(image_size[0]), int(image_size[1])),
+            # sym_int: under torch.export (ONNX) int() would freeze a dynamic H, W
+            "image_size": (torch.sym_int(image_size[0]), torch.sym_int(image_size[1])),
         }
 
     # ------------------------------------------------------------------ targets

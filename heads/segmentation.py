@@ -134,7 +134,9 @@ class FCNHead(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, features: dict[str, torch.Tensor], image_size: Sequence[int]) -> dict[str, torch.Tensor]:
-        size = (int(image_size[0]), int(image_size[1]))
+        # sym_int, not int: under torch.export (ONNX) int() would freeze a dynamic H, W to the
+        # example's size; for plain ints and tensors it is int()
+        size = (torch.sym_int(image_size[0]), torch.sym_int(image_size[1]))
         x = self.score(features[self.in_names[-1]])  # [N, K, h5, w5]
         for name, score in zip(self.skip_names, self.skip_scores):
             skip = features[name]
