@@ -403,6 +403,12 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["backbone"]:  # its own options: python -m tasks.bench backbone --help
+        from tasks import bench_backbone
+        return bench_backbone.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m tasks.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["classify", "detect", "segment", "multitask"])

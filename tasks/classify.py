@@ -8,6 +8,10 @@ Usage:
     python -m tasks.classify --predict shirt.png boot.png [--weights CKPT]
     python -m tasks.classify --train-images data/train --val-images data/val --set data.image_size=64
 
+Several GPUs (batch size per GPU; each process keeps the data on its GPU and trains on
+its 1/N share of every epoch):
+    torchrun --nproc_per_node=2 -m tasks.classify
+
 Fashion-MNIST lives on the GPU as one uint8 tensor and is augmented there per batch (random
 crop with padding, horizontal flip, random erasing). Image-folder data (``<root>/<class>/*``)
 is decoded in DataLoader workers with albumentations. The run folder gets config.yaml,
@@ -29,6 +33,7 @@ from tasks.data import fashion_mnist
 from tasks.data.folders import ImageFolderDataset, classification_transforms, collate_skip_bad, read_image
 from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
 from tasks.data.loaders import DeviceLoader, TensorLoader, make_loader
+from tasks.engine import distributed
 from tasks.engine.checkpoint import load_for_inference
 from tasks.engine.cli import Run, common_parser, run_cli, setup_run
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
@@ -101,10 +106,11 @@ def _fashion_mnist(cfg: ClassifyConfig, device: torch.device) -> ClassifyData:
     if cfg.model.in_chans != 1:
         raise ValueError(f"Fashion-MNIST is grayscale: set model.in_chans=1 (got {cfg.model.in_chans})")
     if d.download:
-        try:
-            fashion_mnist.find_data_dir(d.data_dir)
-        except FileNotFoundError:
-            fashion_mnist.download()
+        with distributed.main_first():  # one download, the other ranks then find the files
+            try:
+                fashion_mnist.find_data_dir(d.data_dir)
+            except FileNotFoundError:
+                fashion_mnist.download()
     train_x, train_y = fashion_mnist.load_fashion_mnist("train", d.data_dir, d.limit_train)
     val_x, val_y = fashion_mnist.load_fashion_mnist("test", d.data_dir, d.limit_val)
     where = device if d.on_device else torch.device("cpu")
@@ -172,7 +178,8 @@ def build_data(cfg: ClassifyConfig, device: torch.device) -> ClassifyData:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.device,
              amp: bool = True) -> tuple[dict[str, Any], torch.Tensor]:
-    """Top-1 accuracy, per-class accuracy and the confusion matrix (rows: true class)."""
+    """Top-1 accuracy, per-class accuracy and the confusion matrix (rows: true class), over
+    every rank's validation shard under torchrun."""
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, device)
@@ -180,7 +187,7 @@ def evaluate(model: torch.nn.Module, loader, num_classes: int, device: torch.dev
         for images, labels in loader:
             cm.update(model(images).argmax(1), labels)
     model.train(was_training)
-    m = cm.compute()
+    m = cm.all_reduce().compute()
     return {"acc": m["acc"], "per_class_acc": m["per_class_acc"]}, cm.mat.cpu()
 
 
@@ -237,8 +244,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.eval_only:
         model = _load_for_inference(run)
         metrics, cm = evaluate(model, data.val, cfg.model.num_classes, device, cfg.train.amp)
-        plot_confusion(cm.numpy(), data.classes, run.output / "confusion.png",
-                       title=f"{Path(args.weights).name}: accuracy {metrics['acc']:.2%}")
+        if distributed.is_main():
+            plot_confusion(cm.numpy(), data.classes, run.output / "confusion.png",
+                           title=f"{Path(args.weights).name}: accuracy {metrics['acc']:.2%}")
         print(f"accuracy {metrics['acc']:.4f} on {int(cm.sum())} images ({args.weights})")
         for name, acc in zip(data.classes, metrics["per_class_acc"]):
             print(f"  {name:<12} {acc:.4f}")
@@ -263,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     record = trainer.fit()
     metrics = {"acc": record["val_acc"], "per_class_acc": record["val_per_class_acc"]}
     skipped = getattr(data.train, "skipped", {}).get("n", 0)
+    if distributed.world_size() > 1:  # every rank's shard
+        skipped = int(distributed.all_reduce_sum(torch.tensor(skipped, device=device)))
     if skipped:
         say(f"skipped {skipped} unreadable training images (data.skip_bad)")
     say(f"done: accuracy {metrics['acc']:.4f}, {record.get('train_time_total_s', 0):.1f} s of training, "

@@ -33,6 +33,7 @@ from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
 from tasks.data.loaders import DeviceLoader, make_loader, normalize_images
 from tasks.data.scenes import ensure_scenes
 from tasks.data.transforms import detection_train_transforms, detection_val_transforms
+from tasks.engine import distributed
 from tasks.engine.checkpoint import load_for_inference
 from tasks.engine.cli import Run, common_parser, run_cli, setup_run
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig
@@ -105,8 +106,9 @@ def data_paths(cfg: DetectConfig, *, quiet: bool = False) -> dict[str, str]:
         return {k: getattr(d, k) for k in ("train_ann", "train_images", "val_ann", "val_images")}
     if d.dataset != "scenes":
         raise ValueError(f"data.dataset={d.dataset!r}: choose scenes or coco")
-    root = ensure_scenes(d.scenes_root, train=d.scenes_train, val=d.scenes_val, size=d.scenes_size,
-                         seed=d.scenes_seed, data_dir=d.data_dir, progress=not quiet)
+    with distributed.main_first():  # under torchrun rank 0 generates, the others wait for it
+        root = ensure_scenes(d.scenes_root, train=d.scenes_train, val=d.scenes_val, size=d.scenes_size,
+                             seed=d.scenes_seed, data_dir=d.data_dir, progress=not quiet)
     return {"train_ann": str(root / "annotations" / "instances_train.json"),
             "train_images": str(root / "images" / "train"),
             "val_ann": str(root / "annotations" / "instances_val.json"),
@@ -188,7 +190,11 @@ def evaluate(model: torch.nn.Module, data: DetectData, device: torch.device, amp
                 shown[2].extend({"boxes": t["boxes"]} for t in targets[:take])
                 shown[0].extend(list(NORMALIZE.to_uint8(images[:take]).cpu()))
     model.train(was_training)
-    metrics = evaluator.compute()
+    # torchrun: each rank saw its shard of the validation set; COCOeval needs them all
+    evaluator.results = distributed.gather_lists(evaluator.results)
+    metrics = distributed.on_main(evaluator.compute)  # COCOeval on rank 0, its metrics on every rank
+    if not distributed.is_main():
+        return metrics
     if predictions_path is not None:
         predictions_path.write_text(json.dumps(evaluator.results))
     if picture_path is not None and shown[0]:

@@ -7,6 +7,7 @@ Usage:
     python -m tasks.multitask --predict scene.png --weights runs/multitask/<run>/best.pt
     python -m tasks.multitask --predict scene.png --from-checkpoints DET.pt SEG.pt
                                             # merge single-task models that share a frozen trunk
+    torchrun --nproc_per_node=2 -m tasks.multitask   # one process per GPU, batch size per GPU
 
 The trunk runs once per batch; the loss is the weighted sum of the three heads' losses
 (``model.weight_classify`` / ``weight_detect`` / ``weight_segment``), with one optimizer and
@@ -31,6 +32,7 @@ from tasks.data.loaders import DeviceLoader, make_loader, normalize_images
 from tasks.data.scenes import ensure_scenes
 from tasks.data.segmentation import IGNORE_INDEX
 from tasks.data.transforms import detection_train_transforms, detection_val_transforms
+from tasks.engine import distributed
 from tasks.engine.checkpoint import load_checkpoint, load_for_inference
 from tasks.engine.cli import common_parser, run_cli, setup_run
 from tasks.engine.config import OptimConfig, TrainConfig, config_from_dict
@@ -98,8 +100,9 @@ def data_paths(cfg: MultiTaskConfig, *, quiet: bool = False) -> dict[str, str]:
             raise ValueError(f"multi-task data from files needs {', '.join(missing)} (COCO boxes plus "
                              f"semantic masks with value = category index + 1, 0 = background, 255 = ignore)")
         return {k: getattr(d, k) for k in keys}
-    root = ensure_scenes(d.scenes_root, train=d.scenes_train, val=d.scenes_val, size=d.scenes_size,
-                         seed=d.scenes_seed, data_dir=d.data_dir, progress=not quiet)
+    with distributed.main_first():  # under torchrun rank 0 generates, the others wait for it
+        root = ensure_scenes(d.scenes_root, train=d.scenes_train, val=d.scenes_val, size=d.scenes_size,
+                             seed=d.scenes_seed, data_dir=d.data_dir, progress=not quiet)
     return {f"{split}_{kind}": str(root / folder) for split in ("train", "val")
             for kind, folder in (("ann", f"annotations/instances_{split}.json"), ("images", f"images/{split}"),
                                  ("masks", f"masks/{split}"))}
@@ -175,7 +178,9 @@ def _collate(batch):
 def evaluate(model: MultiTaskModel, data: MultiTaskData, device: torch.device, amp: bool = True, *,
              picture_path: Path | None = None, quiet: bool = True) -> dict[str, Any]:
     """Every head with its task's metrics: ``cls_mAP`` / ``cls_F1``, COCO ``AP``..., ``miou``;
-    ``mean`` = the average of cls_mAP, AP and mIoU (what ``best.pt`` follows)."""
+    ``mean`` = the average of cls_mAP, AP and mIoU (what ``best.pt`` follows). Under torchrun
+    each rank runs its validation shard: scores and COCO results are gathered (COCOeval runs
+    on rank 0), the confusion matrices summed."""
     was_training = model.training
     model.eval()
     k = len(data.class_names)
@@ -197,9 +202,12 @@ def evaluate(model: MultiTaskModel, data: MultiTaskData, device: torch.device, a
                 shown[1].extend(dets[:take])
                 shown[2].extend(masks[:take].cpu())
     model.train(was_training)
+    # every rank's shard: multi-label scores (small) and COCO results gathered, counts summed
+    scores, hot = distributed.gather_lists(scores), distributed.gather_lists(hot)
     cls = multilabel_metrics(torch.cat(scores), torch.cat(hot))
-    det = det_eval.compute()
-    seg = segment.segmentation_metrics(cm)
+    det_eval.results = distributed.gather_lists(det_eval.results)
+    det = distributed.on_main(det_eval.compute)
+    seg = segment.segmentation_metrics(cm.all_reduce())
     metrics = {"cls_mAP": cls["mAP"], "cls_F1": cls["F1"], **det, "miou": seg["miou"],
                "pixel_acc": seg["pixel_acc"]}
     metrics["mean"] = (metrics["cls_mAP"] + metrics["AP"] + metrics["miou"]) / 3
@@ -300,6 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.from_checkpoints:
         if not args.predict:
             parser.error("--from-checkpoints goes with --predict IMG...")
+        if distributed.env_world_size() > 1:
+            raise ValueError("--predict runs in one process: python -m tasks.multitask --predict ... (not torchrun)")
         return _main_merged(args)
     run = setup_run(TASK, MultiTaskConfig, args, _default_recipe())
     cfg, device, say = run.cfg, run.device, run.console
@@ -317,8 +327,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     k = len(data.class_names)
     if args.eval_only:
         model = load_for_inference(build_model(cfg, k), run.checkpoint, device, cfg.train.channels_last)
-        metrics = evaluate(model, data, device, cfg.train.amp, picture_path=run.output / "multitask.png",
-                           quiet=args.quiet)
+        metrics = evaluate(model, data, device, cfg.train.amp, quiet=args.quiet,
+                           picture_path=run.output / "multitask.png" if distributed.is_main() else None)
         _print_metrics(metrics, print)
         return metrics
 

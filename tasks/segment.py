@@ -9,6 +9,7 @@ Usage:
     python -m tasks.segment --trunk runs/classify/<run>/best.pt      # start from another task's trunk
     python -m tasks.segment --eval-only --weights runs/segment/<run>/best.pt
     python -m tasks.segment --predict scene.png --weights runs/segment/<run>/best.pt
+    torchrun --nproc_per_node=2 -m tasks.segment     # one process per GPU, batch size per GPU
 
 Images and masks are transformed jointly (scale, crop with ignore padding, flip) in DataLoader
 workers and normalised on the device. Metrics: mIoU, per-class IoU and pixel accuracy from a
@@ -34,6 +35,7 @@ from tasks.data.segmentation import (IGNORE_INDEX, CocoSemanticDataset, MaskFold
                                      scenes_segmentation)
 from tasks.data.transforms import segmentation_train_transforms, segmentation_val_transforms
 from tasks.engine.checkpoint import load_for_inference
+from tasks.engine import distributed
 from tasks.engine.cli import Run, common_parser, run_cli, setup_run
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.loop import Trainer, autocast
@@ -129,8 +131,9 @@ def _datasets(cfg: SegmentConfig, train: bool, quiet: bool):
         return tr, val
     if d.dataset != "scenes":
         raise ValueError(f"data.dataset={d.dataset!r}: choose scenes, coco or folders")
-    root = ensure_scenes(d.scenes_root, train=d.scenes_train, val=d.scenes_val, size=d.scenes_size,
-                         seed=d.scenes_seed, data_dir=d.data_dir, progress=not quiet)
+    with distributed.main_first():  # under torchrun rank 0 generates, the others wait for it
+        root = ensure_scenes(d.scenes_root, train=d.scenes_train, val=d.scenes_val, size=d.scenes_size,
+                             seed=d.scenes_seed, data_dir=d.data_dir, progress=not quiet)
     val = scenes_segmentation(root, "val", transforms=val_tf, limit=d.limit_val, **common)
     tr = scenes_segmentation(root, "train", transforms=train_tf, limit=d.limit_train, **common) if train else None
     return tr, val
@@ -160,7 +163,8 @@ def build_data(cfg: SegmentConfig, device: torch.device, *, train: bool = True, 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: SegmentData, device: torch.device, amp: bool = True, *,
              picture_path: Path | None = None, quiet: bool = True) -> dict[str, Any]:
-    """mIoU, per-class IoU and pixel accuracy over the validation set (ignore index skipped)."""
+    """mIoU, per-class IoU and pixel accuracy over the validation set (ignore index skipped);
+    under torchrun each rank scores its shard and the confusion matrices are summed."""
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(len(data.class_names), device, ignore_index=IGNORE_INDEX)
@@ -177,7 +181,7 @@ def evaluate(model: torch.nn.Module, data: SegmentData, device: torch.device, am
     model.train(was_training)
     if picture_path is not None and shown[0]:
         draw_segmentation_grid(shown[0], shown[1], data.class_names, picture_path, targets=shown[2])
-    return segmentation_metrics(cm)
+    return segmentation_metrics(cm.all_reduce())
 
 
 def segmentation_metrics(cm: ConfusionMatrix) -> dict[str, Any]:
@@ -251,8 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.eval_only:
         model = _load_for_inference(run, num_classes)
-        metrics = evaluate(model, data, device, cfg.train.amp, picture_path=run.output / "segmentation.png",
-                           quiet=args.quiet)
+        metrics = evaluate(model, data, device, cfg.train.amp, quiet=args.quiet,
+                           picture_path=run.output / "segmentation.png" if distributed.is_main() else None)
         print(f"mIoU {metrics['miou']:.4f}  pixel accuracy {metrics['pixel_acc']:.4f}  ({args.weights})")
         _print_ious(metrics, data.class_names, print)
         return metrics

@@ -4,21 +4,60 @@
 and augmentation on the device too); ``DeviceLoader`` wraps a ``DataLoader`` (decoding in
 worker processes) and moves each batch to the device. Both reseed from ``(seed, epoch)``
 in ``set_epoch``, so a resumed run sees exactly the batches an uninterrupted one would.
+
+Under ``torchrun`` (several ranks) both shard the data by rank: in training every rank
+takes a disjoint ``1/world`` share of the epoch's permutation (the same permutation on every
+rank, from the shared seed), with the same per-GPU batch size and the same number of steps
+(the remainder is dropped); in evaluation every rank takes a contiguous range of the samples,
+unpadded, so every sample is evaluated exactly once. The data order is a function of
+``(seed, epoch, world size)``.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from tasks.engine import distributed
 
 from .gpu_augment import BatchAugment
 
-__all__ = ["TensorLoader", "DeviceLoader", "epoch_seed", "move_to", "make_loader", "normalize_images"]
+__all__ = ["TensorLoader", "DeviceLoader", "ShardSampler", "epoch_seed", "move_to", "make_loader", "normalize_images",
+           "shard_range"]
 
 
 def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + epoch * 7919 + salt) % (2 ** 63 - 1)
+
+
+def shard_range(n: int, rank: int, world: int) -> range:
+    """Rank ``rank``'s contiguous share of ``n`` samples; the shares of all ranks are disjoint,
+    unpadded and cover ``range(n)`` (their sizes differ by at most one)."""
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    rank = distributed.rank() if rank is None else rank
+    world = distributed.world_size() if world_size is None else world_size
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    return rank, world
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation sampler: rank ``rank`` takes ``shard_range(len(dataset), rank, world)`` in
+    order. Unlike ``DistributedSampler`` it never pads by repeating samples, so metrics summed
+    over the ranks count every sample exactly once."""
+
+    def __init__(self, n: int, rank: int, world_size: int) -> None:
+        self.indices = shard_range(n, rank, world_size)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
 
 
 def move_to(obj: Any, device: torch.device) -> Any:
@@ -33,15 +72,30 @@ def move_to(obj: Any, device: torch.device) -> Any:
 
 
 class TensorLoader:
-    """Batches of ``(augment(images[idx]), labels[idx])`` from device-resident tensors."""
+    """Batches of ``(augment(images[idx]), labels[idx])`` from device-resident tensors.
+
+    With several ranks (``rank`` / ``world_size``, default: the process group's) each rank
+    serves its shard: training, a disjoint ``len // world`` slice of the epoch's permutation;
+    evaluation, a contiguous range. ``batch_size`` is per rank.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, augment: BatchAugment,
-                 train: bool, seed: int = 0, channels_last: bool = False, drop_last: bool | None = None) -> None:
+                 train: bool, seed: int = 0, channels_last: bool = False, drop_last: bool | None = None,
+                 rank: int | None = None, world_size: int | None = None) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if len(images) == 0:
             raise ValueError("empty dataset")
         self.images, self.labels = images, labels
+        self.rank, self.world = _rank_world(rank, world_size)
+        n = len(images)
+        if train:  # equal shares (remainder dropped): every rank takes the same number of steps
+            per = n // self.world
+            self.shard = range(self.rank * per, (self.rank + 1) * per)
+        else:  # unpadded contiguous ranges: every sample evaluated once
+            self.shard = shard_range(n, self.rank, self.world)
+        if train and len(self.shard) == 0:
+            raise ValueError(f"{n} training samples cannot be shared by {self.world} processes")
         self.batch_size = batch_size
         self.augment = augment
         self.train = train
@@ -49,8 +103,8 @@ class TensorLoader:
         self.channels_last = channels_last
         # Training drops the ragged last batch: fixed shapes keep compiled graphs and cuDNN plans.
         self.drop_last = train if drop_last is None else drop_last
-        if self.drop_last and len(images) < batch_size:
-            self.batch_size = len(images)  # a tiny dataset still gives one batch
+        if self.drop_last and len(self.shard) < batch_size:
+            self.batch_size = len(self.shard)  # a tiny dataset still gives one batch
         self.epoch = 0
 
     @property
@@ -58,7 +112,7 @@ class TensorLoader:
         return self.images.device
 
     def __len__(self) -> int:
-        n = len(self.images)
+        n = len(self.shard)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
@@ -67,11 +121,19 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(epoch_seed(self.seed, self.epoch))
-        n = len(self.images)
-        order = torch.randperm(n, device=self.device, generator=gen) if self.train else None
+        start, stop = self.shard.start, self.shard.stop
+        order = None
+        if self.train and self.world == 1:
+            order = torch.randperm(len(self.images), device=self.device, generator=gen)
+        elif self.train:
+            # one permutation of the whole set, the same on every rank (drawn on the CPU, so
+            # no device kernel has a say in it); each rank takes its slice
+            cpu = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+            order = torch.randperm(len(self.images), generator=cpu)[start:stop].to(self.device)
+            gen.manual_seed(epoch_seed(self.seed, self.epoch, salt=1 + self.rank))  # augmentation: per rank
         for i in range(len(self)):
-            sl = slice(i * self.batch_size, min(n, (i + 1) * self.batch_size))
-            idx = order[sl] if order is not None else sl
+            lo, hi = i * self.batch_size, min(stop - start, (i + 1) * self.batch_size)
+            idx = order[lo:hi] if order is not None else slice(start + lo, start + hi)
             x = self.augment(self.images[idx], gen, train=self.train)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -95,8 +157,8 @@ class DeviceLoader:
         if hasattr(self.loader, "set_epoch"):  # a TensorLoader kept on the host
             self.loader.set_epoch(epoch)
         gen = getattr(self.loader, "generator", None)
-        if gen is not None:
-            gen.manual_seed(epoch_seed(self.seed, epoch))
+        if gen is not None:  # worker seeds (albumentations draws): one stream per rank
+            gen.manual_seed(epoch_seed(self.seed, epoch, salt=distributed.rank()))
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -109,16 +171,29 @@ class DeviceLoader:
 
 
 def make_loader(dataset, *, batch_size: int, shuffle: bool, num_workers: int, collate_fn: Callable,
-                seed: int, device: torch.device) -> DataLoader:
+                seed: int, device: torch.device, rank: int | None = None,
+                world_size: int | None = None) -> DataLoader:
     """A DataLoader for file-based data: workers reseed numpy / random / albumentations from a
     generator that ``DeviceLoader.set_epoch`` reseeds per epoch; training drops a ragged last
-    batch (fixed shapes for cuDNN plans and CUDA graphs)."""
+    batch (fixed shapes for cuDNN plans and CUDA graphs).
+
+    With several ranks (default: the process group's), training shuffles through a
+    ``DistributedSampler`` (seeded by ``seed``, reshuffled by ``set_epoch``, tail dropped so
+    the ranks' shares are disjoint and equal) and evaluation reads a ``ShardSampler`` range;
+    ``batch_size`` is per rank."""
     from .transforms import seed_worker
 
+    rank, world = _rank_world(rank, world_size)
     gen = torch.Generator()
     gen.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                      drop_last=shuffle and len(dataset) >= batch_size, num_workers=num_workers,
+    sampler = None
+    n_local = len(dataset)
+    if world > 1:
+        sampler = (DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+                   if shuffle else ShardSampler(len(dataset), rank, world))
+        n_local = len(sampler)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
+                      drop_last=shuffle and n_local >= batch_size, num_workers=num_workers,
                       collate_fn=collate_fn, worker_init_fn=seed_worker, generator=gen,
                       pin_memory=device.type == "cuda", persistent_workers=False)
 

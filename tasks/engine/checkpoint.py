@@ -1,9 +1,11 @@
 """Checkpoints: one dict format for every task, written atomically, read with ``weights_only``.
 
 ``{"format": "onetrunk-ckpt-1", "task", "config", "model", "optimizer", "scheduler", "scaler",
-"epoch", "metrics", "rng"}`` plus ``"ema"`` (the averaged weights, or None). Writing happens
-on a background thread from a CPU copy of the state, so a save costs the training loop only
-the device-to-host copy; a crash mid-write leaves the previous file intact (temp + replace).
+"epoch", "metrics", "rng"}`` plus ``"ema"`` (the averaged weights, or None), and
+``"steps_per_epoch"`` / ``"world_size"`` (a resume with another number of processes moves the
+schedule). Writing happens on a background thread from a CPU copy of the state, so a save
+costs the training loop only the device-to-host copy; a crash mid-write leaves the previous
+file intact (temp + replace). Under torchrun only rank 0 writes, with its own RNG state.
 """
 from __future__ import annotations
 

@@ -3,6 +3,10 @@
 Precedence, lowest first: dataclass defaults, the checkpoint's config (``--resume`` /
 ``--eval-only``), the YAML recipe (``--config`` or the task's default), ``--set key=value``,
 then the dedicated flags (``--epochs``, ``--batch-size``, ...).
+
+Under ``torchrun --nproc_per_node=N`` every process runs the same command: ``setup_run``
+joins the process group, rank 0 chooses the run folder (and tells the others) and alone
+writes to it; the other ranks stay quiet. ``--batch-size`` is per process (per GPU).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import numpy as np
 import torch
 import yaml
 
+from . import distributed
 from .checkpoint import load_checkpoint
 from .config import CONFIG_ROOT, merge_dicts, apply_overrides, config_from_dict, config_to_dict, read_yaml
 from .logging import Console
@@ -46,7 +51,7 @@ def common_parser(prog: str, description: str, data_flags: Sequence[str]) -> arg
     g.add_argument("--output", metavar="DIR", help="run folder (default: runs/<task>/<recipe>[-N])")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
+    g.add_argument("--batch-size", type=int, help="per GPU (per process under torchrun)")
     g.add_argument("--seed", type=int)
     g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                    help="continue a run (default CKPT: <output>/last.pt)")
@@ -122,8 +127,28 @@ def _latest_run(base: Path) -> Path | None:
     return max(runs, key=lambda p: (p / "last.pt").stat().st_mtime) if runs else None
 
 
+def _choose_output(args: argparse.Namespace, runs_root: Path, resume_from: Path | None) -> Path:
+    if resume_from is not None:
+        return Path(args.output) if args.output else resume_from.parent
+    if (args.eval_only or args.predict) and not args.output:
+        return Path(args.weights).parent  # results next to the checkpoint they come from
+    if args.output:
+        output = Path(args.output)
+        if (output / "last.pt").exists() and not (args.eval_only or args.predict):
+            raise FileExistsError(f"--output {output} already holds a run (last.pt): pass --resume to continue it "
+                                  f"or choose another --output")
+        return output
+    return _next_free(runs_root)
+
+
 def setup_run(task: str, cfg_cls: type, args: argparse.Namespace, default_recipe: str) -> Run:
-    """Resolve config, output folder, device and seed from the parsed flags."""
+    """Resolve config, output folder, device and seed from the parsed flags; under torchrun,
+    join the process group (every rank calls this with the same flags)."""
+    if distributed.env_world_size() > 1:
+        if args.predict:
+            raise ValueError("--predict runs in one process: python -m tasks.<task> --predict ... (not torchrun)")
+        if os.environ.get("RANK", "0") != "0":
+            args.quiet = True  # rank 0 prints for everyone
     console = Console(args.quiet)
     recipe_path = Path(args.config) if args.config else find_config(task, default_recipe)
     recipe = recipe_path.stem
@@ -173,22 +198,23 @@ def setup_run(task: str, cfg_cls: type, args: argparse.Namespace, default_recipe
             flags.setdefault(section, {})[name] = value
     data = merge_dicts(data, flags)
     cfg = config_from_dict(cfg_cls, data, where=f"{recipe_path} (with --set / flags):")
-    device = resolve_device(cfg.train.device)
+    device = distributed.init(resolve_device(cfg.train.device))  # no-op without torchrun
 
-    if resume_from is not None:
-        output = Path(args.output) if args.output else resume_from.parent
-    elif (args.eval_only or args.predict) and not args.output:
-        output = Path(args.weights).parent  # results next to the checkpoint they come from
-    elif args.output:
-        output = Path(args.output)
-        if (output / "last.pt").exists() and not (args.eval_only or args.predict):
-            raise FileExistsError(f"--output {output} already holds a run (last.pt): pass --resume to continue it "
-                                  f"or choose another --output")
-    else:
-        output = _next_free(runs_root)
-    output.mkdir(parents=True, exist_ok=True)
-    if not (args.eval_only or args.predict):
-        (output / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    # Rank 0 picks the folder (runs/<task>/<recipe>-N must not race) and creates it; the
+    # others get its choice, or its error, so that every rank stops with the same message.
+    output: Path | None = None
+    error: Exception | None = None
+    if distributed.is_main():
+        try:
+            output = _choose_output(args, runs_root, resume_from)
+            output.mkdir(parents=True, exist_ok=True)
+            if not (args.eval_only or args.predict):
+                (output / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        except (ValueError, OSError) as e:
+            error = e
+    output, error = distributed.broadcast_object((output, error))
+    if error is not None:
+        raise error
     seed_everything(cfg.train.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
@@ -206,17 +232,27 @@ def setup_run(task: str, cfg_cls: type, args: argparse.Namespace, default_recipe
 def run_cli(main) -> None:
     """``if __name__ == "__main__"`` of every task: a mistake in the input (bad config, missing
     file, wrong data) ends with one line naming it instead of a traceback; Ctrl-C exits 130.
-    ``ONETRUNK_DEBUG=1`` shows the full traceback."""
+    ``ONETRUNK_DEBUG=1`` shows the full traceback. Under torchrun each failing rank prints its
+    line (``error [rank R]:`` on ranks other than 0), and the process group is left in every
+    case."""
     import sys
 
     from .loop import NonFiniteLossError
 
+    code = 0
     try:
         main()
     except KeyboardInterrupt:
-        sys.exit(130)
+        code = 130
     except (ValueError, OSError, NonFiniteLossError) as e:  # ConfigError, IDXError ... are ValueErrors
         if os.environ.get("ONETRUNK_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        rank = os.environ.get("RANK", "0") if distributed.env_world_size() > 1 else "0"
+        # one write per line: the lines of several ranks do not interleave
+        sys.stderr.write(f"error{'' if rank == '0' else f' [rank {rank}]'}: {e}\n")
+        sys.stderr.flush()
+        code = 2
+    finally:
+        distributed.destroy()
+    if code:
+        sys.exit(code)

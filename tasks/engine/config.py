@@ -94,7 +94,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 256
+    batch_size: int = 256          # per GPU: torchrun with N processes steps on N x batch_size images
     amp: bool = True               # bf16 autocast on CUDA; fp32 on CPU
     compile: bool = False
     cuda_graph: bool = False       # replay forward + backward as one CUDA graph (fixed batch shapes)

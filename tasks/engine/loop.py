@@ -7,20 +7,31 @@ key, steps optimizer and schedule, keeps an optional EMA, evaluates, writes the 
 Host syncs are kept out of the step: losses are accumulated on the device and checked for
 non-finite values every ``log_every`` steps and at the end of the epoch, naming the first
 bad step; nothing is saved after it.
+
+Under ``torchrun`` the model trains as ``DistributedDataParallel`` (one process per GPU, each
+on its shard of the data, ``train.batch_size`` per GPU); losses and image counts are reduced
+across ranks at those same log points only; rank 0 alone writes ``metrics.jsonl``, curves and
+checkpoints; evaluation runs on every rank's validation shard with rank 0's BatchNorm
+statistics (what the checkpoint holds) and the task's ``evaluate`` reduces its metrics.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from . import distributed
 from .checkpoint import CKPT_FORMAT, CheckpointWriter, load_checkpoint, rng_state, set_rng_state
+from .cli import seed_everything
 from .config import config_to_dict
 from .ema import ModelEMA
 from .graphs import GraphedForwardBackward
@@ -28,7 +39,7 @@ from .logging import Console, MetricsLog, format_metrics, progress
 from .optim import build_optimizer, build_scheduler
 from .viz import plot_curves
 
-__all__ = ["NonFiniteLossError", "Trainer", "autocast", "unwrap"]
+__all__ = ["NonFiniteLossError", "Trainer", "autocast", "unwrap", "seek_schedule"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,6 +62,17 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def seek_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
+    """Put a freshly built per-step schedule where ``step`` optimizer steps would have left it
+    (setting the optimizer's lr / momentum). Resuming with another world size or batch size
+    changes the steps per epoch, so the saved schedule state (step count, OneCycle's total)
+    no longer fits; the schedule is a function of the step, so it is rebuilt and moved."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": intended
+        scheduler.last_epoch = step - 1
+        scheduler.step()
+
+
 @dataclass
 class EpochResult:
     losses: dict[str, float]
@@ -68,8 +90,11 @@ class Trainer:
         train_loader: iterable of ``(images, targets)`` already on ``device``; ``len()`` steps;
             optional ``set_epoch(epoch)``.
         evaluate: ``evaluate(model, final)`` with the model to evaluate (the EMA model when
-            enabled) in eval mode under ``torch.no_grad`` and autocast; returns metrics.
-            ``final`` is true for the last epoch (write pictures, predictions).
+            enabled; never the DDP wrapper) in eval mode under ``torch.no_grad`` and autocast;
+            returns metrics. ``final``: write pictures / predictions (the last epoch, on rank 0
+            only). Under ``torchrun`` every rank calls it on its validation shard and it must
+            return metrics reduced across ranks (the same on every rank), making the same
+            collective calls whatever ``final`` is.
         main_metric: key of ``evaluate``'s result that decides ``best.pt`` (higher is better).
         meta: stored in every checkpoint (class names, input normalisation, image size).
     """
@@ -81,8 +106,9 @@ class Trainer:
         self.task, self.cfg = task, cfg
         self.device = device
         self.output = Path(output)
-        self.console = console or Console(quiet)
-        self.quiet = quiet
+        self.main, self.world = distributed.is_main(), distributed.world_size()
+        self.quiet = quiet or not self.main
+        self.console = console or Console(self.quiet)
         self.train_loader = train_loader
         self.evaluate_fn = evaluate
         self.main_metric = main_metric
@@ -91,10 +117,27 @@ class Trainer:
         self.epochs = tcfg.epochs
         self.amp = tcfg.amp and device.type == "cuda"
 
-        self.model = model.to(device)
+        self.model = model.to(device)  # the plain module: EMA, checkpoints, evaluation
         if tcfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self._check_sync_bn()
         self.optimizer = build_optimizer(self.model, ocfg, device)
+        self.train_model = self.model  # what the training step calls: DDP-wrapped with several ranks
+        if self.world > 1:
+            # Every rank starts from rank 0's weights (DDP broadcasts them). BatchNorm running
+            # statistics are not used by the training forward: rather than broadcasting them
+            # before every step, evaluation copies rank 0's (see evaluate()).
+            device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+                if device.type == "cuda" else None
+            no_buffer_sync = ({"forward_sync_buffers": False}  # broadcast_buffers' newer name
+                              if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                              else {"broadcast_buffers": False})
+            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                                       **no_buffer_sync)
+            # On the first step a 1x1 conv's weight gradient may come with other strides on its
+            # size-1 dims than the bucket view: the same memory layout, one copy, then aliased.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            self._seed_rank_rngs(0)
         self.steps_per_epoch = len(train_loader)
         if self.steps_per_epoch == 0:
             raise ValueError("the training set gives no batch: is it empty, or smaller than the batch size?")
@@ -102,17 +145,42 @@ class Trainer:
         self.ema = None
         if ocfg.ema:
             self.ema = ModelEMA(self.model, ocfg.ema_decay)  # BN statistics averaged too
-        if tcfg.cuda_graph and tcfg.compile:
+        cuda_graph = tcfg.cuda_graph
+        if cuda_graph and self.world > 1:
+            # DDP's gradient all-reduce runs from autograd hooks on its own stream: not captured
+            # by GraphedForwardBackward. Eager steps are correct, only slower for small models.
+            if device.type == "cuda":
+                self.console(f"train.cuda_graph is off with {self.world} processes (DDP steps run eager)")
+            cuda_graph = False
+        if cuda_graph and tcfg.compile:
             raise ValueError("train.cuda_graph and train.compile cannot be combined yet: choose one")
-        self.step_model = torch.compile(self.model) if tcfg.compile else self.model
+        # torch.compile wraps the DDP module (PyTorch's recipe: DDP's optimizer splits the graph
+        # at gradient-bucket boundaries so the all-reduce still overlaps backward)
+        self.step_model = torch.compile(self.train_model) if tcfg.compile else self.train_model
         self.graphed = None
-        if tcfg.cuda_graph and device.type == "cuda":
+        if cuda_graph and device.type == "cuda":
             self.graphed = GraphedForwardBackward(self.model, self.optimizer, amp=self.amp)
-        self.log = MetricsLog(self.output / "metrics.jsonl")
+        self.log = MetricsLog(self.output / "metrics.jsonl")  # written by rank 0 only
         self.writer = CheckpointWriter()
         self.start_epoch = 0
         self.best: float | None = None
         self._last_plot = 0.0
+
+    def _check_sync_bn(self) -> None:
+        if not any(isinstance(m, nn.SyncBatchNorm) for m in self.model.modules()):
+            return
+        if self.world == 1:
+            self.console("model.norm=syncbn in one process: plain batch norm (SyncBatchNorm synchronises "
+                         "statistics only across the processes of torchrun)")
+        elif self.device.type != "cuda":
+            raise ValueError("model.norm=syncbn needs CUDA devices under torchrun (PyTorch's SyncBatchNorm has "
+                             "no CPU / gloo implementation): use model.norm=bn or gn")
+
+    def _seed_rank_rngs(self, epoch: int) -> None:
+        """Ranks other than 0 draw dropout / drop-path / augmentation noise from global RNG
+        streams of their own (rank 0 keeps the one-process stream)."""
+        if self.world > 1 and not self.main:
+            seed_everything(self.cfg.train.seed * 1_000_003 + epoch * 7919 + 104_729 * distributed.rank())
 
     # ------------------------------------------------------------------ state
     def state_dict(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -127,28 +195,46 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": None,  # bf16 autocast needs no loss scaling
             "epoch": epoch,
+            "steps_per_epoch": self.steps_per_epoch,  # per rank: a resume with another world size re-seeks the schedule
+            "world_size": self.world,
             "metrics": metrics,
             "best": self.best,
-            "rng": rng_state(),
+            "rng": rng_state(),  # rank 0's
             "meta": self.meta,  # what inference needs without the data: class names, normalisation
         }
 
     def resume(self, path: str | Path) -> None:
-        """Continue from a checkpoint: weights, optimizer, schedule, EMA, epoch and RNG."""
+        """Continue from a checkpoint: weights, optimizer, schedule, EMA, epoch and RNG.
+
+        Every rank reads the same file. A checkpoint written with N processes resumes with M:
+        weights and optimizer state do not depend on the world size; the schedule is moved to
+        the step this world size would have reached. Only rank 0's RNG state is stored, so a
+        resumed run is bit-identical to an uninterrupted one in one process; with several
+        processes the other ranks' global RNG streams are reseeded (data order and on-device
+        augmentation are reseeded from (seed, epoch, rank) anyway)."""
         ckpt = load_checkpoint(path)
         if ckpt.get("task") != self.task:
             raise ValueError(f"{path} is a {ckpt.get('task')!r} checkpoint, not {self.task!r}")
         unwrap(self.model).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.start_epoch = int(ckpt["epoch"])
+        saved_steps = ckpt.get("steps_per_epoch", self.steps_per_epoch)
+        if saved_steps == self.steps_per_epoch:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        else:
+            seek_schedule(self.scheduler, self.start_epoch * self.steps_per_epoch)
+            self.console(f"{path}: {saved_steps} steps per epoch with {ckpt.get('world_size', 1)} process(es), "
+                         f"now {self.steps_per_epoch} with {self.world}: the schedule continues at step "
+                         f"{self.start_epoch * self.steps_per_epoch} of {self.epochs * self.steps_per_epoch}")
         if self.ema is not None:
             if ckpt.get("ema") is None:
                 raise ValueError(f"{path} has no EMA weights but optim.ema is on")
             self.ema.load_state_dict(ckpt["ema"], ckpt.get("ema_steps", 0))
-        self.start_epoch = int(ckpt["epoch"])
         self.best = ckpt.get("best")
         set_rng_state(ckpt["rng"])
-        self.log.truncate_after(self.start_epoch)
+        self._seed_rank_rngs(self.start_epoch)
+        if self.main:
+            self.log.truncate_after(self.start_epoch)
         self.console(f"resumed from {path} after epoch {self.start_epoch}/{self.epochs}")
 
     # ------------------------------------------------------------------ loop
@@ -161,6 +247,7 @@ class Trainer:
         keys: list[str] = []
         first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         n_images = 0
+        totals: torch.Tensor | None = None  # [loss sums..., images] of all ranks, at the last log point
         bar = progress(self.train_loader, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}",
                        quiet=self.quiet)
         start = time.perf_counter()
@@ -171,7 +258,9 @@ class Trainer:
                 with autocast(self.device, self.amp):
                     loss_dict = model(images, targets)
                 loss = sum(loss_dict.values())
-                opt.zero_grad(set_to_none=True)
+                # DDP: the gradients are views into its all-reduce buckets; zeroing them in place
+                # keeps them so (set to None, each step would allocate and copy them again)
+                opt.zero_grad(set_to_none=self.world == 1)
                 loss.backward()
             if not keys:
                 keys = list(loss_dict)
@@ -189,17 +278,37 @@ class Trainer:
             first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
             n_images += images.shape[0]
             if (step + 1) % log_every == 0 or step + 1 == self.steps_per_epoch:
-                self._check_finite(first_bad, epoch)
+                if self.world > 1:
+                    totals = self._reduce_log_point(sums, n_images, first_bad, epoch)
+                else:
+                    self._check_finite(first_bad, epoch)
                 if not bar.disable:
-                    bar.set_postfix(loss=f"{float(sums[0]) / (step + 1):.4f}", lr=f"{sched.get_last_lr()[0]:.3g}")
+                    loss = float(totals[0]) / self.world if totals is not None else float(sums[0])
+                    bar.set_postfix(loss=f"{loss / (step + 1):.4f}", lr=f"{sched.get_last_lr()[0]:.3g}")
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        self._check_finite(first_bad, epoch)
+        if totals is not None:  # the last step is a log point: every rank's sums and images
+            sums, n_images = totals[:-1] / self.world, int(totals[-1])
+        else:
+            self._check_finite(first_bad, epoch)
         means = (sums / max(1, self.steps_per_epoch)).tolist() if sums is not None else [math.nan]
         losses = {"loss": means[0], **{f"loss_{k}": v for k, v in zip(keys, means[1:])}}
         return EpochResult(losses, n_images, seconds)
+
+    def _reduce_log_point(self, sums: torch.Tensor, n_images: int, first_bad: torch.Tensor,
+                          epoch: int) -> torch.Tensor:
+        """One all-reduce of ``[loss sums..., images, non-finite flag]`` over the ranks; every
+        rank raises if any rank met a non-finite loss (no rank is left waiting in a collective)."""
+        packed = torch.cat([sums.double(), torch.tensor([n_images, 0.0], dtype=torch.float64, device=sums.device)])
+        packed[-1] = (first_bad >= 0).double()
+        distributed.all_reduce_sum(packed)
+        if float(packed[-1]) > 0:
+            never = torch.iinfo(torch.int64).max
+            step = distributed.all_reduce(torch.where(first_bad >= 0, first_bad, never), "min")
+            self._check_finite(step, epoch)
+        return packed[:-1]
 
     def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
         step = int(first_bad)
@@ -218,17 +327,19 @@ class Trainer:
     def evaluate(self, final: bool = False) -> dict[str, Any]:
         model = self.eval_model
         model.eval()
+        distributed.broadcast_buffers(model)  # every rank evaluates the weights rank 0 saves
         with autocast(self.device, self.amp):
-            metrics = self.evaluate_fn(model, final)
+            metrics = self.evaluate_fn(model, final and self.main)
         self.model.train()
         return metrics
 
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs; returns the last epoch's record (plus ``best_*``)."""
         tcfg = self.cfg.train
-        self.output.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            self.output.mkdir(parents=True, exist_ok=True)
         record: dict[str, Any] = {}
-        total_train_s = sum(r.get("train_time_s", 0.0) for r in self.log.records())
+        total_train_s = sum(r.get("train_time_s", 0.0) for r in self.log.records()) if self.main else 0.0
         try:
             for epoch in range(self.start_epoch, self.epochs):
                 if hasattr(self.train_loader, "set_epoch"):
@@ -240,14 +351,17 @@ class Trainer:
                           "train_images": result.images, "train_time_s": result.seconds,
                           "train_time_total_s": total_train_s,
                           "train_img_per_s": result.images / max(result.seconds, 1e-9)}
+                if self.world > 1:  # train_images and img/s count every rank's images
+                    record["world_size"] = self.world
                 last = epoch + 1 == self.epochs
                 if last or (epoch + 1) % max(1, tcfg.eval_every) == 0:
                     t0 = time.perf_counter()
                     metrics = self.evaluate(final=last)
                     record.update({f"val_{k}": v for k, v in metrics.items()})
                     record["eval_time_s"] = time.perf_counter() - t0
-                self.log.append(record)
-                main = record.get(f"val_{self.main_metric}")
+                if self.main:
+                    self.log.append(record)
+                main = record.get(f"val_{self.main_metric}")  # reduced: the same on every rank
                 is_best = main is not None and (self.best is None or main > self.best)
                 if is_best:
                     self.best = main
@@ -256,9 +370,10 @@ class Trainer:
                     paths.append(self.output / "last.pt")
                 if is_best:
                     paths.append(self.output / "best.pt")
-                if paths:
+                if paths and self.main:
                     self.writer.save(self.state_dict(epoch + 1, record), *paths)
-                self._plot(force=last)
+                if self.main:
+                    self._plot(force=last)
                 self.console(f"epoch {epoch + 1}/{self.epochs}  " + format_metrics(
                     record, ["train_loss", f"val_{self.main_metric}", "train_img_per_s", "train_time_s"]))
         finally:

@@ -1,7 +1,10 @@
-"""Metrics accumulated on the device (no per-batch host syncs)."""
+"""Metrics accumulated on the device (no per-batch host syncs), reduced across ranks under
+``torchrun`` (each rank evaluates its shard of the validation set)."""
 from __future__ import annotations
 
 import torch
+
+from . import distributed
 
 __all__ = ["ConfusionMatrix", "multilabel_metrics"]
 
@@ -9,7 +12,8 @@ __all__ = ["ConfusionMatrix", "multilabel_metrics"]
 class ConfusionMatrix:
     """``K x K`` counts, rows = true class, columns = prediction; ``ignore_index`` skipped.
 
-    Used for classification accuracy and (per pixel) for segmentation IoU.
+    Used for classification accuracy and (per pixel) for segmentation IoU. With several
+    ranks, ``all_reduce()`` after the last update makes ``mat`` / ``compute`` global.
     """
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu", ignore_index: int | None = None) -> None:
@@ -32,6 +36,12 @@ class ConfusionMatrix:
             index = torch.where(target == self.ignore_index, k * k, index)
         # index_add_, not bincount: bincount reads the max index back to the host on CUDA
         self._counts.index_add_(0, index, torch.ones_like(index))
+
+    def all_reduce(self) -> "ConfusionMatrix":
+        """Sum the counts of every rank in place (call once, after the last ``update``); a
+        no-op in one process. Returns ``self``."""
+        distributed.all_reduce_sum(self._counts)
+        return self
 
     def compute(self) -> dict[str, float | list[float]]:
         m = self.mat.double().cpu()
