@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import clip_boxes_to_image, nms, sigmoid_focal_loss
+from torchvision.ops import batched_nms, clip_boxes_to_image, sigmoid_focal_loss
 
 from backbones.base import Backbone, FeatureSpec
 
@@ -33,8 +33,6 @@ __all__ = ["FCOSHead", "Detector", "pad_targets", "is_padded_targets"]
 _SIZE_PER_STRIDE = 8
 # Bounded: a stream of distinct image sizes (no resizing, odd shapes) must not grow it forever.
 _POINTS_CACHE_SIZE = 32
-# Most boxes one NMS call takes (its mask is boxes^2 bits: 16384 boxes -> 32 MB).
-_NMS_CHUNK = 16384
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -443,47 +441,16 @@ class FCOSHead(nn.Module):
         # nothing and would only break consumers that reject x2 <= x1
         keep = (scores > self.score_thresh) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
 
-        return self._nms_per_image(boxes, scores, labels, keep, image_size)
-
-    def _nms_per_image(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
-                       image_size: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
-        """Class-wise NMS within each image, for the whole batch in a few calls.
-
-        Calling ``batched_nms`` image by image costs several host syncs per image (boolean
-        indexing, NMS itself): at batch 64 that loop was most of the detector's inference time.
-        Here every (image, class) group is moved to its own region of the plane (offset by more
-        than the image size, in float64 so the shift loses no precision), so one ``nms`` call
-        suppresses only within groups, exactly as per image and class. Images are taken in
-        chunks of at most ``_NMS_CHUNK`` boxes because NMS memory grows with the square of the
-        box count (an untrained head sends every top-k candidate).
-        """
-        n, k = keep.shape[0], self.num_classes
-        idx = keep.nonzero()  # [T, 2] (image, candidate), image-major: host sync
-        img = idx[:, 0]
-        b, s, lab = boxes[img, idx[:, 1]], scores[img, idx[:, 1]], labels[img, idx[:, 1]]
-        counts = torch.bincount(img, minlength=n).tolist()  # host sync
-        span = float(max(image_size)) + 1.0  # boxes are clipped to the image: groups cannot overlap
-        kept_parts, start, first = [], 0, 0
-        for i in range(n + 1):
-            size = sum(counts[first:i])
-            if i == n or (size + counts[i] > _NMS_CHUNK and i > first):
-                if size:
-                    sl = slice(start, start + size)
-                    group = (img[sl] * k + lab[sl]).to(torch.float64) * span
-                    shifted = b[sl].to(torch.float64) + group[:, None]
-                    kept_parts.append(nms(shifted, s[sl].to(torch.float64), self.nms_thresh) + start)
-                start, first = start + size, i
-        kept = torch.cat(kept_parts) if kept_parts else img.new_zeros(0)  # each part by score, descending
-        # image by image (stable: scores stay descending within an image), at most detections_per_img each
-        kept = kept[torch.sort(img[kept], stable=True).indices]
-        kept_img = img[kept]
-        per_image = torch.bincount(kept_img, minlength=n)
-        rank = torch.arange(len(kept), device=kept.device) - (per_image.cumsum(0) - per_image)[kept_img]
-        kept = kept[rank < self.detections_per_img]
-        final_counts = torch.bincount(img[kept], minlength=n).tolist()  # host sync
-        return [{"boxes": bb, "scores": ss, "labels": ll}
-                for bb, ss, ll in zip(b[kept].split(final_counts), s[kept].split(final_counts),
-                                      lab[kept].split(final_counts))]
+        # one selection for the whole batch (two host syncs), then split into per-image views;
+        # indexing image by image would cost a sync per image and tensor
+        idx = keep.nonzero()  # [T, 2] (image, candidate), image-major
+        counts = torch.bincount(idx[:, 0], minlength=n).tolist()
+        chosen = (boxes[idx[:, 0], idx[:, 1]], scores[idx[:, 0], idx[:, 1]], labels[idx[:, 0], idx[:, 1]])
+        results = []
+        for b, s, lab in zip(*(c.split(counts) for c in chosen)):  # NMS sizes differ per image
+            kept = batched_nms(b, s, lab, self.nms_thresh)[: self.detections_per_img]
+            results.append({"boxes": b[kept], "scores": s[kept], "labels": lab[kept]})
+        return results
 
 
 # ----------------------------------------------------------------------------- model

@@ -358,25 +358,3 @@ def test_invalid_padded_targets_raise_naming_the_image():
         model(torch.randn(2, 3, 64, 64), padded)
     with pytest.raises(ValueError, match=r"labels must be an integer \[N, M\] = \(2, 4\)"):
         model(torch.randn(2, 3, 64, 64), {"boxes": padded["boxes"], "labels": padded["labels"][:, :2]})
-
-
-def test_batch_postprocess_equals_image_by_image_and_chunking_changes_nothing(monkeypatch):
-    import heads.detection as det
-
-    head = FCOSHead(SPECS, K, fpn_channels=8, score_thresh=0.2, nms_thresh=0.5, detections_per_img=15)
-    torch.manual_seed(3)
-    raw = _raw_for(head, (64, 96), n=3)
-    raw["cls_logits"] = torch.randn_like(raw["cls_logits"]) * 2  # many overlapping candidates per class
-    raw["bbox_reg"] = torch.rand_like(raw["bbox_reg"]) * 3
-    batch = head.postprocess(raw, (64, 96))
-    per_key = ("cls_logits", "bbox_reg", "centerness")
-    for i in range(3):
-        alone = head.postprocess({**raw, **{k: raw[k][i:i + 1] for k in per_key}}, (64, 96))[0]
-        assert 0 < len(alone["boxes"]) <= 15
-        for k in ("boxes", "scores", "labels"):
-            torch.testing.assert_close(batch[i][k], alone[k])
-    monkeypatch.setattr(det, "_NMS_CHUNK", 5)  # every image in its own chunk (each has more boxes)
-    chunked = head.postprocess(raw, (64, 96))
-    for a, b in zip(batch, chunked):
-        for k in ("boxes", "scores", "labels"):
-            torch.testing.assert_close(a[k], b[k])
