@@ -80,15 +80,21 @@ def is_padded_targets(targets: Any) -> bool:
     return isinstance(targets, Mapping) and "boxes" in targets and "labels" in targets
 
 
+def _check_boxes(boxes: Any, layout: str, where: str) -> None:
+    """``boxes`` is a floating-point tensor of ``layout`` ("[M, 4]" or "[N, M, 4]")."""
+    dims = layout.count(",") + 1
+    if not isinstance(boxes, torch.Tensor) or boxes.dim() != dims or boxes.shape[-1] != 4:
+        got = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
+        raise ValueError(f"{where}: boxes must be a {layout} xyxy tensor, got {got}")
+    if not boxes.is_floating_point():
+        raise ValueError(f"{where}: boxes must be floating point (xyxy pixels), got {boxes.dtype}")
+
+
 def _check_target_structure(targets: Any, num_images: int | None = None) -> None:
     """Types and shapes only (no device sync): cheap enough to run on every ``loss`` call."""
     if is_padded_targets(targets):
         boxes, labels = targets["boxes"], targets["labels"]
-        if not isinstance(boxes, torch.Tensor) or boxes.dim() != 3 or boxes.shape[-1] != 4:
-            got = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
-            raise ValueError(f"padded targets: boxes must be a [N, M, 4] xyxy tensor, got {got}")
-        if not boxes.is_floating_point():
-            raise ValueError(f"padded targets: boxes must be floating point (xyxy pixels), got {boxes.dtype}")
+        _check_boxes(boxes, "[N, M, 4]", "padded targets")
         if (not isinstance(labels, torch.Tensor) or labels.shape != boxes.shape[:2] or labels.is_floating_point()
                 or labels.dtype == torch.bool):
             got = (f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor)
@@ -108,11 +114,7 @@ def _check_target_structure(targets: Any, num_images: int | None = None) -> None
             got = sorted(t) if isinstance(t, Mapping) else type(t).__name__
             raise ValueError(f"image {i}: target must be a dict with 'boxes' and 'labels', got {got}")
         boxes, labels = t["boxes"], t["labels"]
-        if not isinstance(boxes, torch.Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
-            got = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
-            raise ValueError(f"image {i}: boxes must be a [M, 4] xyxy tensor, got {got}")
-        if not boxes.is_floating_point():
-            raise ValueError(f"image {i}: boxes must be floating point (xyxy pixels), got {boxes.dtype}")
+        _check_boxes(boxes, "[M, 4]", f"image {i}")
         if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"image {i}: labels must be a [M] int64 tensor, got {got}")
