@@ -186,8 +186,10 @@ class _TorchvisionFCOS(torch.nn.Module):
                          center_sampling_radius=m.center_sampling_radius)
 
     def forward(self, images: torch.Tensor, targets=None):
+        from heads.detection import is_padded_targets
+
         if self.training:
-            if isinstance(targets, dict):  # our padded training batch -> torchvision's per-image dicts
+            if is_padded_targets(targets):  # our padded training batch -> torchvision's per-image dicts
                 keep = targets["labels"] >= 0
                 targets = [{"boxes": b[k], "labels": lab[k]}
                            for b, lab, k in zip(targets["boxes"], targets["labels"], keep)]
@@ -287,7 +289,8 @@ def bench_dense(task: str, out: Path, overrides: list[str], device: torch.device
             return mod.evaluate(m, data, device, cfg.train.amp)
 
         run_cfg = cfg
-        if i > 0 and cfg.train.cuda_graph:  # torchvision's models sync the host inside forward: no capture
+        if isinstance(model, (_TorchvisionFCOS, _TorchvisionFCN)) and cfg.train.cuda_graph:
+            # torchvision's models sync the host inside forward: no capture
             run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cuda_graph=False))
         trainer = Trainer(task, run_cfg, model, data.train, evaluate=evaluate, main_metric=metric, output=run_dir,
                           device=device, quiet=True)

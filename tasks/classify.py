@@ -35,7 +35,7 @@ from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
 from tasks.data.loaders import DeviceLoader, TensorLoader, make_loader
 from tasks.engine import distributed
 from tasks.engine.checkpoint import load_for_inference
-from tasks.engine.cli import Run, common_parser, run_cli, setup_run
+from tasks.engine.cli import Run, common_parser, default_recipe, run_cli, setup_run
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.loop import Trainer, autocast
 from tasks.engine.trunk import load_trunk
@@ -199,10 +199,6 @@ def get_args_parser():
     return p
 
 
-def _default_recipe() -> str:
-    return GPU_RECIPE if torch.cuda.is_available() else CPU_RECIPE
-
-
 def _load_for_inference(run: Run) -> Classifier:
     model = build_model(run.cfg)
     return load_for_inference(model, run.checkpoint, run.device, run.cfg.train.channels_last)
@@ -230,7 +226,7 @@ def predict(run: Run, paths: list[str]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
-    run = setup_run(TASK, ClassifyConfig, args, _default_recipe())
+    run = setup_run(TASK, ClassifyConfig, args, default_recipe(GPU_RECIPE, CPU_RECIPE))
     cfg, device, say = run.cfg, run.device, run.console
     if run.summary and not (args.eval_only or args.predict):
         say(run.summary)

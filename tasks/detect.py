@@ -28,14 +28,15 @@ from torch.utils.data import DataLoader
 
 from backbones import build_backbone
 from heads import Detector, FCOSHead
-from tasks.data.coco import CocoDetection, collate_detection, collate_detection_padded, coco_evaluate, detections_to_coco, read_image
+from tasks.data.coco import (CocoDetection, collate_detection, collate_detection_padded, coco_evaluate,
+                             detections_to_coco, read_image)
 from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
 from tasks.data.loaders import DeviceLoader, make_loader, normalize_images
 from tasks.data.scenes import ensure_scenes
 from tasks.data.transforms import detection_train_transforms, detection_val_transforms
 from tasks.engine import distributed
 from tasks.engine.checkpoint import load_for_inference
-from tasks.engine.cli import Run, common_parser, run_cli, setup_run
+from tasks.engine.cli import Run, common_parser, default_recipe, run_cli, setup_run
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.loop import Trainer, autocast
 from tasks.engine.trunk import load_trunk
@@ -115,6 +116,24 @@ def data_paths(cfg: DetectConfig, *, quiet: bool = False) -> dict[str, str]:
             "val_images": str(root / "images" / "val")}
 
 
+def coco_sets(d: DenseDataConfig, paths: dict[str, str], seed: int, *, train: bool = True
+              ) -> tuple[CocoDetection, Optional[CocoDetection]]:
+    """Validation and (``train``) training ``CocoDetection`` sets with the box-aware transforms;
+    semantic masks come along when ``paths`` names mask folders (multi-task data)."""
+    val_set = CocoDetection(paths["val_ann"], paths["val_images"], detection_val_transforms(d.image_size),
+                            skip_bad=d.skip_bad, limit=d.limit_val, mask_dir=paths.get("val_masks"))
+    if not train:
+        return val_set, None
+    train_set = CocoDetection(paths["train_ann"], paths["train_images"],
+                              detection_train_transforms(d.image_size, (d.scale_min, d.scale_max),
+                                                         0.5 if d.hflip else 0.0, seed=seed),
+                              skip_bad=d.skip_bad, limit=d.limit_train, mask_dir=paths.get("train_masks"))
+    if train_set.cat_ids != val_set.cat_ids:
+        raise ValueError(f"{paths['train_ann']} and {paths['val_ann']} have different categories "
+                         f"({train_set.cat_ids} vs {val_set.cat_ids})")
+    return val_set, train_set
+
+
 @dataclass
 class DetectData:
     val_set: CocoDetection
@@ -126,8 +145,7 @@ class DetectData:
 def build_data(cfg: DetectConfig, device: torch.device, *, train: bool = True, quiet: bool = False) -> DetectData:
     d = cfg.data
     paths = data_paths(cfg, quiet=quiet)
-    val_set = CocoDetection(paths["val_ann"], paths["val_images"], detection_val_transforms(d.image_size),
-                            skip_bad=d.skip_bad, limit=d.limit_val)
+    val_set, train_set = coco_sets(d, paths, cfg.train.seed, train=train)
     on_device = normalize_images(NORMALIZE, cfg.train.channels_last)
 
     def loader(ds, shuffle: bool, batch_size: int) -> DataLoader:
@@ -139,14 +157,7 @@ def build_data(cfg: DetectConfig, device: torch.device, *, train: bool = True, q
 
     val = DeviceLoader(loader(val_set, False, d.eval_batch_size), device, on_device)
     train_loader = None
-    if train:
-        train_set = CocoDetection(paths["train_ann"], paths["train_images"],
-                                  detection_train_transforms(d.image_size, (d.scale_min, d.scale_max),
-                                                             0.5 if d.hflip else 0.0, seed=cfg.train.seed),
-                                  skip_bad=d.skip_bad, limit=d.limit_train)
-        if train_set.cat_ids != val_set.cat_ids:
-            raise ValueError(f"{paths['train_ann']} and {paths['val_ann']} have different categories "
-                             f"({train_set.cat_ids} vs {val_set.cat_ids})")
+    if train_set is not None:
         train_loader = DeviceLoader(loader(train_set, True, cfg.train.batch_size), device, on_device,
                                     seed=cfg.train.seed)
     return DetectData(val_set, train_loader, val, val_set.class_names)
@@ -252,13 +263,9 @@ def get_args_parser():
                          data_flags=("data_dir", "train_ann", "train_images", "val_ann", "val_images"))
 
 
-def _default_recipe() -> str:
-    return GPU_RECIPE if torch.cuda.is_available() else CPU_RECIPE
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
-    run = setup_run(TASK, DetectConfig, args, _default_recipe())
+    run = setup_run(TASK, DetectConfig, args, default_recipe(GPU_RECIPE, CPU_RECIPE))
     cfg, device, say = run.cfg, run.device, run.console
     if run.summary and not (args.eval_only or args.predict):
         say(run.summary)

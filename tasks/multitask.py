@@ -31,10 +31,9 @@ from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
 from tasks.data.loaders import DeviceLoader, make_loader, normalize_images
 from tasks.data.scenes import ensure_scenes
 from tasks.data.segmentation import IGNORE_INDEX
-from tasks.data.transforms import detection_train_transforms, detection_val_transforms
 from tasks.engine import distributed
 from tasks.engine.checkpoint import load_checkpoint, load_for_inference
-from tasks.engine.cli import common_parser, run_cli, setup_run
+from tasks.engine.cli import common_parser, default_recipe, run_cli, setup_run
 from tasks.engine.config import OptimConfig, TrainConfig, config_from_dict
 from tasks.engine.logging import progress
 from tasks.engine.loop import Trainer, autocast
@@ -132,8 +131,7 @@ class MultiTaskData:
 def build_data(cfg: MultiTaskConfig, device: torch.device, *, train: bool = True, quiet: bool = False) -> MultiTaskData:
     d = cfg.data
     paths = data_paths(cfg, quiet=quiet)
-    val_set = CocoDetection(paths["val_ann"], paths["val_images"], detection_val_transforms(d.image_size),
-                            skip_bad=d.skip_bad, limit=d.limit_val, mask_dir=paths["val_masks"])
+    val_set, train_set = detect.coco_sets(d, paths, cfg.train.seed, train=train)
     k = val_set.num_classes
     normalize = normalize_images(NORMALIZE, cfg.train.channels_last)
 
@@ -148,13 +146,7 @@ def build_data(cfg: MultiTaskConfig, device: torch.device, *, train: bool = True
 
     val = DeviceLoader(loader(val_set, False, d.eval_batch_size), device, on_device)
     train_loader = None
-    if train:
-        train_set = CocoDetection(paths["train_ann"], paths["train_images"],
-                                  detection_train_transforms(d.image_size, (d.scale_min, d.scale_max),
-                                                             0.5 if d.hflip else 0.0, seed=cfg.train.seed),
-                                  skip_bad=d.skip_bad, limit=d.limit_train, mask_dir=paths["train_masks"])
-        if train_set.cat_ids != val_set.cat_ids:
-            raise ValueError(f"{paths['train_ann']} and {paths['val_ann']} have different categories")
+    if train_set is not None:
         train_loader = DeviceLoader(loader(train_set, True, cfg.train.batch_size), device, on_device,
                                     seed=cfg.train.seed)
     return MultiTaskData(train_loader, val, val_set, val_set.class_names)
@@ -298,10 +290,6 @@ def get_args_parser():
     return p
 
 
-def _default_recipe() -> str:
-    return GPU_RECIPE if torch.cuda.is_available() else CPU_RECIPE
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -311,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if distributed.env_world_size() > 1:
             raise ValueError("--predict runs in one process: python -m tasks.multitask --predict ... (not torchrun)")
         return _main_merged(args)
-    run = setup_run(TASK, MultiTaskConfig, args, _default_recipe())
+    run = setup_run(TASK, MultiTaskConfig, args, default_recipe(GPU_RECIPE, CPU_RECIPE))
     cfg, device, say = run.cfg, run.device, run.console
     if run.summary and not (args.eval_only or args.predict):
         say(run.summary)

@@ -36,7 +36,7 @@ from tasks.data.segmentation import (IGNORE_INDEX, CocoSemanticDataset, MaskFold
 from tasks.data.transforms import segmentation_train_transforms, segmentation_val_transforms
 from tasks.engine.checkpoint import load_for_inference
 from tasks.engine import distributed
-from tasks.engine.cli import Run, common_parser, run_cli, setup_run
+from tasks.engine.cli import Run, common_parser, default_recipe, run_cli, setup_run
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig
 from tasks.engine.loop import Trainer, autocast
 from tasks.engine.trunk import load_trunk
@@ -229,17 +229,13 @@ def get_args_parser():
                                      "val_masks"))
 
 
-def _default_recipe() -> str:
-    return GPU_RECIPE if torch.cuda.is_available() else CPU_RECIPE
-
-
 def _print_ious(metrics: dict[str, Any], names: list[str], say) -> None:
     say("  " + "  ".join(f"{n} {iou:.3f}" for n, iou in zip(names, metrics["iou"])))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
-    run = setup_run(TASK, SegmentConfig, args, _default_recipe())
+    run = setup_run(TASK, SegmentConfig, args, default_recipe(GPU_RECIPE, CPU_RECIPE))
     cfg, device, say = run.cfg, run.device, run.console
     if run.summary and not (args.eval_only or args.predict):
         say(run.summary)

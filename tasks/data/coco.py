@@ -201,6 +201,21 @@ def keep_existing_images(image_dir: Path, images: dict[int, dict], ids: list[int
 # Dataset
 # ---------------------------------------------------------------------------------------------
 
+def load_skipping_bad(load: Callable[[int], Any], index: int, size: int, errors: tuple[type, ...],
+                      stats: dict[str, int], source: str) -> Any:
+    """``load(index)``, or the next sample (wrapping round) that loads when it raises one of
+    ``errors``: each skip is counted in ``stats["unreadable"]`` and warned about, and a dataset
+    with no usable sample at all raises ``ImageReadError`` naming ``source``."""
+    for attempt in range(size):
+        i = (index + attempt) % size
+        try:
+            return load(i)
+        except errors as e:
+            stats["unreadable"] += 1
+            warnings.warn(f"skipping unusable sample: {e}", stacklevel=3)
+    raise ImageReadError(f"{source}: none of the {size} samples could be used")
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """Detection samples from a COCO JSON and an image folder.
 
@@ -331,14 +346,8 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         if not self.skip_bad:
             return self._load(index)
-        for attempt in range(len(self)):
-            i = (index + attempt) % len(self)
-            try:
-                return self._load(i)
-            except OSError as e:  # unreadable or vanished since init (FileNotFoundError)
-                self.stats["unreadable"] += 1
-                warnings.warn(f"skipping unusable image: {e}", stacklevel=2)
-        raise ImageReadError(f"{self.ann_file}: none of the {len(self)} images could be read")
+        # unreadable or vanished since init (FileNotFoundError)
+        return load_skipping_bad(self._load, index, len(self), (OSError,), self.stats, str(self.ann_file))
 
     def _load(self, index: int) -> tuple[torch.Tensor, dict]:
         img_id, path, h, w, boxes, labels = self._records[index]

@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .coco import (ImageReadError, checked_annotations, keep_existing_images, _check_categories, _check_images,
+from .coco import (ImageReadError, checked_annotations, load_skipping_bad, keep_existing_images, _check_categories, _check_images,
                    _is_int, _load_json, read_image)
 
 __all__ = ["MaskFolderDataset", "CocoSemanticDataset", "MaskError", "read_mask", "collate_segmentation",
@@ -81,14 +81,8 @@ class _SegmentationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.skip_bad:
             return self._load(index)
-        for attempt in range(len(self)):
-            i = (index + attempt) % len(self)
-            try:
-                return self._load(i)
-            except (OSError, MaskError) as e:  # unreadable, vanished since init, or a bad mask
-                self.stats["unreadable"] += 1
-                warnings.warn(f"skipping unusable sample: {e}", stacklevel=2)
-        raise ImageReadError(f"{self._source()}: none of the {len(self)} samples could be used")
+        # unreadable, vanished since init, or a bad mask
+        return load_skipping_bad(self._load, index, len(self), (OSError, MaskError), self.stats, self._source())
 
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self._read(index)

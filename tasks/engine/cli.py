@@ -27,7 +27,7 @@ from .checkpoint import load_checkpoint
 from .config import CONFIG_ROOT, merge_dicts, apply_overrides, config_from_dict, config_to_dict, read_yaml
 from .logging import Console
 
-__all__ = ["common_parser", "Run", "setup_run", "resolve_device", "seed_everything", "find_config", "run_cli"]
+__all__ = ["common_parser", "Run", "setup_run", "default_recipe", "resolve_device", "seed_everything", "find_config", "run_cli"]
 
 # flag (argparse dest) -> config key
 FLAG_KEYS = {
@@ -74,6 +74,12 @@ def common_parser(prog: str, description: str, data_flags: Sequence[str]) -> arg
             raise ValueError(f"unknown data flag {name}")
         d.add_argument("--" + name.replace("_", "-"), metavar="PATH", help=helps[name])
     return p
+
+
+def default_recipe(gpu: str, cpu: str) -> str:
+    """The recipe a task runs with no ``--config``: the full one where CUDA is available, else
+    the quick CPU one."""
+    return gpu if torch.cuda.is_available() else cpu
 
 
 def resolve_device(spec: str) -> torch.device:
