@@ -183,6 +183,19 @@ def _worker(rank: int, port: int, out: str) -> None:
         cm = ConfusionMatrix(3)
         cm.update(torch.tensor([rank]), torch.tensor([rank]))  # rank 0: one 0->0, rank 1: one 1->1
         assert cm.all_reduce().mat.diag().tolist() == [1, 1, 0]
+        # the graphed DDP path: rank 0's weights everywhere, then gradients averaged in one flat reduce
+        conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            conv.weight.fill_(rank + 5.0)
+        distributed.broadcast_module(conv)
+        assert torch.equal(conv.weight, torch.full_like(conv.weight, 5.0))
+        per_rank = [torch.arange(conv.weight.numel(), dtype=torch.float32).view(conv.weight.shape) * (r + 1)
+                    for r in range(2)]
+        conv.weight.grad = per_rank[rank].contiguous(memory_format=torch.channels_last)  # bias.grad: None
+        distributed.GradientAllReduce(conv.parameters())()
+        torch.testing.assert_close(conv.weight.grad, (per_rank[0] + per_rank[1]) / 2, rtol=0, atol=0)
+        assert conv.weight.grad.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(conv.bias.grad, torch.zeros(4))
         loader = _tensor_loader(64, True, rank=None, batch=8)  # rank and world from the group
         assert (loader.rank, loader.world, len(loader)) == (rank, 2, 4)
 

@@ -79,3 +79,84 @@ def test_cuda_graph_detection_step_with_padded_targets_matches_eager():
     assert step.graph is not None
     for (n, a), b in zip(eager.named_parameters(), graphed.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=n)
+
+
+def _plain_stem_copy(model):
+    """``model`` with torchvision's stem layers (nn.Conv2d, nn.MaxPool2d) and the same weights."""
+    from backbones.stem import SpaceToDepthConv2d, StemMaxPool
+    model = copy.deepcopy(model)
+    for m in list(model.modules()):
+        for name, child in list(m.named_children()):
+            if isinstance(child, SpaceToDepthConv2d):
+                plain = torch.nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, 2, child.padding,
+                                        bias=False).cuda()
+                plain.load_state_dict(child.state_dict())
+                setattr(m, name, plain)
+            elif isinstance(child, StemMaxPool):
+                setattr(m, name, torch.nn.MaxPool2d(3, 2, 1))
+    return model
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fast_stem_matches_plain_stem_on_cuda(compiled):
+    """SpaceToDepthConv2d (and, compiled, StemMaxPool's backward) = nn.Conv2d + nn.MaxPool2d."""
+    torch.manual_seed(0)
+    trunk = resnet18()
+    fast = Classifier(trunk, ClassificationHead(trunk.feature_info[-1], 10)).cuda().train()
+    plain = _plain_stem_copy(fast)
+    x = torch.randn(4, 3, 63, 64, device="cuda")
+    y = torch.randint(0, 10, (4,), device="cuda")
+    torch.backends.cudnn.allow_tf32 = False
+    outs = []
+    for model in (fast, plain):
+        fn = torch.compile(model) if compiled else model
+        loss = fn(x, y)["cls"]
+        loss.backward()
+        outs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-4)
+    for n, g in outs[1][1].items():
+        torch.testing.assert_close(outs[0][1][n], g, rtol=1e-3, atol=1e-4, msg=n)
+
+
+def _graphed_ddp_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    from tasks.engine import distributed
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    device = distributed.init(torch.device("cuda"))
+    try:
+        torch.manual_seed(0)
+        model = _model().to(device)
+        ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(model), device_ids=[device.index])
+        g = torch.Generator(device="cpu").manual_seed(1 + rank)
+        x = torch.randn(32, 1, 28, 28, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (32,), generator=g).to(device)
+        ddp(x, y)["cls"].backward()
+        ref = {n: p.grad for n, p in ddp.module.named_parameters()}
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        step = GraphedForwardBackward(model, opt, amp=False, warmup=2)
+        sync = distributed.GradientAllReduce(model.parameters())
+        for _ in range(4):  # warm-up, capture, replays: the weights do not move (no optimizer step)
+            step(x, y)
+            sync()
+        assert step.graph is not None
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, ref[n], rtol=1e-3, atol=1e-5, msg=n)
+        if rank == 0:
+            open(os.path.join(out, "ok"), "w").close()
+    finally:
+        distributed.destroy()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_graphed_step_with_gradient_all_reduce_equals_ddp(tmp_path):
+    """train.cuda_graph under torchrun: graphed forward/backward + one flat all-reduce = DDP."""
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_graphed_ddp_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    assert (tmp_path / "ok").exists()

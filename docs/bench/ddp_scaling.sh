@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Multi-GPU scaling (issue 7): one process vs torchrun with 2 processes at the same per-GPU batch.
 # From the project root on a machine with 2 GPUs (Fashion-MNIST found through $FASHION_MNIST_DIR):
-#   bash docs/bench/ddp_scaling.sh OUTDIR          # classify: about 4 minutes on 2 H200s
+#   bash docs/bench/ddp_scaling.sh OUTDIR          # classify: about 3 minutes on 2 H200s
 #   SEGMENT=1 bash docs/bench/ddp_scaling.sh OUTDIR  # + segmentation (FashionScenes generated on first use)
-# Every run is eager (train.cuda_graph=false): CUDA graphs are off under DDP, so the one-GPU
-# baseline runs eager too. Throughput = train_images / train_time_s from each run's
+# Classification runs the shipped GPU recipe (train.cuda_graph=true) on one GPU and on two
+# (the graphed step, then one flat gradient all-reduce); EAGER=1 adds train.cuda_graph=false
+# (DDP proper). Throughput = train_images / train_time_s from each run's
 # metrics.jsonl (train_images counts every rank's images; evaluation excluded).
 set -euo pipefail
 out=${1:-runs/bench-ddp}
 PY=${PYTHON:-python3}
 EPOCHS=${EPOCHS:-30}        # the shipped classification recipe's length (accuracy comparable)
-SEG_EPOCHS=${SEG_EPOCHS:-4}
+SEG_EPOCHS=${SEG_EPOCHS:-8}
 read -r -a EXTRA <<< "${EXTRA_ARGS:-}"  # e.g. a CPU smoke test: EXTRA_ARGS="--device cpu --limit-train 512"
 # NVLink multicast stays off (shared machines): NCCL, PyTorch symmetric memory, NVSHMEM
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -22,7 +23,8 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 'gpus', torch.cuda.device_count())" | tee -a "$out/gpu.txt"
 
 TORCHRUN=($PY -m torch.distributed.run --standalone --nproc_per_node=2)
-C=(--config configs/classify/fashion_mnist_resnet18.yaml --set train.cuda_graph=false --epochs "$EPOCHS" "${EXTRA[@]}")
+C=(--config configs/classify/fashion_mnist_resnet18.yaml --epochs "$EPOCHS" "${EXTRA[@]}")
+[[ "${EAGER:-0}" == 1 ]] && C+=(--set train.cuda_graph=false)
 
 run() {  # name, command...
   local name=$1; shift

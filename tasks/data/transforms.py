@@ -140,8 +140,11 @@ def reseed_dataset(dataset, seed: int) -> int:
 
 
 def seed_worker(worker_id: int) -> None:
-    """``DataLoader(worker_init_fn=seed_worker)``: reseed ``random``, ``numpy`` and the
-    dataset's albumentations pipeline(s) from this worker's ``torch.initial_seed()``."""
+    """``DataLoader(worker_init_fn=seed_worker)``: one OpenCV thread, and reseed ``random``,
+    ``numpy`` and the dataset's albumentations pipeline(s) from this worker's ``torch.initial_seed()``."""
+    # OpenCV would start a thread pool of one thread per core in every worker: with 12 workers
+    # per GPU that is hundreds of threads contending (PyTorch already limits its own to one)
+    cv2.setNumThreads(1)
     seed = torch.initial_seed()  # base_seed + worker_id; a new base_seed every epoch
     random.seed(seed)
     np.random.seed(seed % 2**32)  # the legacy numpy seed must fit in 32 bits

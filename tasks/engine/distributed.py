@@ -23,7 +23,7 @@ from torch import nn
 
 __all__ = ["env_world_size", "init", "destroy", "is_initialized", "rank", "world_size", "local_rank", "is_main",
            "barrier", "all_reduce", "all_reduce_sum", "all_gather_object", "broadcast_object", "gather_lists",
-           "on_main", "main_first", "broadcast_buffers"]
+           "on_main", "main_first", "broadcast_buffers", "broadcast_module", "GradientAllReduce"]
 
 T = TypeVar("T")
 _state: dict[str, Any] = {"stdout": None}
@@ -197,3 +197,45 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
     for b in module.buffers():
         if b.is_floating_point():
             dist.broadcast(b, src)
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (what DDP does when it wraps a
+    model): every rank starts from the same weights."""
+    if not is_initialized():
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src)
+
+
+class GradientAllReduce:
+    """Average ``.grad`` of ``params`` over the ranks: one all-reduce per dtype over a flat copy.
+
+    For training steps that cannot run under DDP's autograd hooks: a CUDA-graphed forward +
+    backward (``train.cuda_graph``) replays on the GPU, then this one call sums every rank's
+    gradients (44 MB for ResNet-18: a fraction of a millisecond over NVLink) before the
+    optimizer step. Unlike DDP it does not overlap the reduction with backward. A parameter
+    without a gradient gets zeros, so every rank reduces the same tensors in the same order.
+    """
+
+    def __init__(self, params) -> None:
+        self.params = [p for p in params if p.requires_grad]
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        world = world_size()
+        if world == 1:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in self.params:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat.mul_(1.0 / world)
+            views = [v.view(g.shape) for v, g in zip(flat.split([g.numel() for g in grads]), grads)]
+            torch._foreach_copy_(grads, views)

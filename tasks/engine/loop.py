@@ -9,7 +9,8 @@ non-finite values every ``log_every`` steps and at the end of the epoch, naming 
 bad step; nothing is saved after it.
 
 Under ``torchrun`` the model trains as ``DistributedDataParallel`` (one process per GPU, each
-on its shard of the data, ``train.batch_size`` per GPU); losses and image counts are reduced
+on its shard of the data, ``train.batch_size`` per GPU), or, with ``train.cuda_graph``, as
+the graphed step followed by one flat gradient all-reduce; losses and image counts are reduced
 across ranks at those same log points only; rank 0 alone writes ``metrics.jsonl``, curves and
 checkpoints; evaluation runs on every rank's validation shard with rank 0's BatchNorm
 statistics (what the checkpoint holds) and the task's ``evaluate`` reduces its metrics.
@@ -123,7 +124,20 @@ class Trainer:
         self._check_sync_bn()
         self.optimizer = build_optimizer(self.model, ocfg, device)
         self.train_model = self.model  # what the training step calls: DDP-wrapped with several ranks
-        if self.world > 1:
+        cuda_graph = tcfg.cuda_graph and device.type == "cuda"
+        if cuda_graph and self.world > 1 and any(isinstance(m, nn.SyncBatchNorm) for m in self.model.modules()):
+            self.console("train.cuda_graph is off with model.norm=syncbn (its collectives run inside the forward)")
+            cuda_graph = False
+        self.grad_sync: distributed.GradientAllReduce | None = None
+        if self.world > 1 and cuda_graph:
+            # DDP's all-reduce runs from autograd hooks on its own stream, which a CUDA graph
+            # cannot capture: the graphed step replays forward + backward, then the gradients
+            # are averaged in one flat all-reduce (no overlap with backward; for the small
+            # models graphs are for, launch overhead is the larger cost).
+            distributed.broadcast_module(self.model)
+            self.grad_sync = distributed.GradientAllReduce(self.model.parameters())
+            self._seed_rank_rngs(0)
+        elif self.world > 1:
             # Every rank starts from rank 0's weights (DDP broadcasts them). BatchNorm running
             # statistics are not used by the training forward: rather than broadcasting them
             # before every step, evaluation copies rank 0's (see evaluate()).
@@ -145,20 +159,13 @@ class Trainer:
         self.ema = None
         if ocfg.ema:
             self.ema = ModelEMA(self.model, ocfg.ema_decay)  # BN statistics averaged too
-        cuda_graph = tcfg.cuda_graph
-        if cuda_graph and self.world > 1:
-            # DDP's gradient all-reduce runs from autograd hooks on its own stream: not captured
-            # by GraphedForwardBackward. Eager steps are correct, only slower for small models.
-            if device.type == "cuda":
-                self.console(f"train.cuda_graph is off with {self.world} processes (DDP steps run eager)")
-            cuda_graph = False
-        if cuda_graph and tcfg.compile:
+        if tcfg.cuda_graph and tcfg.compile:
             raise ValueError("train.cuda_graph and train.compile cannot be combined yet: choose one")
         # torch.compile wraps the DDP module (PyTorch's recipe: DDP's optimizer splits the graph
         # at gradient-bucket boundaries so the all-reduce still overlaps backward)
         self.step_model = torch.compile(self.train_model) if tcfg.compile else self.train_model
         self.graphed = None
-        if cuda_graph and device.type == "cuda":
+        if cuda_graph:
             self.graphed = GraphedForwardBackward(self.model, self.optimizer, amp=self.amp)
         self.log = MetricsLog(self.output / "metrics.jsonl")  # written by rank 0 only
         self.writer = CheckpointWriter()
@@ -254,6 +261,8 @@ class Trainer:
         for step, (images, targets) in enumerate(bar):
             if self.graphed is not None:
                 loss, loss_dict = self.graphed(images, targets)
+                if self.grad_sync is not None:
+                    self.grad_sync()
             else:
                 with autocast(self.device, self.amp):
                     loss_dict = model(images, targets)
