@@ -70,21 +70,27 @@ class SpaceToDepthConv2d(nn.Conv2d):
 # routes each gradient to its tap with a few shifted, fused reads: the same gradients as
 # F.max_pool2d (the first maximum of a window in row-major order takes it; ties are not split).
 
-def _pool_taps(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """The 9 taps of every 3x3 / stride-2 / padding-1 window, stacked last: [N, C, Ho, Wo, 9]."""
+def _pool_taps(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 9 taps (row-major) of every 3x3 / stride-2 / padding-1 window: 9 x [N, C, Ho, Wo] views."""
     h, w = x.shape[-2:]
     ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
     xp = F.pad(x, (1, 2 * wo - w, 1, 2 * ho - h), value=float("-inf"))
-    taps = [xp[..., dy:dy + 2 * ho - 1:2, dx:dx + 2 * wo - 1:2] for dy in range(3) for dx in range(3)]
-    return torch.stack(taps, dim=-1), ho, wo
+    return [xp[..., dy:dy + 2 * ho - 1:2, dx:dx + 2 * wo - 1:2] for dy in range(3) for dx in range(3)]
 
 
 class _MaxPool3x3s2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        taps, _, _ = _pool_taps(x)
-        y, arg = taps.max(dim=-1)  # the first maximum, as max_pool2d's kernels pick it
-        ctx.save_for_backward(arg.to(torch.int8))
+        # a chain of element-wise steps (one fused kernel under inductor; a stack of the taps
+        # and a max over it was materialised tap by tap, 9x slower)
+        taps = _pool_taps(x)
+        y = taps[0]
+        arg = torch.zeros(y.shape, dtype=torch.int8, device=x.device)
+        for t in range(1, 9):
+            better = taps[t] > y  # strictly: the first maximum keeps it, as max_pool2d's kernels
+            y = torch.where(better, taps[t], y)
+            arg = torch.where(better, torch.full((), t, dtype=torch.int8, device=x.device), arg)
+        ctx.save_for_backward(arg)
         ctx.in_shape = x.shape
         return y
 
@@ -97,21 +103,20 @@ class _MaxPool3x3s2(torch.autograd.Function):
         # for dy = py, py + 2 (< 3); index a + 1 - dy // 2 in the one-padded outputs below
         gp = F.pad(g, (1, 1, 1, 1))
         ap = F.pad(arg, (1, 1, 1, 1), value=-1)
-        planes = []
+        zero = torch.zeros((), dtype=g.dtype, device=g.device)
+        full = g.new_empty(*g.shape[:-2], 2 * ho + 2, 2 * wo + 2)
+        if g.is_contiguous(memory_format=torch.channels_last):
+            full = full.contiguous(memory_format=torch.channels_last)
         for py in range(2):
             for px in range(2):
                 acc = None
                 for dy in range(py, 3, 2):
                     for dx in range(px, 3, 2):
                         i0, j0 = 1 - dy // 2, 1 - dx // 2
-                        gs = gp[..., i0:i0 + ho + 1, j0:j0 + wo + 1]
                         hit = ap[..., i0:i0 + ho + 1, j0:j0 + wo + 1] == dy * 3 + dx
-                        term = torch.where(hit, gs, torch.zeros((), dtype=g.dtype, device=g.device))
+                        term = torch.where(hit, gp[..., i0:i0 + ho + 1, j0:j0 + wo + 1], zero)
                         acc = term if acc is None else acc + term
-                planes.append(acc)
-        n, c = g.shape[:2]
-        full = (torch.stack(planes, dim=-1).reshape(n, c, ho + 1, wo + 1, 2, 2).permute(0, 1, 2, 4, 3, 5)
-                .reshape(n, c, 2 * ho + 2, 2 * wo + 2))
+                full[..., py::2, px::2] = acc  # one strided write per parity
         return full[..., 1:1 + h, 1:1 + w]
 
 
@@ -121,14 +126,15 @@ def max_pool_3x3_s2(x: torch.Tensor) -> torch.Tensor:
 
 
 class StemMaxPool(nn.MaxPool2d):
-    """``nn.MaxPool2d(3, stride=2, padding=1)`` that, inside ``torch.compile`` on CUDA, uses
-    ``max_pool_3x3_s2`` (eager PyTorch keeps its own max-pool kernels)."""
+    """``nn.MaxPool2d(3, stride=2, padding=1)`` that, inside ``torch.compile`` on CUDA and when a
+    gradient is needed, uses ``max_pool_3x3_s2`` (eager PyTorch keeps its own max-pool kernels;
+    inductor's forward-only lowering is fast)."""
 
     def __init__(self, fast_backward: bool = True) -> None:
         super().__init__(3, stride=2, padding=1)
         self.fast_backward = fast_backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast_backward and x.is_cuda and torch.compiler.is_compiling():
+        if self.fast_backward and x.is_cuda and x.requires_grad and torch.compiler.is_compiling():
             return max_pool_3x3_s2(x)
         return super().forward(x)

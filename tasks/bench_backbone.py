@@ -32,7 +32,8 @@ synchronize). Reported: the median images/s over rounds, the ratio to the best p
 (torchvision or timm) of the same kind (train / infer), and peak memory: the variant's own
 resident tensors after warm-up (weights, gradients, optimizer state, graph pools; the shared
 input batch excluded) plus the largest transient allocation of its timed steps, from
-``torch.cuda.memory_allocated`` / ``max_memory_allocated``. On a CPU (tests) the timer is
+``torch.cuda.memory_allocated`` / ``max_memory_allocated`` (CUDA-graph variants: the memory
+reserved since the variant was built, as their graph pool is not counted as allocated). On a CPU (tests) the timer is
 ``time.perf_counter`` and memory is not reported. Results: ``<out>/bench_backbone.json`` and a
 Markdown table on stdout.
 """
@@ -238,6 +239,10 @@ def _allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
+def _reserved(device: torch.device) -> int:
+    return torch.cuda.memory_reserved(device) if device.type == "cuda" else 0
+
+
 def _build(spec: VariantSpec, base: nn.Module, x: torch.Tensor, y: torch.Tensor) -> _Live:
     device = x.device
     model = fuse_conv_bn(base) if spec.bnfold else copy.deepcopy(base)
@@ -319,7 +324,9 @@ def bench_model(depth: str, specs: list[VariantSpec], *, batch: int, size: int, 
                                "SGD fused" if spec.fused_sgd else "SGD default (foreach on CUDA)",
                                "bnfold": spec.bnfold}
         out["variants"][spec.key] = res
-        base_mem = _allocated(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # a tight reserved baseline for the CUDA-graph accounting below
+        base_mem, base_reserved = _allocated(device), _reserved(device)
         try:
             v = _build(spec, models[spec.impl], x, y)
             t0 = time.perf_counter()
@@ -336,6 +343,10 @@ def bench_model(depth: str, specs: list[VariantSpec], *, batch: int, size: int, 
                 del logits
             _sync(device)
             v.resident = _allocated(device) - base_mem
+            if spec.cudagraphs:
+                # CUDA-graph trees keep their tensors in a private pool whose blocks
+                # memory_allocated no longer counts once captured: count what was reserved
+                v.resident = max(v.resident, _reserved(device) - base_reserved)
             v.result = res
             live.append(v)
             log(f"{depth} {spec.key}: warm-up {res['warmup_s']:.1f} s")

@@ -235,6 +235,21 @@ def test_seed_worker_reproducible_and_new_each_epoch(coco_dir):
     torch.testing.assert_close(ds[3][1]["boxes"], a)
 
 
+class _CvThreads(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import cv2
+        return cv2.getNumThreads()
+
+
+def test_seed_worker_gives_each_worker_one_opencv_thread():
+    # OpenCV's default pool (one thread per core) in each of N workers oversubscribes the CPU
+    loader = DataLoader(_CvThreads(), batch_size=1, num_workers=1, worker_init_fn=seed_worker)
+    assert [int(b) for b in loader] == [1, 1]
+
+
 def test_val_transforms_round_trip_gives_perfect_ap(coco_dir):
     ds = _dataset(coco_dir, detection_val_transforms(50))
     samples = [ds[i] for i in range(len(ds))]

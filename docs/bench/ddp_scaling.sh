@@ -41,7 +41,7 @@ run() {  # name, command...
 run classify_1gpu_b256 $PY -m tasks.classify "${C[@]}" --batch-size 256
 run classify_2gpu_b256 "${TORCHRUN[@]}" -m tasks.classify "${C[@]}" --batch-size 256
 # the same global batch as 2 x 256 on one GPU: the accuracy reference for the 2-GPU run
-run classify_1gpu_b512 $PY -m tasks.classify "${C[@]}" --batch-size 512
+[[ "${CLASSIFY_REF:-1}" == 1 ]] && run classify_1gpu_b512 $PY -m tasks.classify "${C[@]}" --batch-size 512
 if [[ "${SEGMENT:-0}" == 1 ]]; then
   S=(--config configs/segment/scenes_fcn_resnet18.yaml --epochs "$SEG_EPOCHS" "${EXTRA[@]}")
   run segment_1gpu $PY -m tasks.segment "${S[@]}"

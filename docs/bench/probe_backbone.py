@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from backbones import fuse_conv_bn
-from backbones.stem import SpaceToDepthConv2d, StemMaxPool, space_to_depth_conv2d
+from backbones.stem import SpaceToDepthConv2d, StemMaxPool, max_pool_3x3_s2, space_to_depth_conv2d
 from tasks.bench_backbone import build_ours
 
 
@@ -63,6 +63,26 @@ def stem_probe(batch: int, size: int) -> dict:
         fb = cuda_time(fwd_bwd)
         out[name] = {"fwd_ms": fwd, "fwd_wgrad_ms": fb}
         print(f"stem conv {name}: fwd {fwd:.3f} ms, fwd+wgrad {fb:.3f} ms", flush=True)
+    return out
+
+
+def pool_probe(batch: int, size: int) -> dict:
+    """The stem max-pool alone, compiled, forward + backward: inductor's lowering of
+    F.max_pool2d vs backbones.stem.max_pool_3x3_s2."""
+    out = {}
+    x0 = torch.randn(batch, 64, size // 2, size // 2, device="cuda", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    for name, pool in (("max_pool2d", lambda t: F.max_pool2d(t, 3, 2, 1)), ("stem_max_pool", max_pool_3x3_s2)):
+        torch._dynamo.reset()
+        x = x0.clone().requires_grad_(True)
+        fn = torch.compile(lambda t: pool(t.relu()))
+        g = torch.ones_like(fn(x))
+
+        def fwd_bwd():
+            return torch.autograd.grad(fn(x), x, g)
+        ms = cuda_time(fwd_bwd)
+        out[name] = {"fwd_bwd_ms": ms}
+        print(f"stem max-pool {name}: fwd+bwd {ms:.3f} ms", flush=True)
     return out
 
 
@@ -108,13 +128,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.backends.cudnn.benchmark = True
-    res = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "stem": stem_probe(args.batch, args.size)}
+    res = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "stem": stem_probe(args.batch, args.size),
+           "pool": pool_probe(args.batch, args.size)}
     x = torch.randn(args.batch, 3, args.size, args.size, device="cuda").contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch,), device="cuda")
     amp = dict(device_type="cuda", dtype=torch.bfloat16)
     for depth in args.models.split(","):
         fast = build_ours(depth).cuda().to(memory_format=torch.channels_last)
         for stem, base in (("fast_stem", fast), ("plain_stem", plain_stem(fast))):
+            torch._dynamo.reset()  # no recompilation (or dynamic shapes) carried over between models
             f_inf = torch.compile(fuse_conv_bn(base.eval()).eval())
 
             def infer():
@@ -129,6 +151,7 @@ def main() -> None:
                 (out / f"{depth}_infer_kernels.txt").write_text(text + "\n")
                 print(text, flush=True)
             train_model = copy.deepcopy(base).train()
+            torch._dynamo.reset()
             f_tr = torch.compile(train_model)
             opt = torch.optim.SGD(train_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
 
