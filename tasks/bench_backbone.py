@@ -21,7 +21,9 @@ into the convs, ``backbones.fuse_conv_bn``), ``infer_cudagraphs_bnfold``
 (``torch.compile(mode="reduce-overhead")``: CUDA graphs). Opt-in (``--variants all`` or by name,
 each costs another compilation): ``infer_autotune_bnfold`` (``max-autotune-no-cudagraphs``),
 ``infer_freezing`` (inductor ``freezing``: weights become constants, folded and pre-cast),
-``train_cudagraphs_fusedsgd`` (``reduce-overhead`` training).
+``train_cudagraphs_fusedsgd`` (``reduce-overhead`` training), ``train_autotune_fusedsgd``
+(``max-autotune-no-cudagraphs`` training: Triton conv / GEMM templates and coordinate-descent
+tuned kernels, minutes of compilation).
 
 Timing. Inputs are synthetic and device-resident (``[batch, 3, size, size]`` channels_last,
 random labels). Each variant first runs ``--warmup`` steps (compilation, cuDNN autotuning and
@@ -103,7 +105,9 @@ def variant_specs() -> list[VariantSpec]:
         specs += [V(impl, "train_eager", "train"), V(impl, "train_compiled", "train", "default")]
     specs += [V("ours", "train_eager_fusedsgd", "train", fused_sgd=True),
               V("ours", "train_compiled_fusedsgd", "train", "default", fused_sgd=True),
-              V("ours", "train_cudagraphs_fusedsgd", "train", "reduce-overhead", fused_sgd=True, default=False)]
+              V("ours", "train_cudagraphs_fusedsgd", "train", "reduce-overhead", fused_sgd=True, default=False),
+              V("ours", "train_autotune_fusedsgd", "train", "max-autotune-no-cudagraphs", fused_sgd=True,
+                default=False)]
     for impl in IMPLS:
         specs += [V(impl, "infer_eager", "infer"), V(impl, "infer_compiled", "infer", "default")]
     specs += [V("ours", "infer_eager_bnfold", "infer", bnfold=True),

@@ -121,10 +121,17 @@ def test_fast_stem_matches_plain_stem_on_cuda(compiled):
 def _graphed_ddp_worker(rank: int, port: int, out: str) -> None:
     import os
 
+    import torch.distributed as dist
+
     from tasks.engine import distributed
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
-    device = distributed.init(torch.device("cuda"))
+    if torch.cuda.device_count() >= 2:
+        device = distributed.init(torch.device("cuda"))  # NCCL, one GPU per rank, as under torchrun
+    else:  # NCCL refuses two ranks on one GPU; gloo reduces CUDA tensors through the host
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        dist.init_process_group("gloo")
     try:
         torch.manual_seed(0)
         model = _model().to(device)
@@ -149,9 +156,9 @@ def _graphed_ddp_worker(rank: int, port: int, out: str) -> None:
         distributed.destroy()
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_graphed_step_with_gradient_all_reduce_equals_ddp(tmp_path):
-    """train.cuda_graph under torchrun: graphed forward/backward + one flat all-reduce = DDP."""
+    """train.cuda_graph under torchrun: graphed forward/backward + one flat all-reduce = DDP
+    (2 processes: NCCL on 2 GPUs, or gloo sharing one GPU)."""
     import socket
 
     import torch.multiprocessing as mp
