@@ -50,14 +50,17 @@ def space_to_depth_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 class SpaceToDepthConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` (stride 2, no dilation, one group) that runs as ``space_to_depth_conv2d``
-    on CUDA tensors and as a plain conv elsewhere (CPU, ONNX export on the CPU)."""
+    on CUDA tensors and as a plain conv elsewhere (CPU, ONNX export on the CPU). Only for inputs
+    of up to 4 channels (images): with more, cuDNN's own kernels are no longer starved for
+    channels and the rearranged conv would do up to 16/9 the multiply-adds for nothing."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, padding: int = 0,
                  bias: bool = False) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=2, padding=padding, bias=bias)
+        self.space_to_depth = in_channels <= 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda:
+        if not (x.is_cuda and self.space_to_depth):
             return super().forward(x)
         return space_to_depth_conv2d(x, self.weight, self.bias, self.padding[0])
 
