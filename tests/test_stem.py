@@ -42,6 +42,7 @@ def test_stem_conv_is_a_plain_conv_on_cpu_and_keeps_its_state_dict():
     assert isinstance(conv, nn.Conv2d) and conv.stride == (2, 2) and conv.bias is None
     x = torch.randn(1, 3, 16, 16)
     torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, stride=2, padding=3))
+    assert conv.space_to_depth and not SpaceToDepthConv2d(8, 4, 7, padding=3).space_to_depth  # images only
     keys = set(resnet18().state_dict())
     assert "conv1.weight" in keys and not any("maxpool" in k for k in keys)
 
