@@ -16,11 +16,13 @@ unchanged); the rearranged kernel is built each call (64x3x7x7: negligible).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["space_to_depth_conv2d", "SpaceToDepthConv2d", "max_pool_3x3_s2", "StemMaxPool"]
+__all__ = ["space_to_depth_conv2d", "SpaceToDepthConv2d", "max_pool_3x3_s2", "StemMaxPool", "with_plain_stem"]
 
 
 def space_to_depth_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -136,11 +138,27 @@ class StemMaxPool(nn.MaxPool2d):
     gradient is needed, uses ``max_pool_3x3_s2`` (eager PyTorch keeps its own max-pool kernels;
     inductor's forward-only lowering is fast)."""
 
-    def __init__(self, fast_backward: bool = True) -> None:
+    def __init__(self) -> None:
         super().__init__(3, stride=2, padding=1)
-        self.fast_backward = fast_backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast_backward and x.is_cuda and x.requires_grad and torch.compiler.is_compiling():
+        if x.is_cuda and x.requires_grad and torch.compiler.is_compiling():
             return max_pool_3x3_s2(x)
         return super().forward(x)
+
+
+def with_plain_stem(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose stem layers are the stock ``nn.Conv2d`` / ``nn.MaxPool2d`` with the
+    same weights (what torchvision and timm run): the baseline for A/B timing and equality checks."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SpaceToDepthConv2d):
+                plain = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
+                                  child.padding, bias=child.bias is not None, device="meta")
+                plain.weight = child.weight  # already a copy; its device and memory format kept
+                plain.bias = child.bias
+                setattr(parent, name, plain)
+            elif isinstance(child, StemMaxPool):
+                setattr(parent, name, nn.MaxPool2d(3, stride=2, padding=1))
+    return model

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from backbones import resnet18
+from backbones.stem import with_plain_stem
 from heads import ClassificationHead, Classifier
 from tasks.engine.graphs import GraphedForwardBackward
 
@@ -81,29 +82,13 @@ def test_cuda_graph_detection_step_with_padded_targets_matches_eager():
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=n)
 
 
-def _plain_stem_copy(model):
-    """``model`` with torchvision's stem layers (nn.Conv2d, nn.MaxPool2d) and the same weights."""
-    from backbones.stem import SpaceToDepthConv2d, StemMaxPool
-    model = copy.deepcopy(model)
-    for m in list(model.modules()):
-        for name, child in list(m.named_children()):
-            if isinstance(child, SpaceToDepthConv2d):
-                plain = torch.nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, 2, child.padding,
-                                        bias=False).cuda()
-                plain.load_state_dict(child.state_dict())
-                setattr(m, name, plain)
-            elif isinstance(child, StemMaxPool):
-                setattr(m, name, torch.nn.MaxPool2d(3, 2, 1))
-    return model
-
-
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fast_stem_matches_plain_stem_on_cuda(compiled):
     """SpaceToDepthConv2d (and, compiled, StemMaxPool's backward) = nn.Conv2d + nn.MaxPool2d."""
     torch.manual_seed(0)
     trunk = resnet18()
     fast = Classifier(trunk, ClassificationHead(trunk.feature_info[-1], 10)).cuda().train()
-    plain = _plain_stem_copy(fast)
+    plain = with_plain_stem(fast)
     x = torch.randn(4, 3, 63, 64, device="cuda")
     y = torch.randint(0, 10, (4,), device="cuda")
     torch.backends.cudnn.allow_tf32 = False

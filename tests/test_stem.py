@@ -64,5 +64,18 @@ def test_max_pool_routes_gradients_like_max_pool2d(hw, ties):
 
 def test_stem_max_pool_is_max_pool2d_outside_compile():
     pool = StemMaxPool()
-    x = torch.randn(1, 2, 9, 9)
-    assert torch.equal(pool(x), F.max_pool2d(x, 3, 2, 1))
+    x = torch.randn(1, 2, 9, 9, requires_grad=True)
+    y = pool(x)
+    assert torch.equal(y, F.max_pool2d(x, 3, 2, 1))
+    assert "MaxPool2DWithIndices" in type(y.grad_fn).__name__  # PyTorch's own kernel, not the custom one
+
+
+def test_with_plain_stem_swaps_in_stock_layers_with_the_same_weights():
+    from backbones.stem import with_plain_stem
+    model = resnet18().eval()
+    plain = with_plain_stem(model)
+    assert type(plain.conv1) is nn.Conv2d and type(plain.maxpool) is nn.MaxPool2d
+    assert type(model.conv1) is SpaceToDepthConv2d  # the original is untouched
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(plain(x)["c5"], model(x)["c5"])
+    assert plain.conv1.weight is not model.conv1.weight

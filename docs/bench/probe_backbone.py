@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from backbones import fuse_conv_bn
-from backbones.stem import SpaceToDepthConv2d, StemMaxPool, max_pool_3x3_s2, space_to_depth_conv2d
+from backbones.stem import max_pool_3x3_s2, space_to_depth_conv2d, with_plain_stem
 from tasks.bench_backbone import build_ours
 
 
@@ -86,21 +86,6 @@ def pool_probe(batch: int, size: int) -> dict:
     return out
 
 
-def plain_stem(model: torch.nn.Module) -> torch.nn.Module:
-    """The same model with torchvision's stem layers (nn.Conv2d, nn.MaxPool2d): the A/B baseline."""
-    model = copy.deepcopy(model)
-    for m in list(model.modules()):
-        for name, child in list(m.named_children()):
-            if isinstance(child, SpaceToDepthConv2d):
-                plain = torch.nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride,
-                                        child.padding, bias=child.bias is not None)
-                plain.load_state_dict(child.state_dict())
-                setattr(m, name, plain.to(child.weight.device, memory_format=torch.channels_last))
-            elif isinstance(child, StemMaxPool):
-                setattr(m, name, torch.nn.MaxPool2d(3, 2, 1))
-    return model
-
-
 def kernel_table(step, steps: int = 5, top: int = 30) -> tuple[str, float]:
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
@@ -135,7 +120,7 @@ def main() -> None:
     amp = dict(device_type="cuda", dtype=torch.bfloat16)
     for depth in args.models.split(","):
         fast = build_ours(depth).cuda().to(memory_format=torch.channels_last)
-        for stem, base in (("fast_stem", fast), ("plain_stem", plain_stem(fast))):
+        for stem, base in (("fast_stem", fast), ("plain_stem", with_plain_stem(fast))):
             torch._dynamo.reset()  # no recompilation (or dynamic shapes) carried over between models
             f_inf = torch.compile(fuse_conv_bn(base.eval()).eval())
 

@@ -142,8 +142,8 @@ def reseed_dataset(dataset, seed: int) -> int:
 def seed_worker(worker_id: int) -> None:
     """``DataLoader(worker_init_fn=seed_worker)``: one OpenCV thread, and reseed ``random``,
     ``numpy`` and the dataset's albumentations pipeline(s) from this worker's ``torch.initial_seed()``."""
-    # OpenCV would start a thread pool of one thread per core in every worker: with 12 workers
-    # per GPU that is hundreds of threads contending (PyTorch already limits its own to one)
+    # OpenCV would start a thread pool of one thread per core in every worker: 12 workers per GPU
+    # on a 32-core machine could run 384 OpenCV threads per GPU (PyTorch limits its own to one)
     cv2.setNumThreads(1)
     seed = torch.initial_seed()  # base_seed + worker_id; a new base_seed every epoch
     random.seed(seed)

@@ -121,11 +121,11 @@ class Trainer:
         self.model = model.to(device)  # the plain module: EMA, checkpoints, evaluation
         if tcfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self._check_sync_bn()
+        sync_bn = self._check_sync_bn()
         self.optimizer = build_optimizer(self.model, ocfg, device)
         self.train_model = self.model  # what the training step calls: DDP-wrapped with several ranks
         cuda_graph = tcfg.cuda_graph and device.type == "cuda"
-        if cuda_graph and self.world > 1 and any(isinstance(m, nn.SyncBatchNorm) for m in self.model.modules()):
+        if cuda_graph and self.world > 1 and sync_bn:
             self.console("train.cuda_graph is off with model.norm=syncbn (its collectives run inside the forward)")
             cuda_graph = False
         self.grad_sync: distributed.GradientAllReduce | None = None
@@ -173,15 +173,17 @@ class Trainer:
         self.best: float | None = None
         self._last_plot = 0.0
 
-    def _check_sync_bn(self) -> None:
+    def _check_sync_bn(self) -> bool:
+        """Whether the model has SyncBatchNorm layers (an error where they cannot work)."""
         if not any(isinstance(m, nn.SyncBatchNorm) for m in self.model.modules()):
-            return
+            return False
         if self.world == 1:
             self.console("model.norm=syncbn in one process: plain batch norm (SyncBatchNorm synchronises "
                          "statistics only across the processes of torchrun)")
         elif self.device.type != "cuda":
             raise ValueError("model.norm=syncbn needs CUDA devices under torchrun (PyTorch's SyncBatchNorm has "
                              "no CPU / gloo implementation): use model.norm=bn or gn")
+        return True
 
     def _seed_rank_rngs(self, epoch: int) -> None:
         """Ranks other than 0 draw dropout / drop-path / augmentation noise from global RNG
