@@ -24,6 +24,9 @@ def test_variant_selection():
         "ours/infer_autotune_bnfold"}
     assert {s.key for s in select_variants("train_eager")} == {"torchvision/train_eager", "timm/train_eager",
                                                                "ours/train_eager"}
+    tuned, = select_variants("ours/train_tuned_fusedsgd")
+    assert tuned.cudagraphs and tuned.compiled and not tuned.default  # graphs: each step marks a new one
+    assert not select_variants("ours/train_compiled_fusedsgd")[0].cudagraphs
     with pytest.raises(ValueError, match="matches no variant"):
         select_variants("default,ours/infer_turbo")
 

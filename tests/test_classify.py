@@ -124,3 +124,9 @@ def test_trunk_flag_loads_backbone(fm_dir, tmp_path, capsys):
     assert "tensors loaded" in capsys.readouterr().out
     ckpt = load_checkpoint(tmp_path / "r" / "last.pt")
     torch.testing.assert_close(ckpt["model"]["backbone.layer2.0.conv1.weight"], trunk.state_dict()["layer2.0.conv1.weight"])
+
+
+def test_compile_tune_without_compile_is_refused(fm_dir, tmp_path):
+    with pytest.raises(ValueError, match="train.compile_tune.*train.compile=true"):
+        classify.main(QUICK + ["--data-dir", str(fm_dir), "--epochs", "1", "--output", str(tmp_path / "r"),
+                               "--set", "train.compile_tune=true"])

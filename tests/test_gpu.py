@@ -17,9 +17,11 @@ def _model():
     return Classifier(trunk, ClassificationHead(trunk.feature_info[-1], 10)).cuda().to(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("amp", [False, True])
-def test_cuda_graph_step_matches_eager(amp):
+@pytest.mark.parametrize("amp,compiled", [(False, False), (True, False), (False, True), (True, True)])
+def test_cuda_graph_step_matches_eager(amp, compiled):
+    """compiled: the graph captures inductor's kernels (train.compile + train.cuda_graph)."""
     torch.manual_seed(0)
+    torch._dynamo.reset()
     eager = _model().train()
     graphed = copy.deepcopy(eager)
     batches = [(torch.randn(64, 1, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last),
@@ -27,7 +29,7 @@ def test_cuda_graph_step_matches_eager(amp):
     batches.append((batches[0][0][:32], batches[0][1][:32]))  # a ragged batch runs eagerly
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9, nesterov=True, fused=True)
     opt_g = torch.optim.SGD(graphed.parameters(), lr=0.05, momentum=0.9, nesterov=True, fused=True)
-    step = GraphedForwardBackward(graphed, opt_g, amp=amp, warmup=2)
+    step = GraphedForwardBackward(torch.compile(graphed) if compiled else graphed, opt_g, amp=amp, warmup=2)
     torch.backends.cudnn.deterministic = True
     for x, y in batches:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
@@ -37,11 +39,12 @@ def test_cuda_graph_step_matches_eager(amp):
         opt_e.step()
         lg, _ = step(x, y)
         opt_g.step()
-        tol = 2e-2 if amp else 1e-4
+        tol = 2e-2 if amp else 1e-3 if compiled else 1e-4  # inductor's BatchNorm sums in another order
         torch.testing.assert_close(lg.float(), le.float(), rtol=tol, atol=tol)
     assert step.graph is not None
     for (n, a), b in zip(eager.named_parameters(), graphed.parameters()):
-        torch.testing.assert_close(b, a, rtol=5e-2 if amp else 1e-3, atol=5e-3 if amp else 1e-4, msg=n)
+        torch.testing.assert_close(b, a, rtol=5e-2 if amp else 1e-3, atol=5e-3 if amp else 1e-3 if compiled else 1e-4,
+                                   msg=n)
     torch.testing.assert_close(graphed.backbone.bn1.running_mean, eager.backbone.bn1.running_mean,
                                rtol=1e-2, atol=1e-3)
 

@@ -97,6 +97,7 @@ class TrainConfig:
     batch_size: int = 256          # per GPU: torchrun with N processes steps on N x batch_size images
     amp: bool = True               # bf16 autocast on CUDA; fp32 on CPU
     compile: bool = False
+    compile_tune: bool = False     # with compile: inductor's coordinate-descent kernel tuning (minutes more compile)
     cuda_graph: bool = False       # replay forward + backward as one CUDA graph (fixed batch shapes)
     channels_last: bool = True
     seed: int = 0
