@@ -100,8 +100,8 @@ class VariantSpec:
 
 # reduce-overhead's CUDA graphs + inductor's coordinate-descent search over the block sizes of
 # its Triton kernels (the BatchNorm / ReLU / residual work, half of a ResNet-50 training step's
-# GPU time). Tuning alone cut the step's kernel time 35.4 -> 32.7 ms on an H200 but not the
-# step time: without graphs the host's launches (~36 ms per step there) were the bound.
+# GPU time). On an H200 tuning alone cut the step's kernel time 35.4 -> 32.7 ms but left the
+# step at 35.7 ms (the GPU waited on the host's launches); with graphs the step took 34.2 ms.
 TUNED_TRAIN_OPTIONS = (("triton.cudagraphs", True), ("coordinate_descent_tuning", True))
 
 

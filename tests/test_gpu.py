@@ -19,11 +19,14 @@ def _model():
 
 @pytest.mark.parametrize("amp,compiled", [(False, False), (True, False), (False, True), (True, True)])
 def test_cuda_graph_step_matches_eager(amp, compiled):
-    """compiled: the graph captures inductor's kernels (train.compile + train.cuda_graph)."""
+    """compiled: the graph captures inductor's kernels (train.compile + train.cuda_graph); the
+    reference is then the same compiled model stepped without a graph (the same kernels: eager
+    PyTorch differs from inductor by rounding, which ~9 SGD steps on noise amplify past 1e-3)."""
     torch.manual_seed(0)
     torch._dynamo.reset()
     eager = _model().train()
     graphed = copy.deepcopy(eager)
+    ref = torch.compile(eager) if compiled else eager
     batches = [(torch.randn(64, 1, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last),
                 torch.randint(0, 10, (64,), device="cuda")) for _ in range(8)]
     batches.append((batches[0][0][:32], batches[0][1][:32]))  # a ragged batch runs eagerly
@@ -33,18 +36,17 @@ def test_cuda_graph_step_matches_eager(amp, compiled):
     torch.backends.cudnn.deterministic = True
     for x, y in batches:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            le = eager(x, y)["cls"]
+            le = ref(x, y)["cls"]
         opt_e.zero_grad(set_to_none=True)
         le.backward()
         opt_e.step()
         lg, _ = step(x, y)
         opt_g.step()
-        tol = 2e-2 if amp else 1e-3 if compiled else 1e-4  # inductor's BatchNorm sums in another order
+        tol = 2e-2 if amp else 1e-4
         torch.testing.assert_close(lg.float(), le.float(), rtol=tol, atol=tol)
     assert step.graph is not None
     for (n, a), b in zip(eager.named_parameters(), graphed.parameters()):
-        torch.testing.assert_close(b, a, rtol=5e-2 if amp else 1e-3, atol=5e-3 if amp else 1e-3 if compiled else 1e-4,
-                                   msg=n)
+        torch.testing.assert_close(b, a, rtol=5e-2 if amp else 1e-3, atol=5e-3 if amp else 1e-4, msg=n)
     torch.testing.assert_close(graphed.backbone.bn1.running_mean, eager.backbone.bn1.running_mean,
                                rtol=1e-2, atol=1e-3)
 
