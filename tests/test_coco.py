@@ -301,3 +301,20 @@ def test_padded_collate_pads_boxes_to_a_fixed_multiple(coco_dir):
         torch.testing.assert_close(targets["boxes"][i, :m], t["boxes"].float())
         assert targets["labels"][i, :m].tolist() == t["labels"].tolist()
         assert targets["labels"][i, m:].eq(-1).all() and targets["boxes"][i, m:].eq(0).all()
+
+
+def test_importing_the_data_modules_does_not_reach_the_network():
+    """albumentations' import-time PyPI version check stays off (no network at run time)."""
+    import subprocess
+    import sys
+    code = ("import os, urllib.request as u\n"
+            "os.environ.pop('NO_ALBUMENTATIONS_UPDATE', None)\n"
+            "calls = []\n"
+            "def record(self, url, *a, **k):\n"
+            "    calls.append(getattr(url, 'full_url', url)); raise OSError('offline')\n"
+            "u.OpenerDirector.open = record\n"
+            "import tasks.data.transforms, tasks.data.coco, tasks.data.folders\n"
+            "print('calls', calls)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "calls []" in out.stdout, out.stdout

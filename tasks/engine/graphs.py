@@ -25,6 +25,15 @@ __all__ = ["GraphedForwardBackward"]
 LossFn = Callable[[torch.Tensor, Any], dict[str, torch.Tensor]]
 
 
+def _detached(loss: torch.Tensor, loss_dict: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    # Losses returned with their grad_fn keep the spent autograd graph alive, and with it the
+    # parameters' AccumulateGrad nodes, bound to the stream they were made on (the side or the
+    # capture stream), into the next backward on another stream: the likely source of the
+    # "AccumulateGrad node's stream does not match" warning seen in graphed runs. The caller
+    # only reads the values.
+    return loss.detach(), {k: v.detach() for k, v in loss_dict.items()}
+
+
 class GraphedForwardBackward:
     """``step(images, targets) -> (loss, loss_dict)`` with gradients left in ``.grad``.
 
@@ -52,7 +61,7 @@ class GraphedForwardBackward:
         loss = sum(loss_dict.values())
         self.optimizer.zero_grad(set_to_none=set_to_none)
         loss.backward()
-        return loss, loss_dict
+        return _detached(loss, loss_dict)
 
     def __call__(self, images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         leaves, spec = tree_flatten(targets)
@@ -86,7 +95,7 @@ class GraphedForwardBackward:
                 loss_dict = self.forward(*self.static_in)
             loss = sum(loss_dict.values())
             loss.backward()
-        self.static_out = (loss, loss_dict)
+        self.static_out = _detached(loss, loss_dict)  # same storage: each replay rewrites them
         self.graph.replay()  # capture records without running: run this step now
         return self.static_out
 
