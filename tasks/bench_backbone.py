@@ -101,7 +101,8 @@ class VariantSpec:
 # reduce-overhead's CUDA graphs + inductor's coordinate-descent search over the block sizes of
 # its Triton kernels (the BatchNorm / ReLU / residual work, half of a ResNet-50 training step's
 # GPU time). On an H200 tuning alone cut the step's kernel time 35.4 -> 32.7 ms but left the
-# step at 35.7 ms (the GPU waited on the host's launches); with graphs the step took 34.2 ms.
+# step at 35.7 ms (kernels shorter than the step: likely waiting on the host's launches); with
+# graphs the step took 34.2 ms.
 TUNED_TRAIN_OPTIONS = (("triton.cudagraphs", True), ("coordinate_descent_tuning", True))
 
 

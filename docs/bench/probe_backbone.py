@@ -86,7 +86,27 @@ def pool_probe(batch: int, size: int) -> dict:
     return out
 
 
-def kernel_table(step, steps: int = 5, top: int = 30) -> tuple[str, float]:
+def kernel_class(name: str) -> str:
+    """A kernel's kind by its name: cuDNN conv, cuBLAS matmul, inductor's Triton, optimizer."""
+    n = name.lower()
+    if "sgd" in n or "multi_tensor" in n:
+        return "optimizer"
+    if n.startswith(("triton_red", "triton_per")):
+        return "triton_reduction"
+    if n.startswith("triton_poi"):
+        return "triton_pointwise"
+    if n.startswith("triton"):
+        return "triton_other"
+    if "nvjet" in n or ("gemm" in n and "implicit" not in n and "conv" not in n):
+        return "matmul"
+    if any(k in n for k in ("xmma", "cudnn", "cutlass", "conv", "implicit")):
+        return "conv"
+    return "other"
+
+
+def kernel_table(step, steps: int = 5, top: int = 30) -> tuple[str, dict[str, float]]:
+    """torch.profiler over ``steps`` calls: a text table of the top kernels (ms per step) and the
+    ms per step of each ``kernel_class`` plus ``total``."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -94,13 +114,19 @@ def kernel_table(step, steps: int = 5, top: int = 30) -> tuple[str, float]:
             step()
         torch.cuda.synchronize()
     evs = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0]
-    total = sum(e.self_device_time_total for e in evs) / 1000 / steps
+    classes: dict[str, float] = {}
+    for e in evs:
+        k = kernel_class(e.key)
+        classes[k] = classes.get(k, 0.0) + e.self_device_time_total / 1000 / steps
+    total = sum(classes.values())
     evs.sort(key=lambda e: -e.self_device_time_total)
-    lines = [f"GPU kernel time per step: {total:.2f} ms", f"{'ms/step':>8} {'%':>6} {'calls':>6}  kernel"]
+    lines = [f"GPU kernel time per step: {total:.2f} ms",
+             "by class: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(classes.items(), key=lambda kv: -kv[1])),
+             f"{'ms/step':>8} {'%':>6} {'calls':>6}  kernel"]
     for e in evs[:top]:
         ms = e.self_device_time_total / 1000 / steps
         lines.append(f"{ms:8.3f} {100 * ms / total:6.1f} {e.count // steps:6d}  {e.key[:150]}")
-    return "\n".join(lines), total
+    return "\n".join(lines), {**classes, "total": total}
 
 
 def main() -> None:
@@ -132,7 +158,7 @@ def main() -> None:
             print(depth, stem, "infer compiled bnfold", f"{ms:.2f} ms/step", f"{args.batch / ms * 1000:,.0f} img/s",
                   flush=True)
             if stem == "fast_stem":
-                text, total = kernel_table(infer)
+                text, _ = kernel_table(infer)
                 (out / f"{depth}_infer_kernels.txt").write_text(text + "\n")
                 print(text, flush=True)
             train_model = copy.deepcopy(base).train()
@@ -151,7 +177,7 @@ def main() -> None:
             print(depth, stem, "train compiled fusedsgd", f"{ms:.2f} ms/step", f"{args.batch / ms * 1000:,.0f} img/s",
                   flush=True)
             if stem == "fast_stem":
-                text, total = kernel_table(train, steps=3)
+                text, _ = kernel_table(train, steps=3)
                 (out / f"{depth}_train_kernels.txt").write_text(text + "\n")
                 print(text, flush=True)
             del f_inf, f_tr, opt, train_model

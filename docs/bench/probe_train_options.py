@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from probe_backbone import cuda_time, kernel_table  # docs/bench/, the script's folder
 from tasks.bench_backbone import build_ours
 
 VARIANTS = {
@@ -57,61 +57,6 @@ def slice_downsample(model: nn.Module) -> nn.Module:
             new.load_state_dict(c.state_dict())
             ds[0] = new.to(c.weight.device, memory_format=torch.channels_last)
     return model
-
-
-def cuda_time(fn, steps: int = 10, rounds: int = 5) -> float:
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(steps):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / steps)
-    return statistics.median(times)
-
-
-def kernel_class(name: str) -> str:
-    n = name.lower()
-    if "sgd" in n or "multi_tensor" in n:
-        return "optimizer"
-    if n.startswith("triton_red") or n.startswith("triton_per"):
-        return "triton_reduction"
-    if n.startswith("triton_poi"):
-        return "triton_pointwise"
-    if n.startswith("triton"):
-        return "triton_other"
-    if "nvjet" in n or "gemm" in n and "implicit" not in n and "conv" not in n:
-        return "matmul"
-    if any(k in n for k in ("xmma", "cudnn", "cutlass", "conv", "implicit")):
-        return "conv"
-    return "other"
-
-
-def profile(step, steps: int = 3, top: int = 40) -> tuple[str, dict[str, float]]:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as tprofile
-    torch.cuda.synchronize()
-    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    evs = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
-    classes: dict[str, float] = {}
-    for e in evs:
-        k = kernel_class(e.key)
-        classes[k] = classes.get(k, 0.0) + e.self_device_time_total / 1000 / steps
-    total = sum(classes.values())
-    evs.sort(key=lambda e: -e.self_device_time_total)
-    lines = [f"GPU kernel time per step: {total:.2f} ms",
-             "by class: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(classes.items(), key=lambda kv: -kv[1])),
-             f"{'ms/step':>8} {'%':>6} {'calls':>6}  kernel"]
-    for e in evs[:top]:
-        ms = e.self_device_time_total / 1000 / steps
-        lines.append(f"{ms:8.3f} {100 * ms / total:6.1f} {e.count // steps:6d}  {e.key[:150]}")
-    return "\n".join(lines), {**classes, "total": total}
 
 
 def main() -> None:
@@ -158,8 +103,8 @@ def main() -> None:
             print(name, "failed", res["variants"][name], flush=True)
             continue
         compile_s = time.perf_counter() - t0
-        ms = cuda_time(train)
-        text, classes = profile(train)
+        ms = cuda_time(train, steps=10, rounds=5, warmup=0)  # warmed up above
+        text, classes = kernel_table(train, steps=3, top=40)
         (out / f"{name}_kernels.txt").write_text(text + "\n")
         res["variants"][name] = {"impl": impl, "options": options, "slice_downsample": sliced,
                                  "compile_s": round(compile_s, 1), "ms": ms, "img_per_s": args.batch / ms * 1000,
