@@ -5,11 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones.base import Backbone, FeatureSpec
+from backbones.base import FeatureSpec
 
 from .base import TaskModel
 
 __all__ = ["ClassificationHead", "Classifier", "MultiLabelHead"]
+
+# A classifier is the plain task model (a backbone and one head): no behaviour of its own.
+Classifier = TaskModel
 
 
 class ClassificationHead(nn.Module):
@@ -40,13 +43,6 @@ class ClassificationHead(nn.Module):
 
     def postprocess(self, logits: torch.Tensor, image_size: tuple[int, int] | None = None) -> torch.Tensor:
         return logits
-
-
-class Classifier(TaskModel):
-    """``Classifier(backbone, head)``: train mode with targets -> ``{"cls": loss}``, else logits."""
-
-    def __init__(self, backbone: Backbone, head: ClassificationHead) -> None:
-        super().__init__(backbone, head)
 
 
 class MultiLabelHead(nn.Module):

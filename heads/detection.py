@@ -154,7 +154,7 @@ class FCOSHead(nn.Module):
         cls_logits ``[N, P, K]``, bbox_reg ``[N, P, 4]`` (stride-normalised l, t, r, b >= 0),
         centerness ``[N, P]`` (logits), points ``[P, 2]`` (x, y pixel centres of the cells),
         strides ``[P]``, size_ranges ``[P, 2]`` (the level's (lo, hi] on max(l, t, r, b)),
-        level_sizes ``[(H_l, W_l), ...]`` and image_size. P runs over levels fine to coarse,
+        level_sizes ``[(H_l, W_l), ...]``. P runs over levels fine to coarse,
         each level row-major, the order of ``fpn.feature_info``.
 
     Args:
@@ -272,8 +272,6 @@ class FCOSHead(nn.Module):
             "strides": strides,  # [P]
             "size_ranges": size_ranges,  # [P, 2]
             "level_sizes": sizes,
-            # sym_int: under torch.export (ONNX) int() would freeze a dynamic H, W
-            "image_size": (torch.sym_int(image_size[0]), torch.sym_int(image_size[1])),
         }
 
     # ------------------------------------------------------------------ targets

@@ -1,1 +1,60 @@
-"""Command-line tasks (``python -m tasks.classify`` ...) and their shared engine and data."""
+"""Tasks on the shared trunk, as a library and as commands (``python -m tasks.classify`` ...).
+
+    from tasks import load
+    model = load("runs/detect/<run>/best.pt", device="cuda")   # any task's checkpoint
+    results = model.predict(["a.jpg", pil_image, rgb_uint8_array, chw_uint8_tensor], batch_size=32)
+
+``TASKS`` is the task registry (``tasks.engine.registry``): ``TASKS["detect"]`` is the
+detection task's ``TaskSpec``. Names are resolved on first use, so importing ``tasks`` (or
+``tasks.data.*``) loads no task module.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tasks.engine.predict import Predictor
+
+__all__ = ["load", "TASKS", "Predictor"]
+
+
+def load(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], device: str = "auto", *,
+         task: str | None = None, amp: bool = True) -> "Predictor":
+    """A ``Predictor`` for a checkpoint of any task (its EMA weights when the run kept them).
+
+    ``checkpoint``: a ``best.pt`` / ``last.pt`` file; or a list of a detect and a segment
+    checkpoint trained on one frozen trunk, merged into one multi-task model (the trunk runs
+    once for both). ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+    ``task``: refuse a checkpoint of another task. ``amp``: bf16 autocast on CUDA.
+
+    ``predict(inputs, batch_size=32, **options)`` takes file paths, PIL images, uint8 numpy
+    arrays (``H x W`` or ``H x W x C``, RGB) or uint8 tensors (``C x H x W``), one or a list,
+    any sizes, and returns one result per image in its original pixel coordinates:
+    classification ``{"top": [(name, prob), ...], "probs"}``; detection ``{"boxes", "scores",
+    "labels", "names"}``; segmentation ``{"mask", "class_fractions"}``; multitask one of each.
+    """
+    from tasks.engine.predict import Predictor
+
+    if isinstance(checkpoint, (list, tuple)):
+        if task not in (None, "multitask"):
+            raise ValueError(f"task={task!r}: a list of checkpoints is merged into a multitask model")
+        from tasks.multitask import merged_predictor
+
+        return merged_predictor([os.fspath(p) for p in checkpoint], device, amp=amp)
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise ValueError(f"load() takes a checkpoint path (or a list of them), got a {type(checkpoint).__name__}")
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"{os.fspath(checkpoint)}: no such checkpoint file"
+                                + (" (it is a folder: pass its best.pt)" if os.path.isdir(checkpoint) else ""))
+    return Predictor.from_checkpoint(checkpoint, device, task=task, amp=amp)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TASKS":
+        from tasks.engine.registry import TASKS
+        return TASKS
+    if name == "Predictor":
+        from tasks.engine.predict import Predictor
+        return Predictor
+    raise AttributeError(f"module 'tasks' has no attribute {name!r}")

@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import gzip
 import json
-import platform
 import shutil
 import statistics
 import tempfile
@@ -41,25 +40,15 @@ import torch
 import yaml
 
 from tasks.data import fashion_mnist
+from tasks.engine.checkpoint import seed_everything
+from tasks.engine.config import CONFIG_ROOT, load_config
+from tasks.engine.distributed import resolve_device
+from tasks.engine.logging import env_info
+from tasks.engine.loop import Trainer, autocast
+from tasks.engine.registry import TASKS
+from tasks.engine.runner import run, run_cli
 
-__all__ = ["env_info", "peer_fashion_mnist", "ours_classify", "main"]
-
-
-def env_info() -> dict[str, Any]:
-    import torchvision
-
-    info = {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d")}
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2 ** 30, 1), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version())
-    try:
-        import timm
-        info["timm"] = timm.__version__
-    except ImportError:
-        pass
-    return info
+__all__ = ["peer_fashion_mnist", "ours_classify", "bench_dense", "bench_multitask_inference", "main"]
 
 
 def _torchvision_root(data_dir: str | None, tmp: Path) -> Path:
@@ -143,13 +132,11 @@ def peer_fashion_mnist(data_dir: str | None = None, *, epochs: int = 15, batch_s
 
 def ours_classify(recipe: str, out: Path, extra: list[str], data_dir: str | None = None) -> dict[str, Any]:
     """One ``python -m tasks.classify`` run; numbers from its return value and metrics.jsonl."""
-    from tasks import classify
-
     argv = ["--config", recipe, "--output", str(out), "--quiet"] + extra
     if data_dir:
         argv += ["--data-dir", data_dir]
     t0 = time.perf_counter()
-    final = classify.main(argv)
+    final = run(TASKS["classify"], argv)
     wall = time.perf_counter() - t0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps_imgs = [r["train_img_per_s"] for r in records]
@@ -228,8 +215,6 @@ class _TorchvisionFCN(torch.nn.Module):
 def inference_img_per_s(model: torch.nn.Module, loader, device: torch.device, amp: bool, batches: int = 8) -> float:
     """Images/s of ``model(images)`` in eval mode over device-resident batches (data loading
     excluded), after two warm-up batches; CUDA-synchronised wall time."""
-    from tasks.engine.loop import autocast
-
     model.eval()
     held = []
     for i, (images, _) in enumerate(loader):
@@ -253,23 +238,16 @@ def inference_img_per_s(model: torch.nn.Module, loader, device: torch.device, am
 
 def bench_dense(task: str, out: Path, overrides: list[str], device: torch.device | None = None) -> dict[str, Any]:
     """Ours and the torchvision peers for ``task`` ("detect" / "segment"), one after another."""
-    import importlib
-
-    from tasks.engine.cli import resolve_device, seed_everything
-    from tasks.engine.config import CONFIG_ROOT, load_config
-    from tasks.engine.loop import Trainer
-
-    mod = importlib.import_module(f"tasks.{task}")
-    recipe = CONFIG_ROOT / task / f"{mod.GPU_RECIPE}.yaml"
-    cfg_cls = {"detect": "DetectConfig", "segment": "SegmentConfig"}[task]
-    cfg = load_config(getattr(mod, cfg_cls), recipe, overrides)
+    spec = TASKS[task]
+    recipe = CONFIG_ROOT / task / f"{spec.recipes[0]}.yaml"
+    cfg = load_config(spec.config, recipe, overrides)
     device = device or resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    data = mod.build_data(cfg, device, quiet=True)
-    k = len(data.class_names)
-    metric = {"detect": "AP", "segment": "miou"}[task]
-    models = {f"onetrunk ResNet-{cfg.model.depth}": lambda: mod.build_model(cfg, k)}
+    data = spec.build_data(cfg, device, quiet=True)
+    k = len(data.meta["class_names"])
+    metric = spec.main_metric
+    models = {f"onetrunk ResNet-{cfg.model.depth}": lambda: spec.build_model(cfg, data.meta)}
     if task == "detect":
         models[f"torchvision FCOS ResNet-{cfg.model.depth} FPN"] = (
             lambda: _TorchvisionFCOS(cfg.model.depth, k, cfg.data.image_size, cfg))
@@ -286,7 +264,7 @@ def bench_dense(task: str, out: Path, overrides: list[str], device: torch.device
         shutil.rmtree(run_dir, ignore_errors=True)
 
         def evaluate(m, final: bool):
-            return mod.evaluate(m, data, device, cfg.train.amp)
+            return spec.evaluate(m, data, device, cfg.train.amp)
 
         run_cfg = cfg
         if isinstance(model, (_TorchvisionFCOS, _TorchvisionFCN)) and cfg.train.cuda_graph:
@@ -336,19 +314,16 @@ def bench_multitask_inference(out: Path, overrides: list[str], device: torch.dev
     import copy
 
     from heads import Detector, Segmenter, TaskModel
-    from tasks import multitask
-    from tasks.engine.cli import resolve_device, seed_everything
-    from tasks.engine.config import CONFIG_ROOT, load_config
-    from tasks.engine.loop import autocast
 
-    recipe = CONFIG_ROOT / "multitask" / f"{multitask.GPU_RECIPE}.yaml"
-    cfg = load_config(multitask.MultiTaskConfig, recipe, overrides)
+    spec = TASKS["multitask"]
+    recipe = CONFIG_ROOT / "multitask" / f"{spec.recipes[0]}.yaml"
+    cfg = load_config(spec.config, recipe, overrides)
     device = device or resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     seed_everything(cfg.train.seed)
-    data = multitask.build_data(cfg, device, train=False, quiet=True)
-    merged = multitask.build_model(cfg, len(data.class_names))
+    data = spec.build_data(cfg, device, train=False, quiet=True)
+    merged = spec.build_model(cfg, data.meta)
     if weights:
         from tasks.engine.checkpoint import load_checkpoint, model_state
         merged.load_state_dict(model_state(load_checkpoint(weights)))
@@ -429,7 +404,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.what in ("detect", "segment", "multitask"):
-        from tasks.engine.cli import resolve_device
         device = resolve_device(args.device) if args.device else None
         if args.what == "multitask":
             return bench_multitask_inference(out, args.overrides, device, weights=args.weights)
@@ -458,5 +432,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from tasks.engine.cli import run_cli
     run_cli(main)

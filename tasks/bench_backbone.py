@@ -1,4 +1,4 @@
-"""Backbone throughput: this project's ResNet-18 / ResNet-50 against torchvision's and timm's (issue 7).
+"""Backbone throughput: this project's ResNet-18 / ResNet-50 against torchvision's and timm's.
 
 Usage:
     python -m tasks.bench backbone [--out DIR] [--models resnet18,resnet50] [--batch 256] [--size 224]
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones import build_backbone, fuse_conv_bn
-from heads import ClassificationHead, Classifier
+from heads import ClassificationHead, TaskModel
 
 __all__ = ["VariantSpec", "variant_specs", "build_models", "bench_model", "main"]
 
@@ -66,7 +66,7 @@ IMPLS = ("torchvision", "timm", "ours")
 PEERS = ("torchvision", "timm")
 DEPTHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 NUM_CLASSES = 1000
-TARGETS = {"train": 1.10, "infer": 1.25}  # issue 7: ours / best peer
+TARGETS = {"train": 1.10, "infer": 1.25}  # the trunk's speed targets: ours / best peer
 GIB = 2 ** 30
 
 
@@ -149,10 +149,10 @@ def select_variants(patterns: str, *, compile: bool = True) -> list[VariantSpec]
 
 # ----------------------------------------------------------------------------- models
 
-def build_ours(depth: str, num_classes: int = NUM_CLASSES) -> Classifier:
+def build_ours(depth: str, num_classes: int = NUM_CLASSES) -> TaskModel:
     """This project's trunk + classification head (global average pool, linear)."""
     trunk = build_backbone(depth, out_features=("c5",))
-    return Classifier(trunk, ClassificationHead(trunk.spec("c5"), num_classes))
+    return TaskModel(trunk, ClassificationHead(trunk.spec("c5"), num_classes))
 
 
 def _make_realistic(model: nn.Module, size: int, device: torch.device, batches: int = 2, batch: int = 8) -> None:
@@ -477,7 +477,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from tasks.bench import env_info
+    from tasks.engine.logging import env_info
 
     args = get_args_parser().parse_args(argv)
     depths = [d.strip() for d in args.models.split(",") if d.strip()]
@@ -527,5 +527,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from tasks.engine.cli import run_cli
+    from tasks.engine.runner import run_cli
     run_cli(main)

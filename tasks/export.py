@@ -5,16 +5,17 @@ Usage:
     python -m tasks.export --weights runs/detect/<run>/best.pt --output fcos.onnx --opset 18
     python -m tasks.export --weights runs/segment/<run>/best.pt --no-check
 
-Any checkpoint of ``tasks.classify``, ``tasks.detect``, ``tasks.segment`` or ``tasks.multitask``
-is rebuilt with its task's own ``build_model`` and exported with the dynamo exporter
+A checkpoint of any registered task (``tasks.TASKS``: classify, detect, segment, multitask)
+is rebuilt through its ``TaskSpec.build_model`` and exported with the dynamo exporter
 (``torch.onnx.export(dynamo=True)``). Batch, height and width are dynamic.
 
-Input ``images``: float32 ``[batch, C, height, width]``, already normalised the way the task
-normalised it: RGB (or gray) / 255, then ``(x - mean) / std`` per channel, with ``mean`` and
-``std`` from the checkpoint (written into the ONNX ``metadata_props`` as ``mean`` / ``std``
-together with ``class_names``, ``task`` and ``image_size``). Any height and width the PyTorch
-model takes work (every resize inside is *to a size*); detection and segmentation were trained
-and are checked at multiples of 32, which is what to feed them.
+Input ``images``: float32 ``[batch, C, height, width]``, already preprocessed the way the task
+preprocesses (``tasks.data.preprocess.Preprocess``): resized per ``preprocess``, RGB (or gray)
+/ 255, then ``(x - mean) / std`` per channel. ``mean``, ``std``, ``in_chans``, ``preprocess``
+(resize mode, size, crop_pct, size_divisible), ``class_names``, ``task`` and ``image_size``
+are in the ONNX ``metadata_props``. Any height and width the PyTorch model takes work (every
+resize inside is *to a size*); detection and segmentation were trained and are checked at
+multiples of 32, which is what to feed them.
 
 Outputs, per task:
     classify   ``logits [batch, K]`` (softmax is the caller's)
@@ -37,8 +38,8 @@ ONNX metadata ``postprocess``), per image:
     4. Class-wise NMS at IoU ``nms_thresh`` (``torchvision.ops.batched_nms``), keep the
        ``detections_per_img`` highest scores. Labels are class indices in ``[0, K)``
        (``class_names``; the COCO ids are ``category_ids``). Boxes are in input pixels: undo
-       the resize / padding of the pre-processing (``tasks.detect.predict`` resizes the longest
-       side to ``image_size`` and pads bottom / right).
+       the pre-processing (``preprocess`` "longest": the longer side resized to ``size``, the
+       batch padded bottom / right, so divide by the resize factor).
     ``postprocess_detections`` does exactly this for onnxruntime outputs.
 
 ``--check`` (default) runs onnxruntime (CPU) at two shapes (batch 2 at the training size,
@@ -60,10 +61,9 @@ import torch
 from torch import nn
 
 from heads import FCOSHead, MultiLabelHead, MultiTaskModel
-from tasks import classify, detect, multitask, segment
-from tasks.engine.checkpoint import load_checkpoint, load_for_inference
-from tasks.engine.cli import run_cli
-from tasks.engine.config import config_from_dict
+from tasks.data.preprocess import Preprocess
+from tasks.engine.predict import load_task_model
+from tasks.engine.runner import run_cli
 
 __all__ = ["ExportModule", "load_model", "export_onnx", "check_onnx", "postprocess_detections", "main"]
 
@@ -71,40 +71,17 @@ INSTALL_HINT = "pip install onnx onnxruntime onnxscript (or pip install -e '.[ex
 DETECTION_OUTPUTS = ("cls_logits", "bbox_reg", "centerness", "points", "strides")
 DYNAMIC_DIMS = {0: "batch", 2: "height", 3: "width"}
 MIN_OPSET = 18
-# task -> (config dataclass, builder(cfg, num_classes)): each task's own model construction
-BUILDERS: dict[str, tuple[type, Callable[[Any, int], nn.Module]]] = {
-    "classify": (classify.ClassifyConfig, lambda cfg, k: classify.build_model(cfg)),
-    "detect": (detect.DetectConfig, detect.build_model),
-    "segment": (segment.SegmentConfig, segment.build_model),
-    "multitask": (multitask.MultiTaskConfig, multitask.build_model),
-}
 
 
 # ----------------------------------------------------------------------------- model
 
-def class_names(ckpt: Mapping[str, Any]) -> list[str]:
-    meta = ckpt.get("meta") or {}
-    return list(meta.get("classes") or meta.get("class_names") or [])
-
-
-def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """The checkpoint's model on the CPU in eval mode (EMA weights when kept), and the checkpoint."""
+def load_model(path: str | os.PathLike) -> tuple[str, nn.Module, dict[str, Any]]:
+    """``(task, model, meta)`` of a checkpoint: the model on the CPU in eval mode (EMA weights
+    when kept), rebuilt by its task's spec; ``meta`` in the current schema."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"--weights {path}: no such file")
-    ckpt = load_checkpoint(path)
-    task = ckpt.get("task")
-    if task not in BUILDERS:
-        raise ValueError(f"--weights {path}: cannot export a {task!r} checkpoint (tasks: {', '.join(BUILDERS)})")
-    cfg_cls, build = BUILDERS[task]
-    cfg = config_from_dict(cfg_cls, ckpt["config"], where=f"{path} config:")
-    # the checkpoint holds every weight: the trunk file the run started from may be long gone
-    cfg.model.weights = None
-    names = class_names(ckpt)
-    num_classes = len(names) or getattr(cfg.model, "num_classes", None)
-    if not num_classes:
-        raise ValueError(f"--weights {path}: the checkpoint names no classes (meta) and no model.num_classes")
-    model = load_for_inference(build(cfg, num_classes), ckpt, torch.device("cpu"))
-    return model, ckpt
+    spec, model, meta, _ = load_task_model(path)
+    return spec.name, model, meta
 
 
 def task_heads(model: nn.Module, task: str) -> dict[str, nn.Module]:
@@ -181,12 +158,6 @@ def example_size(train_size: int, stride: int) -> int:
     return -(-size // stride) * stride
 
 
-def train_size(ckpt: Mapping[str, Any]) -> int:
-    meta = ckpt.get("meta") or {}
-    data = ckpt.get("config", {}).get("data", {})
-    return int(meta.get("image_size") or data.get("image_size") or 224)
-
-
 # ----------------------------------------------------------------------------- ONNX
 
 def _require(*modules: str) -> None:
@@ -223,11 +194,10 @@ def export_onnx(model: nn.Module, task: str, example: torch.Tensor, opset: int |
     module = ExportModule(model, task).eval()
     names = output_names(model, task)
     # The dynamo exporter (torch.export + onnxscript) keeps H and W symbolic through the FPN and
-    # FCN resizes (both resize *to a size*); named string dims become Dim.DYNAMIC and name the
-    # ONNX dims. The TorchScript exporter (dynamo=False) was not needed. FCNHead and FCOSHead
-    # call int() on the image size, which the non-strict capture specialises: torch.onnx then
-    # retries with the strict (dynamo) capture, which keeps it symbolic (torch 2.14). Were a
-    # later version to fall back to static shapes instead, _check_dynamic and --check say so.
+    # FCN resizes (both resize *to a size*, and FCNHead takes the size through torch.sym_int,
+    # which does not specialise); named string dims become Dim.DYNAMIC and name the ONNX dims.
+    # The TorchScript exporter (dynamo=False) was not needed. Were a later version to fall back
+    # to static shapes, _check_dynamic and --check say so.
     program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"], output_names=names,
                                 dynamic_shapes={"images": dict(DYNAMIC_DIMS)}, opset_version=opset,
                                 verbose=False)
@@ -236,14 +206,16 @@ def export_onnx(model: nn.Module, task: str, example: torch.Tensor, opset: int |
     return proto
 
 
-def metadata(task: str, ckpt: Mapping[str, Any], model: nn.Module, path: str) -> dict[str, str]:
-    """What a consumer of the ONNX file needs: normalisation, classes, detection thresholds."""
-    meta = ckpt.get("meta") or {}
+def metadata(task: str, meta: Mapping[str, Any], model: nn.Module, path: str) -> dict[str, str]:
+    """What a consumer of the ONNX file needs: preprocessing, normalisation, classes,
+    detection thresholds (the checkpoint's metadata, ``Preprocess``'s fields)."""
+    pre = Preprocess.from_meta(meta)
     props: dict[str, Any] = {
         "producer": "onetrunk tasks.export", "task": task, "checkpoint": Path(path).name,
-        "mean": meta.get("mean"), "std": meta.get("std"), "image_size": meta.get("image_size"),
-        "class_names": class_names(ckpt),
-        "input": "images: float32 [batch, C, height, width] = (pixels / 255 - mean) / std per channel (RGB or gray)",
+        "mean": list(pre.mean), "std": list(pre.std), "in_chans": pre.in_chans, "image_size": pre.size,
+        "preprocess": meta["preprocess"], "class_names": list(meta["class_names"]),
+        "input": "images: float32 [batch, C, height, width] = (pixels / 255 - mean) / std per channel (RGB or gray), "
+                 "resized as 'preprocess' says",
     }
     if meta.get("category_ids") is not None:
         props["category_ids"] = meta["category_ids"]
@@ -344,7 +316,7 @@ def postprocess_detections(head: FCOSHead, outputs: Mapping[str, Any], image_siz
     """Boxes from the exported detector's outputs (name -> array, ``detect_`` prefix allowed),
     through ``head.postprocess``: the same thresholds and steps as the PyTorch ``Detector``.
     ``image_size`` is the network input's ``(height, width)``; ``head`` is the checkpoint's
-    (``load_model(ckpt)[0].head``)."""
+    (``load_model(ckpt)[1].head``)."""
     raw: dict[str, Any] = {k.removeprefix("detect_"): torch.as_tensor(np.asarray(v)) for k, v in outputs.items()}
     raw = {k: raw[k] for k in DETECTION_OUTPUTS}
     raw["level_sizes"] = _level_sizes(raw["points"], raw["strides"])
@@ -376,9 +348,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--opset {args.opset}: the dynamo exporter writes opset {MIN_OPSET} or newer")
     weights = Path(args.weights)
     output = Path(args.output) if args.output else weights.with_suffix(".onnx")
-    model, ckpt = load_model(weights)
-    task = ckpt["task"]
-    size, channels = train_size(ckpt), in_channels(model)
+    task, model, meta = load_model(weights)
+    size, channels = Preprocess.from_meta(meta).size, in_channels(model)
     side = example_size(size, coarsest_stride(model, task))
     example = torch.randn(2, channels, side, side)  # batch 2: the exporter specialises sizes 0 and 1
     print(f"export: {task} checkpoint {weights} -> {output} (traced at {list(example.shape)})")
@@ -388,7 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.opset is not None and opset != args.opset:
         raise ValueError(f"--opset {args.opset}: the exporter could not convert to it and wrote opset {opset}")
     _check_dynamic(proto, output)
-    _set_metadata(proto, metadata(task, ckpt, model, str(weights)), interface_doc())
+    _set_metadata(proto, metadata(task, meta, model, str(weights)), interface_doc())
     shapes = check_shapes(size, channels)
 
     def verify(tmp: Path) -> dict[str, float]:

@@ -12,41 +12,44 @@ Usage:
     torchrun --nproc_per_node=2 -m tasks.segment     # one process per GPU, batch size per GPU
 
 Images and masks are transformed jointly (scale, crop with ignore padding, flip) in DataLoader
-workers and normalised on the device. Metrics: mIoU, per-class IoU and pixel accuracy from a
-confusion matrix accumulated on the device; segmentation.png shows image, true and predicted
-masks; ``--predict`` writes a palette PNG mask and an overlay per image.
+workers and normalised on the device. Evaluation resizes the longer side to
+``data.image_size`` (masks with nearest neighbour) and scores at that scale. Metrics: mIoU,
+per-class IoU and pixel accuracy from a confusion matrix accumulated on the device;
+segmentation.png shows image, true and predicted masks. ``--predict`` (and
+``tasks.load(...).predict``) runs at the training scale and upsamples the logits to the
+file's size; ``predict(..., tile=True)`` instead slides tiles of the training size over
+large images at full resolution, averaging the logits where they overlap. ``--predict``
+writes a palette PNG mask and an overlay per image.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from backbones import build_backbone
 from heads import FCNHead, Segmenter
-from tasks.data.coco import read_image
-from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
-from tasks.data.loaders import DeviceLoader, make_loader, normalize_images
-from tasks.data.scenes import ensure_scenes
+from tasks.data.preprocess import Geometry, Preprocess
 from tasks.data.segmentation import (IGNORE_INDEX, CocoSemanticDataset, MaskFolderDataset, collate_segmentation,
                                      scenes_segmentation)
-from tasks.data.transforms import segmentation_train_transforms, segmentation_val_transforms
-from tasks.engine.checkpoint import load_for_inference
-from tasks.engine import distributed
-from tasks.engine.cli import Run, common_parser, default_recipe, run_cli, setup_run
+from tasks.data.transforms import segmentation_train_transforms
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig
-from tasks.engine.loop import Trainer, autocast
-from tasks.engine.trunk import load_trunk
+from tasks.engine.datasets import data_files, dense_preprocess, file_loaders
 from tasks.engine.logging import progress
+from tasks.engine.loop import autocast
 from tasks.engine.metrics import ConfusionMatrix
+from tasks.engine.predict import predict_images
+from tasks.engine.registry import TaskData, TaskSpec
+from tasks.engine.runner import build_parser, run, run_cli
 from tasks.engine.viz import draw_segmentation_grid, save_palette_mask
 
-NORMALIZE = BatchAugment(IMAGENET_MEAN, IMAGENET_STD)  # RGB files: ImageNet statistics
-TASK = "segment"
-GPU_RECIPE, CPU_RECIPE = "scenes_fcn_resnet18", "scenes_quick"
+# How many logits (K x H x W) upsampling to an original size holds at once: a 4000 x 3000
+# photo with 21 classes would be 1 GB of float32 in one piece
+_UPSAMPLE_ELEMENTS = 1 << 26
 
 
 @dataclass
@@ -77,206 +80,212 @@ class SegmentConfig:
 
 # ----------------------------------------------------------------------------- model
 
-def build_head(feature_info, num_classes: int, *, in_features, channels, dropout, aux, aux_weight) -> FCNHead:
-    return FCNHead(feature_info, num_classes, in_features=in_features, channels=channels, dropout=dropout,
-                   aux=aux, aux_weight=aux_weight, ignore_index=IGNORE_INDEX)
+def build_head(m: SegmentModelConfig, feature_info, num_classes: int) -> FCNHead:
+    return FCNHead(feature_info, num_classes, in_features=m.in_features, channels=m.channels, dropout=m.dropout,
+                   aux=m.aux, aux_weight=m.aux_weight, ignore_index=IGNORE_INDEX)
 
 
-def build_model(cfg: SegmentConfig, num_classes: int) -> Segmenter:
-    m = cfg.model
+def build_model(cfg: SegmentConfig, meta: Mapping[str, Any]) -> Segmenter:
+    m, k = cfg.model, len(meta["class_names"])
+    if m.num_classes not in (None, k):
+        raise ValueError(f"model.num_classes={m.num_classes} but the data has {k} classes")
     backbone = build_backbone(f"resnet{m.depth}", **m.backbone_kwargs())
-    return Segmenter(backbone, build_head(backbone.feature_info, num_classes, in_features=m.in_features,
-                                          channels=m.channels, dropout=m.dropout, aux=m.aux, aux_weight=m.aux_weight))
+    return Segmenter(backbone, build_head(m, backbone.feature_info, k))
 
 
 # ----------------------------------------------------------------------------- data
 
-@dataclass
-class SegmentData:
-    train: Any
-    val: Any
-    val_set: Any
-    class_names: list[str]
-
-
-def _datasets(cfg: SegmentConfig, train: bool, quiet: bool):
+def _datasets(cfg: SegmentConfig, pre: Preprocess, train: bool, quiet: bool):
     """(train set or None, val set) from FashionScenes, COCO or mask folders."""
     d = cfg.data
+    if d.dataset not in ("scenes", "coco", "folders"):
+        raise ValueError(f"data.dataset={d.dataset!r}: choose scenes, coco or folders")
     size = d.image_size
     train_tf = segmentation_train_transforms(size, (d.scale_min, d.scale_max), 0.5 if d.hflip else 0.0,
                                              seed=cfg.train.seed, base_size=size)
-    val_tf = segmentation_val_transforms(size)
+    val_tf = pre.albumentations()
     common = dict(skip_bad=d.skip_bad)
     if d.train_ann or d.val_ann or d.dataset == "coco":
-        need = ("train_ann", "train_images", "val_ann", "val_images")
-        missing = [f"--{k.replace('_', '-')}" for k in need if not getattr(d, k)]
-        if missing:
-            raise ValueError(f"COCO segmentation data needs {', '.join(missing)} as well")
-        val = CocoSemanticDataset(d.val_ann, d.val_images, transforms=val_tf, limit=d.limit_val, **common)
-        tr = CocoSemanticDataset(d.train_ann, d.train_images, transforms=train_tf, limit=d.limit_train,
+        p = data_files(d, ("train_ann", "train_images", "val_ann", "val_images"), "COCO segmentation data",
+                       files=True)
+        val = CocoSemanticDataset(p["val_ann"], p["val_images"], transforms=val_tf, limit=d.limit_val, **common)
+        tr = CocoSemanticDataset(p["train_ann"], p["train_images"], transforms=train_tf, limit=d.limit_train,
                                  **common) if train else None
         return tr, val
     if d.train_masks or d.val_masks or d.dataset == "folders":
-        need = ("train_images", "train_masks", "val_images", "val_masks")
-        missing = [f"--{k.replace('_', '-')}" for k in need if not getattr(d, k)]
-        if missing:
-            raise ValueError(f"mask-folder data needs {', '.join(missing)} as well")
+        p = data_files(d, ("train_images", "train_masks", "val_images", "val_masks"), "mask-folder data", files=True)
         if not cfg.model.num_classes:
             raise ValueError("mask-folder data needs --set model.num_classes=K (background included)")
         k = cfg.model.num_classes
-        val = MaskFolderDataset(d.val_images, d.val_masks, num_classes=k, transforms=val_tf, limit=d.limit_val,
-                                **common)
-        tr = MaskFolderDataset(d.train_images, d.train_masks, num_classes=k, transforms=train_tf,
+        val = MaskFolderDataset(p["val_images"], p["val_masks"], num_classes=k, transforms=val_tf,
+                                limit=d.limit_val, **common)
+        tr = MaskFolderDataset(p["train_images"], p["train_masks"], num_classes=k, transforms=train_tf,
                                limit=d.limit_train, **common) if train else None
         return tr, val
-    if d.dataset != "scenes":
-        raise ValueError(f"data.dataset={d.dataset!r}: choose scenes, coco or folders")
-    with distributed.main_first():  # under torchrun rank 0 generates, the others wait for it
-        root = ensure_scenes(d.scenes_root, train=d.scenes_train, val=d.scenes_val, size=d.scenes_size,
-                             seed=d.scenes_seed, data_dir=d.data_dir, progress=not quiet)
+    p = data_files(d, ("train_images", "train_masks", "val_images", "val_masks"), "FashionScenes", quiet=quiet)
+    root = Path(p["val_images"]).parents[1]
     val = scenes_segmentation(root, "val", transforms=val_tf, limit=d.limit_val, **common)
     tr = scenes_segmentation(root, "train", transforms=train_tf, limit=d.limit_train, **common) if train else None
     return tr, val
 
 
-def build_data(cfg: SegmentConfig, device: torch.device, *, train: bool = True, quiet: bool = False) -> SegmentData:
-    d = cfg.data
-    train_set, val_set = _datasets(cfg, train, quiet)
+def build_data(cfg: SegmentConfig, device: torch.device, *, train: bool = True, quiet: bool = False) -> TaskData:
+    pre = dense_preprocess(cfg)
+    train_set, val_set = _datasets(cfg, pre, train, quiet)
     if train_set is not None and train_set.class_names != val_set.class_names:
         raise ValueError(f"train and val data have different classes: {train_set.class_names} vs {val_set.class_names}")
-    on_device = normalize_images(NORMALIZE, cfg.train.channels_last)
-
-    def loader(ds, shuffle: bool, batch_size: int):
-        return make_loader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=d.num_workers,
-                           collate_fn=collate_segmentation, seed=cfg.train.seed, device=device)
-
-    val = DeviceLoader(loader(val_set, False, d.eval_batch_size), device, on_device)
-    train_loader = None
-    if train_set is not None:
-        train_loader = DeviceLoader(loader(train_set, True, cfg.train.batch_size), device, on_device,
-                                    seed=cfg.train.seed)
-    return SegmentData(train_loader, val, val_set, list(val_set.class_names))
+    train_loader, val = file_loaders(train_set, val_set, cfg=cfg, device=device, normalize=pre.normalize,
+                                     train_collate=collate_segmentation, val_collate=collate_segmentation)
+    return TaskData(train_loader, val, {"class_names": list(val_set.class_names), **pre.to_meta()}, pre,
+                    val_set=val_set)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: SegmentData, device: torch.device, amp: bool = True, *,
-             picture_path: Path | None = None, quiet: bool = True) -> dict[str, Any]:
+def evaluate(model: torch.nn.Module, data: TaskData, device: torch.device, amp: bool = True, *,
+             output: Path | None = None, quiet: bool = True) -> dict[str, Any]:
     """mIoU, per-class IoU and pixel accuracy over the validation set (ignore index skipped);
-    under torchrun each rank scores its shard and the confusion matrices are summed."""
+    under torchrun each rank scores its shard and the confusion matrices are summed. With
+    ``output``, ``segmentation.png`` (the first 4 images)."""
+    names = data.meta["class_names"]
     was_training = model.training
     model.eval()
-    cm = ConfusionMatrix(len(data.class_names), device, ignore_index=IGNORE_INDEX)
+    cm = ConfusionMatrix(len(names), device, ignore_index=IGNORE_INDEX)
     shown: tuple[list, list, list] = ([], [], [])
     with autocast(device, amp):
         for images, masks in progress(data.val, total=len(data.val), desc="eval", quiet=quiet):
             pred = model(images).argmax(1)  # [N, H, W]
             cm.update(pred, masks)
-            if picture_path is not None and len(shown[0]) < 4:
+            if output is not None and len(shown[0]) < 4:
                 take = 4 - len(shown[0])
-                shown[0].extend(list(NORMALIZE.to_uint8(images[:take]).cpu()))
+                shown[0].extend(list(data.preprocess.to_uint8(images[:take]).cpu()))
                 shown[1].extend(pred[:take].cpu())
                 shown[2].extend(masks[:take].cpu())
     model.train(was_training)
-    if picture_path is not None and shown[0]:
-        draw_segmentation_grid(shown[0], shown[1], data.class_names, picture_path, targets=shown[2])
-    return segmentation_metrics(cm.all_reduce())
+    if output is not None and shown[0]:
+        draw_segmentation_grid(shown[0], shown[1], names, Path(output) / "segmentation.png", targets=shown[2])
+    return cm.all_reduce().segmentation()
 
 
-def segmentation_metrics(cm: ConfusionMatrix) -> dict[str, Any]:
-    m = cm.compute()
-    return {"miou": m["miou"], "pixel_acc": m["acc"], "iou": m["iou"]}
+def report(metrics: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
+    return [f"mIoU {metrics['miou']:.4f}  pixel accuracy {metrics['pixel_acc']:.4f}",
+            "  " + "  ".join(f"{n} {iou:.3f}" for n, iou in zip(meta["class_names"], metrics["iou"]))]
 
 
 # ----------------------------------------------------------------------------- prediction
 
-def _load_for_inference(run: Run, num_classes: int) -> Segmenter:
-    model = build_model(run.cfg, num_classes)
-    return load_for_inference(model, run.checkpoint, run.device, run.cfg.train.channels_last)
+def upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[K, h, w]`` logits -> the ``[H, W]`` int64 argmax of their bilinear upsampling to
+    ``size`` (``F.interpolate``, align_corners=False), a band of rows at a time when the whole
+    would exceed ``_UPSAMPLE_ELEMENTS``: the vertical step by hand with interpolate's source
+    rows and weights, the horizontal one by interpolate itself."""
+    k, h, w = logits.shape
+    height, width = size
+    if (h, w) == (height, width):
+        return logits.argmax(0)
+    if k * height * width <= _UPSAMPLE_ELEMENTS:
+        return F.interpolate(logits[None].float(), size=size, mode="bilinear", align_corners=False)[0].argmax(0)
+    ys = ((torch.arange(height, device=logits.device, dtype=torch.float32) + 0.5) * (h / height) - 0.5).clamp(min=0)
+    y0 = ys.floor().long().clamp(max=h - 1)
+    y1 = (y0 + 1).clamp(max=h - 1)
+    wy = (ys - y0)[None, :, None]  # [1, H, 1]
+    out = torch.empty(height, width, dtype=torch.int64, device=logits.device)
+    band = max(1, _UPSAMPLE_ELEMENTS // (k * width))
+    src = logits.float()
+    for start in range(0, height, band):
+        rows = slice(start, min(height, start + band))
+        mixed = src[:, y0[rows]] * (1 - wy[:, rows]) + src[:, y1[rows]] * wy[:, rows]  # [K, b, w]
+        out[rows] = F.interpolate(mixed[None], size=(mixed.shape[1], width), mode="bilinear",
+                                  align_corners=False)[0].argmax(0)
+    return out
 
 
-def predict(run: Run, paths: list[str]) -> list[dict[str, Any]]:
-    """Per image: ``<output>/predictions/<name>_mask.png`` (palette PNG, pixel = class) and
-    ``<name>_overlay.png``; predicted at the file's own resolution."""
-    names = run.checkpoint.get("meta", {})["class_names"]
-    model = _load_for_inference(run, len(names))
-    out_dir = run.output / "predictions"
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _result(mask: torch.Tensor, names: Sequence[str]) -> dict[str, Any]:
+    mask = mask.cpu()
+    counts = torch.bincount(mask.flatten(), minlength=len(names)).tolist()
+    return {"mask": mask, "class_fractions": {names[i]: c / mask.numel() for i, c in enumerate(counts) if c}}
+
+
+def decode(logits: torch.Tensor, geometries: list[Geometry], meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per image ``{"mask": [H, W] int64 class ids at the original size, "class_fractions":
+    {class name: fraction of the pixels}}`` (classes present only)."""
     results = []
-    for path in paths:
-        image = torch.from_numpy(read_image(path)).permute(2, 0, 1)  # [3, H, W] uint8
-        x = NORMALIZE(image[None].to(run.device), train=False)  # [1, 3, H, W]
-        with torch.no_grad(), autocast(run.device, run.cfg.train.amp):
-            mask = model(x)[0].argmax(0).cpu()  # [H, W]
-        stem = Path(path).stem
-        save_palette_mask(mask.numpy(), out_dir / f"{stem}_mask.png", len(names))
-        draw_segmentation_grid([image], [mask], names, out_dir / f"{stem}_overlay.png")
-        counts = torch.bincount(mask.flatten(), minlength=len(names))
-        present = {names[i]: round(float(c) / mask.numel(), 4) for i, c in enumerate(counts.tolist()) if c and i}
-        results.append({"image": path, "mask": str(out_dir / f"{stem}_mask.png"), "class_fractions": present})
-        print(f"{path}: " + (", ".join(f"{k} {v:.1%}" for k, v in present.items()) or "background only")
-              + f" -> {out_dir / stem}_mask.png")
-    (out_dir / "summary.json").write_text(json.dumps(results, indent=1))
+    for lg, geom in zip(logits, geometries, strict=True):
+        rh, rw = geom.resized
+        results.append(_result(upsample_argmax(lg[:, :rh, :rw], geom.size), meta["class_names"]))
     return results
 
 
-# ----------------------------------------------------------------------------- entry points
+def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def predict(predictor, images: Sequence[np.ndarray], batch_size: int, tile: bool = False,
+            overlap: float = 1 / 3) -> list[dict[str, Any]]:
+    """Whole images at the training scale (``decode``), or with ``tile``: every image larger
+    than one tile (the training size) at its own resolution, in tiles of the training size
+    that overlap by ``overlap`` of a tile, the logits averaged; smaller images as without."""
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap={overlap!r}: expected a fraction of a tile in [0, 1)")
+    size = predictor.preprocess.size
+    whole = [i for i, im in enumerate(images) if not tile or max(im.shape[:2]) <= size]
+    results: list[Any] = [None] * len(images)
+    for i, r in zip(whole, predict_images(predictor, [images[i] for i in whole], batch_size) if whole else []):
+        results[i] = r
+    stride = max(1, round(size * (1 - overlap)))
+    names = predictor.class_names
+    for i in sorted(set(range(len(images))) - set(whole)):
+        image = images[i]
+        h, w = image.shape[:2]
+        boxes = [(y, x, min(size, h), min(size, w)) for y in _tile_starts(h, size, stride)
+                 for x in _tile_starts(w, size, stride)]
+        total = count = None
+        for start in range(0, len(boxes), batch_size):
+            chunk = boxes[start:start + batch_size]
+            logits = predictor.forward(predictor.preprocess.batch([image[y:y + th, x:x + tw] for y, x, th, tw in chunk]))
+            if total is None:
+                total = torch.zeros(logits.shape[1], h, w, device=logits.device)
+                count = torch.zeros(1, h, w, device=logits.device)
+            for lg, (y, x, th, tw) in zip(logits, chunk):
+                total[:, y:y + th, x:x + tw] += lg[:, :th, :tw].float()
+                count[:, y:y + th, x:x + tw] += 1
+        results[i] = _result((total / count).argmax(0), names)
+    return results
+
+
+def write_prediction(result: Mapping[str, Any], image: np.ndarray, source: str, out_dir: Path, stem: str,
+                     meta: Mapping[str, Any]) -> dict[str, Any]:
+    """``<stem>_mask.png`` (palette PNG, pixel = class id) and ``<stem>_overlay.png``."""
+    names = meta["class_names"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mask = result["mask"]
+    save_palette_mask(mask.numpy(), out_dir / f"{stem}_mask.png", len(names))
+    draw_segmentation_grid([torch.from_numpy(image).permute(2, 0, 1)], [mask], names, out_dir / f"{stem}_overlay.png")
+    present = {k: round(v, 4) for k, v in result["class_fractions"].items() if k != names[0]}
+    print(f"{source}: " + (", ".join(f"{k} {v:.1%}" for k, v in present.items()) or f"{names[0]} only")
+          + f" -> {out_dir / stem}_mask.png")
+    return {"image": source, "mask": str(out_dir / f"{stem}_mask.png"), "class_fractions": present}
+
+
+SPEC = TaskSpec(
+    name="segment", config=SegmentConfig, recipes=("scenes_fcn_resnet18", "scenes_quick"), main_metric="miou",
+    doc=__doc__, data_flags=("data_dir", "train_ann", "train_images", "train_masks", "val_ann", "val_images",
+                             "val_masks"),
+    build_model=build_model, build_data=build_data, evaluate=evaluate, make_preprocess=dense_preprocess,
+    decode=decode, write_prediction=write_prediction, report=report, predict_options=("tile", "overlap"),
+    build_head=build_head, predict=predict)
+
 
 def get_args_parser():
-    return common_parser("python -m tasks.segment", __doc__,
-                         data_flags=("data_dir", "train_ann", "train_images", "train_masks", "val_ann", "val_images",
-                                     "val_masks"))
-
-
-def _print_ious(metrics: dict[str, Any], names: list[str], say) -> None:
-    say("  " + "  ".join(f"{n} {iou:.3f}" for n, iou in zip(names, metrics["iou"])))
+    return build_parser(SPEC)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = get_args_parser().parse_args(argv)
-    run = setup_run(TASK, SegmentConfig, args, default_recipe(GPU_RECIPE, CPU_RECIPE))
-    cfg, device, say = run.cfg, run.device, run.console
-    if run.summary and not (args.eval_only or args.predict):
-        say(run.summary)
-    say(f"segment: recipe {run.recipe} on {device} -> {run.output}")
-
-    if args.predict:
-        return {"predictions": predict(run, args.predict)}
-
-    data = build_data(cfg, device, train=not args.eval_only, quiet=args.quiet)
-    num_classes = cfg.model.num_classes or len(data.class_names)
-    if num_classes != len(data.class_names):
-        raise ValueError(f"model.num_classes={num_classes} but the data has {len(data.class_names)} classes")
-
-    if args.eval_only:
-        model = _load_for_inference(run, num_classes)
-        metrics = evaluate(model, data, device, cfg.train.amp, quiet=args.quiet,
-                           picture_path=run.output / "segmentation.png" if distributed.is_main() else None)
-        print(f"mIoU {metrics['miou']:.4f}  pixel accuracy {metrics['pixel_acc']:.4f}  ({args.weights})")
-        _print_ious(metrics, data.class_names, print)
-        return metrics
-
-    model = build_model(cfg, num_classes)
-    if args.trunk:
-        load_trunk(model.backbone, args.trunk, cfg.model)  # printed even with --quiet: it changes the run
-    meta = {"class_names": data.class_names, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "image_size": cfg.data.image_size}
-
-    def evaluate_epoch(m, final: bool) -> dict[str, Any]:
-        return evaluate(m, data, device, cfg.train.amp,
-                        picture_path=run.output / "segmentation.png" if final else None)
-
-    trainer = Trainer(TASK, cfg, model, data.train, output=run.output, device=device, quiet=args.quiet,
-                      console=say, main_metric="miou", meta=meta, evaluate=evaluate_epoch)
-    if run.resume_from is not None:
-        trainer.resume(run.resume_from)
-    record = trainer.fit()
-    metrics = {"miou": record["val_miou"], "pixel_acc": record["val_pixel_acc"], "iou": record["val_iou"]}
-    say(f"done: mIoU {metrics['miou']:.4f}, pixel accuracy {metrics['pixel_acc']:.4f}, "
-        f"{record.get('train_time_total_s', 0):.1f} s of training, run folder {run.output}")
-    _print_ious(metrics, data.class_names, say)
-    return {**record, **metrics, "output": str(run.output)}
+    return run(SPEC, argv)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,44 @@ def tiny_scenes_args(root: Path) -> list[str]:
     """``TINY_SCENES`` plus a fake Fashion-MNIST and a scenes folder under ``root``."""
     fm = write_fake_fashion_mnist(root / "fm", n_train=64, n_test=32)
     return TINY_SCENES + ["--data-dir", str(fm), "--set", f"data.scenes_root={root / 'scenes'}"]
+
+
+# Small models of every task (untrained), as a run would save them: tasks.load, export and the
+# README examples read them. ``meta`` defaults to what the task's own data would give.
+TINY_MODELS = {
+    "classify": {"model": {"in_chans": 1, "stem": "cifar", "num_classes": 3}},
+    "detect": {"model": {"fpn_channels": 32, "num_convs": 1}, "data": {"image_size": 64}},
+    "segment": {"data": {"image_size": 64}},
+    "multitask": {"model": {"fpn_channels": 32, "num_convs": 1}, "data": {"image_size": 64}},
+}
+CLASS_NAMES = ["shirt", "boot", "bag"]
+
+
+def task_meta(task: str, cfg) -> dict:
+    from tasks import TASKS
+
+    spec = TASKS[task]
+    names = ["background", *CLASS_NAMES] if task == "segment" else list(CLASS_NAMES)
+    meta = {"class_names": names, **spec.make_preprocess(cfg).to_meta()}
+    if task in ("detect", "multitask"):
+        meta["category_ids"] = [1, 5, 9]
+    return meta
+
+
+def write_task_checkpoint(path: Path, task: str, meta: dict | None = None, seed: int = 0) -> Path:
+    """A checkpoint of ``task`` with ``TINY_MODELS`` settings and random weights."""
+    import torch
+
+    from tasks import TASKS
+    from tasks.engine.checkpoint import CKPT_FORMAT, atomic_save
+    from tasks.engine.config import config_from_dict, config_to_dict
+
+    spec = TASKS[task]
+    cfg = config_from_dict(spec.config, TINY_MODELS[task])
+    meta = meta if meta is not None else task_meta(task, cfg)
+    torch.manual_seed(seed)
+    model = spec.build_model(cfg, {"class_names": meta.get("class_names") or meta["classes"]})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"format": CKPT_FORMAT, "task": task, "config": config_to_dict(cfg), "model": model.state_dict(),
+                 "ema": None, "epoch": 1, "metrics": {}, "meta": meta}, path)
+    return path

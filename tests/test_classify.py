@@ -36,8 +36,11 @@ def test_run_writes_every_artifact_and_learns(two_epoch_run):
     assert metrics["acc"] == pytest.approx(records[-1]["val_acc"])
     assert metrics["acc"] > 0.3  # 10 classes: chance is 0.1
     ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["epoch"] == 2 and ckpt["task"] == "classify" and ckpt["meta"]["classes"][9] == "Ankle boot"
-    assert {"format", "config", "model", "optimizer", "scheduler", "scaler", "metrics", "rng"} <= set(ckpt)
+    assert ckpt["epoch"] == 2 and ckpt["task"] == "classify" and ckpt["meta"]["class_names"][9] == "Ankle boot"
+    assert {"format", "config", "model", "optimizer", "scheduler", "metrics", "rng", "meta"} <= set(ckpt)
+    meta = ckpt["meta"]  # one schema for every task
+    assert meta["in_chans"] == 1 and len(meta["mean"]) == len(meta["std"]) == 1
+    assert meta["preprocess"] == {"resize": "crop", "size": 28, "crop_pct": 1.0, "size_divisible": 32}
 
 
 def test_resume_reproduces_uninterrupted_run(two_epoch_run, fm_dir, tmp_path, monkeypatch):
@@ -130,3 +133,47 @@ def test_compile_tune_without_compile_is_refused(fm_dir, tmp_path):
     with pytest.raises(ValueError, match="train.compile_tune.*train.compile=true"):
         classify.main(QUICK + ["--data-dir", str(fm_dir), "--epochs", "1", "--output", str(tmp_path / "r"),
                                "--set", "train.compile_tune=true"])
+
+
+def test_api_and_predict_see_images_as_evaluation_does(two_epoch_run, fm_dir, tmp_path, capsys):
+    """The same image gives the same class through evaluation, tasks.load(...).predict and --predict."""
+    import cv2
+
+    from tasks import TASKS, load
+    from tasks.data.fashion_mnist import load_fashion_mnist
+
+    out, _ = two_epoch_run
+    model = load(out / "best.pt", device="cpu")
+    from tasks.engine.config import config_from_dict
+    cfg = config_from_dict(classify.ClassifyConfig, load_checkpoint(out / "best.pt")["config"])  # the run's data
+    data = TASKS["classify"].build_data(cfg, torch.device("cpu"), train=False)
+    with torch.no_grad():
+        evaluated = torch.cat([model.model(x).argmax(1) for x, _ in data.val]).tolist()  # the evaluation path
+    images, _ = load_fashion_mnist("test", str(fm_dir), 96)
+    api = [model.class_names.index(r["top"][0][0]) for r in model.predict(list(images.numpy()), batch_size=40)]
+    assert api == evaluated
+    paths = []
+    for i in range(6):
+        paths.append(str(tmp_path / f"val{i}.png"))
+        cv2.imwrite(paths[-1], images[i].numpy())
+    capsys.readouterr()
+    cli = classify.main(["--predict", *paths, "--weights", str(out / "best.pt"), "--device", "cpu"])
+    assert [model.class_names.index(e["top3"][0][0]) for e in cli["predictions"]] == evaluated[:6]
+
+
+def test_tensorboard_scalars_beside_metrics(fm_dir, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    classify.main(QUICK + ["--data-dir", str(fm_dir), "--epochs", "2", "--output", str(out),
+                           "--set", "train.tensorboard=true"])
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "val/acc", "lr"} <= set(events.Tags()["scalars"])
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in events.Scalars("val/acc")] == [1, 2]
+    assert [e.value for e in events.Scalars("val/acc")] == pytest.approx([r["val_acc"] for r in records])
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)  # not installed
+    with pytest.raises(ValueError, match=r"train.tensorboard needs the tensorboard package: pip install -e '\.\[tensorboard\]'"):
+        classify.main(QUICK + ["--data-dir", str(fm_dir), "--epochs", "1", "--output", str(tmp_path / "tb2"),
+                               "--set", "train.tensorboard=true"])

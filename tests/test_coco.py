@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tasks.data.coco import (CocoDetection, ImageReadError, coco_evaluate, collate_detection, collate_detection_padded,
-                             detections_to_coco, read_image)
-from tasks.data.transforms import (detection_train_transforms, detection_val_transforms,
-                                   reseed_dataset, seed_worker)
+from tasks.data.coco import CocoDetection, coco_evaluate, collate_detection, detections_to_coco
+from tasks.data.images import ImageReadError, read_image
+from tasks.data.preprocess import Preprocess
+from tasks.data.transforms import detection_train_transforms, reseed_dataset, seed_worker
+from tasks.detect import collate_detection_padded
 
 W, H = 64, 48
 CATEGORIES = [{"id": 42, "name": "hat"}, {"id": 3, "name": "shoe"}, {"id": 7, "name": "bag"}]
@@ -251,11 +252,12 @@ def test_seed_worker_gives_each_worker_one_opencv_thread():
 
 
 def test_val_transforms_round_trip_gives_perfect_ap(coco_dir):
-    ds = _dataset(coco_dir, detection_val_transforms(50))
+    pre = Preprocess(3, (0.5,) * 3, (0.2,) * 3, "longest", 50)  # evaluation's resize: aspect kept, no padding
+    ds = _dataset(coco_dir, pre.albumentations(boxes=True))
     samples = [ds[i] for i in range(len(ds))]
     targets = [t for _, t in samples]
     for img, t in samples:
-        assert img.shape == (3, 50, 50) and t["orig_size"] == (H, W)
+        assert img.shape == (3, 38, 50) and t["orig_size"] == (H, W)
         assert t["scale"][1] == pytest.approx(50 / W) and t["scale"][0] == pytest.approx(38 / H)
     outputs = [{"boxes": t["boxes"], "scores": torch.ones(len(t["boxes"])), "labels": t["labels"]}
                for t in targets]

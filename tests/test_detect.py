@@ -90,3 +90,48 @@ def test_trunk_from_a_grayscale_classifier(scenes_args, tmp_path, capsys):
 def test_coco_flags_need_each_other(tmp_path):
     with pytest.raises(ValueError, match="--val-ann"):
         detect.main(["--device", "cpu", "--train-ann", "a.json", "--train-images", "x", "--output", str(tmp_path)])
+
+
+def _scenes_root(scenes_args):
+    return next(a.split("=", 1)[1] for a in scenes_args if a.startswith("data.scenes_root="))
+
+
+def test_api_boxes_equal_the_evaluation_path(run, scenes_args, tmp_path):
+    """tasks.load(...).predict on the validation files gives evaluation's detections (file pixels)."""
+    from pathlib import Path
+
+    from tasks import load
+
+    out, _ = run
+    detect.main(scenes_args + ["--eval-only", "--weights", str(out / "best.pt"), "--output", str(tmp_path)])
+    evaluated = json.loads((tmp_path / "predictions.json").read_text())  # COCO results of the evaluation
+    root = Path(_scenes_root(scenes_args))
+    images = json.loads((root / "annotations" / "instances_val.json").read_text())["images"]
+    model = load(out / "best.pt", device="cpu")
+    results = model.predict([root / "images" / "val" / im["file_name"] for im in images], batch_size=4)
+    cats = model.meta["category_ids"]
+    assert sum(len(r["boxes"]) for r in results) == len(evaluated) > 0
+    for im, r in zip(images, results):
+        want = sorted((p for p in evaluated if p["image_id"] == im["id"]), key=lambda p: -p["score"])
+        assert [cats[int(c)] for c in r["labels"]] == [p["category_id"] for p in want]
+        xyxy = [[x, y, x + w, y + h] for x, y, w, h in (p["bbox"] for p in want)]
+        torch.testing.assert_close(r["boxes"], torch.tensor(xyxy, dtype=torch.float32).reshape(-1, 4),
+                                   atol=1e-3, rtol=0)
+        torch.testing.assert_close(r["scores"], torch.tensor([p["score"] for p in want]), atol=1e-5, rtol=0)
+
+
+def test_predict_keeps_outputs_of_same_named_files_apart(run, tmp_path):
+    import cv2
+    import numpy as np
+    out, _ = run
+    paths = []
+    for folder, value in (("a", 60), ("b", 200)):
+        (tmp_path / folder).mkdir()
+        paths.append(str(tmp_path / folder / "img0.png"))
+        cv2.imwrite(paths[-1], np.full((40, 40, 3), value, np.uint8))
+    result = detect.main(["--predict", *paths, "--weights", str(out / "best.pt"), "--device", "cpu",
+                          "--output", str(tmp_path / "o")])
+    folder = tmp_path / "o" / "predictions"
+    assert {p.name for p in folder.iterdir()} == {"img0.json", "img0.png", "img0-2.json", "img0-2.png", "summary.json"}
+    assert [json.loads((folder / f).read_text())["image"] for f in ("img0.json", "img0-2.json")] == paths
+    assert json.loads((folder / "summary.json").read_text()) == result["predictions"]

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from tasks import classify
 from tasks.data.gpu_augment import BatchAugment
-from tasks.data.loaders import DeviceLoader, TensorLoader, make_loader
+from tasks.engine.loaders import DeviceLoader, TensorLoader, make_loader
 from tasks.engine.checkpoint import load_checkpoint
 from tasks.engine.config import OptimConfig, config_from_dict
 from tasks.engine.loop import seek_schedule
@@ -83,7 +83,7 @@ def test_one_process_tensor_loader_is_unchanged():
     # world size 1: the same batches as a plain permutation of the whole set
     loader = TensorLoader(torch.zeros(50, 1, 4, 4, dtype=torch.uint8), torch.arange(50), batch_size=16,
                           augment=BatchAugment((0.0,), (1.0,)), train=True, seed=3)
-    from tasks.data.loaders import epoch_seed
+    from tasks.engine.loaders import epoch_seed
     gen = torch.Generator().manual_seed(epoch_seed(3, 0))
     order = torch.randperm(50, generator=gen)
     assert _seen(loader, 0) == [order[i * 16:(i + 1) * 16].tolist() for i in range(3)]
@@ -148,6 +148,9 @@ def _spawn(fn, *args, timeout: float = 240) -> None:
             pytest.fail(f"the 2 processes did not finish within {timeout} s (a collective hung?)")
 
 
+FM_META = {"class_names": [str(i) for i in range(10)]}
+
+
 def _classify_cfg(**train):
     return config_from_dict(classify.ClassifyConfig, {
         "model": {"depth": 18, "in_chans": 1, "norm": "gn"},  # GroupNorm: no batch statistics
@@ -160,7 +163,7 @@ def _one_step(cfg, batches, out: Path):
     """A Trainer's first epoch over ``batches``: (weights, epoch result)."""
     from tasks.engine.loop import Trainer, unwrap
     torch.manual_seed(0)
-    model = classify.build_model(cfg)
+    model = classify.build_model(cfg, FM_META)
     trainer = Trainer("classify", cfg, model, batches, evaluate=lambda m, final: {}, main_metric="acc",
                       output=out, device=torch.device("cpu"), quiet=True)
     result = trainer.train_one_epoch(0)
@@ -238,7 +241,7 @@ def test_ddp_step_equals_one_process_full_batch_step(tmp_path):
     x, y = torch.randn(16, 1, 32, 32, generator=g), torch.randint(0, 10, (16,), generator=g)
     state, result, _ = _one_step(_classify_cfg(batch_size=16), [(x, y)], tmp_path / "one")
     torch.manual_seed(0)
-    initial = classify.build_model(_classify_cfg()).state_dict()
+    initial = classify.build_model(_classify_cfg(), FM_META).state_dict()
     assert not torch.equal(state["head.fc.weight"], initial["head.fc.weight"])  # the step moved the weights
     for k, v in state.items():
         torch.testing.assert_close(ddp["state"][k], v, rtol=0, atol=1e-5, msg=k)

@@ -13,7 +13,7 @@ from torchvision.ops import batched_nms  # noqa: E402
 
 from tasks import classify, detect, export, multitask, segment  # noqa: E402
 from tasks.engine.checkpoint import CKPT_FORMAT, atomic_save  # noqa: E402
-from tasks.engine.cli import run_cli  # noqa: E402
+from tasks.engine.runner import run_cli  # noqa: E402
 from tasks.engine.config import config_to_dict  # noqa: E402
 
 NAMES = ["shirt", "boot", "bag"]
@@ -31,21 +31,21 @@ def _classifier(path):
     cfg = classify.ClassifyConfig()  # the Fashion-MNIST shape: gray, cifar stem, 28 px
     cfg.model.in_chans, cfg.model.stem, cfg.model.num_classes = 1, "cifar", len(NAMES)
     meta = {"classes": NAMES, "mean": [0.286], "std": [0.353], "image_size": 28}
-    return _write_checkpoint(path, "classify", cfg, classify.build_model(cfg), meta)
+    return _write_checkpoint(path, "classify", cfg, classify.build_model(cfg, {"class_names": NAMES}), meta)
 
 
 def _segmenter(path):
     cfg = segment.SegmentConfig()
     cfg.data.image_size = 64
     meta = {"class_names": ["background", *NAMES], **RGB, "image_size": 64}
-    return _write_checkpoint(path, "segment", cfg, segment.build_model(cfg, len(NAMES) + 1), meta)
+    return _write_checkpoint(path, "segment", cfg, segment.build_model(cfg, {"class_names": ["background", *NAMES]}), meta)
 
 
 def _detector(path):
     cfg = detect.DetectConfig()
     cfg.model.fpn_channels, cfg.model.num_convs, cfg.model.topk_candidates = 32, 1, 40  # top-k cuts levels
     cfg.data.image_size = 64
-    model = detect.build_model(cfg, len(NAMES))
+    model = detect.build_model(cfg, {"class_names": NAMES})
     # an untrained head scores every point alike (prior init); spread the scores and boxes so
     # that thresholds, top-k and NMS are not decided by float noise
     for conv in (model.head.cls_logits, model.head.centerness, model.head.bbox_reg):
@@ -92,6 +92,9 @@ def test_export_writes_checked_onnx_with_metadata(exported, task, capsys):
     assert json.loads(props["class_names"])[-len(NAMES):] == NAMES
     assert json.loads(props["mean"]) == ([0.286] if task == "classify" else RGB["mean"])
     assert json.loads(props["std"]) == ([0.353] if task == "classify" else RGB["std"])
+    # these checkpoints predate meta["preprocess"]: the task's own policy fills it in
+    pre = json.loads(props["preprocess"])
+    assert pre["resize"] == ("crop" if task == "classify" else "longest") and pre["size"] == (28 if task == "classify" else 64)
     if task == "detect":
         assert json.loads(props["postprocess"])["topk_candidates"] == 40
         assert json.loads(props["category_ids"]) == [1, 5, 9]
@@ -105,7 +108,7 @@ def test_onnxruntime_matches_pytorch_at_a_new_shape(exported, task, shape):
     """Neither the traced example's shape nor --check's: batch, height and width are free (odd
     sizes too: every resize inside is to a size)."""
     ckpt, result = exported(task)
-    model, _ = export.load_model(ckpt)
+    _, model, _ = export.load_model(ckpt)
     images = torch.randn(shape)
     expected = export.pytorch_outputs(model, task, images)
     got = _session(result["output"]).run(result["outputs"], {"images": images.numpy()})
@@ -143,7 +146,7 @@ def _documented_postprocess(out, i, image_size, p):
 
 def test_detector_postprocessed_onnx_outputs_equal_pytorch_boxes(exported):
     ckpt, result = exported("detect")
-    model, _ = export.load_model(ckpt)
+    _, model, _ = export.load_model(ckpt)
     params = json.loads({p.key: p.value for p in onnx.load(result["output"]).metadata_props}["postprocess"])
     images = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
@@ -163,7 +166,7 @@ def test_multitask_exports_every_head(tmp_path):
     cfg = multitask.MultiTaskConfig()
     cfg.model.fpn_channels, cfg.model.num_convs = 32, 1
     cfg.data.image_size = 64
-    ckpt = _write_checkpoint(tmp_path / "mt.pt", "multitask", cfg, multitask.build_model(cfg, len(NAMES)),
+    ckpt = _write_checkpoint(tmp_path / "mt.pt", "multitask", cfg, multitask.build_model(cfg, {"class_names": NAMES}),
                              {"class_names": NAMES, **RGB, "image_size": 64})
     result = export.main(["--weights", str(ckpt)])
     assert result["outputs"] == ["classify_probs", *(f"detect_{k}" for k in export.DETECTION_OUTPUTS),
@@ -173,7 +176,7 @@ def test_multitask_exports_every_head(tmp_path):
 
 def test_check_fails_beyond_tolerance(exported):
     ckpt, result = exported("classify")
-    model, _ = export.load_model(ckpt)
+    _, model, _ = export.load_model(ckpt)
     with pytest.raises(ValueError, match=r"output logits differs from PyTorch by up to .* at input \[1, 1, 28, 28\]"):
         export.check_onnx(result["output"], model, "classify", [(1, 1, 28, 28)], atol=0.0, rtol=0.0)
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from tasks import classify
-from tasks.data.coco import ImageReadError
-from tasks.data.folders import ImageFolderDataset, classification_transforms, collate_skip_bad
+from tasks.data.folders import ImageFolderDataset, collate_skip_bad
+from tasks.data.images import ImageReadError
+from tasks.data.transforms import classification_train_transforms
 
 
 def _tree(root, n_per_class=6, size=20):
@@ -23,7 +24,7 @@ def _tree(root, n_per_class=6, size=20):
 
 def test_dataset_reads_classes_and_images(tmp_path):
     root = _tree(tmp_path)
-    ds = ImageFolderDataset(root / "train", transforms=classification_transforms(16, True, seed=0))
+    ds = ImageFolderDataset(root / "train", transforms=classification_train_transforms(16, seed=0))
     assert ds.classes == ["cat", "dog", "owl"] and len(ds) == 18
     img, label = ds[7]
     assert img.shape == (3, 16, 16) and img.dtype.is_floating_point is False and label == 1

@@ -2,7 +2,7 @@
 import torch
 
 from tasks.data.gpu_augment import BatchAugment, random_crop, random_erasing, random_hflip
-from tasks.data.loaders import TensorLoader
+from tasks.engine.loaders import TensorLoader
 
 
 def _gen(seed=0):
@@ -70,7 +70,7 @@ def test_batch_augment_ranges_and_loader_batches():
 
 
 def test_device_loader_reseeds_a_host_tensor_loader():
-    from tasks.data.loaders import DeviceLoader
+    from tasks.engine.loaders import DeviceLoader
     images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
     inner = TensorLoader(images, torch.arange(40), batch_size=8, augment=BatchAugment((0.5,), (0.25,)), train=True)
     loader = DeviceLoader(inner, torch.device("cpu"))

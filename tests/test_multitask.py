@@ -129,3 +129,38 @@ def test_frozen_shared_trunk_merges_and_predicts(data_args, tmp_path, capsys):
     assert "detections" in entry and "mask" in entry and "classes" not in entry
     det = load_checkpoint(tmp_path / "det" / "last.pt")["model"]
     torch.testing.assert_close(det["backbone.layer2.0.conv1.weight"], gray.state_dict()["layer2.0.conv1.weight"])
+    # the Python API merges the same way: one trunk pass, the separate models' results
+    from tasks import load
+    paths = [tmp_path / "det" / "last.pt", tmp_path / "seg" / "last.pt"]
+    (merged,) = load(paths, device="cpu").predict(str(image))
+    (alone_det,), (alone_seg,) = (load(p, device="cpu").predict(str(image)) for p in paths)
+    torch.testing.assert_close(merged["detect"]["boxes"], alone_det["boxes"], rtol=0, atol=0)
+    assert torch.equal(merged["segment"]["mask"], alone_seg["mask"])
+
+
+def test_api_equals_the_evaluation_path_for_every_head(joint_run, data_args):
+    from pathlib import Path
+
+    from tasks import TASKS, load
+    from tasks.engine.config import config_from_dict
+
+    out, _ = joint_run
+    cfg = config_from_dict(multitask.MultiTaskConfig, load_checkpoint(out / "best.pt")["config"])
+    data = TASKS["multitask"].build_data(cfg, torch.device("cpu"), train=False)
+    model = load(out / "best.pt", device="cpu")
+    probs, dets, masks = [], [], []
+    with torch.no_grad():
+        for images, _ in data.val:  # the evaluation path
+            o = model.model(images)
+            probs += list(o["classify"])
+            dets += o["detect"]
+            masks += list(o["segment"].argmax(1))
+    root = Path(next(a.split("=", 1)[1] for a in data_args if a.startswith("data.scenes_root=")))
+    files = sorted(json.loads((root / "annotations" / "instances_val.json").read_text())["images"],
+                   key=lambda im: im["id"])
+    results = model.predict([root / "images" / "val" / im["file_name"] for im in files], batch_size=4)
+    assert len(results) == len(probs) and set(results[0]) == {"classify", "detect", "segment"}
+    for r, p, d, m in zip(results, probs, dets, masks):
+        torch.testing.assert_close(r["classify"]["probs"], p)
+        torch.testing.assert_close(r["detect"]["boxes"], d["boxes"])  # 64 px scenes: file pixels = input pixels
+        assert torch.equal(r["detect"]["labels"], d["labels"]) and torch.equal(r["segment"]["mask"], m)

@@ -60,3 +60,59 @@ def test_mask_folders_need_num_classes(tmp_path):
     with pytest.raises(ValueError, match="num_classes"):
         segment.main(["--device", "cpu", "--train-images", "a", "--train-masks", "b", "--val-images", "c",
                       "--val-masks", "d", "--output", str(tmp_path)])
+
+
+def _val_images(scenes_args):
+    from pathlib import Path
+    root = Path(next(a.split("=", 1)[1] for a in scenes_args if a.startswith("data.scenes_root=")))
+    return sorted((root / "images" / "val").glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    from tasks import load
+    return load(run[0] / "best.pt", device="cpu")
+
+
+def test_api_masks_equal_the_evaluation_path(run, loaded, scenes_args):
+    import torch
+
+    from tasks import TASKS
+    from tasks.engine.config import config_from_dict
+    cfg = config_from_dict(segment.SegmentConfig, load_checkpoint(run[0] / "best.pt")["config"])
+    data = TASKS["segment"].build_data(cfg, torch.device("cpu"), train=False)
+    with torch.no_grad():
+        evaluated = torch.cat([loaded.model(x).argmax(1) for x, _ in data.val])  # the evaluation path
+    results = loaded.predict(_val_images(scenes_args), batch_size=4)
+    assert len(results) == len(evaluated)
+    for r, e in zip(results, evaluated):
+        assert torch.equal(r["mask"], e)
+
+
+def test_upscaled_image_gives_the_upscaled_mask(loaded, scenes_args):
+    image = cv2.imread(str(_val_images(scenes_args)[0]))[:, :, ::-1]
+    small = loaded.predict(image)[0]["mask"].numpy()
+    big = loaded.predict(cv2.resize(image, (256, 256), interpolation=cv2.INTER_NEAREST))[0]["mask"].numpy()
+    assert big.shape == (256, 256)
+    reference = np.kron(small, np.ones((4, 4), small.dtype))  # the small prediction, scaled up
+    kernel = np.ones((9, 9), np.uint8)  # 4 px either side of a class border
+    border = cv2.dilate(reference.astype(np.uint8), kernel) != cv2.erode(reference.astype(np.uint8), kernel)
+    differ = big != reference
+    assert not (differ & ~border).any()  # the logits are upsampled, not the classes: borders move a little
+    assert differ.mean() < 0.05
+
+
+def test_tiles_average_the_logits_where_they_overlap(loaded, scenes_args):
+    import torch
+    image = cv2.imread(str(_val_images(scenes_args)[0]))[:, :, ::-1]
+    wide = np.ascontiguousarray(np.concatenate([image, image[:, :32]], axis=1))  # 64 x 96: tiles at x = 0, 32
+    (tiled,) = loaded.predict(wide, tile=True)
+    logits = loaded.forward(loaded.preprocess.batch([wide[:, :64], wide[:, 32:]])).float()
+    total = torch.zeros(logits.shape[1], 64, 96)
+    count = torch.zeros(1, 64, 96)
+    for lg, x in zip(logits, (0, 32)):
+        total[:, :, x:x + 64] += lg
+        count[:, :, x:x + 64] += 1
+    assert torch.equal(tiled["mask"], (total / count).argmax(0))
+    (one,) = loaded.predict(image, tile=True)  # one tile: the whole-image prediction
+    assert torch.equal(one["mask"], loaded.predict(image)[0]["mask"])

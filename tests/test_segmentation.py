@@ -15,7 +15,8 @@ from backbones import FeatureSpec, build_backbone
 from heads import FCNHead, Segmenter
 from tasks.data.segmentation import (CocoSemanticDataset, MaskFolderDataset, collate_segmentation,
                                      scenes_segmentation)
-from tasks.data.transforms import segmentation_train_transforms, segmentation_val_transforms
+from tasks.data.preprocess import Preprocess
+from tasks.data.transforms import segmentation_train_transforms
 from tasks.engine.metrics import ConfusionMatrix
 
 from tests.fakes import write_fake_fashion_mnist
@@ -389,24 +390,31 @@ def test_train_transforms_keep_image_and_mask_aligned():
     assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
 
 
+def _dense(size):
+    return Preprocess(3, (0.5,) * 3, (0.2,) * 3, "longest", size)
+
+
 def test_val_transforms():
+    """Evaluation's resize (Preprocess): longer side to the size, aspect kept, masks nearest;
+    no padding (the collate pads the batch)."""
     image, mask = _square_sample()
-    out = segmentation_val_transforms()(image=image, mask=mask)
+    out = _dense(50).albumentations()(image=image, mask=mask)
     assert np.array_equal(out["image"], image) and np.array_equal(out["mask"], mask)
-    out = segmentation_val_transforms(64)(image=image, mask=mask)
+    out = _dense(64).albumentations()(image=image, mask=mask)
     img, m = out["image"], out["mask"]
-    assert img.shape == (64, 64, 3) and m.shape == (64, 64)
-    assert (m[52:] == 255).all() and (img[52:] == 0).all()  # 40x50 -> 51x64, padded below
-    assert (m[:51] != 255).all() and set(np.unique(m[:51])) == {0, 3}
-    assert (img[:51][m[:51] == 3].min(axis=1) > 177).mean() > 0.9
+    assert img.shape == (51, 64, 3) and m.shape == (51, 64)  # 40x50 -> 51x64
+    assert set(np.unique(m)) == {0, 3}
+    assert (img[m == 3].min(axis=1) > 177).mean() > 0.9
+    out = _dense(25).albumentations()(image=image, mask=mask)  # shrinking: area interpolation, masks nearest
+    assert out["image"].shape == (20, 25, 3) and set(np.unique(out["mask"])) == {0, 3}
 
 
 def test_dataset_with_transforms_and_collate(tmp_path):
     _write_pair(tmp_path, "a", _label_map(30, 20))
     _write_pair(tmp_path, "b", _label_map(12, 16))
-    ds = _folder(tmp_path, transforms=segmentation_val_transforms(24))
+    ds = _folder(tmp_path, transforms=_dense(24).albumentations())
     image, mask = ds[0]
-    assert image.shape == (3, 24, 24) and mask.shape == (24, 24) and mask.dtype == torch.int64
+    assert image.shape == (3, 24, 16) and mask.shape == (24, 16) and mask.dtype == torch.int64
     images, masks = collate_segmentation([ds[0], _folder(tmp_path)[0], _folder(tmp_path)[1]], size_divisible=16)
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
     assert masks.shape == (3, 32, 32) and masks.dtype == torch.int64

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tasks import classify, detect, export, segment  # noqa: E402
+from tasks.data.preprocess import Preprocess  # noqa: E402
 from tasks.engine.checkpoint import CKPT_FORMAT, atomic_save  # noqa: E402
 from tasks.engine.config import config_to_dict  # noqa: E402
 
@@ -48,11 +49,11 @@ def untrained_checkpoints(folder: Path) -> list[Path]:
     d = detect.DetectConfig()
     s = segment.SegmentConfig()
     return [
-        _save(folder / "classify_r18_224.pt", "classify", c, classify.build_model(c),
+        _save(folder / "classify_r18_224.pt", "classify", c, classify.build_model(c, {"class_names": names}),
               {"classes": names, **RGB, "image_size": 224}),
-        _save(folder / "detect_r18_256.pt", "detect", d, detect.build_model(d, 10),
+        _save(folder / "detect_r18_256.pt", "detect", d, detect.build_model(d, {"class_names": names}),
               {"class_names": names, **RGB, "image_size": 256}),
-        _save(folder / "segment_r18_256.pt", "segment", s, segment.build_model(s, 11),
+        _save(folder / "segment_r18_256.pt", "segment", s, segment.build_model(s, {"class_names": ["background", *names]}),
               {"class_names": ["background", *names], **RGB, "image_size": 256}),
     ]
 
@@ -75,8 +76,8 @@ def bench(ckpt: Path, batches: list[int], threads: int, repeats: int) -> dict:
     import onnxruntime as ort
 
     result = export.main(["--weights", str(ckpt), "--output", str(ckpt.with_suffix(".onnx"))])
-    model, contents = export.load_model(ckpt)
-    task, size = contents["task"], export.train_size(contents)
+    task, model, meta = export.load_model(ckpt)
+    size = Preprocess.from_meta(meta).size
     module = export.ExportModule(model, task).eval()
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = threads

@@ -22,9 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tasks import detect  # noqa: E402
-from tasks.bench import _TorchvisionFCOS, env_info  # noqa: E402
+from tasks import TASKS  # noqa: E402
+from tasks.bench import _TorchvisionFCOS  # noqa: E402
 from tasks.engine.config import load_config  # noqa: E402
+from tasks.engine.logging import env_info  # noqa: E402
 from tasks.engine.optim import build_optimizer  # noqa: E402
 
 
@@ -78,7 +79,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parents[2]
-    cfg = load_config(detect.DetectConfig, root / "configs" / "detect" / f"{detect.GPU_RECIPE}.yaml", args.set)
+    detect = TASKS["detect"]
+    cfg = load_config(detect.config, root / "configs" / "detect" / f"{detect.recipes[0]}.yaml", args.set)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a dry run of the script
     torch.backends.cudnn.benchmark = True
     report: dict = {"env": env_info(), "overrides": args.set, "batch_size": cfg.train.batch_size}
@@ -94,13 +96,13 @@ def main() -> None:
     say(f"input pipeline alone ({cfg.data.num_workers} workers): {report['loader_img_s']:.0f} img/s")
 
     images, targets = next(iter(data.train))
-    k = len(data.class_names)
+    k = len(data.meta["class_names"])
     variants = {}
     for name, check, cl in [("ours (check_targets on, channels_last)", True, True),
                             ("ours (check_targets off, channels_last)", False, True),
                             ("ours (check_targets off, NCHW)", False, False)]:
         torch.manual_seed(0)
-        model = detect.build_model(cfg, k).to(device)
+        model = detect.build_model(cfg, data.meta).to(device)
         model.check_targets = check
         x = images
         if cl:

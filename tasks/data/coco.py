@@ -36,15 +36,17 @@ from pathlib import Path
 from typing import Any
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
-__all__ = ["CocoDetection", "ImageReadError", "read_image", "checked_annotations", "keep_existing_images", "collate_detection",
-           "detections_to_coco", "coco_evaluate", "METRIC_NAMES"]
+from .images import ImageReadError, load_skipping_bad, pad_batch, read_image, read_mask
+
+__all__ = ["CocoDetection", "CocoEvaluator", "load_coco_json", "check_categories", "check_images", "is_int",
+           "checked_annotations", "keep_existing_images", "collate_detection", "detections_to_coco", "coco_evaluate",
+           "METRIC_NAMES"]
 
 # COCOeval.stats[:6], in its order.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -52,41 +54,11 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 _FRAME_LABEL = -1
 
 
-class ImageReadError(OSError):
-    """An image file exists but cannot be used: undecodable, unsupported channel count or
-    dtype, or a size that disagrees with the annotation file."""
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read any image cv2 can decode as HWC uint8 RGB (gray -> RGB, RGBA drops alpha, 16 -> 8 bit)."""
-    # IMREAD_UNCHANGED keeps bit depth and alpha so they are converted on purpose, and skips
-    # EXIF rotation: COCO boxes are in the stored pixel grid.
-    image = cv2.imread(os.fspath(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: image file not found")
-        raise ImageReadError(f"{path}: cannot decode image (corrupt, truncated or unsupported format)")
-    if image.dtype == np.uint16:
-        image = cv2.convertScaleAbs(image, alpha=255.0 / 65535.0)  # full 16-bit range -> 0..255
-    elif image.dtype != np.uint8:
-        raise ImageReadError(f"{path}: unsupported pixel type {image.dtype} (expected 8 or 16 bit)")
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.ndim == 2:
-        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    channels = image.shape[2]
-    if channels == 3:
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if channels == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    raise ImageReadError(f"{path}: {channels} channels, expected 1 (gray), 3 (BGR) or 4 (BGRA)")
-
-
 # ---------------------------------------------------------------------------------------------
 # Annotation file checks
 # ---------------------------------------------------------------------------------------------
 
-def _load_json(path: Path) -> dict:
+def load_coco_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: COCO annotation file not found")
     try:
@@ -105,14 +77,14 @@ def _load_json(path: Path) -> dict:
     return data
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_categories(path: Path, categories: list) -> dict[int, str]:
+def check_categories(path: Path, categories: list) -> dict[int, str]:
     names: dict[int, str] = {}
     for i, c in enumerate(categories):
-        if not isinstance(c, dict) or not _is_int(c.get("id")):
+        if not isinstance(c, dict) or not is_int(c.get("id")):
             raise ValueError(f"{path}: category #{i} has no integer 'id': {c!r}")
         if c["id"] in names:
             raise ValueError(f"{path}: category id {c['id']} appears twice")
@@ -122,13 +94,13 @@ def _check_categories(path: Path, categories: list) -> dict[int, str]:
     return names
 
 
-def _check_images(path: Path, images: list) -> dict[int, dict]:
+def check_images(path: Path, images: list) -> dict[int, dict]:
     by_id: dict[int, dict] = {}
     for i, img in enumerate(images):
-        if not isinstance(img, dict) or not _is_int(img.get("id")):
+        if not isinstance(img, dict) or not is_int(img.get("id")):
             raise ValueError(f"{path}: image #{i} has no integer 'id': {img!r}")
         for key in ("width", "height"):
-            if not _is_int(img.get(key)) or img[key] < 1:
+            if not is_int(img.get(key)) or img[key] < 1:
                 raise ValueError(f"{path}: image id {img['id']}: '{key}' is {img.get(key)!r}, "
                                  f"expected a positive integer")
         if not isinstance(img.get("file_name"), str):
@@ -143,7 +115,7 @@ def _annotation_problem(ann: Any, image_ids: dict, category_ids: dict, seen: set
     """Why ``ann`` cannot be used, or None."""
     if not isinstance(ann, dict):
         return f"not an object: {ann!r}"
-    if not _is_int(ann.get("id")):
+    if not is_int(ann.get("id")):
         return "no integer 'id'"
     if ann["id"] in seen:
         return "duplicate id"
@@ -201,21 +173,6 @@ def keep_existing_images(image_dir: Path, images: dict[int, dict], ids: list[int
 # Dataset
 # ---------------------------------------------------------------------------------------------
 
-def load_skipping_bad(load: Callable[[int], Any], index: int, size: int, errors: tuple[type, ...],
-                      stats: dict[str, int], source: str) -> Any:
-    """``load(index)``, or the next sample (wrapping round) that loads when it raises one of
-    ``errors``: each skip is counted in ``stats["unreadable"]`` and warned about, and a dataset
-    with no usable sample at all raises ``ImageReadError`` naming ``source``."""
-    for attempt in range(size):
-        i = (index + attempt) % size
-        try:
-            return load(i)
-        except errors as e:
-            stats["unreadable"] += 1
-            warnings.warn(f"skipping unusable sample: {e}", stacklevel=3)
-    raise ImageReadError(f"{source}: none of the {size} samples could be used")
-
-
 class CocoDetection(torch.utils.data.Dataset):
     """Detection samples from a COCO JSON and an image folder.
 
@@ -248,9 +205,9 @@ class CocoDetection(torch.utils.data.Dataset):
         self.stats = dict.fromkeys(("images", "annotations", "crowd", "clipped", "degenerate",
                                     "malformed", "skipped_images", "unreadable"), 0)
 
-        data = _load_json(self.ann_file)
-        names = _check_categories(self.ann_file, data["categories"])
-        images = _check_images(self.ann_file, data["images"])
+        data = load_coco_json(self.ann_file)
+        names = check_categories(self.ann_file, data["categories"])
+        images = check_images(self.ann_file, data["images"])
         self.cat_ids: list[int] = sorted(names)
         self.class_names: list[str] = [names[c] for c in self.cat_ids]
         self.num_classes = len(self.cat_ids)
@@ -372,8 +329,6 @@ class CocoDetection(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), target
 
     def _read_mask(self, image_path: Path, size: tuple[int, int]) -> np.ndarray:
-        from .segmentation import read_mask  # segmentation builds on this module
-
         path = self.mask_dir / (image_path.stem + ".png")
         mask = read_mask(path)
         if mask.shape != tuple(size):
@@ -430,29 +385,10 @@ def _check_transforms(transforms: Any) -> None:
 def collate_detection(batch: Sequence[tuple[torch.Tensor, dict]],
                       size_divisible: int = 32) -> tuple[torch.Tensor, list[dict]]:
     """Stack images into uint8 ``[B, 3, H, W]``, zero-padded bottom/right to the largest
-    H, W of the batch rounded up to ``size_divisible`` (so every FPN level divides evenly);
-    boxes need no change. Returns ``(images, targets)``."""
+    H, W of the batch rounded up to ``size_divisible`` (``pad_batch``); boxes need no change.
+    Returns ``(images, targets)``."""
     images, targets = zip(*batch)
-    height = max(img.shape[-2] for img in images)
-    width = max(img.shape[-1] for img in images)
-    height = -(-height // size_divisible) * size_divisible
-    width = -(-width // size_divisible) * size_divisible
-    out = images[0].new_zeros((len(images), images[0].shape[0], height, width))
-    for i, img in enumerate(images):
-        out[i, :, :img.shape[-2], :img.shape[-1]] = img
-    return out, list(targets)
-
-
-def collate_detection_padded(batch: Sequence[tuple[torch.Tensor, dict]], size_divisible: int = 32,
-                             box_multiple: int = 16) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Training collate: images as ``collate_detection``, targets as one padded batch
-    ``{"boxes": [B, M, 4], "labels": [B, M]}`` (label -1 on padding; M rounded up to
-    ``box_multiple``). Two tensors cross from the worker instead of two per image, and a fixed M
-    keeps every batch's shapes equal (CUDA graphs)."""
-    from heads.detection import pad_targets
-
-    images, targets = collate_detection(batch, size_divisible)
-    return images, pad_targets(targets, multiple=box_multiple)
+    return pad_batch(images, size_divisible), list(targets)
 
 
 def _pair(v: Any) -> tuple[float, float]:
@@ -520,3 +456,24 @@ def coco_evaluate(coco_gt: COCO, predictions: Sequence[dict], *,
         evaluator.accumulate()
         evaluator.summarize()
     return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])}
+
+
+class CocoEvaluator:
+    """Collects detections as COCO results (file coordinates) and scores them with COCOeval.
+
+    ``update(outputs, targets)`` takes a batch of model outputs (network-input pixels) and the
+    dataset's targets (``image_id``, ``scale``, ``offset``, ``orig_size``); ``compute()`` gives
+    ``coco_evaluate``'s metrics over everything added."""
+
+    def __init__(self, dataset: CocoDetection) -> None:
+        self.dataset = dataset
+        self.results: list[dict] = []
+
+    def update(self, outputs: Sequence[dict[str, torch.Tensor]], targets: Sequence[dict]) -> list[dict[str, torch.Tensor]]:
+        """Add a batch; returns the outputs moved to the CPU (float32)."""
+        outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
+        self.results += detections_to_coco(outputs, targets, self.dataset.label_to_category)
+        return outputs
+
+    def compute(self) -> dict[str, float]:
+        return coco_evaluate(self.dataset.coco, self.results)

@@ -12,39 +12,13 @@ from pathlib import Path
 from typing import Sequence
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .coco import ImageReadError
-from .coco import read_image as read_rgb
-from .transforms import reseed_transforms
+from .images import IMAGE_EXTENSIONS, ImageReadError, read_image
 
-__all__ = ["IMAGE_EXTENSIONS", "read_image", "ImageFolderDataset", "classification_transforms", "collate_skip_bad"]
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
-
-def read_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
-    """``H x W x channels`` uint8: RGB for 3, luminance for 1 (any file ``read_rgb`` takes)."""
-    img = read_rgb(path)
-    if channels == 3:
-        return img
-    if channels == 1:
-        return cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[:, :, None]
-    raise ValueError(f"channels={channels}: image folders give 1 (gray) or 3 (RGB) channels")
-
-
-def classification_transforms(size: int, train: bool, *, hflip: bool = True, seed: int | None = None) -> A.Compose:
-    """Train: random resized crop + flip. Val: shorter side to size*8/7, centre crop."""
-    if train:
-        ops = [A.RandomResizedCrop(size=(size, size), scale=(0.35, 1.0))]
-        if hflip:
-            ops.append(A.HorizontalFlip(p=0.5))
-    else:
-        ops = [A.SmallestMaxSize(max_size=max(size, round(size * 8 / 7))), A.CenterCrop(height=size, width=size)]
-    return reseed_transforms(A.Compose(ops, seed=seed), seed)
+__all__ = ["ImageFolderDataset", "collate_skip_bad"]
 
 
 class ImageFolderDataset(Dataset):

@@ -35,22 +35,16 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .coco import (ImageReadError, checked_annotations, load_skipping_bad, keep_existing_images, _check_categories, _check_images,
-                   _is_int, _load_json, read_image)
+from .coco import check_categories, check_images, checked_annotations, is_int, keep_existing_images, load_coco_json
+from .images import ImageReadError, MaskError, load_skipping_bad, pad_batch, read_image, read_mask
 
 __all__ = ["MaskFolderDataset", "CocoSemanticDataset", "MaskError", "read_mask", "collate_segmentation",
            "scenes_segmentation", "IGNORE_INDEX", "IMAGE_SUFFIXES"]
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_MASK_MODES = ("P", "L")
-
-
-class MaskError(ValueError):
-    """A mask file exists but cannot be used: wrong mode, size or class ids."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +63,7 @@ class _SegmentationDataset(torch.utils.data.Dataset):
         if transforms is not None and not callable(transforms):
             raise ValueError(f"transforms must be an albumentations pipeline called as "
                              f"t(image=..., mask=...), got {type(transforms).__name__}")
-        if limit is not None and (not _is_int(limit) or limit < 0):
+        if limit is not None and (not is_int(limit) or limit < 0):
             raise ValueError(f"limit={limit!r}: expected a number of images >= 0 (or None for all)")
         self.transforms = transforms
         self.skip_bad = skip_bad
@@ -116,7 +110,7 @@ class _SegmentationDataset(torch.utils.data.Dataset):
 
 def _check_num_classes(num_classes: Any, class_names: Sequence[str] | None) -> list[str]:
     # 255 is the ignore index, so class ids must stay below it (and fit the uint8 masks).
-    if not _is_int(num_classes) or not 1 <= num_classes <= IGNORE_INDEX:
+    if not is_int(num_classes) or not 1 <= num_classes <= IGNORE_INDEX:
         raise ValueError(f"num_classes={num_classes!r}: expected an integer in 1..{IGNORE_INDEX} "
                          f"(background included; {IGNORE_INDEX} is the ignore index)")
     if class_names is None:
@@ -130,25 +124,6 @@ def _check_num_classes(num_classes: Any, class_names: Sequence[str] | None) -> l
 # ---------------------------------------------------------------------------------------------
 # Image + mask folders
 # ---------------------------------------------------------------------------------------------
-
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """A label-map PNG as an HW uint8 array of class ids.
-
-    'P' (palette) masks give their palette *indices*, as PASCAL VOC stores classes: converting
-    them to RGB or gray would give colours, not classes. 'L' masks give their gray levels.
-    """
-    try:
-        with Image.open(path) as im:
-            if im.mode not in _MASK_MODES:
-                raise MaskError(f"{path}: mask mode {im.mode!r}, expected a palette ('P', the index is "
-                                f"the class) or 8-bit gray ('L') PNG of class ids; colour-coded masks "
-                                f"must be converted to class ids first")
-            return np.array(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: mask file not found") from None
-    except (OSError, SyntaxError) as e:  # PIL raises these for truncated / undecodable files
-        raise ImageReadError(f"{path}: cannot decode mask ({e})") from None
-
 
 class MaskFolderDataset(_SegmentationDataset):
     """Images ``image_dir/*.{png,jpg,jpeg}`` with masks ``mask_dir/<image stem>.png``, sorted
@@ -246,7 +221,7 @@ def _segmentation_problem(segm: Any, height: int, width: int) -> str | None:
         if not isinstance(size, (list, tuple)) or [*size] != [height, width]:
             return f"RLE size {size!r} is not the image's [height, width] = [{height}, {width}]"
         if isinstance(counts, list):
-            if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
+            if not all(is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
                 return f"uncompressed RLE counts do not add up to height * width = {height * width}"
             return None
         if isinstance(counts, (str, bytes)):
@@ -283,9 +258,9 @@ class CocoSemanticDataset(_SegmentationDataset):
         self.image_dir = Path(image_dir)
         self.stats.update(annotations=0, crowd=0, malformed=0)
 
-        data = _load_json(self.ann_file)
-        names = _check_categories(self.ann_file, data["categories"])
-        images = _check_images(self.ann_file, data["images"])
+        data = load_coco_json(self.ann_file)
+        names = check_categories(self.ann_file, data["categories"])
+        images = check_images(self.ann_file, data["images"])
         self.cat_ids: list[int] = sorted(names)
         if len(self.cat_ids) >= IGNORE_INDEX:
             raise ValueError(f"{self.ann_file}: {len(self.cat_ids)} categories; at most {IGNORE_INDEX - 1} "
@@ -377,11 +352,4 @@ def collate_segmentation(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], siz
         if img.dim() != 3 or m.dim() != 2 or tuple(img.shape[-2:]) != tuple(m.shape):
             raise ValueError(f"sample {i}: expected image [3, H, W] and mask [H, W] of the same size, "
                              f"got {tuple(img.shape)} and {tuple(m.shape)}")
-    height = -(-max(img.shape[-2] for img in images) // size_divisible) * size_divisible
-    width = -(-max(img.shape[-1] for img in images) // size_divisible) * size_divisible
-    out_images = images[0].new_zeros((len(images), images[0].shape[0], height, width))
-    out_masks = torch.full((len(masks), height, width), ignore_index, dtype=torch.int64)
-    for i, (img, m) in enumerate(zip(images, masks)):
-        out_images[i, :, :img.shape[-2], :img.shape[-1]] = img
-        out_masks[i, :m.shape[-2], :m.shape[-1]] = m
-    return out_images, out_masks
+    return pad_batch(images, size_divisible), pad_batch(masks, size_divisible, fill=ignore_index)

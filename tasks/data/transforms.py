@@ -1,8 +1,10 @@
 """Augmentation pipelines for file-based data (albumentations) and their seeding.
 
-Detection pipelines take and return HWC uint8 RGB images with ``bboxes`` in absolute xyxy
-pixels ("pascal_voc") and a ``labels`` field; they never normalise (that happens on the GPU,
-in batches).
+These are the *training* pipelines. Evaluation and prediction resize through
+``tasks.data.preprocess.Preprocess`` (``Preprocess.albumentations()`` for datasets), so that
+every path sees an image the same way. Detection pipelines take and return HWC uint8 RGB
+images with ``bboxes`` in absolute xyxy pixels ("pascal_voc") and a ``labels`` field; no
+pipeline normalises (that happens on the device, in batches).
 
 Seeding. An albumentations 2.x ``Compose`` draws from its *own* generators, not from
 ``random`` / ``numpy`` / ``torch``, so seeding those does nothing to it, and:
@@ -33,9 +35,8 @@ import cv2
 import numpy as np
 import torch
 
-__all__ = ["detection_bbox_params", "detection_train_transforms", "detection_val_transforms",
-           "segmentation_train_transforms", "segmentation_val_transforms",
-           "reseed_transforms", "reseed_dataset", "seed_worker"]
+__all__ = ["detection_bbox_params", "detection_train_transforms", "segmentation_train_transforms",
+           "classification_train_transforms", "reseed_transforms", "reseed_dataset", "seed_worker"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,10 +56,10 @@ def detection_train_transforms(size: int, scale: Sequence[float] = (0.75, 1.25),
                                mask_fill: int = 255) -> A.Compose:
     """Scale jitter, horizontal flip, then pad / random-crop to exactly ``size`` x ``size``.
 
-    The image is first resized so its longest side is ``size`` (as in validation), so the
+    The image is first resized so its longest side is ``size`` (as ``Preprocess`` does), so the
     jitter ``scale`` is relative to the scale the model is evaluated at, whatever the file's
     resolution ("large scale jitter" style). Padding is constant 0 at the bottom/right, like
-    the validation pipeline and ``collate_detection``. Boxes keeping less than
+    ``collate_detection``. Boxes keeping less than
     ``min_visibility`` of their area after the crop are dropped. A ``mask`` passed along
     (multi-task data) follows with nearest-neighbour resizing and ``mask_fill`` padding.
     """
@@ -78,23 +79,6 @@ def detection_train_transforms(size: int, scale: Sequence[float] = (0.75, 1.25),
                       border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=mask_fill),
         A.RandomCrop(height=size, width=size),
     ], bbox_params=detection_bbox_params(min_visibility), seed=seed)
-    return reseed_transforms(transforms, seed)
-
-
-def detection_val_transforms(size: int, *, seed: int | None = 0, mask_fill: int = 255) -> A.Compose:
-    """Resize the longest side to ``size``, pad bottom/right with 0 to ``size`` x ``size``.
-
-    The image content stays anchored at (0, 0), so predictions map back to the file's pixels by
-    dividing by the resize factors alone (``CocoDetection`` reports them as ``scale``).
-    Deterministic; ``seed`` only matters if random transforms are appended.
-    """
-    if size < 1:
-        raise ValueError(f"size={size}: must be a positive number of pixels")
-    transforms = A.Compose([
-        A.LongestMaxSize(max_size=size),
-        A.PadIfNeeded(min_height=size, min_width=size, position="top_left",
-                      border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=mask_fill),
-    ], bbox_params=detection_bbox_params(0.0), seed=seed)
     return reseed_transforms(transforms, seed)
 
 
@@ -170,9 +154,8 @@ def segmentation_train_transforms(size: int, scale: Sequence[float] = (0.5, 2.0)
 
     ``scale`` is relative to the file's resolution (DeepLab / torchvision references style).
     ``base_size``: first resize the longest side to it, making the jitter relative to that
-    scale instead; pass the validation ``size`` when validation resizes
-    (``segmentation_val_transforms(size)``), so training and evaluation see objects at the same
-    scale on average.
+    scale instead; pass the evaluation size (``Preprocess.size``), so training and evaluation
+    see objects at the same scale on average.
     """
     if size < 1:
         raise ValueError(f"size={size}: must be a positive number of pixels")
@@ -199,21 +182,13 @@ def segmentation_train_transforms(size: int, scale: Sequence[float] = (0.5, 2.0)
     return reseed_transforms(A.Compose(steps, seed=seed), seed)
 
 
-def segmentation_val_transforms(size: int | None = None, *, seed: int | None = 0) -> A.Compose:
-    """``None``: identity (evaluate at the file's resolution). Otherwise resize the longest
-    side to ``size`` and pad bottom/right to ``size`` x ``size`` (image 0, mask 255), so the
-    content stays anchored at (0, 0) and the padding is ignored by loss and metrics.
+# ---------------------------------------------------------------------------------------------
+# Classification (image folders)
+# ---------------------------------------------------------------------------------------------
 
-    Deterministic; ``seed`` only matters if random transforms are appended.
-    """
-    steps = []
-    if size is not None:
-        if size < 1:
-            raise ValueError(f"size={size}: must be a positive number of pixels (or None)")
-        steps = [
-            A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_LINEAR,
-                             mask_interpolation=cv2.INTER_NEAREST),
-            A.PadIfNeeded(min_height=size, min_width=size, position="top_left",
-                          border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=SEGMENTATION_IGNORE_INDEX),
-        ]
-    return reseed_transforms(A.Compose(steps, seed=seed), seed)
+def classification_train_transforms(size: int, *, hflip: bool = True, seed: int | None = None) -> A.Compose:
+    """Random resized crop to ``size`` (35-100 % of the area) and a horizontal flip."""
+    ops = [A.RandomResizedCrop(size=(size, size), scale=(0.35, 1.0))]
+    if hflip:
+        ops.append(A.HorizontalFlip(p=0.5))
+    return reseed_transforms(A.Compose(ops, seed=seed), seed)

@@ -1,9 +1,10 @@
 """Checkpoints: one dict format for every task, written atomically, read with ``weights_only``.
 
-``{"format": "onetrunk-ckpt-1", "task", "config", "model", "optimizer", "scheduler", "scaler",
-"epoch", "metrics", "rng"}`` plus ``"ema"`` (the averaged weights, or None), and
+``{"format": "onetrunk-ckpt-1", "task", "config", "model", "optimizer", "scheduler", "epoch",
+"metrics", "rng", "meta"}`` plus ``"ema"`` (the averaged weights, or None), and
 ``"steps_per_epoch"`` / ``"world_size"`` (a resume with another number of processes moves the
-schedule). Writing happens on a background thread from a CPU copy of the state, so a save
+schedule). ``"meta"`` is what inference needs without the data (``read_meta``): ``class_names``,
+``category_ids`` (detection), ``in_chans``, ``mean``, ``std``, ``preprocess``. Writing happens on a background thread from a CPU copy of the state, so a save
 costs the training loop only the device-to-host copy; a crash mid-write leaves the previous
 file intact (temp + replace). Under torchrun only rank 0 writes, with its own RNG state.
 """
@@ -20,8 +21,8 @@ import torch
 
 from backbones.weights import CKPT_FORMAT, read_checkpoint
 
-__all__ = ["CKPT_FORMAT", "atomic_save", "load_checkpoint", "model_state", "load_for_inference", "CheckpointWriter", "rng_state",
-           "set_rng_state", "to_cpu"]
+__all__ = ["CKPT_FORMAT", "atomic_save", "load_checkpoint", "model_state", "load_for_inference", "CheckpointWriter",
+           "rng_state", "set_rng_state", "seed_everything", "to_cpu"]
 
 
 def to_cpu(obj: Any) -> Any:
@@ -100,6 +101,12 @@ class CheckpointWriter:
         if self._error is not None:
             err, self._error = self._error, None
             raise RuntimeError(f"writing a checkpoint failed: {err}") from err
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:

@@ -106,6 +106,7 @@ class TrainConfig:
     save_every: int = 1            # epochs between last.pt writes (the final epoch always saves)
     log_every: int = 50            # steps between progress-bar loss updates (each costs a device sync)
     cudnn_benchmark: bool = True
+    tensorboard: bool = False      # also write each epoch's scalars to <output>/tensorboard (extra [tensorboard])
 
 
 # ----------------------------------------------------------------------------- (de)serialising

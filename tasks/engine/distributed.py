@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["env_world_size", "init", "destroy", "is_initialized", "rank", "world_size", "local_rank", "is_main",
+__all__ = ["env_world_size", "resolve_device", "init", "destroy", "is_initialized", "rank", "world_size", "is_main",
            "barrier", "all_reduce", "all_reduce_sum", "all_gather_object", "broadcast_object", "gather_lists",
            "on_main", "main_first", "broadcast_buffers", "broadcast_module", "GradientAllReduce"]
 
@@ -37,6 +37,26 @@ def env_world_size() -> int:
         raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
 
 
+def resolve_device(spec: str | None) -> torch.device:
+    """``auto`` (or nothing): CUDA when available, else the CPU; otherwise ``cpu``, ``cuda``,
+    ``cuda:N``. A device this machine does not have is a ``ValueError`` saying so."""
+    if spec in ("auto", "", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {spec!r}: not a device; expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -47,10 +67,6 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0")) if is_initialized() else 0
 
 
 def is_main() -> bool:

@@ -98,8 +98,3 @@ class GraphedForwardBackward:
         self.static_out = _detached(loss, loss_dict)  # same storage: each replay rewrites them
         self.graph.replay()  # capture records without running: run this step now
         return self.static_out
-
-    def reset(self) -> None:
-        """Forget the graph (e.g. after loading new weights into fresh tensors)."""
-        self.graph = self.static_in = self.static_out = None
-        self.seen = 0

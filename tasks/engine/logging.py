@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
 from tqdm import tqdm
 
-__all__ = ["MetricsLog", "progress", "Console", "format_metrics"]
+__all__ = ["MetricsLog", "TensorBoardLog", "progress", "Console", "format_metrics", "env_info"]
+
+TENSORBOARD_HINT = "pip install -e '.[tensorboard]' (or pip install tensorboard)"
 
 
 def _plain(v: Any) -> Any:
@@ -42,6 +46,41 @@ class MetricsLog:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
+class TensorBoardLog:
+    """``train.tensorboard``: every epoch record's numbers as TensorBoard scalars beside
+    ``metrics.jsonl`` (``train_loss`` -> ``train/loss``, ``val_AP`` -> ``val/AP``, step = epoch).
+    A resumed run rewrites the epochs it redoes. The writer opens at the first record, so a
+    run that fails before training leaves no empty event file."""
+
+    def __init__(self, folder: str | Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            # a ValueError: the runner reports it as one line, like every input problem
+            raise ValueError(f"train.tensorboard needs the tensorboard package: {TENSORBOARD_HINT}") from None
+        self.folder = Path(folder)
+        self._writer_cls = SummaryWriter
+        self._writer = None
+
+    def append(self, record: dict[str, Any]) -> None:
+        epoch = int(record["epoch"])
+        if self._writer is None:
+            # purge_step: events of this epoch and later (an interrupted run's) are dropped
+            self._writer = self._writer_cls(str(self.folder), purge_step=epoch)
+        for key, value in record.items():
+            value = _plain(value)
+            if key == "epoch" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            tag = key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key
+            self._writer.add_scalar(tag, float(value), epoch)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
 def progress(iterable: Iterable, *, total: int | None = None, desc: str = "", quiet: bool = False) -> tqdm:
     """A tqdm bar, off with ``quiet`` or when stderr is not a terminal (logs stay clean)."""
     return tqdm(iterable, total=total, desc=desc, disable=quiet or not sys.stderr.isatty(),
@@ -72,3 +111,22 @@ class Console:
     @staticmethod
     def error(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
+
+
+def env_info() -> dict[str, Any]:
+    """Software versions, GPU and date: what a measured number was measured on."""
+    import torch
+    import torchvision
+
+    info = {"torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d")}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2 ** 30, 1), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    try:
+        import timm
+        info["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return info

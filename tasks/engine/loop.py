@@ -31,12 +31,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .checkpoint import CKPT_FORMAT, CheckpointWriter, load_checkpoint, rng_state, set_rng_state
-from .cli import seed_everything
+from .checkpoint import CKPT_FORMAT, CheckpointWriter, load_checkpoint, rng_state, seed_everything, set_rng_state
 from .config import config_to_dict
 from .ema import ModelEMA
 from .graphs import GraphedForwardBackward
-from .logging import Console, MetricsLog, format_metrics, progress
+from .logging import Console, MetricsLog, TensorBoardLog, format_metrics, progress
 from .optim import build_optimizer, build_scheduler
 from .viz import plot_curves
 
@@ -175,6 +174,7 @@ class Trainer:
             # before capture compile forward and backward); with graphs the model is never DDP
             self.graphed = GraphedForwardBackward(self.step_model, self.optimizer, amp=self.amp)
         self.log = MetricsLog(self.output / "metrics.jsonl")  # written by rank 0 only
+        self.tensorboard = TensorBoardLog(self.output / "tensorboard") if tcfg.tensorboard and self.main else None
         self.writer = CheckpointWriter()
         self.start_epoch = 0
         self.best: float | None = None
@@ -209,7 +209,6 @@ class Trainer:
             "ema_steps": self.ema.updates if self.ema is not None else 0,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "scaler": None,  # bf16 autocast needs no loss scaling
             "epoch": epoch,
             "steps_per_epoch": self.steps_per_epoch,  # per rank: a resume with another world size re-seeks the schedule
             "world_size": self.world,
@@ -379,6 +378,8 @@ class Trainer:
                     record["eval_time_s"] = time.perf_counter() - t0
                 if self.main:
                     self.log.append(record)
+                    if self.tensorboard is not None:
+                        self.tensorboard.append(record)
                 main = record.get(f"val_{self.main_metric}")  # reduced: the same on every rank
                 is_best = main is not None and (self.best is None or main > self.best)
                 if is_best:
@@ -396,6 +397,8 @@ class Trainer:
                     record, ["train_loss", f"val_{self.main_metric}", "train_img_per_s", "train_time_s"]))
         finally:
             self.writer.wait()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         if not record:  # resumed a finished run: nothing trained, still report
             record = {"epoch": self.start_epoch, **{f"val_{k}": v for k, v in self.evaluate(final=True).items()}}
         if self.best is not None:

@@ -59,6 +59,11 @@ class ConfusionMatrix:
             "miou": float(iou[present].mean()) if present.any() else 0.0,
         }
 
+    def segmentation(self) -> dict[str, float | list[float]]:
+        """``miou``, ``pixel_acc`` and per-class ``iou`` (the segmentation tasks' metrics)."""
+        m = self.compute()
+        return {"miou": m["miou"], "pixel_acc": m["acc"], "iou": m["iou"]}
+
 
 @torch.no_grad()
 def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:

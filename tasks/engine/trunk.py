@@ -14,6 +14,7 @@ from backbones.resnet import ResNet
 from backbones.weights import CKPT_FORMAT, LoadReport, read_checkpoint
 
 from .config import ModelConfig
+from .registry import spec_for_checkpoint
 
 __all__ = ["load_trunk"]
 
@@ -23,7 +24,9 @@ def load_trunk(backbone: ResNet, path: str | os.PathLike, model_cfg: ModelConfig
     ckpt = read_checkpoint(path)
     notes = []
     if ckpt.get("format") == CKPT_FORMAT:
-        src = ckpt.get("config", {}).get("model", {})
+        spec_for_checkpoint(ckpt, f"--trunk {path}")  # any registered task's checkpoint holds a trunk
+        # the trunk section every task's config shares (ModelConfig), as the checkpoint wrote it
+        src = (ckpt.get("config") or {}).get("model", {})
         if src.get("depth") not in (None, model_cfg.depth):
             raise ValueError(f"--trunk {path} holds a ResNet-{src['depth']} trunk but this model is "
                              f"ResNet-{model_cfg.depth}: pass --set model.depth={src['depth']}")

@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from tasks.engine import distributed
+from tasks.data.gpu_augment import BatchAugment
 
-from .gpu_augment import BatchAugment
+from . import distributed
 
 __all__ = ["TensorLoader", "DeviceLoader", "ShardSampler", "epoch_seed", "move_to", "make_loader", "normalize_images",
            "shard_range"]
@@ -181,7 +181,7 @@ def make_loader(dataset, *, batch_size: int, shuffle: bool, num_workers: int, co
     ``DistributedSampler`` (seeded by ``seed``, reshuffled by ``set_epoch``, tail dropped so
     the ranks' shares are disjoint and equal) and evaluation reads a ``ShardSampler`` range;
     ``batch_size`` is per rank."""
-    from .transforms import seed_worker
+    from tasks.data.transforms import seed_worker
 
     rank, world = _rank_world(rank, world_size)
     gen = torch.Generator()
@@ -198,10 +198,11 @@ def make_loader(dataset, *, batch_size: int, shuffle: bool, num_workers: int, co
                       pin_memory=device.type == "cuda", persistent_workers=False)
 
 
-def normalize_images(augment: BatchAugment, channels_last: bool, train: bool = False) -> Callable[[Any], Any]:
-    """``DeviceLoader`` hook: ``(uint8 images, targets) -> (normalised float images, targets)``."""
+def normalize_images(normalize: Callable[[torch.Tensor], torch.Tensor], channels_last: bool) -> Callable[[Any], Any]:
+    """``DeviceLoader`` hook: ``(uint8 images, targets) -> (normalize(images), targets)``, e.g.
+    with ``Preprocess.normalize``."""
     def on_device(batch):
         images, targets = batch[0], batch[1]
-        x = augment(images, train=train)
+        x = normalize(images)
         return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), targets
     return on_device

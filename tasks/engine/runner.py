@@ -1,6 +1,7 @@
-"""Command-line flags shared by every task and the run set-up they lead to.
+"""One runner for every ``python -m tasks.<task>``: flags, config, device, run folder, resume,
+eval-only, predict, train and the final line; each task brings only its ``TaskSpec``.
 
-Precedence, lowest first: dataclass defaults, the checkpoint's config (``--resume`` /
+Config precedence, lowest first: dataclass defaults, the checkpoint's config (``--resume`` /
 ``--eval-only``), the YAML recipe (``--config`` or the task's default), ``--set key=value``,
 then the dedicated flags (``--epochs``, ``--batch-size``, ...).
 
@@ -11,23 +12,28 @@ writes to it; the other ranks stay quiet. ``--batch-size`` is per process (per G
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import random
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import yaml
 
 from . import distributed
-from .checkpoint import load_checkpoint
-from .config import CONFIG_ROOT, merge_dicts, apply_overrides, config_from_dict, config_to_dict, read_yaml
+from .checkpoint import load_checkpoint, model_state, seed_everything
+from .config import CONFIG_ROOT, apply_overrides, config_from_dict, config_to_dict, merge_dicts, read_yaml
+from .distributed import resolve_device
 from .logging import Console
+from .loop import NonFiniteLossError, Trainer
+from .predict import Predictor
+from .registry import TaskSpec, read_meta, spec_for_checkpoint
+from .trunk import load_trunk
 
-__all__ = ["common_parser", "Run", "setup_run", "default_recipe", "resolve_device", "seed_everything", "find_config", "run_cli"]
+__all__ = ["build_parser", "Run", "setup_run", "run", "predict_files", "default_recipe", "find_config", "run_cli"]
 
 # flag (argparse dest) -> config key
 FLAG_KEYS = {
@@ -36,13 +42,15 @@ FLAG_KEYS = {
     "limit_train": "data.limit_train", "limit_val": "data.limit_val", "data_dir": "data.data_dir",
     "train_ann": "data.train_ann", "val_ann": "data.val_ann", "train_images": "data.train_images",
     "val_images": "data.val_images", "train_masks": "data.train_masks", "val_masks": "data.val_masks",
+    "download": "data.download",  # tasks.classify's own flag
 }
 DATA_FLAGS = ("data_dir", "train_ann", "val_ann", "train_images", "val_images", "train_masks", "val_masks")
 
 
-def common_parser(prog: str, description: str, data_flags: Sequence[str]) -> argparse.ArgumentParser:
-    """The flags of DESIGN §3 "Tasks"; ``data_flags`` names the data flags this task takes."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
+def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
+    """The flags every task takes, the data flags of ``spec.data_flags`` and the task's own
+    (``spec.add_arguments``)."""
+    p = argparse.ArgumentParser(prog=f"python -m tasks.{spec.name}", description=spec.doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--config", metavar="FILE", help="YAML recipe (default: the task's GPU or CPU recipe)")
@@ -69,32 +77,19 @@ def common_parser(prog: str, description: str, data_flags: Sequence[str]) -> arg
     helps = {"data_dir": "Fashion-MNIST folder (the four IDX .gz files)", "train_ann": "COCO JSON (train)",
              "val_ann": "COCO JSON (val)", "train_images": "image folder (train)", "val_images": "image folder (val)",
              "train_masks": "mask folder, VOC style (train)", "val_masks": "mask folder, VOC style (val)"}
-    for name in data_flags:
+    for name in spec.data_flags:
         if name not in DATA_FLAGS:
             raise ValueError(f"unknown data flag {name}")
         d.add_argument("--" + name.replace("_", "-"), metavar="PATH", help=helps[name])
+    if spec.add_arguments is not None:
+        spec.add_arguments(p)
     return p
 
 
-def default_recipe(gpu: str, cpu: str) -> str:
+def default_recipe(spec: TaskSpec) -> str:
     """The recipe a task runs with no ``--config``: the full one where CUDA is available, else
     the quick CPU one."""
-    return gpu if torch.cuda.is_available() else cpu
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
+    return spec.recipes[0] if torch.cuda.is_available() else spec.recipes[1]
 
 
 def find_config(task: str, name: str) -> Path:
@@ -104,7 +99,7 @@ def find_config(task: str, name: str) -> Path:
 
 @dataclass
 class Run:
-    task: str
+    spec: TaskSpec
     cfg: Any
     args: argparse.Namespace
     output: Path
@@ -147,16 +142,17 @@ def _choose_output(args: argparse.Namespace, runs_root: Path, resume_from: Path 
     return _next_free(runs_root)
 
 
-def setup_run(task: str, cfg_cls: type, args: argparse.Namespace, default_recipe: str) -> Run:
+def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
     """Resolve config, output folder, device and seed from the parsed flags; under torchrun,
     join the process group (every rank calls this with the same flags)."""
+    task = spec.name
     if distributed.env_world_size() > 1:
         if args.predict:
             raise ValueError("--predict runs in one process: python -m tasks.<task> --predict ... (not torchrun)")
         if os.environ.get("RANK", "0") != "0":
             args.quiet = True  # rank 0 prints for everyone
     console = Console(args.quiet)
-    recipe_path = Path(args.config) if args.config else find_config(task, default_recipe)
+    recipe_path = Path(args.config) if args.config else find_config(task, default_recipe(spec))
     recipe = recipe_path.stem
     runs_root = Path(os.environ.get("ONETRUNK_RUNS", "runs")) / task / recipe
 
@@ -186,8 +182,7 @@ def setup_run(task: str, cfg_cls: type, args: argparse.Namespace, default_recipe
             args.weights = str(folder / "best.pt")
         if args.weights:
             checkpoint = load_checkpoint(args.weights)
-            if checkpoint.get("task") != task:
-                raise ValueError(f"--weights {args.weights} is a {checkpoint.get('task')!r} checkpoint, not {task!r}")
+            spec_for_checkpoint(checkpoint, f"--weights {args.weights}", expected=task)
             base = checkpoint["config"]
         elif args.eval_only:
             raise ValueError("--eval-only needs --weights CKPT (a checkpoint of this task)")
@@ -203,7 +198,7 @@ def setup_run(task: str, cfg_cls: type, args: argparse.Namespace, default_recipe
             section, name = key.split(".")
             flags.setdefault(section, {})[name] = value
     data = merge_dicts(data, flags)
-    cfg = config_from_dict(cfg_cls, data, where=f"{recipe_path} (with --set / flags):")
+    cfg = config_from_dict(spec.config, data, where=f"{recipe_path} (with --set / flags):")
     device = distributed.init(resolve_device(cfg.train.device))  # no-op without torchrun
 
     # Rank 0 picks the folder (runs/<task>/<recipe>-N must not race) and creates it; the
@@ -231,20 +226,112 @@ def setup_run(task: str, cfg_cls: type, args: argparse.Namespace, default_recipe
     if recipe_path.is_file():
         first = recipe_path.read_text().splitlines()[:1]
         summary = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
-    return Run(task=task, cfg=cfg, args=args, output=output, device=device, console=console, recipe=recipe,
+    return Run(spec=spec, cfg=cfg, args=args, output=output, device=device, console=console, recipe=recipe,
                summary=summary, resume_from=resume_from, checkpoint=checkpoint)
 
 
+def _prediction_model(run: Run) -> Predictor:
+    """The ``--weights`` model under the run's config (the checkpoint's, with ``--set``
+    overrides such as post-processing thresholds)."""
+    cfg, ckpt = run.cfg, run.checkpoint
+    cfg.model.weights = None  # the checkpoint holds every weight
+    meta = read_meta(ckpt, run.spec, cfg)
+    model = run.spec.build_model(cfg, meta)
+    model.load_state_dict(model_state(ckpt))
+    return Predictor(run.spec, model, meta, run.device, amp=cfg.train.amp)
+
+
+def unique_stems(paths: Sequence[str]) -> list[str]:
+    """File stems for outputs, made distinct (``a/img.png`` and ``b/img.png`` -> ``img``, ``img-2``;
+    ``summary`` is taken by ``summary.json``)."""
+    stems, seen = [], {"summary"}
+    for path in paths:
+        stem, i = Path(path).stem, 2
+        candidate = stem
+        while candidate in seen:
+            candidate, i = f"{stem}-{i}", i + 1
+        seen.add(candidate)
+        stems.append(candidate)
+    return stems
+
+
+def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: Path, batch_size: int = 32) -> list[dict]:
+    """``--predict``: every file through ``predictor`` (all checked first), then the task's
+    ``write_prediction`` (files under ``out_dir``, one printed line each); where the task wrote
+    files, ``out_dir/summary.json`` lists every entry."""
+    images = predictor.read(list(paths))
+    results = predictor.predict(images, batch_size=batch_size)
+    entries = [predictor.spec.write_prediction(result, image, str(path), out_dir, stem, predictor.meta)
+               for result, image, path, stem in zip(results, images, paths, unique_stems(paths), strict=True)]
+    if out_dir.is_dir():
+        (out_dir / "summary.json").write_text(json.dumps(entries, indent=1))
+    return entries
+
+
+def run(spec: TaskSpec, argv: Sequence[str] | argparse.Namespace | None = None) -> dict[str, Any]:
+    """``python -m tasks.<spec.name>``: returns the final metrics (or the predictions)."""
+    args = argv if isinstance(argv, argparse.Namespace) else build_parser(spec).parse_args(argv)
+    r = setup_run(spec, args)
+    cfg, device, say = r.cfg, r.device, r.console
+    if r.summary and not (args.eval_only or args.predict):
+        say(r.summary)
+    say(f"{spec.name}: recipe {r.recipe} on {device} -> {r.output}")
+
+    if args.predict:
+        return {"predictions": predict_files(_prediction_model(r), args.predict, r.output / "predictions")}
+
+    data = spec.build_data(cfg, device, train=not args.eval_only, quiet=args.quiet)
+    if args.eval_only:
+        cfg.model.weights = None
+        meta = read_meta(r.checkpoint, spec, cfg)
+        if len(meta["class_names"]) != len(data.meta["class_names"]):
+            raise ValueError(f"--weights {args.weights} predicts {len(meta['class_names'])} classes but the "
+                             f"validation data has {len(data.meta['class_names'])}")
+        model = spec.build_model(cfg, meta)
+        model.load_state_dict(model_state(r.checkpoint))
+        model = model.to(device).eval()
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        metrics = spec.evaluate(model, data, device, cfg.train.amp,
+                                output=r.output if distributed.is_main() else None, quiet=args.quiet)
+        lines = spec.report(metrics, meta)
+        print(f"{lines[0]}  ({args.weights})")
+        for line in lines[1:]:
+            print(line)
+        return metrics
+
+    model = spec.build_model(cfg, data.meta)
+    if args.trunk:
+        load_trunk(model.backbone, args.trunk, cfg.model)  # printed even with --quiet: it changes the run
+
+    def evaluate(m, final: bool) -> dict[str, Any]:
+        return spec.evaluate(m, data, device, cfg.train.amp, output=r.output if final else None)
+
+    trainer = Trainer(spec.name, cfg, model, data.train, output=r.output, device=device, quiet=args.quiet,
+                      console=say, main_metric=spec.main_metric, meta=data.meta, evaluate=evaluate)
+    if r.resume_from is not None:
+        trainer.resume(r.resume_from)
+    record = trainer.fit()
+    metrics = {k[len("val_"):]: v for k, v in record.items() if k.startswith("val_")}
+    if data.skipped is not None:
+        skipped = data.skipped["n"]
+        if distributed.world_size() > 1:  # every rank's shard
+            skipped = int(distributed.all_reduce_sum(torch.tensor(skipped, device=device)))
+        if skipped:
+            say(f"skipped {skipped} unreadable training images (data.skip_bad)")
+    lines = spec.report(metrics, data.meta)
+    say(f"done: {lines[0]}, {record.get('train_time_total_s', 0):.1f} s of training, run folder {r.output}")
+    for line in lines[1:]:
+        say(line)
+    return {**record, **metrics, "output": str(r.output)}
+
+
 def run_cli(main) -> None:
-    """``if __name__ == "__main__"`` of every task: a mistake in the input (bad config, missing
+    """``if __name__ == "__main__"`` of every command: a mistake in the input (bad config, missing
     file, wrong data) ends with one line naming it instead of a traceback; Ctrl-C exits 130.
     ``ONETRUNK_DEBUG=1`` shows the full traceback. Under torchrun each failing rank prints its
     line (``error [rank R]:`` on ranks other than 0), and the process group is left in every
     case."""
-    import sys
-
-    from .loop import NonFiniteLossError
-
     code = 0
     try:
         main()

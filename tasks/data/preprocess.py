@@ -1,0 +1,170 @@
+"""How a raw image becomes the network's input, and how outputs map back: one object for
+evaluation, ``--predict``, the Python API and the ONNX metadata.
+
+A ``Preprocess`` is stored in every checkpoint's metadata (``meta["preprocess"]`` plus
+``in_chans``, ``mean``, ``std``) and rebuilt from it, so the same file gives the same input
+tensor on every path:
+
+* ``resize="crop"`` (classification): the shorter side to ``round(size / crop_pct)``, then the
+  centre ``size x size`` crop (torchvision's / timm's evaluation transform; ``crop_pct=1``
+  with 28 px Fashion-MNIST images is the identity).
+* ``resize="longest"`` (detection, segmentation): the longer side to ``size``, aspect ratio
+  kept, the batch padded bottom / right to a multiple of ``size_divisible`` (content anchored
+  at (0, 0), so mapping back is a division by the per-axis scale).
+
+Shrinking uses area interpolation (``cv2.INTER_AREA``: no aliasing when a 4000 px photo
+becomes 256 px), enlarging bilinear. Pixels are then ``(x / 255 - mean) / std`` per channel,
+on the device.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+from .gpu_augment import BatchAugment
+from .images import pad_batch
+
+__all__ = ["Preprocess", "Geometry", "RESIZE_MODES"]
+
+RESIZE_MODES = ("crop", "longest")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an original image went: ``x_net = x_orig * scale_x - offset_x`` (same for y);
+    ``size`` is the original ``(h, w)``, ``resized`` the content's ``(h, w)`` in the input."""
+
+    size: tuple[int, int]
+    resized: tuple[int, int]
+    scale: tuple[float, float]   # (sy, sx)
+    offset: tuple[float, float]  # (oy, ox): the centre crop's top-left corner in the resized image
+
+    def boxes_to_original(self, boxes: torch.Tensor) -> torch.Tensor:
+        """xyxy boxes ``[D, 4]`` in network-input pixels -> original pixels, clipped to the image."""
+        (sy, sx), (oy, ox), (h, w) = self.scale, self.offset, self.size
+        out = boxes.float().clone()
+        out[:, 0::2] = ((out[:, 0::2] + ox) / sx).clamp(0, w)
+        out[:, 1::2] = ((out[:, 1::2] + oy) / sy).clamp(0, h)
+        return out
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: str                 # "crop" | "longest"
+    size: int
+    crop_pct: float = 1.0       # "crop": shorter side to round(size / crop_pct) before the crop
+    size_divisible: int = 32    # "longest": batch padding
+    _norm: BatchAugment = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"preprocess resize={self.resize!r}: expected one of {', '.join(RESIZE_MODES)}")
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"preprocess in_chans={self.in_chans}: images are fed as 1 (gray) or 3 (RGB) channels")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ValueError(f"preprocess mean {list(self.mean)} / std {list(self.std)}: expected {self.in_chans} "
+                             f"value(s) each")
+        if self.size < 1 or not 0 < self.crop_pct <= 1 or self.size_divisible < 1:
+            raise ValueError(f"preprocess size={self.size}, crop_pct={self.crop_pct}, size_divisible="
+                             f"{self.size_divisible}: expected size >= 1, 0 < crop_pct <= 1, size_divisible >= 1")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "_norm", BatchAugment(self.mean, self.std))
+
+    # ------------------------------------------------------------------ metadata
+
+    def to_meta(self) -> dict[str, Any]:
+        """The checkpoint metadata entries: ``in_chans``, ``mean``, ``std``, ``preprocess``."""
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        return {"in_chans": d.pop("in_chans"), "mean": list(d.pop("mean")), "std": list(d.pop("std")),
+                "preprocess": d}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> "Preprocess":
+        try:
+            p = dict(meta["preprocess"])
+            return cls(in_chans=int(meta["in_chans"]), mean=tuple(meta["mean"]), std=tuple(meta["std"]), **p)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"checkpoint metadata has no usable preprocessing ({e}): {dict(meta)}") from None
+
+    # ------------------------------------------------------------------ geometry
+
+    @property
+    def resize_to(self) -> int:
+        """The target of the resize: the longer side ("longest") or the shorter one ("crop")."""
+        return self.size if self.resize == "longest" else max(self.size, round(self.size / self.crop_pct))
+
+    def _resized_shape(self, h: int, w: int) -> tuple[int, int]:
+        side = max(h, w) if self.resize == "longest" else min(h, w)
+        scale = self.resize_to / side
+        return max(1, round(h * scale)), max(1, round(w * scale))
+
+    def albumentations(self, *, boxes: bool = False) -> A.Compose:
+        """The geometric part as an albumentations pipeline, for datasets (boxes with
+        ``bbox_params`` as ``CocoDetection`` expects; masks follow with nearest neighbour).
+        ``transform`` applies the same resize to a lone image."""
+        ops: list[A.BasicTransform] = [A.Lambda(image=self._resize_image, mask=self._resize_mask,
+                                                bboxes=_identity, name="preprocess_resize")]
+        if self.resize == "crop":
+            ops.append(A.CenterCrop(height=self.size, width=self.size))
+        if boxes:
+            from .transforms import detection_bbox_params
+            return A.Compose(ops, bbox_params=detection_bbox_params(0.0), seed=0)
+        return A.Compose(ops, seed=0)
+
+    def _resize_image(self, image: np.ndarray, **_: Any) -> np.ndarray:
+        h, w = image.shape[:2]
+        nh, nw = self._resized_shape(h, w)
+        if (nh, nw) == (h, w):
+            return image
+        interp = cv2.INTER_AREA if nh * nw < h * w else cv2.INTER_LINEAR
+        out = cv2.resize(image, (nw, nh), interpolation=interp)
+        return out.reshape(nh, nw, *image.shape[2:])  # cv2 drops a channel axis of 1
+
+    def _resize_mask(self, mask: np.ndarray, **_: Any) -> np.ndarray:
+        h, w = mask.shape[:2]
+        nh, nw = self._resized_shape(h, w)
+        return mask if (nh, nw) == (h, w) else cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_NEAREST)
+
+    def transform(self, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
+        """``H x W x C`` uint8 -> the network's uint8 pixels (before padding) and its ``Geometry``."""
+        h, w = image.shape[:2]
+        out = self._resize_image(image)
+        rh, rw = out.shape[:2]
+        oy = ox = 0
+        if self.resize == "crop":  # albumentations' CenterCrop corner
+            oy, ox = (rh - self.size) // 2, (rw - self.size) // 2
+            out = out[oy:oy + self.size, ox:ox + self.size]
+        return np.ascontiguousarray(out), Geometry((h, w), (rh, rw), (rh / h, rw / w), (float(oy), float(ox)))
+
+    # ------------------------------------------------------------------ tensors
+
+    def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Transformed ``H x W x C`` uint8 arrays -> one uint8 ``[N, C, H, W]`` batch: padded
+        bottom / right to a multiple of ``size_divisible`` ("longest"; "crop" images are all
+        ``size x size`` already, and a classifier is not fed padding)."""
+        divisible = self.size_divisible if self.resize == "longest" else 1
+        # read-only arrays (np.asarray of a PIL image) are copied: torch warns about aliasing them
+        return pad_batch([torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1) for a in images],
+                         divisible)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[N, C, H, W]`` (any device) -> float ``(x / 255 - mean) / std``."""
+        return self._norm(images, train=False)
+
+    def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """Undo ``normalize`` (for pictures)."""
+        return self._norm.to_uint8(x)
+
+
+def _identity(bboxes: np.ndarray, **_: Any) -> np.ndarray:
+    # albumentations keeps boxes normalised to the image size: a resize leaves them unchanged
+    return bboxes

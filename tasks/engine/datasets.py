@@ -1,0 +1,110 @@
+"""From a data config to device-side loaders: the steps every file-based task repeats.
+
+``data_files`` checks the data flags a task needs together (or generates FashionScenes once,
+on rank 0, when none is given); ``file_loaders`` wraps a training and a validation dataset in
+DataLoaders (workers decode and augment) whose batches arrive on the device normalised by
+the task's ``Preprocess``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from tasks.data.coco import CocoDetection
+from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD
+from tasks.data.preprocess import Preprocess
+from tasks.data.scenes import ensure_scenes
+from tasks.data.transforms import detection_train_transforms
+
+from . import distributed
+from .config import DenseDataConfig
+from .loaders import DeviceLoader, make_loader, normalize_images
+
+__all__ = ["dense_preprocess", "data_files", "coco_sets", "file_loaders"]
+
+# FashionScenes' files, by data flag
+_SCENES = {"train_ann": "annotations/instances_train.json", "val_ann": "annotations/instances_val.json",
+           "train_images": "images/train", "val_images": "images/val",
+           "train_masks": "masks/train", "val_masks": "masks/val"}
+
+
+def dense_preprocess(cfg: Any, meta: Mapping[str, Any] | None = None) -> Preprocess:
+    """How detection, segmentation and multitask models see images: RGB files, the
+    normalisation of ``meta`` (ImageNet's by default), the longer side to ``data.image_size``
+    (or ``meta["image_size"]`` of an old checkpoint), padded to a multiple of 32."""
+    if cfg.model.in_chans != 3:
+        raise ValueError(f"detection and segmentation read RGB files: model.in_chans must be 3 "
+                         f"(got {cfg.model.in_chans})")
+    meta = meta or {}
+    return Preprocess(in_chans=3, mean=tuple(meta.get("mean", IMAGENET_MEAN)), std=tuple(meta.get("std", IMAGENET_STD)),
+                      resize="longest", size=int(meta.get("image_size", cfg.data.image_size)))
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def data_files(d: DenseDataConfig, keys: Sequence[str], what: str, *, files: bool = False,
+               quiet: bool = False) -> dict[str, str]:
+    """``{key: path}`` for the data flags ``keys`` (``train_ann``, ``val_images``, ...): all from
+    the config when any of them is set or ``files`` says so (``what`` names the data in the
+    error when some are missing), else FashionScenes' files, generated into the cache on
+    first use."""
+    if files or any(getattr(d, k, None) for k in keys):
+        missing = [_flag(k) for k in keys if not getattr(d, k, None)]
+        if missing:
+            raise ValueError(f"{what} needs {', '.join(missing)} as well")
+        return {k: getattr(d, k) for k in keys}
+    with distributed.main_first():  # under torchrun rank 0 generates, the others wait for it
+        root = ensure_scenes(d.scenes_root, train=d.scenes_train, val=d.scenes_val, size=d.scenes_size,
+                             seed=d.scenes_seed, data_dir=d.data_dir, progress=not quiet)
+    return {k: str(Path(root) / _SCENES[k]) for k in keys}
+
+
+def coco_sets(cfg: Any, paths: Mapping[str, str], pre: Any, *, train: bool = True
+              ) -> tuple[CocoDetection, Optional[CocoDetection]]:
+    """Validation and (``train``) training ``CocoDetection`` sets of a dense task's config:
+    evaluation through ``pre`` (its ``Preprocess``), training with the box-aware augmentation; semantic masks come along when
+    ``paths`` names mask folders (multi-task data)."""
+    d = cfg.data
+    val_set = CocoDetection(paths["val_ann"], paths["val_images"], pre.albumentations(boxes=True),
+                            skip_bad=d.skip_bad, limit=d.limit_val, mask_dir=paths.get("val_masks"))
+    if not train:
+        return val_set, None
+    train_set = CocoDetection(paths["train_ann"], paths["train_images"],
+                              detection_train_transforms(d.image_size, (d.scale_min, d.scale_max),
+                                                         0.5 if d.hflip else 0.0, seed=cfg.train.seed),
+                              skip_bad=d.skip_bad, limit=d.limit_train, mask_dir=paths.get("train_masks"))
+    if train_set.cat_ids != val_set.cat_ids:
+        raise ValueError(f"{paths['train_ann']} and {paths['val_ann']} have different categories "
+                         f"({train_set.cat_ids} vs {val_set.cat_ids})")
+    return val_set, train_set
+
+
+def file_loaders(train_set: Optional[torch.utils.data.Dataset], val_set: torch.utils.data.Dataset, *,
+                 cfg: Any, device: torch.device, normalize: Callable[[torch.Tensor], torch.Tensor],
+                 train_collate: Callable, val_collate: Callable,
+                 finish: Optional[Callable[[Any], Any]] = None) -> tuple[Optional[DeviceLoader], DeviceLoader]:
+    """``(train, val)`` device loaders: batches of ``cfg.train.batch_size`` (shuffled, reseeded
+    per epoch) and ``cfg.data.eval_batch_size``, images normalised on the device (channels_last
+    when the config says so), then ``finish(batch)`` if given."""
+    d = cfg.data
+    on_device = normalize_images(normalize, cfg.train.channels_last)
+    if finish is not None:
+        normalized = on_device
+
+        def on_device(batch):
+            return finish(normalized(batch))
+
+    def loader(ds, shuffle: bool, batch_size: int, collate: Callable):
+        return make_loader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=d.num_workers,
+                           collate_fn=collate, seed=cfg.train.seed, device=device)
+
+    val = DeviceLoader(loader(val_set, False, d.eval_batch_size, val_collate), device, on_device)
+    train = None
+    if train_set is not None:
+        train = DeviceLoader(loader(train_set, True, cfg.train.batch_size, train_collate), device, on_device,
+                             seed=cfg.train.seed)
+    return train, val

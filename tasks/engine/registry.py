@@ -1,0 +1,162 @@
+"""The task registry: one ``TaskSpec`` per task, looked up by name.
+
+A ``TaskSpec`` names a task's config dataclass and the functions the shared machinery calls:
+the runner (``python -m tasks.<task>``), ``tasks.load`` (the Python API), ``tasks.export``,
+``tasks.bench``, ``tasks.multitask`` (which composes the detection and segmentation heads)
+and ``--trunk`` get everything task-specific from here, never from another task module.
+
+``TASKS["detect"]`` imports ``tasks.detect`` on first use and returns its ``SPEC``: the
+registry knows the built-in tasks by module name instead of importing them, so that any
+task module can use the registry (``tasks.multitask`` does) without an import circle, and
+``python -m tasks.data.scenes`` does not import every task. ``register(spec)`` adds others.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Mapping
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+__all__ = ["TaskSpec", "TaskData", "TASKS", "get_task", "register", "spec_for_checkpoint", "read_meta"]
+
+BUILTIN = ("classify", "detect", "segment", "multitask")
+
+
+@dataclass
+class TaskData:
+    """What ``TaskSpec.build_data`` returns.
+
+    ``train`` / ``val``: iterables of ``(images, targets)`` already on the device (``len()``
+    steps, optional ``set_epoch``); ``train`` is None for evaluation only. ``meta``: the
+    checkpoint metadata of a model trained on this data (class names, normalisation,
+    ``preprocess``), ``preprocess`` its ``Preprocess``. ``val_set``: the validation dataset
+    when evaluation needs it (COCO ground truth). ``skipped``: ``{"n": count}`` of training
+    images skipped as unreadable (``data.skip_bad``), if the data counts them."""
+
+    train: Any
+    val: Any
+    meta: dict[str, Any]
+    preprocess: Any
+    val_set: Any = None
+    skipped: Optional[dict[str, int]] = None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task. Signatures (``cfg`` is an instance of ``config``, ``meta`` checkpoint metadata):
+
+    * ``build_model(cfg, meta) -> nn.Module``: the task model for ``meta["class_names"]``.
+    * ``build_data(cfg, device, *, train=True, quiet=False) -> TaskData``.
+    * ``evaluate(model, data, device, amp=True, *, output=None, quiet=True) -> metrics``: the
+      model in eval mode on ``data.val``; with ``output`` (a folder) it also writes the task's
+      pictures and files there. Under torchrun the metrics are reduced across ranks.
+    * ``make_preprocess(cfg, meta=None) -> Preprocess``: how this task feeds images, from the
+      config (and the normalisation of ``meta`` when given: old checkpoints without
+      ``meta["preprocess"]`` get theirs this way).
+    * ``decode(outputs, geometries, meta, **options) -> [result]``: one batch of eval-mode
+      model outputs -> per-image results in original image coordinates (the Python API).
+    * ``write_prediction(result, image, source, out_dir, stem, meta) -> entry``: what
+      ``--predict`` writes and prints for one image; ``entry`` is JSON-friendly.
+    * ``report(metrics, meta) -> [lines]``: the metrics for a person, first line the summary.
+    * ``build_head(model_cfg, feature_info, num_classes)`` (optional): the task head alone,
+      for models that compose heads on one trunk.
+    * ``predict(predictor, images, batch_size, **options)`` (optional): replaces the default
+      batching of ``Predictor.predict`` (segmentation's sliding window).
+    * ``add_arguments(parser)`` (optional): the task's own command-line flags.
+    """
+
+    name: str
+    config: type
+    recipes: tuple[str, str]  # (GPU recipe, quick CPU recipe) under configs/<name>/
+    main_metric: str          # what best.pt follows (higher is better)
+    doc: str
+    data_flags: tuple[str, ...]
+    build_model: Callable[..., Any]
+    build_data: Callable[..., TaskData]
+    evaluate: Callable[..., dict[str, Any]]
+    make_preprocess: Callable[..., Any]
+    decode: Callable[..., list[dict[str, Any]]]
+    write_prediction: Callable[..., dict[str, Any]]
+    report: Callable[[dict[str, Any], Mapping[str, Any]], list[str]]
+    predict_options: tuple[str, ...] = ()  # keyword options decode / predict accept
+    build_head: Optional[Callable[..., Any]] = None
+    predict: Optional[Callable[..., list[dict[str, Any]]]] = None
+    add_arguments: Optional[Callable[[Any], None]] = None
+
+    @property
+    def model_config(self) -> type:
+        """The dataclass of the config's ``model`` section."""
+        return typing.get_type_hints(self.config)["model"]
+
+
+class _Registry(Mapping[str, TaskSpec]):
+    def __init__(self) -> None:
+        self._specs: dict[str, TaskSpec] = {}
+
+    def register(self, spec: TaskSpec) -> TaskSpec:
+        known = self._specs.get(spec.name)
+        if known is not None and known is not spec and spec.name not in BUILTIN:
+            raise ValueError(f"a task named {spec.name!r} is registered already")
+        self._specs.setdefault(spec.name, spec)
+        return spec
+
+    def __getitem__(self, name: str) -> TaskSpec:
+        if name not in self._specs and name in BUILTIN:
+            self._specs[name] = importlib.import_module(f"tasks.{name}").SPEC
+        return self._specs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys([*BUILTIN, *self._specs]))
+
+    def __len__(self) -> int:
+        return len(set(BUILTIN) | set(self._specs))
+
+    def __contains__(self, name: object) -> bool:
+        return name in BUILTIN or name in self._specs
+
+
+TASKS: Mapping[str, TaskSpec] = _Registry()
+
+
+def register(spec: TaskSpec) -> TaskSpec:
+    """Add a task (``TASKS[spec.name]``) beside the built-in ones."""
+    return TASKS.register(spec)  # type: ignore[attr-defined]
+
+
+def get_task(name: Any) -> TaskSpec:
+    if not isinstance(name, str) or name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def spec_for_checkpoint(ckpt: Mapping[str, Any], source: Any, expected: str | None = None) -> TaskSpec:
+    """The spec of the task that wrote ``ckpt``; with ``expected``, a checkpoint of another
+    task is a ``ValueError`` naming both."""
+    task = ckpt.get("task")
+    if expected is not None and task != expected:
+        hint = f": load it with python -m tasks.{task} or tasks.load" if task in TASKS else ""
+        raise ValueError(f"{source} is a {task!r} checkpoint, not a {expected!r} one{hint}")
+    if task not in TASKS:
+        raise ValueError(f"{source}: checkpoint of an unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    return TASKS[task]
+
+
+def read_meta(ckpt: Mapping[str, Any], spec: TaskSpec, cfg: Any) -> dict[str, Any]:
+    """The checkpoint's metadata in today's schema: ``class_names``, ``category_ids``
+    (detection), ``in_chans``, ``mean``, ``std``, ``preprocess``. Checkpoints written before it
+    said ``classes`` and had no ``in_chans`` / ``preprocess``: those come from the config and
+    the task's ``make_preprocess``."""
+    meta = dict(ckpt.get("meta") or {})
+    if "class_names" not in meta and "classes" in meta:
+        meta["class_names"] = meta.pop("classes")
+    if not meta.get("class_names"):
+        k = getattr(cfg.model, "num_classes", None)
+        if not k:
+            raise ValueError("the checkpoint names no classes (meta) and no model.num_classes")
+        meta["class_names"] = [str(i) for i in range(k)]
+    meta["class_names"] = [str(n) for n in meta["class_names"]]
+    meta.setdefault("in_chans", cfg.model.in_chans)
+    if "preprocess" not in meta:
+        meta.update(spec.make_preprocess(cfg, meta).to_meta())
+    return meta
