@@ -33,7 +33,7 @@ from tasks.data.images import pad_batch
 from tasks.data.preprocess import Geometry
 from tasks.data.segmentation import IGNORE_INDEX
 from tasks.engine import distributed
-from tasks.engine.config import DenseDataConfig, OptimConfig, TrainConfig
+from tasks.engine.config import OptimConfig, TrainConfig
 from tasks.engine.datasets import coco_sets, data_files, dense_preprocess, file_loaders
 from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
@@ -62,17 +62,10 @@ class MultiTaskModelConfig(DETECT.model_config):
 
 
 @dataclass
-class MultiTaskDataConfig(DenseDataConfig):
-    """FashionScenes, or COCO boxes plus semantic mask folders (value = category index + 1)."""
-
-    train_masks: Optional[str] = None
-    val_masks: Optional[str] = None
-
-
-@dataclass
 class MultiTaskConfig:
     model: MultiTaskModelConfig = field(default_factory=MultiTaskModelConfig)
-    data: MultiTaskDataConfig = field(default_factory=MultiTaskDataConfig)
+    # FashionScenes, or COCO boxes plus the segment task's mask folders (value = category index + 1)
+    data: SEGMENT.data_config = field(default_factory=SEGMENT.data_config)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

@@ -157,3 +157,31 @@ def test_graphed_step_with_gradient_all_reduce_equals_ddp(tmp_path):
         port = s.getsockname()[1]
     mp.start_processes(_graphed_ddp_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
     assert (tmp_path / "ok").exists()
+
+
+@pytest.mark.parametrize("task", ["classify", "detect", "segment", "multitask"])
+def test_predictor_on_cuda_agrees_with_the_cpu(task, tmp_path):
+    """tasks.load on CUDA (bf16 autocast, channels_last) gives the CPU's fp32 answers up to bf16 rounding."""
+    import numpy as np
+
+    from tasks import load
+    from tests.fakes import write_task_checkpoint
+
+    path = write_task_checkpoint(tmp_path / "m.pt", task)
+    gpu, cpu = load(path, device="cuda"), load(path, device="cpu")
+    assert gpu.amp and gpu.channels_last and next(gpu.model.parameters()).is_cuda
+    rng = np.random.default_rng(0)
+    shape = (lambda h, w: (h, w)) if task == "classify" else (lambda h, w: (h, w, 3))
+    images = [rng.integers(0, 255, shape(h, w), dtype=np.uint8) for h, w in ((40, 52), (64, 64), (90, 30))]
+    for g, c in zip(gpu.predict(images), cpu.predict(images)):
+        heads = (g, c) if task == "multitask" else ({task: g}, {task: c})
+        if task == "classify":
+            torch.testing.assert_close(g["probs"], c["probs"], atol=2e-2, rtol=0)
+        if "segment" in heads[0]:
+            a, b = heads[0]["segment"], heads[1]["segment"]
+            assert a["mask"].shape == b["mask"].shape and not a["mask"].is_cuda
+            assert (a["mask"] == b["mask"]).float().mean() > 0.95
+        if "detect" in heads[0]:
+            a, b = heads[0]["detect"], heads[1]["detect"]
+            assert not a["boxes"].is_cuda and a["boxes"].dtype == torch.float32
+            assert abs(len(a["boxes"]) - len(b["boxes"])) <= max(2, len(b["boxes"]) // 10)

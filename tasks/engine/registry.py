@@ -89,6 +89,11 @@ class TaskSpec:
         """The dataclass of the config's ``model`` section."""
         return typing.get_type_hints(self.config)["model"]
 
+    @property
+    def data_config(self) -> type:
+        """The dataclass of the config's ``data`` section."""
+        return typing.get_type_hints(self.config)["data"]
+
 
 class _Registry(Mapping[str, TaskSpec]):
     def __init__(self) -> None:
