@@ -163,9 +163,12 @@ def decode(outputs: list[dict[str, torch.Tensor]], geometries: list[Geometry], m
     int64, "names": [D]}``, best first; ``score_thresh`` keeps only scores >= it (on top of
     the model's own ``score_thresh``)."""
     names = meta["class_names"]
+    # the whole batch to the host in three copies, not three per image (each is a sync)
+    counts = [len(det["scores"]) for det in outputs]
+    host = [torch.cat([det[k] for det in outputs]).cpu().split(counts) for k in ("boxes", "scores", "labels")]
     results = []
-    for det, geom in zip(outputs, geometries, strict=True):
-        boxes, scores, labels = det["boxes"].float().cpu(), det["scores"].float().cpu(), det["labels"].cpu()
+    for boxes, scores, labels, geom in zip(*host, geometries, strict=True):
+        boxes, scores = boxes.float(), scores.float()
         if score_thresh is not None:
             keep = scores >= score_thresh
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]

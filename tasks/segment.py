@@ -201,20 +201,32 @@ def upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return out
 
 
-def _result(mask: torch.Tensor, names: Sequence[str]) -> dict[str, Any]:
-    mask = mask.cpu()
-    counts = torch.bincount(mask.flatten(), minlength=len(names)).tolist()
-    return {"mask": mask, "class_fractions": {names[i]: c / mask.numel() for i, c in enumerate(counts) if c}}
+def _results(masks: Sequence[torch.Tensor], names: Sequence[str]) -> list[dict[str, Any]]:
+    """Device masks -> results on the host: the masks cross in one copy where they share a
+    shape, as uint8 when the class ids fit (an eighth of int64's bytes), and are counted there."""
+    small = torch.uint8 if len(names) <= 256 else torch.int32
+    if len({tuple(m.shape) for m in masks}) == 1:
+        host = list(torch.stack(list(masks)).to(small).cpu())
+    else:
+        host = [m.to(small).cpu() for m in masks]
+    results = []
+    for mask in host:
+        counts = torch.bincount(mask.flatten().long(), minlength=len(names)).tolist()
+        results.append({"mask": mask.long(),
+                        "class_fractions": {names[i]: c / mask.numel() for i, c in enumerate(counts) if c}})
+    return results
 
 
 def decode(logits: torch.Tensor, geometries: list[Geometry], meta: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Per image ``{"mask": [H, W] int64 class ids at the original size, "class_fractions":
     {class name: fraction of the pixels}}`` (classes present only)."""
-    results = []
-    for lg, geom in zip(logits, geometries, strict=True):
-        rh, rw = geom.resized
-        results.append(_result(upsample_argmax(lg[:, :rh, :rw], geom.size), meta["class_names"]))
-    return results
+    if all(g.resized == g.size for g in geometries):  # no upsampling: one argmax for the batch
+        best = logits.argmax(1)  # [N, H, W]
+        masks = [m[:h, :w] for m, (h, w) in zip(best, (g.size for g in geometries), strict=True)]
+    else:
+        masks = [upsample_argmax(lg[:, :g.resized[0], :g.resized[1]], g.size)
+                 for lg, g in zip(logits, geometries, strict=True)]
+    return _results(masks, meta["class_names"])
 
 
 def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -246,14 +258,14 @@ def predict(predictor, images: Sequence[np.ndarray], batch_size: int, tile: bool
         total = count = None
         for start in range(0, len(boxes), batch_size):
             chunk = boxes[start:start + batch_size]
-            logits = predictor.forward(predictor.preprocess.batch([image[y:y + th, x:x + tw] for y, x, th, tw in chunk]))
+            logits = predictor.forward(predictor.batch([image[y:y + th, x:x + tw] for y, x, th, tw in chunk]))
             if total is None:
                 total = torch.zeros(logits.shape[1], h, w, device=logits.device)
                 count = torch.zeros(1, h, w, device=logits.device)
             for lg, (y, x, th, tw) in zip(logits, chunk):
                 total[:, y:y + th, x:x + tw] += lg[:, :th, :tw].float()
                 count[:, y:y + th, x:x + tw] += 1
-        results[i] = _result((total / count).argmax(0), names)
+        results[i] = _results([(total / count).argmax(0)], names)[0]
     return results
 
 

@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default="cuda", help="cpu: a dry run of the script")
+    p.add_argument("--profile", action="store_true", help="also a cProfile of one api() per task (<out>/<task>.prof.txt)")
     args = p.parse_args()
     dev = torch.device(args.device)
     out = Path(args.out)
@@ -105,6 +106,16 @@ def main() -> None:
                "api_img_per_s": n / statistics.median(times["api"]),
                "network_img_per_s": (n // args.batch * args.batch) / statistics.median(times["network"])}
         row["api_over_network"] = row["api_img_per_s"] / row["network_img_per_s"]
+        if args.profile:
+            import cProfile
+            import io
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.runcall(api)
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+            (out / f"{task}.prof.txt").write_text(text.getvalue())
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model

@@ -230,15 +230,18 @@ def image_from_input(item: Any, channels: int, name: str) -> np.ndarray:
 # Batches and datasets
 # ---------------------------------------------------------------------------------------------
 
-def pad_batch(tensors: Sequence[torch.Tensor], size_divisible: int = 32, fill: int = 0) -> torch.Tensor:
+def pad_batch(tensors: Sequence[torch.Tensor], size_divisible: int = 32, fill: int = 0,
+              pin_memory: bool = False) -> torch.Tensor:
     """Stack ``[..., H_i, W_i]`` tensors into ``[N, ..., H, W]``, each padded bottom / right with
     ``fill`` to the largest H, W of the batch rounded up to ``size_divisible`` (every FPN level
-    then divides evenly; the content stays anchored at (0, 0), so coordinates need no shift)."""
+    then divides evenly; the content stays anchored at (0, 0), so coordinates need no shift).
+    ``pin_memory``: the batch in page-locked host memory (an asynchronous copy to a GPU)."""
     if not tensors:
         raise ValueError("pad_batch got no tensors")
     height = -(-max(t.shape[-2] for t in tensors) // size_divisible) * size_divisible
     width = -(-max(t.shape[-1] for t in tensors) // size_divisible) * size_divisible
-    out = tensors[0].new_full((len(tensors), *tensors[0].shape[:-2], height, width), fill)
+    out = torch.full((len(tensors), *tensors[0].shape[:-2], height, width), fill, dtype=tensors[0].dtype,
+                     pin_memory=pin_memory)
     for i, t in enumerate(tensors):
         out[i, ..., :t.shape[-2], :t.shape[-1]] = t
     return out

@@ -147,14 +147,22 @@ class Preprocess:
 
     # ------------------------------------------------------------------ tensors
 
-    def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+    def batch(self, images: Sequence[np.ndarray], pin_memory: bool = False) -> torch.Tensor:
         """Transformed ``H x W x C`` uint8 arrays -> one uint8 ``[N, C, H, W]`` batch: padded
         bottom / right to a multiple of ``size_divisible`` ("longest"; "crop" images are all
         ``size x size`` already, and a classifier is not fed padding)."""
-        divisible = self.size_divisible if self.resize == "longest" else 1
         # read-only arrays (np.asarray of a PIL image) are copied: torch warns about aliasing them
         return pad_batch([torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1) for a in images],
-                         divisible)
+                         self._divisible, pin_memory=pin_memory)
+
+    @property
+    def _divisible(self) -> int:
+        return self.size_divisible if self.resize == "longest" else 1
+
+    def padded_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The input shape a transformed image of ``height x width`` gets in a batch of its own."""
+        d = self._divisible
+        return -(-height // d) * d, -(-width // d) * d
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[N, C, H, W]`` (any device) -> float ``(x / 255 - mean) / std``."""

@@ -95,6 +95,10 @@ class Predictor:
 
     # ------------------------------------------------------------------ running
 
+    def batch(self, pixels: Sequence[np.ndarray]) -> torch.Tensor:
+        """Transformed images -> a uint8 batch, page-locked when it goes to a GPU."""
+        return self.preprocess.batch(pixels, pin_memory=self.device.type == "cuda")
+
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> Any:
         """Eval-mode outputs of the model for a uint8 ``[N, C, H, W]`` batch (already resized)."""
@@ -126,12 +130,12 @@ def predict_images(predictor: Predictor, images: Sequence[np.ndarray], batch_siz
     prepared = [pre.transform(image) for image in images]  # (pixels, geometry)
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, (pixels, _) in enumerate(prepared):
-        groups[tuple(pre.batch([pixels]).shape[1:])].append(i)
+        groups[(pixels.shape[2], *pre.padded_shape(*pixels.shape[:2]))].append(i)
     results: list[dict[str, Any] | None] = [None] * len(images)
     for members in groups.values():
         for start in range(0, len(members), batch_size):
             chunk = members[start:start + batch_size]
-            outputs = predictor.forward(pre.batch([prepared[i][0] for i in chunk]))
+            outputs = predictor.forward(predictor.batch([prepared[i][0] for i in chunk]))
             decoded = predictor.spec.decode(outputs, [prepared[i][1] for i in chunk], predictor.meta, **options)
             for i, result in zip(chunk, decoded, strict=True):
                 results[i] = result
