@@ -72,9 +72,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.backends.cudnn.benchmark = True
+    import tempfile
+    ckpts = Path(tempfile.mkdtemp())
     rows = []
     for task in ("classify", "detect", "segment", "multitask"):
-        model = load(checkpoint(task, out), device=args.device)
+        model = load(checkpoint(task, ckpts), device=args.device)
         size = model.preprocess.size
         rng = np.random.default_rng(0)
         shape = (size, size) if model.preprocess.in_chans == 1 else (size, size, 3)
