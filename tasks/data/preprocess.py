@@ -148,12 +148,12 @@ class Preprocess:
     # ------------------------------------------------------------------ tensors
 
     def batch(self, images: Sequence[np.ndarray], pin_memory: bool = False) -> torch.Tensor:
-        """Transformed ``H x W x C`` uint8 arrays -> one uint8 ``[N, C, H, W]`` batch: padded
-        bottom / right to a multiple of ``size_divisible`` ("longest"; "crop" images are all
-        ``size x size`` already, and a classifier is not fed padding)."""
+        """Transformed ``H x W x C`` uint8 arrays -> one uint8 ``[N, C, H, W]`` batch (channels_last
+        in memory): padded bottom / right to a multiple of ``size_divisible`` ("longest"; "crop"
+        images are all ``size x size`` already, and a classifier is not fed padding)."""
         # read-only arrays (np.asarray of a PIL image) are copied: torch warns about aliasing them
-        return pad_batch([torch.from_numpy(a if a.flags.writeable else a.copy()).permute(2, 0, 1) for a in images],
-                         self._divisible, pin_memory=pin_memory)
+        return pad_batch([torch.from_numpy(a if a.flags.writeable else a.copy()) for a in images],
+                         self._divisible, pin_memory=pin_memory, channels_last=True)
 
     @property
     def _divisible(self) -> int:

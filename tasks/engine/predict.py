@@ -103,8 +103,8 @@ class Predictor:
     def forward(self, images: torch.Tensor) -> Any:
         """Eval-mode outputs of the model for a uint8 ``[N, C, H, W]`` batch (already resized)."""
         x = self.preprocess.normalize(images.to(self.device, non_blocking=True))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # the batch comes channels_last; NCHW otherwise, as evaluation feeds the model
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         with autocast(self.device, self.amp):
             return self.model(x)
 
