@@ -1,1 +1,2 @@
-"""The engine shared by every task: config, train / eval loop, checkpoints, metrics, logging, pictures."""
+"""The machinery every task shares: the task registry, the command-line runner, the Python
+API's ``Predictor``, config, train / eval loop, loaders, checkpoints, metrics, logging, pictures."""

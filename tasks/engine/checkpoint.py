@@ -21,7 +21,7 @@ import torch
 
 from backbones.weights import CKPT_FORMAT, read_checkpoint
 
-__all__ = ["CKPT_FORMAT", "atomic_save", "load_checkpoint", "model_state", "load_for_inference", "CheckpointWriter",
+__all__ = ["CKPT_FORMAT", "atomic_save", "load_checkpoint", "model_state", "CheckpointWriter",
            "rng_state", "set_rng_state", "seed_everything", "to_cpu"]
 
 
@@ -63,14 +63,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def model_state(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The weights to predict with: the EMA when the run kept one (its metrics are the EMA's)."""
     return ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
-
-
-def load_for_inference(model: "torch.nn.Module", ckpt: dict[str, Any], device: torch.device,
-                       channels_last: bool = False) -> "torch.nn.Module":
-    """``model`` with the checkpoint's prediction weights, on ``device``, in eval mode."""
-    model.load_state_dict(model_state(ckpt))
-    model = model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 class CheckpointWriter:

@@ -31,15 +31,17 @@ from .registry import TaskSpec, read_meta, spec_for_checkpoint
 __all__ = ["Predictor", "predict_images", "load_task_model"]
 
 
-def load_task_model(source: str | os.PathLike | Mapping[str, Any], *, task: str | None = None
-                    ) -> tuple[TaskSpec, nn.Module, dict[str, Any], Any]:
-    """``(spec, model, meta, cfg)`` of a checkpoint file (or dict): the model on the CPU with
-    the prediction weights (the EMA when the run kept one). ``task``: refuse another task's
-    checkpoint, naming both."""
+def load_task_model(source: str | os.PathLike | Mapping[str, Any], *, task: str | None = None,
+                    cfg: Any = None) -> tuple[TaskSpec, nn.Module, dict[str, Any], Any]:
+    """``(spec, model, meta, cfg)`` of a checkpoint file (or dict): the model on the CPU in
+    eval mode with the prediction weights (the EMA when the run kept one). ``task``: refuse
+    another task's checkpoint, naming both. ``cfg``: build from this config (the checkpoint's
+    with a run's overrides) instead of the checkpoint's own."""
     ckpt = load_checkpoint(source) if not isinstance(source, Mapping) else source
     name = source if not isinstance(source, Mapping) else "checkpoint"
     spec = spec_for_checkpoint(ckpt, name, expected=task)
-    cfg = config_from_dict(spec.config, ckpt.get("config") or {}, where=f"{name} config:")
+    if cfg is None:
+        cfg = config_from_dict(spec.config, ckpt.get("config") or {}, where=f"{name} config:")
     cfg.model.weights = None  # the checkpoint holds every weight: the trunk file it started from may be gone
     meta = read_meta(ckpt, spec, cfg)
     model = spec.build_model(cfg, meta)

@@ -24,13 +24,13 @@ import torch
 import yaml
 
 from . import distributed
-from .checkpoint import load_checkpoint, model_state, seed_everything
+from .checkpoint import load_checkpoint, seed_everything
 from .config import CONFIG_ROOT, apply_overrides, config_from_dict, config_to_dict, merge_dicts, read_yaml
 from .distributed import resolve_device
 from .logging import Console
 from .loop import NonFiniteLossError, Trainer
-from .predict import Predictor
-from .registry import TaskSpec, read_meta, spec_for_checkpoint
+from .predict import Predictor, load_task_model
+from .registry import TaskSpec, spec_for_checkpoint
 from .trunk import load_trunk
 
 __all__ = ["build_parser", "Run", "setup_run", "run", "predict_files", "default_recipe", "find_config", "run_cli"]
@@ -230,15 +230,11 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
                summary=summary, resume_from=resume_from, checkpoint=checkpoint)
 
 
-def _prediction_model(run: Run) -> Predictor:
-    """The ``--weights`` model under the run's config (the checkpoint's, with ``--set``
-    overrides such as post-processing thresholds)."""
-    cfg, ckpt = run.cfg, run.checkpoint
-    cfg.model.weights = None  # the checkpoint holds every weight
-    meta = read_meta(ckpt, run.spec, cfg)
-    model = run.spec.build_model(cfg, meta)
-    model.load_state_dict(model_state(ckpt))
-    return Predictor(run.spec, model, meta, run.device, amp=cfg.train.amp)
+def _weights_model(run: Run) -> tuple[Any, dict[str, Any]]:
+    """The ``--weights`` model (CPU, eval mode) and its metadata, built under the run's config:
+    the checkpoint's, with ``--set`` overrides such as post-processing thresholds."""
+    _, model, meta, _ = load_task_model(run.checkpoint, task=run.spec.name, cfg=run.cfg)
+    return model, meta
 
 
 def unique_stems(paths: Sequence[str]) -> list[str]:
@@ -278,18 +274,16 @@ def run(spec: TaskSpec, argv: Sequence[str] | argparse.Namespace | None = None) 
     say(f"{spec.name}: recipe {r.recipe} on {device} -> {r.output}")
 
     if args.predict:
-        return {"predictions": predict_files(_prediction_model(r), args.predict, r.output / "predictions")}
+        predictor = Predictor(spec, *_weights_model(r), device, amp=cfg.train.amp)
+        return {"predictions": predict_files(predictor, args.predict, r.output / "predictions")}
 
     data = spec.build_data(cfg, device, train=not args.eval_only, quiet=args.quiet)
     if args.eval_only:
-        cfg.model.weights = None
-        meta = read_meta(r.checkpoint, spec, cfg)
+        model, meta = _weights_model(r)
         if len(meta["class_names"]) != len(data.meta["class_names"]):
             raise ValueError(f"--weights {args.weights} predicts {len(meta['class_names'])} classes but the "
                              f"validation data has {len(data.meta['class_names'])}")
-        model = spec.build_model(cfg, meta)
-        model.load_state_dict(model_state(r.checkpoint))
-        model = model.to(device).eval()
+        model = model.to(device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         metrics = spec.evaluate(model, data, device, cfg.train.amp,
