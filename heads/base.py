@@ -12,7 +12,24 @@ from torch import nn
 
 from backbones.base import Backbone
 
-__all__ = ["TaskModel"]
+__all__ = ["TaskModel", "check_images"]
+
+
+def check_images(model: nn.Module, images: Any) -> None:
+    """Task models take normalised float batches ``[N, C, H, W]`` with the trunk's channels;
+    anything else is a ``ValueError`` saying what was expected (not torch's dtype error deep
+    in the first conv)."""
+    name = type(model).__name__
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{name} expects images as a [N, C, H, W] tensor, got {got}")
+    if not images.is_floating_point():
+        raise ValueError(f"{name} expects normalised float images ((pixels / 255 - mean) / std), got {images.dtype}: "
+                         f"tasks.load(checkpoint).predict(...) takes raw uint8 images")
+    chans = getattr(model.backbone, "in_chans", None)
+    if chans is not None and images.shape[1] != chans:
+        raise ValueError(f"{name} expects {chans}-channel images, got {images.shape[1]} channels "
+                         f"(shape {tuple(images.shape)})")
 
 
 class TaskModel(nn.Module):
@@ -27,9 +44,7 @@ class TaskModel(nn.Module):
         self.head = head
 
     def forward(self, images: torch.Tensor, targets: Any = None):
-        if not isinstance(images, torch.Tensor) or images.dim() != 4:
-            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"{type(self).__name__} expects images as a [N, C, H, W] tensor, got {got}")
+        check_images(self, images)
         image_size = (images.shape[-2], images.shape[-1])
         raw = self.head(self.backbone(images), image_size)
         if self.training and targets is not None:

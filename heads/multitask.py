@@ -15,6 +15,8 @@ from torch import nn
 
 from backbones.base import Backbone
 
+from .base import check_images
+
 __all__ = ["MultiTaskModel"]
 
 
@@ -32,9 +34,7 @@ class MultiTaskModel(nn.Module):
         self.loss_weights = {name: float((loss_weights or {}).get(name, 1.0)) for name in heads}
 
     def forward(self, images: torch.Tensor, targets: Mapping[str, Any] | None = None):
-        if not isinstance(images, torch.Tensor) or images.dim() != 4:
-            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"MultiTaskModel expects images as a [N, C, H, W] tensor, got {got}")
+        check_images(self, images)
         image_size = (images.shape[-2], images.shape[-1])
         features = self.backbone(images)  # once, for every head
         if self.training and targets is not None:

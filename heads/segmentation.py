@@ -11,7 +11,7 @@ so no device -> host synchronisation and no graph break under ``torch.compile``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -180,9 +180,13 @@ class FCNHead(nn.Module):
 
 class Segmenter(TaskModel):
     """``Segmenter(backbone, head)``: train mode with masks ``[N, H, W]`` -> loss dict
-    (``seg``, and ``aux`` if enabled); otherwise logits ``[N, K, H, W]`` at the input size."""
+    (``seg``, and ``aux`` if enabled); otherwise logits ``[N, K, H, W]`` at the input size.
 
-    def __init__(self, backbone: Backbone, head: FCNHead) -> None:
+    ``check_targets`` checks every mask value is a class id in ``[0, K)`` or the ignore
+    index, at the cost of one host sync per training call; turn it off where the data
+    pipeline already checks them (the mask datasets do) or the step is a CUDA graph."""
+
+    def __init__(self, backbone: Backbone, head: FCNHead, *, check_targets: bool = True) -> None:
         names = [s.name for s in backbone.feature_info]
         aux_name = getattr(head, "aux_name", None)
         needed = list(getattr(head, "in_names", [])) + ([aux_name] if aux_name else [])
@@ -190,3 +194,14 @@ class Segmenter(TaskModel):
         if missing:
             raise ValueError(f"the head reads {missing} but the backbone only returns {names}")
         super().__init__(backbone, head)
+        self.check_targets = check_targets
+
+    def forward(self, images: torch.Tensor, targets: Any = None):
+        if self.training and self.check_targets and isinstance(targets, torch.Tensor):
+            k, ignore = self.head.num_classes, self.head.ignore_index
+            bad = ((targets < 0) | (targets >= k)) & (targets != ignore)
+            if bool(bad.any()):  # before the trunk runs, and before cross_entropy's device-side assert
+                values = torch.unique(targets[bad])[:10].tolist()
+                raise ValueError(f"segmentation masks hold class ids {values}: expected 0..{k - 1} "
+                                 f"(num_classes={k}) or {ignore} (ignore)")
+        return super().forward(images, targets)

@@ -271,7 +271,7 @@ def bench_dense(task: str, out: Path, overrides: list[str], device: torch.device
             # torchvision's models sync the host inside forward: no capture
             run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cuda_graph=False))
         trainer = Trainer(task, run_cfg, model, data.train, evaluate=evaluate, main_metric=metric, output=run_dir,
-                          device=device, quiet=True)
+                          device=device, quiet=True, targets_checked=data.targets_checked)
         record = trainer.fit()
         records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         row = {"name": name, "params_m": round(n_params / 1e6, 2), "cuda_graph": run_cfg.train.cuda_graph,

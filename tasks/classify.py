@@ -36,7 +36,7 @@ from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
 from tasks.data.preprocess import Geometry, Preprocess
 from tasks.data.transforms import classification_train_transforms
 from tasks.engine import distributed
-from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig, bounded
 from tasks.engine.loaders import DeviceLoader, TensorLoader, make_loader
 from tasks.engine.loop import autocast
 from tasks.engine.metrics import ConfusionMatrix
@@ -49,8 +49,8 @@ FOLDERS_CROP_PCT = 7 / 8  # evaluation resizes the shorter side to size * 8/7, t
 
 @dataclass
 class ClassifyModelConfig(ModelConfig):
-    num_classes: int = 10
-    dropout: float = 0.0
+    num_classes: int = bounded(10, 1)
+    dropout: float = bounded(0.0, 0.0, 1.0)
 
 
 @dataclass
@@ -60,16 +60,16 @@ class ClassifyDataConfig:
     download: bool = False              # fetch Fashion-MNIST through torchvision if missing
     train_images: Optional[str] = None  # <root>/<class>/*.png
     val_images: Optional[str] = None
-    image_size: Optional[int] = None    # folders: crop size (default 224); Fashion-MNIST: 28
-    limit_train: Optional[int] = None
-    limit_val: Optional[int] = None
-    crop_padding: int = 2               # random crop after zero padding (0: off)
+    image_size: Optional[int] = bounded(None, 8)  # folders: crop size (default 224); Fashion-MNIST: 28
+    limit_train: Optional[int] = bounded(None, 1)  # the first N samples (null: all)
+    limit_val: Optional[int] = bounded(None, 1)
+    crop_padding: int = bounded(2, 0)   # random crop after zero padding (0: off)
     hflip: bool = True
-    random_erasing: float = 0.0         # probability per image
+    random_erasing: float = bounded(0.0, 0.0, 1.0)  # probability per image
     on_device: bool = True              # keep in-memory datasets on the GPU
-    num_workers: int = 8
+    num_workers: int = bounded(8, 0)
     skip_bad: bool = False              # skip unreadable images (counted) instead of stopping
-    eval_batch_size: int = 1024
+    eval_batch_size: int = bounded(1024, 1)
 
 
 @dataclass

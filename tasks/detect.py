@@ -32,7 +32,7 @@ from heads.detection import pad_targets
 from tasks.data.coco import METRIC_NAMES, CocoEvaluator, collate_detection
 from tasks.data.preprocess import Geometry
 from tasks.engine import distributed
-from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded
 from tasks.engine.datasets import coco_sets, data_files, dense_preprocess, file_loaders
 from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
@@ -45,16 +45,16 @@ COCO_FILES = ("train_ann", "train_images", "val_ann", "val_images")
 
 @dataclass
 class DetectModelConfig(ModelConfig):
-    num_classes: Optional[int] = None   # default: the dataset's category count
+    num_classes: Optional[int] = bounded(None, 1)  # default: the dataset's category count
     in_features: tuple[str, ...] = ("c3", "c4", "c5")
-    fpn_channels: int = 256
+    fpn_channels: int = bounded(256, 1)
     extra: Optional[str] = "p6p7"       # p6p7 | maxpool | null
-    num_convs: int = 4
-    center_sampling_radius: float = 1.5
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.6
-    topk_candidates: int = 1000
-    detections_per_img: int = 100
+    num_convs: int = bounded(4, 0)
+    center_sampling_radius: float = bounded(1.5, 0.0)
+    score_thresh: float = bounded(0.05, 0.0, 1.0)
+    nms_thresh: float = bounded(0.6, 0.0, 1.0)
+    topk_candidates: int = bounded(1000, 1)
+    detections_per_img: int = bounded(100, 1)
 
 
 @dataclass
@@ -62,7 +62,7 @@ class DetectDataConfig(DenseDataConfig):
     """FashionScenes or a COCO detection dataset (see ``DenseDataConfig``)."""
     # training targets are padded to a multiple of this many boxes per image: equal shapes from
     # batch to batch (what train.cuda_graph needs) unless an image has more boxes than that
-    box_multiple: int = 16
+    box_multiple: int = bounded(16, 1)
 
 
 @dataclass
@@ -87,9 +87,9 @@ def build_model(cfg: DetectConfig, meta: Mapping[str, Any]) -> Detector:
     if cfg.model.num_classes not in (None, k):
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but the data has {k} categories")
     backbone = build_backbone(f"resnet{cfg.model.depth}", **cfg.model.backbone_kwargs())
-    # CocoDetection already clips boxes, drops degenerate ones and maps labels into range:
-    # checking them again would cost a host sync per step (and rule out CUDA graphs)
-    return Detector(backbone, build_head(cfg.model, backbone.feature_info, k), check_targets=False)
+    # targets are checked (a host sync per step) unless the data is known good: the Trainer
+    # turns the check off for CocoDetection data (TaskData.targets_checked) and CUDA graphs
+    return Detector(backbone, build_head(cfg.model, backbone.feature_info, k))
 
 
 # ----------------------------------------------------------------------------- data
@@ -100,7 +100,10 @@ def collate_detection_padded(batch: Sequence[tuple[torch.Tensor, dict]], size_di
     ``{"boxes": [B, M, 4], "labels": [B, M]}`` (label -1 on padding; M rounded up to
     ``box_multiple``). Two tensors cross from the worker instead of two per image, and a fixed M
     keeps every batch's shapes equal (CUDA graphs)."""
-    images, targets = collate_detection(batch, size_divisible)
+    collated = collate_detection(batch, size_divisible)
+    if collated is None:
+        return None
+    images, targets = collated
     return images, pad_targets(targets, multiple=box_multiple)
 
 
@@ -117,7 +120,8 @@ def build_data(cfg: DetectConfig, device: torch.device, *, train: bool = True, q
                                      train_collate=partial(collate_detection_padded, box_multiple=d.box_multiple),
                                      val_collate=collate_detection)
     meta = {"class_names": val_set.class_names, "category_ids": val_set.cat_ids, **pre.to_meta()}
-    return TaskData(train_loader, val, meta, pre, val_set=val_set)
+    # CocoDetection clips boxes, drops degenerate ones and maps labels into range
+    return TaskData(train_loader, val, meta, pre, val_set=val_set, targets_checked=True)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -142,6 +146,7 @@ def evaluate(model: torch.nn.Module, data: TaskData, device: torch.device, amp: 
     model.train(was_training)
     # torchrun: each rank saw its shard of the validation set; COCOeval needs them all
     evaluator.results = distributed.gather_lists(evaluator.results)
+    evaluator.image_ids = distributed.gather_lists(evaluator.image_ids)
     metrics = distributed.on_main(evaluator.compute)  # COCOeval on rank 0, its metrics on every rank
     if output is not None and distributed.is_main():
         (Path(output) / "predictions.json").write_text(json.dumps(evaluator.results))

@@ -78,7 +78,7 @@ MIN_OPSET = 18
 def load_model(path: str | os.PathLike) -> tuple[str, nn.Module, dict[str, Any]]:
     """``(task, model, meta)`` of a checkpoint: the model on the CPU in eval mode (EMA weights
     when kept), rebuilt by its task's spec; ``meta`` in the current schema."""
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise FileNotFoundError(f"--weights {path}: no such file")
     spec, model, meta, _ = load_task_model(path)
     return spec.name, model, meta

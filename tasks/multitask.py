@@ -104,7 +104,10 @@ def multitask_targets(targets: list[dict], num_classes: int) -> dict[str, Any]:
 
 
 def _collate(batch):
-    images, targets = collate_detection(batch)
+    collated = collate_detection(batch)
+    if collated is None:  # every sample left out (an evaluation set with skip_bad)
+        return None
+    images, targets = collated
     masks = pad_batch([t["mask"] for t in targets], fill=IGNORE_INDEX)  # padded like the images, with ignore
     for t, mask in zip(targets, masks):
         t["mask"] = mask[:images.shape[-2], :images.shape[-1]]
@@ -165,6 +168,7 @@ def evaluate(model: MultiTaskModel, data: TaskData, device: torch.device, amp: b
     scores, hot = distributed.gather_lists(scores), distributed.gather_lists(hot)
     cls = multilabel_metrics(torch.cat(scores), torch.cat(hot))
     det_eval.results = distributed.gather_lists(det_eval.results)
+    det_eval.image_ids = distributed.gather_lists(det_eval.image_ids)
     det = distributed.on_main(det_eval.compute)
     seg = cm.all_reduce().segmentation()
     metrics = {"cls_mAP": cls["mAP"], "cls_F1": cls["F1"], **det, "miou": seg["miou"],

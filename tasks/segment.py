@@ -37,7 +37,7 @@ from tasks.data.preprocess import Geometry, Preprocess
 from tasks.data.segmentation import (IGNORE_INDEX, CocoSemanticDataset, MaskFolderDataset, collate_segmentation,
                                      scenes_segmentation)
 from tasks.data.transforms import segmentation_train_transforms
-from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig
+from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded
 from tasks.engine.datasets import data_files, dense_preprocess, file_loaders
 from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
@@ -54,12 +54,12 @@ _UPSAMPLE_ELEMENTS = 1 << 26
 
 @dataclass
 class SegmentModelConfig(ModelConfig):
-    num_classes: Optional[int] = None   # background included; default: the dataset's
+    num_classes: Optional[int] = bounded(None, 1)  # background included; default: the dataset's
     in_features: tuple[str, ...] = ("c3", "c4", "c5")
-    channels: Optional[int] = None      # conv block width (default: C5 channels / 4)
-    dropout: float = 0.1
+    channels: Optional[int] = bounded(None, 1)  # conv block width (default: C5 channels / 4)
+    dropout: float = bounded(0.1, 0.0, 1.0)
     aux: bool = False                   # auxiliary head on C4
-    aux_weight: float = 0.4
+    aux_weight: float = bounded(0.4, 0.0)
 
 
 @dataclass
@@ -108,7 +108,8 @@ def _datasets(cfg: SegmentConfig, pre: Preprocess, train: bool, quiet: bool):
     if d.train_ann or d.val_ann or d.dataset == "coco":
         p = data_files(d, ("train_ann", "train_images", "val_ann", "val_images"), "COCO segmentation data",
                        files=True)
-        val = CocoSemanticDataset(p["val_ann"], p["val_images"], transforms=val_tf, limit=d.limit_val, **common)
+        val = CocoSemanticDataset(p["val_ann"], p["val_images"], transforms=val_tf, limit=d.limit_val, evaluation=True,
+                                  **common)
         tr = CocoSemanticDataset(p["train_ann"], p["train_images"], transforms=train_tf, limit=d.limit_train,
                                  **common) if train else None
         return tr, val
@@ -118,13 +119,13 @@ def _datasets(cfg: SegmentConfig, pre: Preprocess, train: bool, quiet: bool):
             raise ValueError("mask-folder data needs --set model.num_classes=K (background included)")
         k = cfg.model.num_classes
         val = MaskFolderDataset(p["val_images"], p["val_masks"], num_classes=k, transforms=val_tf,
-                                limit=d.limit_val, **common)
+                                limit=d.limit_val, evaluation=True, **common)
         tr = MaskFolderDataset(p["train_images"], p["train_masks"], num_classes=k, transforms=train_tf,
                                limit=d.limit_train, **common) if train else None
         return tr, val
     p = data_files(d, ("train_images", "train_masks", "val_images", "val_masks"), "FashionScenes", quiet=quiet)
     root = Path(p["val_images"]).parents[1]
-    val = scenes_segmentation(root, "val", transforms=val_tf, limit=d.limit_val, **common)
+    val = scenes_segmentation(root, "val", transforms=val_tf, limit=d.limit_val, evaluation=True, **common)
     tr = scenes_segmentation(root, "train", transforms=train_tf, limit=d.limit_train, **common) if train else None
     return tr, val
 
@@ -136,8 +137,9 @@ def build_data(cfg: SegmentConfig, device: torch.device, *, train: bool = True, 
         raise ValueError(f"train and val data have different classes: {train_set.class_names} vs {val_set.class_names}")
     train_loader, val = file_loaders(train_set, val_set, cfg=cfg, device=device, normalize=pre.normalize,
                                      train_collate=collate_segmentation, val_collate=collate_segmentation)
+    # the mask datasets check every class id when they read a mask
     return TaskData(train_loader, val, {"class_names": list(val_set.class_names), **pre.to_meta()}, pre,
-                    val_set=val_set)
+                    val_set=val_set, targets_checked=True)
 
 
 # ----------------------------------------------------------------------------- evaluation

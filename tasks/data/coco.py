@@ -21,7 +21,10 @@ Bad input, and what ``skip_bad`` changes:
   the JSON ``width``/``height``): ``ImageReadError`` naming the file. Decoding every image at
   init would cost a full pass over the data, so with ``skip_bad`` such an image is skipped
   when met instead: a warning names it, ``stats["unreadable"]`` counts it (in the process that
-  met it, i.e. a worker) and the next readable sample is returned in its place.
+  met it, i.e. a worker) and the next readable sample is returned in its place; an
+  ``evaluation`` set returns None instead (``collate_detection`` drops it, and
+  ``CocoEvaluator`` scores only the images it saw, so the image leaves ground truth and
+  predictions alike).
 """
 from __future__ import annotations
 
@@ -128,6 +131,14 @@ def _annotation_problem(ann: Any, image_ids: dict, category_ids: dict, seen: set
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                        for v in bbox)):
         return f"bbox {bbox!r} is not 4 finite numbers [x, y, w, h]"
+    # the fields COCOeval reads from a ground-truth annotation: checked here, when the file is
+    # loaded, rather than met as a crash inside pycocotools after an epoch of training
+    if "iscrowd" in ann and ann["iscrowd"] not in (0, 1):  # True / False compare equal to 1 / 0
+        return f"iscrowd {ann['iscrowd']!r} is not 0 or 1"
+    for key in ("area", "ignore"):
+        if key in ann and not (isinstance(ann[key], (int, float)) and not isinstance(ann[key], bool)
+                               and math.isfinite(ann[key]) and ann[key] >= 0):
+            return f"{key} {ann[key]!r} is not a finite number >= 0"
     return None
 
 
@@ -165,7 +176,7 @@ def keep_existing_images(image_dir: Path, images: dict[int, dict], ids: list[int
             stats["skipped_images"] += 1
         else:
             raise FileNotFoundError(f"{path}: image file not found (image id {img_id} of "
-                                    f"{ann_file}); pass skip_bad=True to skip missing images")
+                                    f"{ann_file}); --set data.skip_bad=true skips missing images")
     return kept
 
 
@@ -192,13 +203,14 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike,
                  transforms: A.Compose | None = None, *, skip_bad: bool = False,
-                 limit: int | None = None, mask_dir: str | os.PathLike | None = None):
+                 limit: int | None = None, mask_dir: str | os.PathLike | None = None, evaluation: bool = False):
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         # optional semantic label maps (<mask_dir>/<image stem>.png), served as target["mask"]
         self.mask_dir = Path(mask_dir) if mask_dir is not None else None
         self.transforms = transforms
         self.skip_bad = skip_bad
+        self.evaluation = evaluation
         _check_transforms(transforms)
         if limit is not None and limit < 0:
             raise ValueError(f"limit={limit}: expected a number of images >= 0 (or None for all)")
@@ -300,11 +312,12 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | None:
         if not self.skip_bad:
             return self._load(index)
         # unreadable or vanished since init (FileNotFoundError)
-        return load_skipping_bad(self._load, index, len(self), (OSError,), self.stats, str(self.ann_file))
+        return load_skipping_bad(self._load, index, len(self), (OSError,), self.stats, str(self.ann_file),
+                                 replace=not self.evaluation)
 
     def _load(self, index: int) -> tuple[torch.Tensor, dict]:
         img_id, path, h, w, boxes, labels = self._records[index]
@@ -387,6 +400,9 @@ def collate_detection(batch: Sequence[tuple[torch.Tensor, dict]],
     """Stack images into uint8 ``[B, 3, H, W]``, zero-padded bottom/right to the largest
     H, W of the batch rounded up to ``size_divisible`` (``pad_batch``); boxes need no change.
     Returns ``(images, targets)``."""
+    batch = [b for b in batch if b is not None]  # samples an evaluation set left out (skip_bad)
+    if not batch:
+        return None
     images, targets = zip(*batch)
     return pad_batch(images, size_divisible), list(targets)
 
@@ -468,12 +484,20 @@ class CocoEvaluator:
     def __init__(self, dataset: CocoDetection) -> None:
         self.dataset = dataset
         self.results: list[dict] = []
+        self.image_ids: list[int] = []  # the images evaluated: ground truth of no other counts
 
     def update(self, outputs: Sequence[dict[str, torch.Tensor]], targets: Sequence[dict]) -> list[dict[str, torch.Tensor]]:
         """Add a batch; returns the outputs moved to the CPU (float32)."""
         outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
         self.results += detections_to_coco(outputs, targets, self.dataset.label_to_category)
+        self.image_ids += [int(t["image_id"]) for t in targets]
         return outputs
 
     def compute(self) -> dict[str, float]:
-        return coco_evaluate(self.dataset.coco, self.results)
+        """COCOeval over the images that were evaluated (all of them unless an evaluation set
+        with ``skip_bad`` left unreadable ones out, which is then said)."""
+        missing = len(self.dataset) - len(set(self.image_ids))
+        if missing > 0:
+            warnings.warn(f"{self.dataset.ann_file}: {missing} validation image(s) could not be read and are left "
+                          f"out of the evaluation (their ground truth too)")
+        return coco_evaluate(self.dataset.coco, self.results, img_ids=sorted(set(self.image_ids)))

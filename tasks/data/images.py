@@ -24,6 +24,9 @@ __all__ = ["ImageReadError", "MaskError", "read_image", "read_mask", "exif_orien
            "image_from_input", "pad_batch", "load_skipping_bad", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+# OpenCV prints "[ WARN ...] imread_(...): can't open/read file" on its own; every failure here
+# becomes an error that names the file instead
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 _MASK_MODES = ("P", "L")
 _EXIF_ORIENTATION = 0x0112
 
@@ -108,14 +111,14 @@ def read_image(path: str | os.PathLike, channels: int = 3, *, exif: bool = False
     annotations refer to the stored pixel grid)."""
     if channels not in (1, 3):
         raise ValueError(f"channels={channels}: images are read as 1 (gray) or 3 (RGB) channels")
+    if os.path.isdir(path):
+        raise ImageReadError(f"{path}: is a folder, not an image file")
+    if not os.path.isfile(path):  # before imread, which would also print its own warning line
+        raise FileNotFoundError(f"{path}: image file not found")
     # IMREAD_UNCHANGED keeps bit depth and alpha so they are converted on purpose, and skips
     # OpenCV's own EXIF rotation (applied below only when asked for)
     image = cv2.imread(os.fspath(path), cv2.IMREAD_UNCHANGED)
     if image is None:
-        if os.path.isdir(path):
-            raise ImageReadError(f"{path}: is a folder, not an image file")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: image file not found")
         raise ImageReadError(f"{path}: cannot decode image (corrupt, truncated or not an image format "
                              f"OpenCV reads: {', '.join(IMAGE_EXTENSIONS)})")
     image = _convert_channels(_to_8bit(image, str(path)), channels, str(path), order="BGR")
@@ -257,10 +260,20 @@ def pad_batch(tensors: Sequence[torch.Tensor], size_divisible: int = 32, fill: i
 
 
 def load_skipping_bad(load: Callable[[int], Any], index: int, size: int, errors: tuple[type, ...],
-                      stats: dict[str, int], source: str) -> Any:
-    """``load(index)``, or the next sample (wrapping round) that loads when it raises one of
-    ``errors``: each skip is counted in ``stats["unreadable"]`` and warned about, and a dataset
-    with no usable sample at all raises ``ImageReadError`` naming ``source``."""
+                      stats: dict[str, int], source: str, *, replace: bool = True) -> Any:
+    """``load(index)``, or, when it raises one of ``errors``, the next sample (wrapping round)
+    that loads (``replace``: training, whose batches keep their size) or None (evaluation: the
+    sample leaves the evaluation, which the collate functions drop, so that no image is scored
+    twice or under another image's id). Each skip is counted in ``stats["unreadable"]`` and
+    warned about; a dataset with no usable sample at all raises ``ImageReadError`` naming
+    ``source``."""
+    if not replace:
+        try:
+            return load(index)
+        except errors as e:
+            stats["unreadable"] += 1
+            warnings.warn(f"left out of the evaluation, unusable: {e}", stacklevel=3)
+            return None
     for attempt in range(size):
         i = (index + attempt) % size
         try:

@@ -59,7 +59,7 @@ class _SegmentationDataset(torch.utils.data.Dataset):
     num_classes: int
     class_names: list[str]
 
-    def __init__(self, transforms: Callable | None, skip_bad: bool, limit: int | None) -> None:
+    def __init__(self, transforms: Callable | None, skip_bad: bool, limit: int | None, evaluation: bool = False) -> None:
         if transforms is not None and not callable(transforms):
             raise ValueError(f"transforms must be an albumentations pipeline called as "
                              f"t(image=..., mask=...), got {type(transforms).__name__}")
@@ -67,6 +67,7 @@ class _SegmentationDataset(torch.utils.data.Dataset):
             raise ValueError(f"limit={limit!r}: expected a number of images >= 0 (or None for all)")
         self.transforms = transforms
         self.skip_bad = skip_bad
+        self.evaluation = evaluation  # with skip_bad: a bad sample is left out (None), not replaced
         self.stats = dict.fromkeys(("images", "skipped_images", "unreadable"), 0)
 
     def __len__(self) -> int:  # pragma: no cover - subclasses
@@ -76,7 +77,8 @@ class _SegmentationDataset(torch.utils.data.Dataset):
         if not self.skip_bad:
             return self._load(index)
         # unreadable, vanished since init, or a bad mask
-        return load_skipping_bad(self._load, index, len(self), (OSError, MaskError), self.stats, self._source())
+        return load_skipping_bad(self._load, index, len(self), (OSError, MaskError), self.stats, self._source(),
+                                 replace=not self.evaluation)
 
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self._read(index)
@@ -136,8 +138,8 @@ class MaskFolderDataset(_SegmentationDataset):
 
     def __init__(self, image_dir: str | os.PathLike, mask_dir: str | os.PathLike, *, num_classes: int,
                  transforms: Callable | None = None, class_names: Sequence[str] | None = None,
-                 skip_bad: bool = False, limit: int | None = None) -> None:
-        super().__init__(transforms, skip_bad, limit)
+                 skip_bad: bool = False, limit: int | None = None, evaluation: bool = False) -> None:
+        super().__init__(transforms, skip_bad, limit, evaluation)
         self.image_dir = Path(image_dir)
         self.mask_dir = Path(mask_dir)
         self.class_names = _check_num_classes(num_classes, class_names)
@@ -165,7 +167,7 @@ class MaskFolderDataset(_SegmentationDataset):
             elif skip_bad:
                 self.stats["skipped_images"] += 1
             else:
-                raise FileNotFoundError(f"{image}: no mask {mask}; pass skip_bad=True to skip "
+                raise FileNotFoundError(f"{image}: no mask {mask}; --set data.skip_bad=true skips "
                                         f"images without masks")
         self.stats["images"] = len(self._pairs)
         if self.stats["skipped_images"]:
@@ -252,8 +254,9 @@ class CocoSemanticDataset(_SegmentationDataset):
     """
 
     def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike, *,
-                 transforms: Callable | None = None, skip_bad: bool = False, limit: int | None = None) -> None:
-        super().__init__(transforms, skip_bad, limit)
+                 transforms: Callable | None = None, skip_bad: bool = False, limit: int | None = None,
+                 evaluation: bool = False) -> None:
+        super().__init__(transforms, skip_bad, limit, evaluation)
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
         self.stats.update(annotations=0, crowd=0, malformed=0)
@@ -345,8 +348,9 @@ def collate_segmentation(batch: Sequence[tuple[torch.Tensor, torch.Tensor]], siz
     """Stack images into uint8 ``[B, 3, H, W]`` (zero-padded bottom/right) and masks into int64
     ``[B, H, W]`` (padded with ``ignore_index``, so padding counts in no loss or metric), at
     the largest H, W of the batch rounded up to ``size_divisible``."""
+    batch = [b for b in batch if b is not None]  # samples an evaluation set left out (skip_bad)
     if not batch:
-        raise ValueError("collate_segmentation got an empty batch")
+        return None
     images, masks = zip(*batch)
     for i, (img, m) in enumerate(zip(images, masks)):
         if img.dim() != 3 or m.dim() != 2 or tuple(img.shape[-2:]) != tuple(m.shape):

@@ -10,16 +10,18 @@ file intact (temp + replace). Under torchrun only rank 0 writes, with its own RN
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
+import shutil
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from backbones.weights import CKPT_FORMAT, read_checkpoint
+from backbones.weights import CKPT_FORMAT, read_checkpoint, state_checksum
 
 __all__ = ["CKPT_FORMAT", "atomic_save", "load_checkpoint", "model_state", "CheckpointWriter",
            "rng_state", "set_rng_state", "seed_everything", "to_cpu"]
@@ -36,8 +38,25 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
+def write_error(path: Path, error: BaseException) -> OSError:
+    """One line for a failed write: "no space left" when the disk is full (torch.save then
+    fails deep in its zip writer with "unexpected pos", never saying so)."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < 16 * 2 ** 20)
+    if full:
+        left = f" ({free / 2 ** 20:.1f} MiB free)" if free is not None else ""
+        return OSError(errno.ENOSPC, f"cannot write {path}: no space left on device{left}; the previous "
+                                     f"file (if any) is unchanged")
+    reason = (str(error).splitlines() or [type(error).__name__])[0]
+    return OSError(f"cannot write {path}: {reason}")
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace`` over ``path``."""
+    """``torch.save`` to a temp file in the same folder, then ``os.replace`` over ``path``: a
+    crash or a full disk leaves the previous file intact and no temp file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -46,6 +65,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch's zip writer on a full disk
+        raise write_error(path, e) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -66,20 +87,27 @@ def model_state(ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 class CheckpointWriter:
-    """Writes checkpoints one at a time on a background thread; ``wait()`` before exiting."""
+    """Writes checkpoints one at a time on a background thread; ``wait()`` before exiting.
+    ``save(state, *paths, then=fn)`` calls ``fn`` once every path is written (the run's log
+    line, so that the log is never ahead of the checkpoints)."""
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, state: dict[str, Any], *paths: str | os.PathLike) -> None:
+    def save(self, state: dict[str, Any], *paths: str | os.PathLike, then: Callable[[], Any] | None = None) -> None:
         self.wait()
         cpu_state = to_cpu(state)  # synchronous: the live tensors may change after this returns
 
         def work():
             try:
+                # a checksum per weights entry: read_checkpoint refuses weights whose bytes changed
+                cpu_state["checksums"] = {k: state_checksum(cpu_state[k]) for k in ("model", "ema")
+                                          if isinstance(cpu_state.get(k), dict)}
                 for p in paths:
                     atomic_save(cpu_state, p)
+                if then is not None:
+                    then()
             except BaseException as e:  # surfaced on the next save / wait
                 self._error = e
 
@@ -92,6 +120,8 @@ class CheckpointWriter:
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
+            if isinstance(err, OSError):  # a full disk, a vanished folder: one line for the runner
+                raise err
             raise RuntimeError(f"writing a checkpoint failed: {err}") from err
 
 

@@ -16,13 +16,19 @@ from typing import Any, Optional, Sequence
 import yaml
 
 __all__ = ["ConfigError", "ModelConfig", "DenseDataConfig", "OptimConfig", "TrainConfig", "load_config", "apply_overrides",
-           "config_to_dict", "config_from_dict", "CONFIG_ROOT"]
+           "config_to_dict", "config_from_dict", "bounded", "CONFIG_ROOT"]
 
 CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
 
 
 class ConfigError(ValueError):
-    """A config file or override is wrong: unknown key, bad type, unreadable file."""
+    """A config file or override is wrong: unknown key, bad type, value out of range, unreadable file."""
+
+
+def bounded(default: Any, low: float, high: float | None = None) -> Any:
+    """A field whose value must lie in ``[low, high]`` (``None`` passes where the type allows
+    it): ``config_from_dict`` names the key when it does not, before anything runs."""
+    return dataclasses.field(default=default, metadata={"min": low, "max": high})
 
 
 @dataclass
@@ -34,9 +40,9 @@ class ModelConfig:
     in_chans: int = 3
     output_stride: int = 32
     norm: str = "bn"               # bn | syncbn | frozen_bn | gn
-    freeze_at: int = 0
+    freeze_at: int = bounded(0, 0, 5)
     zero_init_residual: bool = False
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = bounded(0.0, 0.0, 1.0)
     grad_checkpointing: bool = False
     weights: Optional[str] = None  # trunk weights: torchvision / timm / onetrunk checkpoint
 
@@ -58,43 +64,43 @@ class DenseDataConfig:
     val_images: Optional[str] = None
     data_dir: Optional[str] = None      # Fashion-MNIST, to generate FashionScenes
     scenes_root: Optional[str] = None   # default: $ONETRUNK_DATA/scenes-<size>-<train>-<val>-s<seed>
-    scenes_train: int = 8000
-    scenes_val: int = 1000
-    scenes_size: int = 256
+    scenes_train: int = bounded(8000, 1)
+    scenes_val: int = bounded(1000, 1)
+    scenes_size: int = bounded(256, 32)
     scenes_seed: int = 0
-    image_size: int = 256               # longest side after resizing; training crops are square
+    image_size: int = bounded(256, 32)  # longest side after resizing; training crops are square
     scale_min: float = 0.75             # training scale jitter
     scale_max: float = 1.25
     hflip: bool = True
-    limit_train: Optional[int] = None
-    limit_val: Optional[int] = None
-    num_workers: int = 8
+    limit_train: Optional[int] = bounded(None, 1)  # the first N samples (null: all)
+    limit_val: Optional[int] = bounded(None, 1)
+    num_workers: int = bounded(8, 0)
     skip_bad: bool = False              # skip (and count) unreadable images instead of stopping
-    eval_batch_size: int = 32
+    eval_batch_size: int = bounded(32, 1)
 
 
 @dataclass
 class OptimConfig:
     name: str = "sgd"              # sgd (nesterov by default) | adamw
-    lr: float = 0.1
+    lr: float = bounded(0.1, 0.0)
     momentum: float = 0.9
     nesterov: bool = True
     betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 5e-4
+    weight_decay: float = bounded(5e-4, 0.0)
     norm_weight_decay: float = 0.0  # norm and bias parameters: decay hurts them
     schedule: str = "cosine"       # cosine | onecycle | constant
-    warmup_epochs: float = 1.0     # linear warm-up (cosine / constant)
+    warmup_epochs: float = bounded(1.0, 0.0)  # linear warm-up (cosine / constant)
     final_lr_ratio: float = 0.0    # last lr as a fraction of lr
-    label_smoothing: float = 0.0
-    clip_grad_norm: Optional[float] = None
+    label_smoothing: float = bounded(0.0, 0.0, 1.0)
+    clip_grad_norm: Optional[float] = bounded(None, 0.0)
     ema: bool = False              # evaluate and save an exponential moving average of the weights
-    ema_decay: float = 0.999
+    ema_decay: float = bounded(0.999, 0.0, 1.0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 256          # per GPU: torchrun with N processes steps on N x batch_size images
+    epochs: int = bounded(10, 1)
+    batch_size: int = bounded(256, 1)  # per GPU: torchrun with N processes steps on N x batch_size images
     amp: bool = True               # bf16 autocast on CUDA; fp32 on CPU
     compile: bool = False
     compile_tune: bool = False     # with compile: inductor's coordinate-descent kernel tuning (minutes more compile)
@@ -102,9 +108,9 @@ class TrainConfig:
     channels_last: bool = True
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda | cuda:N
-    eval_every: int = 1
-    save_every: int = 1            # epochs between last.pt writes (the final epoch always saves)
-    log_every: int = 50            # steps between progress-bar loss updates (each costs a device sync)
+    eval_every: int = bounded(1, 1)
+    save_every: int = bounded(1, 1)  # epochs between last.pt writes (the final epoch always saves)
+    log_every: int = bounded(50, 1)  # steps between progress-bar loss updates (each costs a device sync)
     cudnn_benchmark: bool = True
     tensorboard: bool = False      # also write each epoch's scalars to <output>/tensorboard (extra [tensorboard])
 
@@ -177,9 +183,22 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "config:") ->
     unknown = [k for k in data if k not in names]
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where} {k}" if where.endswith(":") else f"{where}.{k}")
-              for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{where} {k}" if where.endswith(":") else f"{where}.{k}"
+        kwargs[k] = _check_bounds(_coerce(v, hints[k], key), fields[k].metadata, key)
     return cls(**kwargs)
+
+
+def _check_bounds(value: Any, meta: Any, where: str) -> Any:
+    low, high = meta.get("min"), meta.get("max")
+    if value is None or (low is None and high is None):
+        return value
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{where}: {value!r} is out of range, expected a value {span}")
+    return value
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -193,15 +212,47 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``update`` over ``base``, recursively. A section on one side and a plain value on the
+    other is a ``ConfigError``: merging it either way would drop a whole section silently."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        old, key = out.get(k), f"{where}.{k}" if where else k
+        if isinstance(v, dict) and isinstance(old, dict):
+            out[k] = merge_dicts(old, v, key)
+        elif isinstance(v, dict) != isinstance(old, dict) and old is not None and k in out:
+            section, value = (key, old) if isinstance(v, dict) else (key, v)
+            raise ConfigError(f"{section}: {value!r} where a section of settings is expected "
+                              f"(set its keys, e.g. {section}.<key>=...)")
+        else:
+            out[k] = v
     return out
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``a.b=c`` strings (values parsed as YAML: ``true``, ``0.1``, ``[1, 2]``, ``null``)."""
+def _check_path(cls: type, key: str, value: Any, item: str) -> None:
+    """``--set key=value`` against the config's schema: every part a field, sections given
+    mappings, so that a typo or a scalar in place of a section is named at once."""
+    tp: Any = cls
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        tp, _ = _strip_optional(tp)
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"--set {item}: {'.'.join(parts[:i])} is a value, not a section")
+        names = [f.name for f in dataclasses.fields(tp)]
+        if part not in names:
+            where = ".".join(parts[:i]) or "the config"
+            raise ConfigError(f"--set {item}: unknown key {part!r} in {where}; valid keys: {', '.join(names)}")
+        tp = typing.get_type_hints(tp)[part]
+    tp, _ = _strip_optional(tp)
+    if dataclasses.is_dataclass(tp) and not isinstance(value, dict):
+        fields = ", ".join(f.name for f in dataclasses.fields(tp))
+        raise ConfigError(f"--set {item}: {key} is a section ({fields}); set one of its keys, "
+                          f"e.g. --set {key}.{dataclasses.fields(tp)[0].name}=...")
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str], cls: type | None = None) -> dict[str, Any]:
+    """Apply ``a.b=c`` strings (values parsed as YAML: ``true``, ``0.1``, ``[1, 2]``, ``null``);
+    with ``cls`` (the config dataclass) each key is checked against it first."""
     out = dict(data)
     for item in overrides:
         if "=" not in item:
@@ -213,6 +264,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             raise ConfigError(f"--set {item!r}: cannot parse the value ({e})") from None
         if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
             value = raw  # "path/with: colon" is a string, not a mapping
+        if cls is not None:
+            _check_path(cls, key.strip(), value, item)
         nested: Any = value
         for part in reversed(key.strip().split(".")):
             nested = {part: nested}
@@ -241,5 +294,5 @@ def load_config(cls: type, path: str | os.PathLike | None = None, overrides: Seq
     if path is not None:
         data = merge_dicts(data, read_yaml(path))
         where = f"{path}:"
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(data, overrides, cls)
     return config_from_dict(cls, data, where)

@@ -70,7 +70,7 @@ def coco_sets(cfg: Any, paths: Mapping[str, str], pre: Any, *, train: bool = Tru
     ``paths`` names mask folders (multi-task data)."""
     d = cfg.data
     val_set = CocoDetection(paths["val_ann"], paths["val_images"], pre.albumentations(boxes=True),
-                            skip_bad=d.skip_bad, limit=d.limit_val, mask_dir=paths.get("val_masks"))
+                            skip_bad=d.skip_bad, limit=d.limit_val, mask_dir=paths.get("val_masks"), evaluation=True)
     if not train:
         return val_set, None
     train_set = CocoDetection(paths["train_ann"], paths["train_images"],

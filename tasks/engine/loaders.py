@@ -165,6 +165,8 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
+            if batch is None:  # every sample of it left out (an evaluation set with skip_bad)
+                continue
             batch = move_to(batch, self.device)
             yield self.on_device(batch) if self.on_device is not None else batch
 

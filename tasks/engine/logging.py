@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,14 +38,34 @@ class MetricsLog:
             f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
+        """The epoch records. A last line cut short (the process died while writing it) is
+        left out with a warning; any other unreadable line is a ``ValueError`` naming it."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text()
+        lines = text.splitlines()
+        records = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if i == len(lines) - 1 and not text.endswith("\n"):
+                    warnings.warn(f"{self.path}: its last line is cut short (an interrupted write); left out")
+                    break
+                raise ValueError(f"{self.path}, line {i + 1}: not a JSON record ({e.msg}); fix or delete that "
+                                 f"line to resume") from None
+        return records
 
     def truncate_after(self, epoch: int) -> None:
         """Drop records of epochs after ``epoch`` (a resumed run redoes them)."""
+        if not self.path.exists() and epoch == 0:
+            return
         kept = [r for r in self.records() if r.get("epoch", 0) <= epoch]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")  # a crash keeps the old log
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
 
 
 class TensorBoardLog:

@@ -97,12 +97,15 @@ class Trainer:
             collective calls whatever ``final`` is.
         main_metric: key of ``evaluate``'s result that decides ``best.pt`` (higher is better).
         meta: stored in every checkpoint (class names, input normalisation, image size).
+        targets_checked: the data already guarantees valid targets: the model's own target
+            checks (``check_targets``, a host sync per step) are turned off. They are off under
+            ``train.cuda_graph`` in any case (a captured step cannot sync).
     """
 
     def __init__(self, task: str, cfg: Any, model: nn.Module, train_loader: Iterable, *,
                  evaluate: Callable[[nn.Module, bool], dict[str, Any]], main_metric: str, output: str | Path,
                  device: torch.device, console: Console | None = None, quiet: bool = False,
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None, targets_checked: bool = False) -> None:
         self.task, self.cfg = task, cfg
         self.device = device
         self.output = Path(output)
@@ -118,6 +121,10 @@ class Trainer:
         self.amp = tcfg.amp and device.type == "cuda"
 
         self.model = model.to(device)  # the plain module: EMA, checkpoints, evaluation
+        if targets_checked or (tcfg.cuda_graph and device.type == "cuda"):
+            for m in self.model.modules():
+                if hasattr(m, "check_targets"):
+                    m.check_targets = False
         if tcfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         sync_bn = self._check_sync_bn()
@@ -355,8 +362,13 @@ class Trainer:
         tcfg = self.cfg.train
         if self.main:
             self.output.mkdir(parents=True, exist_ok=True)
+            for stale in self.output.glob(".*.tmp*"):  # left by a write that was killed
+                stale.unlink(missing_ok=True)
+            if self.start_epoch == 0:  # a fresh run: lines of one that never saved a checkpoint go
+                self.log.truncate_after(0)
+        self.records = self.log.records() if self.main else []
         record: dict[str, Any] = {}
-        total_train_s = sum(r.get("train_time_s", 0.0) for r in self.log.records()) if self.main else 0.0
+        total_train_s = sum(r.get("train_time_s", 0.0) for r in self.records)
         try:
             for epoch in range(self.start_epoch, self.epochs):
                 if hasattr(self.train_loader, "set_epoch"):
@@ -376,22 +388,24 @@ class Trainer:
                     metrics = self.evaluate(final=last)
                     record.update({f"val_{k}": v for k, v in metrics.items()})
                     record["eval_time_s"] = time.perf_counter() - t0
-                if self.main:
-                    self.log.append(record)
-                    if self.tensorboard is not None:
-                        self.tensorboard.append(record)
                 main = record.get(f"val_{self.main_metric}")  # reduced: the same on every rank
                 is_best = main is not None and (self.best is None or main > self.best)
                 if is_best:
                     self.best = main
-                paths = []
+                # best.pt before last.pt: a kill between them leaves a last.pt whose best is on disk
+                paths = [self.output / "best.pt"] if is_best else []
                 if last or (epoch + 1) % max(1, tcfg.save_every) == 0:
                     paths.append(self.output / "last.pt")
-                if is_best:
-                    paths.append(self.output / "best.pt")
-                if paths and self.main:
-                    self.writer.save(self.state_dict(epoch + 1, record), *paths)
                 if self.main:
+                    self.records.append(record)
+                    log_line = (lambda r=record: self.log.append(r))
+                    if paths:  # the log line once the checkpoints are on disk: never ahead of them
+                        self.writer.save(self.state_dict(epoch + 1, record), *paths, then=log_line)
+                    else:
+                        self.writer.wait()  # keep the lines in epoch order
+                        log_line()
+                    if self.tensorboard is not None:
+                        self.tensorboard.append(record)
                     self._plot(force=last)
                 self.console(f"epoch {epoch + 1}/{self.epochs}  " + format_metrics(
                     record, ["train_loss", f"val_{self.main_metric}", "train_img_per_s", "train_time_s"]))
@@ -409,5 +423,5 @@ class Trainer:
         # Redrawing costs ~0.2 s of host time: at most every 15 s, and at the end.
         now = time.perf_counter()
         if force or now - self._last_plot > 15:
-            plot_curves(self.log.records(), self.output / "curves.png", main_metric=self.main_metric)
+            plot_curves(self.records, self.output / "curves.png", main_metric=self.main_metric)
             self._last_plot = now

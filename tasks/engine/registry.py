@@ -32,7 +32,9 @@ class TaskData:
     checkpoint metadata of a model trained on this data (class names, normalisation,
     ``preprocess``), ``preprocess`` its ``Preprocess``. ``val_set``: the validation dataset
     when evaluation needs it (COCO ground truth). ``skipped``: ``{"n": count}`` of training
-    images skipped as unreadable (``data.skip_bad``), if the data counts them."""
+    images skipped as unreadable (``data.skip_bad``), if the data counts them.
+    ``targets_checked``: the datasets already guarantee valid targets (labels in range, boxes
+    with area, mask ids known), so the models' own per-step checks (a host sync) can go."""
 
     train: Any
     val: Any
@@ -40,6 +42,7 @@ class TaskData:
     preprocess: Any
     val_set: Any = None
     skipped: Optional[dict[str, int]] = None
+    targets_checked: bool = False
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,8 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                    help="continue a run (default CKPT: <output>/last.pt)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="let --output replace the run already in that folder (its log and checkpoints)")
     g.add_argument("--eval-only", action="store_true", help="evaluate --weights CKPT and exit")
     g.add_argument("--weights", metavar="CKPT", help="a checkpoint of this task (for --eval-only / --predict)")
     g.add_argument("--trunk", metavar="CKPT", help="start the backbone from another checkpoint's trunk")
@@ -128,16 +130,29 @@ def _latest_run(base: Path) -> Path | None:
     return max(runs, key=lambda p: (p / "last.pt").stat().st_mtime) if runs else None
 
 
+def _holds_run(folder: Path) -> bool:
+    return (folder / "last.pt").exists() or (folder / "metrics.jsonl").exists()
+
+
 def _choose_output(args: argparse.Namespace, runs_root: Path, resume_from: Path | None) -> Path:
     if resume_from is not None:
-        return Path(args.output) if args.output else resume_from.parent
+        if not args.output:
+            return resume_from.parent
+        output = Path(args.output)
+        if _holds_run(output) and resume_from.resolve().parent != output.resolve() and not args.overwrite:
+            raise FileExistsError(f"--output {output} holds another run, and --resume {resume_from} is not from it: "
+                                  f"resuming there would overwrite that run's metrics.jsonl and checkpoints. Resume "
+                                  f"into a new --output, or pass --overwrite to replace that run")
+        return output
     if (args.eval_only or args.predict) and not args.output:
-        return Path(args.weights).parent  # results next to the checkpoint they come from
+        # beside the checkpoint they come from, never over the training run's own pictures and files
+        weights = Path(args.weights)
+        return weights.parent if args.predict else weights.parent / f"eval-{weights.stem}"
     if args.output:
         output = Path(args.output)
-        if (output / "last.pt").exists() and not (args.eval_only or args.predict):
-            raise FileExistsError(f"--output {output} already holds a run (last.pt): pass --resume to continue it "
-                                  f"or choose another --output")
+        if (output / "last.pt").exists() and not (args.eval_only or args.predict or args.overwrite):
+            raise FileExistsError(f"--output {output} already holds a run (last.pt): pass --resume to continue it, "
+                                  f"--overwrite to replace it, or choose another --output")
         return output
     return _next_free(runs_root)
 
@@ -170,9 +185,13 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
             if latest is None:
                 raise FileNotFoundError(f"--resume: no run with last.pt under {runs_root.parent}; pass --output DIR")
             resume_from = latest / "last.pt"
+        if resume_from.is_dir():  # a run folder: its last checkpoint
+            resume_from = resume_from / "last.pt"
         if not resume_from.is_file():
             raise FileNotFoundError(f"--resume: {resume_from} does not exist")
-        base = load_checkpoint(resume_from)["config"]
+        resumed = load_checkpoint(resume_from)
+        spec_for_checkpoint(resumed, f"--resume {resume_from}", expected=task)
+        base = resumed["config"]
     elif args.eval_only or args.predict:
         if args.predict and not args.weights:
             # predicting with the newest trained model of this recipe is what a user means
@@ -190,7 +209,7 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
     data: dict[str, Any] = dict(base)
     if args.config or not base:
         data = merge_dicts(data, read_yaml(recipe_path))
-    data = apply_overrides(data, args.overrides)
+    data = apply_overrides(data, args.overrides, spec.config)
     flags: dict[str, Any] = {}
     for dest, key in FLAG_KEYS.items():
         value = getattr(args, dest, None)
@@ -223,7 +242,8 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     summary = ""
-    if recipe_path.is_file():
+    own_data = any(getattr(cfg.data, k, None) for k in DATA_FLAGS if k != "data_dir")
+    if recipe_path.is_file() and not own_data:  # the recipe's first line describes its own data
         first = recipe_path.read_text().splitlines()[:1]
         summary = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
     return Run(spec=spec, cfg=cfg, args=args, output=output, device=device, console=console, recipe=recipe,
@@ -252,15 +272,30 @@ def unique_stems(paths: Sequence[str]) -> list[str]:
 
 
 def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: Path, batch_size: int = 32) -> list[dict]:
-    """``--predict``: every file through ``predictor`` (all checked first), then the task's
+    """``--predict``: every readable file through ``predictor``, then the task's
     ``write_prediction`` (files under ``out_dir``, one printed line each); where the task wrote
-    files, ``out_dir/summary.json`` lists every entry."""
-    images = predictor.read(list(paths))
-    results = predictor.predict(images, batch_size=batch_size)
-    entries = [predictor.spec.write_prediction(result, image, str(path), out_dir, stem, predictor.meta)
-               for result, image, path, stem in zip(results, images, paths, unique_stems(paths), strict=True)]
+    files, ``out_dir/summary.json`` lists every entry. A file that cannot be read is reported
+    (stderr) and the others are still predicted; then a ``ValueError`` names what failed."""
+    good, images, failed = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            images.append(predictor.read([path])[0])
+            good.append(i)
+        except (ValueError, FileNotFoundError) as e:
+            why = str(e).split(": ", 1)[-1].removeprefix(f"{path}: ")  # "input 0 (path): why" -> why
+            failed.append((str(path), why))
+            sys.stderr.write(f"skipped {path}: {failed[-1][1]}\n")
+    stems = unique_stems(paths)
+    results = predictor.predict(images, batch_size=batch_size) if images else []
+    entries = [predictor.spec.write_prediction(result, image, str(paths[i]), out_dir, stems[i], predictor.meta)
+               for result, image, i in zip(results, images, good, strict=True)]
     if out_dir.is_dir():
-        (out_dir / "summary.json").write_text(json.dumps(entries, indent=1))
+        errors = [{"image": path, "error": why} for path, why in failed]
+        (out_dir / "summary.json").write_text(json.dumps(entries + errors, indent=1))
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(paths)} inputs could not be read"
+                         + (f" (the other {len(entries)} were predicted)" if entries else "")
+                         + f": {failed[0][0]}: {failed[0][1]}")
     return entries
 
 
@@ -278,6 +313,9 @@ def run(spec: TaskSpec, argv: Sequence[str] | argparse.Namespace | None = None) 
         return {"predictions": predict_files(predictor, args.predict, r.output / "predictions")}
 
     data = spec.build_data(cfg, device, train=not args.eval_only, quiet=args.quiet)
+    if len(data.val) == 0:  # every metric would be 0 and look like a result
+        source = getattr(data.val_set, "ann_file", None) or getattr(data.val_set, "image_dir", None) or "the data"
+        raise ValueError(f"the validation set is empty ({source}): there is nothing to evaluate")
     if args.eval_only:
         model, meta = _weights_model(r)
         if len(meta["class_names"]) != len(data.meta["class_names"]):
@@ -302,7 +340,8 @@ def run(spec: TaskSpec, argv: Sequence[str] | argparse.Namespace | None = None) 
         return spec.evaluate(m, data, device, cfg.train.amp, output=r.output if final else None)
 
     trainer = Trainer(spec.name, cfg, model, data.train, output=r.output, device=device, quiet=args.quiet,
-                      console=say, main_metric=spec.main_metric, meta=data.meta, evaluate=evaluate)
+                      console=say, main_metric=spec.main_metric, meta=data.meta, evaluate=evaluate,
+                      targets_checked=data.targets_checked)
     if r.resume_from is not None:
         trainer.resume(r.resume_from)
     record = trainer.fit()
@@ -318,6 +357,19 @@ def run(spec: TaskSpec, argv: Sequence[str] | argparse.Namespace | None = None) 
     for line in lines[1:]:
         say(line)
     return {**record, **metrics, "output": str(r.output)}
+
+
+def error_line(e: BaseException) -> str:
+    """The message of ``e`` as one line. An error raised in a DataLoader worker reaches the
+    main process re-raised with "Caught X in DataLoader worker process N" and the worker's
+    whole traceback as its message: its last line is the original error, which is what a
+    user needs (the same line as with ``num_workers=0``)."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        match = re.match(r"[A-Za-z_][\w.]*: (.*)", last)
+        text = match.group(1) if match else last
+    return text
 
 
 def run_cli(main) -> None:
@@ -336,7 +388,7 @@ def run_cli(main) -> None:
             raise
         rank = os.environ.get("RANK", "0") if distributed.env_world_size() > 1 else "0"
         # one write per line: the lines of several ranks do not interleave
-        sys.stderr.write(f"error{'' if rank == '0' else f' [rank {rank}]'}: {e}\n")
+        sys.stderr.write(f"error{'' if rank == '0' else f' [rank {rank}]'}: {error_line(e)}\n")
         sys.stderr.flush()
         code = 2
     finally:

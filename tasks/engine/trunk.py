@@ -11,12 +11,14 @@ import os
 from typing import Callable
 
 from backbones.resnet import ResNet
-from backbones.weights import CKPT_FORMAT, LoadReport, read_checkpoint
+from backbones.weights import (CKPT_FORMAT, LoadReport, describe_layout, extract_backbone_state, layout_depth,
+                               read_checkpoint, resnet_layout)
 
 from .config import ModelConfig
 from .registry import spec_for_checkpoint
 
 __all__ = ["load_trunk"]
+
 
 
 def load_trunk(backbone: ResNet, path: str | os.PathLike, model_cfg: ModelConfig,
@@ -34,6 +36,14 @@ def load_trunk(backbone: ResNet, path: str | os.PathLike, model_cfg: ModelConfig
             notes.append(f"the checkpoint's trunk has the {src['stem']!r} stem, this model the {model_cfg.stem!r} "
                          f"one: the stem conv starts from its initialisation (--set model.stem={src['stem']} "
                          f"carries it over)")
+    else:  # a torchvision / timm state dict says nothing of its depth but its keys
+        src_block, src_stages = resnet_layout(extract_backbone_state(ckpt)[0])
+        own_block, own_stages = resnet_layout(backbone.state_dict())
+        if (src_block, src_stages[:len(own_stages)]) != (own_block, own_stages):
+            depth = layout_depth((src_block, src_stages))
+            raise ValueError(f"--trunk {path} holds a {describe_layout((src_block, src_stages))} trunk but this model "
+                             f"is {describe_layout((own_block, own_stages))}: "
+                             + (f"pass --set model.depth={depth}" if depth else "it cannot be loaded into it"))
     report = backbone.load_weights(path, strict=False, verbose=False)
     not_loaded = [k for k, *_ in report.mismatched] + report.missing
     frozen_names = {n for m in backbone.frozen_modules() for n, _ in m.named_parameters()}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -11,16 +11,32 @@ matplotlib.use("Agg")  # run folders are written on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .checkpoint import write_error  # noqa: E402
+
 __all__ = ["plot_curves", "plot_confusion", "save_figure", "class_colors", "draw_detection_grid",
            "draw_segmentation_grid", "overlay_mask", "save_palette_mask"]
 
 
-def save_figure(fig, path: str | os.PathLike) -> None:
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` to a temp file beside ``path`` (same suffix: it picks the image format),
+    then ``os.replace``: a crash or a full disk leaves the old picture and no temp file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # keep the suffix: it picks the format
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e) from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def plot_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike, *, main_metric: str | None = None) -> None:
@@ -109,10 +125,7 @@ def draw_detection_grid(images: Sequence, predictions: Sequence[dict], class_nam
             img = draw_bounding_boxes(img, boxes, labels=text, colors=[colors[int(c)] for c in labels], width=2)
         tiles.append(img)
     grid = make_grid(torch.stack(tiles), nrow=nrow, padding=4, pad_value=255)
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, Image.fromarray(grid.permute(1, 2, 0).numpy()).save)
 
 
 def overlay_mask(image, labels, colors, ignore_index: int = 255):
@@ -147,10 +160,7 @@ def draw_segmentation_grid(images: Sequence, predictions: Sequence, class_names:
             tiles.append(overlay_mask(img, targets[i].cpu(), colors, ignore_index))
         tiles.append(overlay_mask(img, pred.cpu(), colors, ignore_index))
     grid = make_grid(torch.stack(tiles), nrow=3 if targets is not None else 2, padding=4, pad_value=255)
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, Image.fromarray(grid.permute(1, 2, 0).numpy()).save)
 
 
 def save_palette_mask(mask, path: str | os.PathLike, n_classes: int) -> None:
@@ -162,4 +172,4 @@ def save_palette_mask(mask, path: str | os.PathLike, n_classes: int) -> None:
     pal += [0] * (3 * 255 - len(pal)) + [255, 255, 255]  # index 255 (ignore) in white
     img = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
     img.putpalette(pal)
-    img.save(path)
+    write_atomic(path, img.save)
