@@ -120,8 +120,8 @@ class CheckpointWriter:
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
-            if isinstance(err, OSError):  # a full disk, a vanished folder: one line for the runner
-                raise err
+            if isinstance(err, OSError) or not isinstance(err, Exception):
+                raise err  # a full disk, a vanished folder (one line for the runner); an interrupt as it is
             raise RuntimeError(f"writing a checkpoint failed: {err}") from err
 
 

@@ -130,6 +130,12 @@ def _latest_run(base: Path) -> Path | None:
     return max(runs, key=lambda p: (p / "last.pt").stat().st_mtime) if runs else None
 
 
+def _folder(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--output {path} is a file, not a folder")
+    return path
+
+
 def _holds_run(folder: Path) -> bool:
     return (folder / "last.pt").exists() or (folder / "metrics.jsonl").exists()
 
@@ -138,7 +144,7 @@ def _choose_output(args: argparse.Namespace, runs_root: Path, resume_from: Path 
     if resume_from is not None:
         if not args.output:
             return resume_from.parent
-        output = Path(args.output)
+        output = _folder(Path(args.output))
         if _holds_run(output) and resume_from.resolve().parent != output.resolve() and not args.overwrite:
             raise FileExistsError(f"--output {output} holds another run, and --resume {resume_from} is not from it: "
                                   f"resuming there would overwrite that run's metrics.jsonl and checkpoints. Resume "
@@ -149,7 +155,7 @@ def _choose_output(args: argparse.Namespace, runs_root: Path, resume_from: Path 
         weights = Path(args.weights)
         return weights.parent if args.predict else weights.parent / f"eval-{weights.stem}"
     if args.output:
-        output = Path(args.output)
+        output = _folder(Path(args.output))
         if (output / "last.pt").exists() and not (args.eval_only or args.predict or args.overwrite):
             raise FileExistsError(f"--output {output} already holds a run (last.pt): pass --resume to continue it, "
                                   f"--overwrite to replace it, or choose another --output")
@@ -161,6 +167,13 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
     """Resolve config, output folder, device and seed from the parsed flags; under torchrun,
     join the process group (every rank calls this with the same flags)."""
     task = spec.name
+    modes = [flag for flag, on in (("--resume", args.resume), ("--eval-only", args.eval_only),
+                                   ("--predict", args.predict)) if on]
+    if len(modes) > 1:
+        raise ValueError(f"{' and '.join(modes)} do not go together: choose one")
+    if args.weights and not (args.eval_only or args.predict):
+        raise ValueError("--weights goes with --eval-only or --predict; to train from a checkpoint's trunk pass "
+                         "--trunk CKPT, to continue a run --resume CKPT")
     if distributed.env_world_size() > 1:
         if args.predict:
             raise ValueError("--predict runs in one process: python -m tasks.<task> --predict ... (not torchrun)")
@@ -186,6 +199,9 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
                 raise FileNotFoundError(f"--resume: no run with last.pt under {runs_root.parent}; pass --output DIR")
             resume_from = latest / "last.pt"
         if resume_from.is_dir():  # a run folder: its last checkpoint
+            if not (resume_from / "last.pt").is_file():
+                raise FileNotFoundError(f"--resume {resume_from} is a folder, not a checkpoint file, and holds no "
+                                        f"last.pt (not a run folder, or its run never saved one)")
             resume_from = resume_from / "last.pt"
         if not resume_from.is_file():
             raise FileNotFoundError(f"--resume: {resume_from} does not exist")
