@@ -19,7 +19,9 @@ from torchvision.ops import FrozenBatchNorm2d, StochasticDepth
 
 from .base import Backbone, FeatureSpec, register_backbone
 from .stem import SpaceToDepthConv2d, StemMaxPool
-from .weights import LoadReport, load_backbone_weights
+from .pretrained import is_named
+from .pretrained import resolve as resolve_named
+from .weights import LoadReport, layout_depth, load_backbone_weights, resnet_layout
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101",
            "resnet152", "make_norm_layer"]
@@ -280,8 +282,18 @@ class ResNet(Backbone):
 
     def load_weights(self, weights: str | os.PathLike | Mapping[str, Any], *, strict: bool = True,
                      verbose: bool = True) -> LoadReport:
-        """Load a torchvision / timm / onetrunk checkpoint; see ``backbones.weights``."""
-        return load_backbone_weights(self, weights, first_conv=self.first_conv, strict=strict, verbose=verbose)
+        """Load a torchvision / timm / onetrunk checkpoint (``backbones.weights``), or weights by
+        name: ``torchvision:IMAGENET1K_V2``, ``timm:resnet50.a1_in1k``, ``imagenet``
+        (``backbones.pretrained``: the libraries' caches, offline first)."""
+        name = None
+        if is_named(weights):
+            depth = layout_depth(resnet_layout(self.state_dict()))
+            if depth is None:
+                raise ValueError(f"weights {weights!r}: named weights exist for ResNet-18/34/50/101/152 only")
+            info, weights = resolve_named(weights, f"resnet{depth}")
+            name = f"{info.name} ({info.library} {info.arch})"
+        return load_backbone_weights(self, weights, first_conv=self.first_conv, strict=strict, verbose=verbose,
+                                     name=name)
 
 
 # ----------------------------------------------------------------------------- builders

@@ -260,15 +260,16 @@ def load_backbone_weights(
     first_conv: str = "conv1.weight",
     strict: bool = True,
     verbose: bool = True,
+    name: str | None = None,
 ) -> LoadReport:
     """Load trunk weights from ``source`` into ``model`` and report what happened.
 
     ``strict`` raises ``WeightsMismatchError`` naming the keys when a model tensor is missing
     from the checkpoint or has another shape; with ``strict=False`` those stay at their
     initial values and are listed in the report. Keys the model does not have (``fc``, extra
-    heads, stages not built) are reported as unused.
+    heads, stages not built) are reported as unused. ``name``: the source in the report.
     """
-    name = source if not isinstance(source, Mapping) else "<state dict>"
+    name = name or (source if not isinstance(source, Mapping) else "<state dict>")
     state, kind = extract_backbone_state(read_checkpoint(source))
     report = LoadReport(source=str(name), kind=kind)
     own = model.state_dict()

@@ -105,6 +105,7 @@ def make_preprocess(cfg: ClassifyConfig, meta: Mapping[str, Any] | None = None) 
     ImageNet statistics (their channel mean for gray), shorter side to size * 8/7, centre crop."""
     chans = cfg.model.in_chans
     meta = meta or {}
+    pretrained = cfg.model.normalization() if "mean" not in meta else None  # the trunk's own, if it has any
     if _uses_folders(cfg):
         size, crop_pct = cfg.data.image_size or 224, FOLDERS_CROP_PCT
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if chans == 3 else ((sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,))
@@ -113,6 +114,8 @@ def make_preprocess(cfg: ClassifyConfig, meta: Mapping[str, Any] | None = None) 
             raise ValueError(f"Fashion-MNIST is grayscale: set model.in_chans=1 (got {chans})")
         size, crop_pct = 28, 1.0
         mean, std = (fashion_mnist.MEAN,), (fashion_mnist.STD,)
+    if pretrained is not None:
+        mean, std = pretrained
     return Preprocess(in_chans=chans, mean=tuple(meta.get("mean", mean)), std=tuple(meta.get("std", std)),
                       resize="crop", size=int(meta.get("image_size", size)), crop_pct=crop_pct)
 

@@ -38,7 +38,7 @@ from tasks.data.segmentation import (IGNORE_INDEX, CocoSemanticDataset, MaskFold
                                      scenes_segmentation)
 from tasks.data.transforms import segmentation_train_transforms
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded
-from tasks.engine.datasets import data_files, dense_preprocess, file_loaders
+from tasks.engine.datasets import data_files, dense_preprocess, dense_train_transforms, file_loaders
 from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
 from tasks.engine.metrics import ConfusionMatrix
@@ -101,8 +101,8 @@ def _datasets(cfg: SegmentConfig, pre: Preprocess, train: bool, quiet: bool):
     if d.dataset not in ("scenes", "coco", "folders"):
         raise ValueError(f"data.dataset={d.dataset!r}: choose scenes, coco or folders")
     size = d.image_size
-    train_tf = segmentation_train_transforms(size, (d.scale_min, d.scale_max), 0.5 if d.hflip else 0.0,
-                                             seed=cfg.train.seed, base_size=size)
+    train_tf = dense_train_transforms(cfg, boxes=False) or segmentation_train_transforms(
+        size, (d.scale_min, d.scale_max), 0.5 if d.hflip else 0.0, seed=cfg.train.seed, base_size=size)
     val_tf = pre.albumentations()
     common = dict(skip_bad=d.skip_bad)
     if d.train_ann or d.val_ann or d.dataset == "coco":
@@ -139,7 +139,8 @@ def build_data(cfg: SegmentConfig, device: torch.device, *, train: bool = True, 
                                      train_collate=collate_segmentation, val_collate=collate_segmentation)
     # the mask datasets check every class id when they read a mask
     return TaskData(train_loader, val, {"class_names": list(val_set.class_names), **pre.to_meta()}, pre,
-                    val_set=val_set, targets_checked=True)
+                    val_set=val_set, targets_checked=True,
+                    fixed_shapes=cfg.data.resize != "aspect")
 
 
 # ----------------------------------------------------------------------------- evaluation

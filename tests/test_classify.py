@@ -40,7 +40,7 @@ def test_run_writes_every_artifact_and_learns(two_epoch_run):
     assert {"format", "config", "model", "optimizer", "scheduler", "metrics", "rng", "meta"} <= set(ckpt)
     meta = ckpt["meta"]  # one schema for every task
     assert meta["in_chans"] == 1 and len(meta["mean"]) == len(meta["std"]) == 1
-    assert meta["preprocess"] == {"resize": "crop", "size": 28, "crop_pct": 1.0, "size_divisible": 32}
+    assert meta["preprocess"] == {"resize": "crop", "size": 28, "crop_pct": 1.0, "size_divisible": 32, "max_size": None}
 
 
 def test_resume_reproduces_uninterrupted_run(two_epoch_run, fm_dir, tmp_path, monkeypatch):

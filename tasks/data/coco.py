@@ -312,21 +312,28 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._records)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | None:
-        if not self.skip_bad:
-            return self._load(index)
-        # unreadable or vanished since init (FileNotFoundError)
-        return load_skipping_bad(self._load, index, len(self), (OSError,), self.stats, str(self.ann_file),
-                                 replace=not self.evaluation)
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """``(h, w)`` of every sample, from the annotation file (the aspect batch sampler's input)."""
+        return [(h, w) for _, _, h, w, _, _ in self._records]
 
-    def _load(self, index: int) -> tuple[torch.Tensor, dict]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, dict] | None:
+        # (index, size): the aspect batch sampler's pick of this batch's scale (SizedTransforms.at)
+        index, size = index if isinstance(index, tuple) else (index, None)
+        transforms = self.transforms.at(size) if size is not None and hasattr(self.transforms, "at") else None
+        if not self.skip_bad:
+            return self._load(index, transforms)
+        # unreadable or vanished since init (FileNotFoundError)
+        return load_skipping_bad(lambda i: self._load(i, transforms), index, len(self), (OSError,), self.stats,
+                                 str(self.ann_file), replace=not self.evaluation)
+
+    def _load(self, index: int, transforms: Any = None) -> tuple[torch.Tensor, dict]:
         img_id, path, h, w, boxes, labels = self._records[index]
         image = read_image(path)
         if image.shape[:2] != (h, w):
             raise ImageReadError(f"{path}: image is {image.shape[1]}x{image.shape[0]} but "
                                  f"{self.ann_file} says {w}x{h} (image id {img_id})")
         mask = self._read_mask(path, image.shape[:2]) if self.mask_dir is not None else None
-        image, boxes, labels, scale, offset, mask = self._transform(image, boxes, labels, mask)
+        image, boxes, labels, scale, offset, mask = self._transform(image, boxes, labels, mask, transforms)
         target = {
             "boxes": torch.from_numpy(boxes),
             "labels": torch.from_numpy(labels),
@@ -349,9 +356,11 @@ class CocoDetection(torch.utils.data.Dataset):
                                  f"{image_path} is {size[1]}x{size[0]}")
         return mask
 
-    def _transform(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None):
+    def _transform(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None,
+                   transforms: Any = None):
         h, w = image.shape[:2]
-        if self.transforms is None:
+        transforms = transforms or self.transforms
+        if transforms is None:
             return image, boxes, labels, (1.0, 1.0), (0.0, 0.0), mask
         # A whole-image "frame" box rides along with the real ones: where the pipeline puts it
         # is where the original image ended up, computed by the same bbox arithmetic as the
@@ -359,7 +368,7 @@ class CocoDetection(torch.utils.data.Dataset):
         # re-deriving each transform's rounding. After a crop or flip the mapping is not
         # invertible by scale and offset alone (training pipelines; nothing maps back there).
         extra = {"mask": mask} if mask is not None else {}
-        out = self.transforms(
+        out = transforms(
             image=image,
             bboxes=np.concatenate([boxes, np.array([[0, 0, w, h]], np.float32)]),
             labels=np.concatenate([labels, np.array([_FRAME_LABEL], np.int64)]), **extra)
@@ -383,7 +392,8 @@ class CocoDetection(torch.utils.data.Dataset):
 def _check_transforms(transforms: Any) -> None:
     if transforms is None:
         return
-    bbox = getattr(transforms, "processors", {}).get("bboxes") if isinstance(transforms, A.BaseCompose) else None
+    composed = isinstance(transforms, A.BaseCompose) or hasattr(transforms, "at")  # SizedTransforms
+    bbox = getattr(transforms, "processors", {}).get("bboxes") if composed else None
     if (bbox is None or bbox.params.format != "pascal_voc"
             or "labels" not in (bbox.params.label_fields or ())):
         raise ValueError("transforms must be an albumentations Compose with bbox_params="

@@ -11,6 +11,9 @@ tensor on every path:
 * ``resize="longest"`` (detection, segmentation): the longer side to ``size``, aspect ratio
   kept, the batch padded bottom / right to a multiple of ``size_divisible`` (content anchored
   at (0, 0), so mapping back is a division by the per-axis scale).
+* ``resize="shorter"`` (the dense tasks' aspect mode, for photos): the shorter side to
+  ``size`` and the longer at most ``max_size`` (torchvision's / detectron2's convention),
+  padded as "longest".
 
 Shrinking uses area interpolation (``cv2.INTER_AREA``: no aliasing when a 4000 px photo
 becomes 256 px), enlarging bilinear. Pixels are then ``(x / 255 - mean) / std`` per channel,
@@ -29,9 +32,9 @@ import torch
 from .gpu_augment import BatchAugment
 from .images import pad_batch
 
-__all__ = ["Preprocess", "Geometry", "RESIZE_MODES"]
+__all__ = ["Preprocess", "Geometry", "RESIZE_MODES", "resized_shape"]
 
-RESIZE_MODES = ("crop", "longest")
+RESIZE_MODES = ("crop", "longest", "shorter")
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,8 @@ class Preprocess:
     resize: str                 # "crop" | "longest"
     size: int
     crop_pct: float = 1.0       # "crop": shorter side to round(size / crop_pct) before the crop
-    size_divisible: int = 32    # "longest": batch padding
+    size_divisible: int = 32    # "longest" / "shorter": batch padding
+    max_size: int | None = None  # "shorter": the longer side at most this
     _norm: BatchAugment = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +76,8 @@ class Preprocess:
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise ValueError(f"preprocess mean {list(self.mean)} / std {list(self.std)}: expected {self.in_chans} "
                              f"value(s) each")
+        if self.resize == "shorter" and self.max_size is not None and self.max_size < self.size:
+            raise ValueError(f"preprocess max_size={self.max_size} is below size={self.size}")
         if self.size < 1 or not 0 < self.crop_pct <= 1 or self.size_divisible < 1:
             raise ValueError(f"preprocess size={self.size}, crop_pct={self.crop_pct}, size_divisible="
                              f"{self.size_divisible}: expected size >= 1, 0 < crop_pct <= 1, size_divisible >= 1")
@@ -97,15 +103,12 @@ class Preprocess:
 
     # ------------------------------------------------------------------ geometry
 
-    @property
-    def resize_to(self) -> int:
-        """The target of the resize: the longer side ("longest") or the shorter one ("crop")."""
-        return self.size if self.resize == "longest" else max(self.size, round(self.size / self.crop_pct))
-
     def _resized_shape(self, h: int, w: int) -> tuple[int, int]:
-        side = max(h, w) if self.resize == "longest" else min(h, w)
-        scale = self.resize_to / side
-        return max(1, round(h * scale)), max(1, round(w * scale))
+        if self.resize == "longest":
+            return resized_shape(h, w, longest=self.size)
+        if self.resize == "shorter":
+            return resized_shape(h, w, shorter=self.size, max_size=self.max_size)
+        return resized_shape(h, w, shorter=max(self.size, round(self.size / self.crop_pct)))
 
     def albumentations(self, *, boxes: bool = False) -> A.Compose:
         """The geometric part as an albumentations pipeline, for datasets (boxes with
@@ -149,15 +152,16 @@ class Preprocess:
 
     def batch(self, images: Sequence[np.ndarray], pin_memory: bool = False) -> torch.Tensor:
         """Transformed ``H x W x C`` uint8 arrays -> one uint8 ``[N, C, H, W]`` batch (channels_last
-        in memory): padded bottom / right to a multiple of ``size_divisible`` ("longest"; "crop"
-        images are all ``size x size`` already, and a classifier is not fed padding)."""
+        in memory): padded bottom / right to a multiple of ``size_divisible`` ("longest",
+        "shorter"; "crop" images are all ``size x size`` already, and a classifier is not fed
+        padding)."""
         # read-only arrays (np.asarray of a PIL image) are copied: torch warns about aliasing them
         return pad_batch([torch.from_numpy(a if a.flags.writeable else a.copy()) for a in images],
                          self._divisible, pin_memory=pin_memory, channels_last=True)
 
     @property
     def _divisible(self) -> int:
-        return self.size_divisible if self.resize == "longest" else 1
+        return 1 if self.resize == "crop" else self.size_divisible
 
     def padded_shape(self, height: int, width: int) -> tuple[int, int]:
         """The input shape a transformed image of ``height x width`` gets in a batch of its own."""
@@ -171,6 +175,20 @@ class Preprocess:
     def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
         """Undo ``normalize`` (for pictures)."""
         return self._norm.to_uint8(x)
+
+
+def resized_shape(h: int, w: int, *, longest: int | None = None, shorter: int | None = None,
+                  max_size: int | None = None) -> tuple[int, int]:
+    """``(h, w)`` scaled so the longer side is ``longest``, or the shorter is ``shorter`` with the
+    longer at most ``max_size``: the one rule evaluation, prediction, training's aspect mode and
+    the batch sampler's padding count share."""
+    if longest is not None:
+        scale = longest / max(h, w)
+    else:
+        scale = shorter / min(h, w)
+        if max_size is not None:
+            scale = min(scale, max_size / max(h, w))
+    return max(1, round(h * scale)), max(1, round(w * scale))
 
 
 def _identity(bboxes: np.ndarray, **_: Any) -> np.ndarray:

@@ -73,17 +73,25 @@ class _SegmentationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:  # pragma: no cover - subclasses
         raise NotImplementedError
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # (index, size): the aspect batch sampler's pick of this batch's scale (SizedTransforms.at)
+        index, size = index if isinstance(index, tuple) else (index, None)
+        transforms = self.transforms.at(size) if size is not None and hasattr(self.transforms, "at") else None
         if not self.skip_bad:
-            return self._load(index)
+            return self._load(index, transforms)
         # unreadable, vanished since init, or a bad mask
-        return load_skipping_bad(self._load, index, len(self), (OSError, MaskError), self.stats, self._source(),
-                                 replace=not self.evaluation)
+        return load_skipping_bad(lambda i: self._load(i, transforms), index, len(self), (OSError, MaskError),
+                                 self.stats, self._source(), replace=not self.evaluation)
 
-    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_sizes(self) -> list[tuple[int, int]]:  # pragma: no cover - subclasses
+        """``(h, w)`` of every sample without decoding it (the aspect batch sampler's input)."""
+        raise NotImplementedError
+
+    def _load(self, index: int, transforms: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self._read(index)
-        if self.transforms is not None:
-            out = self.transforms(image=image, mask=mask)
+        transforms = transforms or self.transforms
+        if transforms is not None:
+            out = transforms(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                 raise TypeError(f"transforms must return HWC uint8 RGB images, got {image.dtype} {image.shape}")
@@ -170,12 +178,24 @@ class MaskFolderDataset(_SegmentationDataset):
                 raise FileNotFoundError(f"{image}: no mask {mask}; --set data.skip_bad=true skips "
                                         f"images without masks")
         self.stats["images"] = len(self._pairs)
+        self._sizes: list[tuple[int, int]] | None = None
         if self.stats["skipped_images"]:
             warnings.warn(f"{self.image_dir}: {self.stats['skipped_images']} images without a mask in "
                           f"{self.mask_dir} are not used; counters in .stats", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self._pairs)
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        if self._sizes is None:
+            from PIL import Image
+
+            sizes = []
+            for image, _ in self._pairs:
+                with Image.open(image) as im:  # the header only
+                    sizes.append((im.height, im.width))
+            self._sizes = sizes
+        return self._sizes
 
     def _source(self) -> str:
         return str(self.image_dir)
@@ -308,6 +328,9 @@ class CocoSemanticDataset(_SegmentationDataset):
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        return [(h, w) for _, _, h, w, _ in self._records]
 
     def _source(self) -> str:
         return str(self.ann_file)

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 __all__ = ["detection_bbox_params", "detection_train_transforms", "segmentation_train_transforms",
-           "classification_train_transforms", "reseed_transforms", "reseed_dataset", "seed_worker"]
+           "classification_train_transforms", "SizedTransforms", "reseed_transforms", "reseed_dataset",
+           "seed_worker"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +87,45 @@ def detection_train_transforms(size: int, scale: Sequence[float] = (0.75, 1.25),
 # Seeding (any albumentations pipeline)
 # ---------------------------------------------------------------------------------------------
 
+class SizedTransforms:
+    """Training transforms of the dense tasks' aspect mode: the shorter side to a size the
+    batch sampler picks per batch (one of ``sizes``: scale jitter, every image of a batch at
+    one scale, so padding stays small), the longer at most ``max_size``, then a horizontal
+    flip; boxes (``boxes=True``) and masks follow. ``at(size)`` is the pipeline for one size;
+    called directly it uses the largest. All sizes draw from one random stream."""
+
+    def __init__(self, sizes: Sequence[int], max_size: int | None, hflip: float = 0.5, *, boxes: bool = False,
+                 seed: int | None = 0) -> None:
+        from .preprocess import Preprocess
+
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError(f"min_size={list(sizes)}: expected one or more positive sizes (pixels)")
+        self.sizes, self.max_size = tuple(int(s) for s in sizes), max_size
+        self._pipelines = {}
+        for size in self.sizes:
+            # the resize is Preprocess's own ("shorter"), so training and evaluation resize alike
+            resize = Preprocess(3, (0.5,) * 3, (0.5,) * 3, "shorter", size, max_size=max_size).albumentations(
+                boxes=boxes).transforms[0]
+            ops = [resize, A.HorizontalFlip(p=hflip)]
+            self._pipelines[size] = A.Compose(ops, bbox_params=detection_bbox_params(0.0) if boxes else None,
+                                              seed=seed)
+        self.processors = self._pipelines[self.sizes[-1]].processors  # what CocoDetection checks
+        reseed_transforms(self, seed)
+
+    def at(self, size: int) -> A.Compose:
+        try:
+            return self._pipelines[size]
+        except KeyError:
+            raise ValueError(f"size {size} is not one of this pipeline's sizes {list(self.sizes)}") from None
+
+    def __call__(self, **data):
+        return self.at(self.sizes[-1])(**data)
+
+    def set_random_state(self, rng, py_random) -> None:
+        for pipeline in self._pipelines.values():
+            pipeline.set_random_state(rng, py_random)
+
+
 def reseed_transforms(transforms: A.BaseCompose, seed: int | None) -> A.BaseCompose:
     """Give every transform of ``transforms`` one shared stream seeded by ``seed``; returns it.
 
@@ -112,7 +152,7 @@ def reseed_dataset(dataset, seed: int) -> int:
             continue
         seen.add(id(d))
         t = getattr(d, "transforms", None)
-        if isinstance(t, A.BaseCompose):
+        if isinstance(t, (A.BaseCompose, SizedTransforms)):
             found.append(t)
         if getattr(d, "dataset", None) is not None:
             stack.append(d.dataset)

@@ -44,7 +44,21 @@ class ModelConfig:
     zero_init_residual: bool = False
     drop_path_rate: float = bounded(0.0, 0.0, 1.0)
     grad_checkpointing: bool = False
-    weights: Optional[str] = None  # trunk weights: torchvision / timm / onetrunk checkpoint
+    # trunk weights: a file (torchvision / timm state dict, onetrunk checkpoint) or a name:
+    # torchvision:IMAGENET1K_V1|V2|DEFAULT, timm:<arch.tag>, imagenet (backbones.pretrained)
+    weights: Optional[str] = None
+    trunk: Optional[str] = None    # --trunk CKPT: another run's trunk, loaded with a report (tasks.engine.trunk)
+
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """The mean / std the trunk's weights were trained with (``weights`` by name, or an
+        onetrunk checkpoint in ``weights`` / ``trunk``), or None: the task's default then."""
+        from backbones.pretrained import weights_normalization
+
+        for source in (self.weights, self.trunk):
+            found = weights_normalization(source, f"resnet{self.depth}", self.in_chans)
+            if found is not None:
+                return found
+        return None
 
     def backbone_kwargs(self) -> dict[str, Any]:
         return dict(in_chans=self.in_chans, stem=self.stem, output_stride=self.output_stride, norm=self.norm,
@@ -68,7 +82,14 @@ class DenseDataConfig:
     scenes_val: int = bounded(1000, 1)
     scenes_size: int = bounded(256, 32)
     scenes_seed: int = 0
-    image_size: int = bounded(256, 32)  # longest side after resizing; training crops are square
+    scenes_aspect: Optional[tuple[float, float]] = None  # crop scenes to w / h in [lo, hi] (non-square photos)
+    # square: the longer side to image_size, training crops of image_size x image_size (FashionScenes);
+    # aspect: the shorter side to one of min_size (per batch; evaluation: the last), the longer at
+    # most max_size, images of similar aspect ratio batched together (a user's photos)
+    resize: str = "square"
+    image_size: int = bounded(256, 32)  # square: longest side after resizing; training crops are square
+    min_size: tuple[int, ...] = (800,)  # aspect: shorter side, one drawn per training batch (scale jitter)
+    max_size: int = bounded(1333, 32)   # aspect: the longer side at most
     scale_min: float = 0.75             # training scale jitter
     scale_max: float = 1.25
     hflip: bool = True
@@ -93,6 +114,7 @@ class OptimConfig:
     final_lr_ratio: float = 0.0    # last lr as a fraction of lr
     label_smoothing: float = bounded(0.0, 0.0, 1.0)
     clip_grad_norm: Optional[float] = bounded(None, 0.0)
+    trunk_lr_mult: float = bounded(1.0, 0.0)  # the backbone's learning rate, as a fraction of lr (fine-tuning)
     ema: bool = False              # evaluate and save an exponential moving average of the weights
     ema_decay: float = bounded(0.999, 0.0, 1.0)
 

@@ -16,13 +16,13 @@ from tasks.data.coco import CocoDetection
 from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD
 from tasks.data.preprocess import Preprocess
 from tasks.data.scenes import ensure_scenes
-from tasks.data.transforms import detection_train_transforms
+from tasks.data.transforms import SizedTransforms, detection_train_transforms
 
 from . import distributed
 from .config import DenseDataConfig
-from .loaders import DeviceLoader, make_loader, normalize_images
+from .loaders import AspectBatchSampler, DeviceLoader, make_loader, normalize_images
 
-__all__ = ["dense_preprocess", "data_files", "coco_sets", "file_loaders"]
+__all__ = ["dense_preprocess", "dense_train_transforms", "data_files", "coco_sets", "file_loaders"]
 
 # FashionScenes' files, by data flag
 _SCENES = {"train_ann": "annotations/instances_train.json", "val_ann": "annotations/instances_val.json",
@@ -31,15 +31,35 @@ _SCENES = {"train_ann": "annotations/instances_train.json", "val_ann": "annotati
 
 
 def dense_preprocess(cfg: Any, meta: Mapping[str, Any] | None = None) -> Preprocess:
-    """How detection, segmentation and multitask models see images: RGB files, the
-    normalisation of ``meta`` (ImageNet's by default), the longer side to ``data.image_size``
-    (or ``meta["image_size"]`` of an old checkpoint), padded to a multiple of 32."""
+    """How detection, segmentation and multitask models see images: RGB files; the
+    normalisation of ``meta``, else that of the trunk's weights (``model.weights`` by name, an
+    onetrunk ``model.trunk``), else ImageNet's; the longer side to ``data.image_size`` (or
+    ``meta["image_size"]`` of an old checkpoint), padded to a multiple of 32."""
     if cfg.model.in_chans != 3:
         raise ValueError(f"detection and segmentation read RGB files: model.in_chans must be 3 "
                          f"(got {cfg.model.in_chans})")
     meta = meta or {}
-    return Preprocess(in_chans=3, mean=tuple(meta.get("mean", IMAGENET_MEAN)), std=tuple(meta.get("std", IMAGENET_STD)),
-                      resize="longest", size=int(meta.get("image_size", cfg.data.image_size)))
+    mean, std = (meta["mean"], meta["std"]) if "mean" in meta else cfg.model.normalization() or (IMAGENET_MEAN,
+                                                                                                IMAGENET_STD)
+    d = cfg.data
+    if d.resize not in ("square", "aspect"):
+        raise ValueError(f"data.resize={d.resize!r}: choose square (FashionScenes) or aspect (photos)")
+    if d.resize == "aspect":
+        if not d.min_size or min(d.min_size) < 32:
+            raise ValueError(f"data.min_size={list(d.min_size)}: expected shorter-side sizes of 32 pixels or more")
+        return Preprocess(in_chans=3, mean=tuple(mean), std=tuple(std), resize="shorter", size=d.min_size[-1],
+                          max_size=d.max_size)
+    return Preprocess(in_chans=3, mean=tuple(mean), std=tuple(std), resize="longest",
+                      size=int(meta.get("image_size", d.image_size)))
+
+
+def dense_train_transforms(cfg: Any, *, boxes: bool) -> Any:
+    """The training augmentation of the aspect mode (``SizedTransforms``: the batch's scale,
+    flip), or None: the task's square-mode pipeline then."""
+    d = cfg.data
+    if d.resize != "aspect":
+        return None
+    return SizedTransforms(d.min_size, d.max_size, 0.5 if d.hflip else 0.0, boxes=boxes, seed=cfg.train.seed)
 
 
 def _flag(key: str) -> str:
@@ -74,6 +94,7 @@ def coco_sets(cfg: Any, paths: Mapping[str, str], pre: Any, *, train: bool = Tru
     if not train:
         return val_set, None
     train_set = CocoDetection(paths["train_ann"], paths["train_images"],
+                              dense_train_transforms(cfg, boxes=True) or
                               detection_train_transforms(d.image_size, (d.scale_min, d.scale_max),
                                                          0.5 if d.hflip else 0.0, seed=cfg.train.seed),
                               skip_bad=d.skip_bad, limit=d.limit_train, mask_dir=paths.get("train_masks"))
@@ -92,6 +113,13 @@ def file_loaders(train_set: Optional[torch.utils.data.Dataset], val_set: torch.u
     when the config says so), then ``finish(batch)`` if given."""
     d = cfg.data
     on_device = normalize_images(normalize, cfg.train.channels_last)
+    samplers: dict[str, Any] = {"train": None, "val": None}
+    if d.resize == "aspect":  # batches of one aspect group and one scale each
+        samplers["val"] = AspectBatchSampler(val_set.image_sizes(), d.eval_batch_size, scales=d.min_size[-1:],
+                                             max_size=d.max_size, train=False)
+        if train_set is not None:
+            samplers["train"] = AspectBatchSampler(train_set.image_sizes(), cfg.train.batch_size, scales=d.min_size,
+                                                   max_size=d.max_size, train=True, seed=cfg.train.seed)
     if finish is not None:
         normalized = on_device
 
@@ -100,7 +128,8 @@ def file_loaders(train_set: Optional[torch.utils.data.Dataset], val_set: torch.u
 
     def loader(ds, shuffle: bool, batch_size: int, collate: Callable):
         return make_loader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=d.num_workers,
-                           collate_fn=collate, seed=cfg.train.seed, device=device)
+                           collate_fn=collate, seed=cfg.train.seed, device=device,
+                           batch_sampler=samplers["train" if shuffle else "val"])
 
     val = DeviceLoader(loader(val_set, False, d.eval_batch_size, val_collate), device, on_device)
     train = None

@@ -14,7 +14,7 @@ unpadded, so every sample is evaluated exactly once. The data order is a functio
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -23,8 +23,8 @@ from tasks.data.gpu_augment import BatchAugment
 
 from . import distributed
 
-__all__ = ["TensorLoader", "DeviceLoader", "ShardSampler", "epoch_seed", "move_to", "make_loader", "normalize_images",
-           "shard_range"]
+__all__ = ["TensorLoader", "DeviceLoader", "ShardSampler", "AspectBatchSampler", "epoch_seed", "move_to", "make_loader",
+           "normalize_images", "shard_range"]
 
 
 def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
@@ -58,6 +58,93 @@ class ShardSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
+
+
+class AspectBatchSampler(Sampler[list]):
+    """Batches of images of similar aspect ratio, each at one scale: the dense tasks' aspect
+    mode (torchvision references' ``GroupedBatchSampler``, with the scale picked per batch).
+
+    ``sizes``: every sample's ``(h, w)``. Images are binned by ``w / h`` into ``2 * groups``
+    bins (torchvision's ``create_aspect_ratio_groups``, k = ``groups``). Training (``train``):
+    every epoch a new permutation (from ``seed`` and the epoch, the same on every rank), a
+    batch as soon as a bin holds ``batch_size`` images, its scale drawn from ``scales``;
+    leftovers are dropped (fixed batch sizes), and rank r takes batches r, r + world, ...
+    (the same count on every rank). Evaluation: every image once, bin by bin in index order,
+    at ``scales[-1]``. Yields lists of ``(index, scale)``, which the datasets read as "this
+    sample at this shorter side" (``SizedTransforms.at``).
+
+    ``epoch_stats()`` gives the fraction of the padded batches' pixels that were padding over
+    the last pass (the resize is ``resized_shape``'s, the padding ``pad_batch``'s)."""
+
+    def __init__(self, sizes: Sequence[tuple[int, int]], batch_size: int, *, scales: Sequence[int],
+                 max_size: int | None, train: bool, seed: int = 0, groups: int = 3, size_divisible: int = 32,
+                 rank: int | None = None, world_size: int | None = None) -> None:
+        if not sizes:
+            raise ValueError("empty dataset")
+        self.sizes, self.batch_size, self.train = list(sizes), batch_size, train
+        self.scales, self.max_size, self.seed = tuple(scales), max_size, seed
+        self.divisible = size_divisible
+        self.rank, self.world = _rank_world(rank, world_size)
+        bins = torch.tensor([2.0 ** (i / groups) for i in range(-groups, groups + 1)])
+        aspect = torch.tensor([w / h for h, w in self.sizes])
+        self.group = torch.bucketize(aspect, bins).tolist()
+        self.epoch = 0
+        self._padded = self._content = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[tuple[int, int]]]:
+        if not self.train:
+            order = sorted(range(len(self.sizes)), key=lambda i: (self.group[i], i))
+            batches, current = [], []
+            for i in order:
+                if current and self.group[current[-1]] != self.group[i]:
+                    batches.append(current)
+                    current = []
+                current.append(i)
+                if len(current) == self.batch_size:
+                    batches.append(current)
+                    current = []
+            if current:
+                batches.append(current)
+            return [[(i, self.scales[-1]) for i in b] for b in batches][self.rank::self.world]
+        gen = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(len(self.sizes), generator=gen).tolist()
+        picks = torch.randint(len(self.scales), (len(self.sizes),), generator=gen).tolist()
+        buckets: dict[int, list[int]] = {}
+        batches = []
+        for i in order:
+            bucket = buckets.setdefault(self.group[i], [])
+            bucket.append(i)
+            if len(bucket) == self.batch_size:
+                scale = self.scales[picks[len(batches)]]
+                batches.append([(j, scale) for j in bucket])
+                buckets[self.group[i]] = []
+        per_rank = len(batches) // self.world
+        return batches[self.rank::self.world][:per_rank]
+
+    def __len__(self) -> int:
+        if not self.train:
+            return len(self._batches())
+        counts: dict[int, int] = {}
+        for g in self.group:
+            counts[g] = counts.get(g, 0) + 1
+        return sum(c // self.batch_size for c in counts.values()) // self.world
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        from tasks.data.preprocess import resized_shape
+
+        self._padded = self._content = 0
+        d = self.divisible
+        for batch in self._batches():
+            shapes = [resized_shape(*self.sizes[i], shorter=s, max_size=self.max_size) for i, s in batch]
+            self._content += sum(h * w for h, w in shapes)
+            self._padded += len(shapes) * (-(-max(h for h, _ in shapes) // d) * d) * (-(-max(w for _, w in shapes) // d) * d)
+            yield batch
+
+    def epoch_stats(self) -> dict[str, float]:
+        return {"pad_fraction": 1 - self._content / self._padded} if self._padded else {}
 
 
 def move_to(obj: Any, device: torch.device) -> Any:
@@ -159,9 +246,14 @@ class DeviceLoader:
         gen = getattr(self.loader, "generator", None)
         if gen is not None:  # worker seeds (albumentations draws): one stream per rank
             gen.manual_seed(epoch_seed(self.seed, epoch, salt=distributed.rank()))
-        sampler = getattr(self.loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        for sampler in (getattr(self.loader, "sampler", None), getattr(self.loader, "batch_sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+
+    def epoch_stats(self) -> dict[str, float]:
+        """The batch sampler's numbers of the last pass (padding), if it keeps any."""
+        stats = getattr(getattr(self.loader, "batch_sampler", None), "epoch_stats", None)
+        return stats() if stats is not None else {}
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
@@ -174,7 +266,7 @@ class DeviceLoader:
 
 def make_loader(dataset, *, batch_size: int, shuffle: bool, num_workers: int, collate_fn: Callable,
                 seed: int, device: torch.device, rank: int | None = None,
-                world_size: int | None = None) -> DataLoader:
+                world_size: int | None = None, batch_sampler: Sampler | None = None) -> DataLoader:
     """A DataLoader for file-based data: workers reseed numpy / random / albumentations from a
     generator that ``DeviceLoader.set_epoch`` reseeds per epoch; training drops a ragged last
     batch (fixed shapes for cuDNN plans and CUDA graphs).
@@ -188,6 +280,10 @@ def make_loader(dataset, *, batch_size: int, shuffle: bool, num_workers: int, co
     rank, world = _rank_world(rank, world_size)
     gen = torch.Generator()
     gen.manual_seed(seed)
+    if batch_sampler is not None:  # it shards and shuffles by itself (AspectBatchSampler)
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate_fn,
+                          worker_init_fn=seed_worker, generator=gen, pin_memory=device.type == "cuda",
+                          persistent_workers=False)
     sampler = None
     n_local = len(dataset)
     if world > 1:

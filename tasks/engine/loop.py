@@ -375,11 +375,13 @@ class Trainer:
                     self.train_loader.set_epoch(epoch)
                 result = self.train_one_epoch(epoch)
                 total_train_s += result.seconds
+                loader_stats = getattr(self.train_loader, "epoch_stats", dict)()  # e.g. the padding fraction
                 record = {"epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0],
                           **{f"train_{k}": v for k, v in result.losses.items()},
                           "train_images": result.images, "train_time_s": result.seconds,
                           "train_time_total_s": total_train_s,
-                          "train_img_per_s": result.images / max(result.seconds, 1e-9)}
+                          "train_img_per_s": result.images / max(result.seconds, 1e-9),
+                          **{f"train_{k}": v for k, v in loader_stats.items()}}
                 if self.world > 1:  # train_images and img/s count every rank's images
                     record["world_size"] = self.world
                 last = epoch + 1 == self.epochs

@@ -12,20 +12,23 @@ from .config import OptimConfig
 __all__ = ["build_optimizer", "build_scheduler", "param_groups"]
 
 
-def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float) -> list[dict]:
-    """Two groups: conv / linear weights decay; norm weights and biases (1-D) do not by default."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float, lr: float = 0.1,
+                 trunk_lr_mult: float = 1.0) -> list[dict]:
+    """conv / linear weights decay, norm weights and biases (1-D) do not by default; with
+    ``trunk_lr_mult`` != 1 the backbone's parameters (``backbone.*``) get their own groups at
+    ``lr * trunk_lr_mult`` (fine-tuning a pretrained trunk more gently than a new head)."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": norm_weight_decay})
-    return groups
+            trunk = trunk_lr_mult != 1.0 and name.split(".", 1)[0] == "backbone"
+            groups.setdefault((trunk, p.ndim > 1), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else norm_weight_decay,
+             "lr": lr * trunk_lr_mult if trunk else lr}
+            for (trunk, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.norm_weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.norm_weight_decay, cfg.lr, cfg.trunk_lr_mult)
     if not any(g["params"] for g in groups):
         raise ValueError("no trainable parameters: is every stage frozen (model.freeze_at=5) without a head?")
     # Fused kernels on CUDA: one launch for all parameters instead of several per tensor.
@@ -44,7 +47,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: 
     warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
     if cfg.schedule == "onecycle" and total >= 8:  # shorter runs cannot hold its two phases
         pct = min(max(warmup, 2) / total, 0.5) if warmup > 0 else 0.3
-        return OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=pct,
+        return OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total, pct_start=pct,
                           cycle_momentum=cfg.name == "sgd" and cfg.momentum > 0)
     if cfg.schedule not in ("cosine", "constant", "onecycle"):
         raise ValueError(f"optim.schedule={cfg.schedule!r} is not supported; choose cosine, onecycle or constant")

@@ -42,7 +42,8 @@ def load_task_model(source: str | os.PathLike | Mapping[str, Any], *, task: str 
     spec = spec_for_checkpoint(ckpt, name, expected=task)
     if cfg is None:
         cfg = config_from_dict(spec.config, ckpt.get("config") or {}, where=f"{name} config:")
-    cfg.model.weights = None  # the checkpoint holds every weight: the trunk file it started from may be gone
+    # the checkpoint holds every weight: the trunk files the run started from may be gone
+    cfg.model.weights = cfg.model.trunk = None
     meta = read_meta(ckpt, spec, cfg)
     model = spec.build_model(cfg, meta)
     model.load_state_dict(model_state(ckpt))

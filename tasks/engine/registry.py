@@ -34,7 +34,8 @@ class TaskData:
     when evaluation needs it (COCO ground truth). ``skipped``: ``{"n": count}`` of training
     images skipped as unreadable (``data.skip_bad``), if the data counts them.
     ``targets_checked``: the datasets already guarantee valid targets (labels in range, boxes
-    with area, mask ids known), so the models' own per-step checks (a host sync) can go."""
+    with area, mask ids known), so the models' own per-step checks (a host sync) can go.
+    ``fixed_shapes``: False where batch shapes vary (the aspect mode): no CUDA graph then."""
 
     train: Any
     val: Any
@@ -43,6 +44,7 @@ class TaskData:
     val_set: Any = None
     skipped: Optional[dict[str, int]] = None
     targets_checked: bool = False
+    fixed_shapes: bool = True  # every training batch has one shape (what train.cuda_graph needs)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ FLAG_KEYS = {
     "train_ann": "data.train_ann", "val_ann": "data.val_ann", "train_images": "data.train_images",
     "val_images": "data.val_images", "train_masks": "data.train_masks", "val_masks": "data.val_masks",
     "download": "data.download",  # tasks.classify's own flag
+    "trunk": "model.trunk",
 }
 DATA_FLAGS = ("data_dir", "train_ann", "val_ann", "train_images", "val_images", "train_masks", "val_masks")
 
@@ -348,9 +349,13 @@ def run(spec: TaskSpec, argv: Sequence[str] | argparse.Namespace | None = None) 
             print(line)
         return metrics
 
+    if cfg.train.cuda_graph and not data.fixed_shapes:
+        # one graph replays one shape; this data's batches vary: eager steps (BENCHMARKS.md)
+        say("train.cuda_graph is off: the batches of data.resize=aspect vary in shape (eager steps)")
+        cfg.train.cuda_graph = False
     model = spec.build_model(cfg, data.meta)
-    if args.trunk:
-        load_trunk(model.backbone, args.trunk, cfg.model)  # printed even with --quiet: it changes the run
+    if cfg.model.trunk and r.resume_from is None:  # a resumed run has its trunk in the checkpoint
+        load_trunk(model.backbone, cfg.model.trunk, cfg.model)  # printed even with --quiet: it changes the run
 
     def evaluate(m, final: bool) -> dict[str, Any]:
         return spec.evaluate(m, data, device, cfg.train.amp, output=r.output if final else None)

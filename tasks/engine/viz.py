@@ -124,8 +124,17 @@ def draw_detection_grid(images: Sequence, predictions: Sequence[dict], class_nam
             text = [f"{class_names[int(c)]} {float(s):.2f}" for c, s in zip(labels, scores)]
             img = draw_bounding_boxes(img, boxes, labels=text, colors=[colors[int(c)] for c in labels], width=2)
         tiles.append(img)
-    grid = make_grid(torch.stack(tiles), nrow=nrow, padding=4, pad_value=255)
+    grid = make_grid(_same_size(tiles), nrow=nrow, padding=4, pad_value=255)
     write_atomic(path, Image.fromarray(grid.permute(1, 2, 0).numpy()).save)
+
+
+def _same_size(tiles):
+    """One batch of uint8 ``[3, H, W]`` tiles, each padded white bottom / right to the largest
+    (images of other aspect ratios, from the aspect mode or ``--predict``, share one grid)."""
+    import torch
+
+    from tasks.data.images import pad_batch
+    return pad_batch([t.cpu() for t in tiles], size_divisible=1, fill=255) if tiles else torch.zeros(0, 3, 1, 1)
 
 
 def overlay_mask(image, labels, colors, ignore_index: int = 255):
@@ -159,7 +168,7 @@ def draw_segmentation_grid(images: Sequence, predictions: Sequence, class_names:
         if targets is not None:
             tiles.append(overlay_mask(img, targets[i].cpu(), colors, ignore_index))
         tiles.append(overlay_mask(img, pred.cpu(), colors, ignore_index))
-    grid = make_grid(torch.stack(tiles), nrow=3 if targets is not None else 2, padding=4, pad_value=255)
+    grid = make_grid(_same_size(tiles), nrow=3 if targets is not None else 2, padding=4, pad_value=255)
     write_atomic(path, Image.fromarray(grid.permute(1, 2, 0).numpy()).save)
 
 

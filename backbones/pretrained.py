@@ -1,0 +1,178 @@
+"""Pretrained trunks by name, through the libraries' own caches, offline first.
+
+``weights=`` names (the depth is the model's):
+
+* ``torchvision:IMAGENET1K_V1`` / ``torchvision:IMAGENET1K_V2`` / ``torchvision:DEFAULT``:
+  torchvision's weight enum for that ResNet (``ResNet50_Weights.IMAGENET1K_V2`` ...); the file
+  is torch.hub's: ``$TORCH_HOME/hub/checkpoints/<name>-<hash>.pth``, downloaded on first use
+  (torch.hub checks the hash in the file name and shows a progress bar).
+* ``timm:<arch>.<tag>`` (e.g. ``timm:resnet50.a1_in1k``): timm's pretrained config; the file is
+  the Hugging Face hub cache's (``$HF_HOME/hub/models--timm--<name>/...``, ``HF_HUB_OFFLINE``
+  honoured), downloaded on first use.
+* ``imagenet``: ``torchvision:DEFAULT``.
+
+Nothing is downloaded when the file is cached. Offline (``HF_HUB_OFFLINE=1`` /
+``ONETRUNK_OFFLINE=1``, or the host does not answer within a few seconds) and not cached: a
+one-line ``FileNotFoundError`` naming the file, the folder to put it in and its URL. The
+weights' own normalisation (``mean`` / ``std`` of the enum's transforms or timm's config) is
+what the task layer then feeds the trunk.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+__all__ = ["NamedWeights", "is_named", "weights_info", "resolve", "weights_normalization"]
+
+_PROBE_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class NamedWeights:
+    """What a weights name stands for: where its file comes from and how its inputs were normalised."""
+
+    name: str                      # as given: "torchvision:IMAGENET1K_V2"
+    library: str                   # torchvision | timm
+    arch: str                      # "resnet50"
+    url: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hf_repo: str | None = None     # timm: the Hugging Face repo ("timm/resnet50.a1_in1k")
+    filename: str | None = None    # torchvision: the torch.hub file name
+
+
+def is_named(spec: Any) -> bool:
+    return isinstance(spec, str) and (spec == "imagenet" or spec.startswith(("torchvision:", "timm:")))
+
+
+def weights_info(spec: str, arch: str) -> NamedWeights:
+    """The ``NamedWeights`` of ``spec`` for a ``resnet<depth>`` trunk, from the libraries'
+    metadata alone (no file needed); a name that does not exist is a ``ValueError`` listing
+    the ones that do."""
+    if spec == "imagenet":
+        spec = "torchvision:DEFAULT"
+    library, _, tag = spec.partition(":")
+    if library == "torchvision":
+        import torchvision
+
+        enum = torchvision.models.get_model_weights(arch)
+        if tag not in enum.__members__:
+            raise ValueError(f"weights {spec!r}: torchvision has no {tag!r} weights for {arch}; "
+                             f"choose one of {', '.join('torchvision:' + m for m in enum.__members__)}")
+        w = enum[tag]
+        transforms = w.transforms()
+        return NamedWeights(spec, "torchvision", arch, w.url, tuple(transforms.mean), tuple(transforms.std),
+                            filename=os.path.basename(urlparse(w.url).path))
+    if library == "timm":
+        from timm.models import get_pretrained_cfg, split_model_name_tag
+
+        model_arch, _ = split_model_name_tag(tag)
+        if model_arch != arch:
+            raise ValueError(f"weights {spec!r} are for a timm {model_arch}, this trunk is a {arch}: "
+                             f"name a {arch} tag (e.g. timm:{arch}.a1_in1k) or build a {model_arch}")
+        cfg = get_pretrained_cfg(tag)
+        if cfg is None:
+            raise ValueError(f"weights {spec!r}: timm knows no pretrained tag {tag!r} (timm.list_pretrained("
+                             f"'{arch}.*') lists them)")
+        url = f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
+        return NamedWeights(spec, "timm", arch, url, tuple(cfg.mean), tuple(cfg.std), hf_repo=cfg.hf_hub_id,
+                            filename=None if cfg.hf_hub_id else os.path.basename(urlparse(cfg.url).path))
+    raise ValueError(f"weights {spec!r}: expected torchvision:<ENUM>, timm:<arch.tag>, imagenet or a file")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("ONETRUNK_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _reachable(url: str) -> bool:
+    """Whether ``url``'s host accepts a connection within a few seconds: without it a
+    download on a machine with no route out could wait far longer before failing."""
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
+                                 timeout=_PROBE_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def _not_available(info: NamedWeights, what: str, folder: str) -> FileNotFoundError:
+    return FileNotFoundError(f"weights {info.name}: {what} is not in the cache {folder} and cannot be downloaded "
+                             f"here (offline); put it there (from {info.url})")
+
+
+def _hf_cache() -> str:
+    # read at call time: huggingface_hub reads HF_HOME once, when it is imported
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                     os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    return os.path.join(home, "hub")
+
+
+def resolve(spec: str, arch: str) -> tuple[NamedWeights, str | Mapping[str, Any]]:
+    """``(info, weights)`` of a name: ``weights`` is the cached file's path (torch.hub) or the
+    state dict read from the hub cache (timm's safetensors), downloading first where allowed."""
+    import torch
+
+    info = weights_info(spec, arch)
+    if info.hf_repo is None:  # a torch.hub file (torchvision's, or a timm tag without a hub repo)
+        folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+        path = os.path.join(folder, info.filename)
+        if os.path.isfile(path):
+            return info, path
+        if _offline() or not _reachable(info.url):
+            raise _not_available(info, info.filename, folder)
+        os.makedirs(folder, exist_ok=True)
+        match = torch.hub.HASH_REGEX.search(info.filename)
+        torch.hub.download_url_to_file(info.url, path, match.group(1) if match else None, progress=True)
+        return info, path
+
+    from huggingface_hub import hf_hub_download
+
+    cache = _hf_cache()
+    names = ("model.safetensors", "pytorch_model.bin")
+    for filename in names:
+        try:
+            return info, _read_hub_file(hf_hub_download(info.hf_repo, filename, cache_dir=cache, local_files_only=True))
+        except Exception:  # noqa: BLE001 - huggingface_hub's "not cached" errors differ between versions
+            continue
+    if _offline() or not _reachable("https://huggingface.co"):
+        raise _not_available(info, f"{info.hf_repo} ({' or '.join(names)})", cache)
+    return info, _read_hub_file(hf_hub_download(info.hf_repo, names[0], cache_dir=cache))
+
+
+def _read_hub_file(path: str) -> str | Mapping[str, Any]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return path
+
+
+def weights_normalization(spec: Any, arch: str, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """How the inputs of the trunk that ``spec`` loads were normalised, for ``in_chans``
+    channels: a name's (its enum's transforms, timm's config), an onetrunk checkpoint's own
+    (``meta``: a trunk trained here keeps its normalisation), None for anything else (a plain
+    state dict says nothing). RGB statistics become their mean for one channel; gray ones are
+    repeated for three (as ``adapt_input_conv`` adapts the first conv)."""
+    if spec is None or isinstance(spec, Mapping):
+        return None
+    if is_named(spec):
+        info = weights_info(spec, arch)
+        mean, std = info.mean, info.std
+    else:
+        from .weights import CKPT_FORMAT, read_checkpoint
+
+        ckpt = read_checkpoint(spec)
+        meta = (ckpt.get("meta") or {}) if ckpt.get("format") == CKPT_FORMAT else {}
+        if not meta.get("mean") or not meta.get("std"):
+            return None
+        mean, std = tuple(meta["mean"]), tuple(meta["std"])
+    if len(mean) != in_chans:
+        mean, std = ((sum(mean) / len(mean),), (sum(std) / len(std),)) if in_chans == 1 else \
+            (tuple(mean) * in_chans, tuple(std) * in_chans)
+    return tuple(float(v) for v in mean[:in_chans]), tuple(float(v) for v in std[:in_chans])
