@@ -288,7 +288,7 @@ def load_backbone_weights(
             continue
         to_load[key] = value.to(dtype=target.dtype)
         report.loaded.append(key)
-    report.unexpected = [k for k in state if k not in own]
+    report.unexpected = [k for k in state if k not in own and not k.endswith(_IGNORABLE_SUFFIXES)]
     if strict and not report.ok:
         raise WeightsMismatchError(
             f"weights from {name} do not fit this {type(model).__name__}:\n{report}"

@@ -4,6 +4,7 @@ Usage:
     python -m tasks.detect                 # FashionScenes (generated into the cache if missing);
                                            # GPU recipe, or the quick CPU one
     python -m tasks.detect --train-ann A.json --train-images DIR --val-ann B.json --val-images DIR
+    python -m tasks.detect --voc-root VOCdevkit --config configs/detect/coco_fcos_resnet50.yaml
     python -m tasks.detect --trunk runs/classify/<run>/best.pt     # start from another task's trunk
     python -m tasks.detect --eval-only --weights runs/detect/<run>/best.pt
     python -m tasks.detect --predict street.jpg --weights runs/detect/<run>/best.pt
@@ -109,10 +110,15 @@ def collate_detection_padded(batch: Sequence[tuple[torch.Tensor, dict]], size_di
 
 def build_data(cfg: DetectConfig, device: torch.device, *, train: bool = True, quiet: bool = False) -> TaskData:
     d = cfg.data
-    if d.dataset not in ("scenes", "coco"):
-        raise ValueError(f"data.dataset={d.dataset!r}: choose scenes or coco")
+    if d.dataset not in ("scenes", "coco", "voc"):
+        raise ValueError(f"data.dataset={d.dataset!r}: choose scenes, coco or voc")
     pre = dense_preprocess(cfg)
-    paths = data_files(d, COCO_FILES, "COCO data", files=d.dataset == "coco", quiet=quiet)
+    if d.voc_root or d.dataset == "voc":
+        if not d.voc_root:
+            raise ValueError("data.dataset=voc needs --voc-root DIR")
+        paths = {"voc_root": d.voc_root}
+    else:
+        paths = data_files(d, COCO_FILES, "COCO data", files=d.dataset == "coco", quiet=quiet)
     val_set, train_set = coco_sets(cfg, paths, pre, train=train)
     # training: padded targets (few tensors, fixed shapes); validation keeps the per-image
     # dicts, whose ids and scales map predictions back to the files
@@ -204,7 +210,7 @@ def write_prediction(result: Mapping[str, Any], image: np.ndarray, source: str, 
 
 SPEC = TaskSpec(
     name="detect", config=DetectConfig, recipes=("scenes_fcos_resnet18", "scenes_quick"), main_metric="AP",
-    doc=__doc__, data_flags=("data_dir", "train_ann", "train_images", "val_ann", "val_images"),
+    doc=__doc__, data_flags=("data_dir", "train_ann", "train_images", "val_ann", "val_images", "voc_root"),
     build_model=build_model, build_data=build_data, evaluate=evaluate, make_preprocess=dense_preprocess,
     decode=decode, write_prediction=write_prediction, report=report, predict_options=("score_thresh",),
     build_head=build_head)

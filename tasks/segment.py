@@ -6,6 +6,7 @@ Usage:
     python -m tasks.segment --train-images DIR --train-masks DIR --val-images DIR --val-masks DIR \\
                             --set model.num_classes=21              # VOC-style PNG masks, 255 = ignore
     python -m tasks.segment --train-ann A.json --train-images DIR --val-ann B.json --val-images DIR
+    python -m tasks.segment --voc-root VOCdevkit --config configs/segment/voc_fcn_resnet50.yaml
     python -m tasks.segment --trunk runs/classify/<run>/best.pt      # start from another task's trunk
     python -m tasks.segment --eval-only --weights runs/segment/<run>/best.pt
     python -m tasks.segment --predict scene.png --weights runs/segment/<run>/best.pt
@@ -37,6 +38,7 @@ from tasks.data.preprocess import Geometry, Preprocess
 from tasks.data.segmentation import (IGNORE_INDEX, CocoSemanticDataset, MaskFolderDataset, collate_segmentation,
                                      scenes_segmentation)
 from tasks.data.transforms import segmentation_train_transforms
+from tasks.data.voc import voc_segmentation
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded
 from tasks.engine.datasets import data_files, dense_preprocess, dense_train_transforms, file_loaders
 from tasks.engine.logging import progress
@@ -98,13 +100,20 @@ def build_model(cfg: SegmentConfig, meta: Mapping[str, Any]) -> Segmenter:
 def _datasets(cfg: SegmentConfig, pre: Preprocess, train: bool, quiet: bool):
     """(train set or None, val set) from FashionScenes, COCO or mask folders."""
     d = cfg.data
-    if d.dataset not in ("scenes", "coco", "folders"):
-        raise ValueError(f"data.dataset={d.dataset!r}: choose scenes, coco or folders")
+    if d.dataset not in ("scenes", "coco", "folders", "voc"):
+        raise ValueError(f"data.dataset={d.dataset!r}: choose scenes, coco, folders or voc")
     size = d.image_size
     train_tf = dense_train_transforms(cfg, boxes=False) or segmentation_train_transforms(
         size, (d.scale_min, d.scale_max), 0.5 if d.hflip else 0.0, seed=cfg.train.seed, base_size=size)
     val_tf = pre.albumentations()
     common = dict(skip_bad=d.skip_bad)
+    if d.voc_root or d.dataset == "voc":
+        if not d.voc_root:
+            raise ValueError("data.dataset=voc needs --voc-root DIR")
+        val = voc_segmentation(d.voc_root, d.voc_val, transforms=val_tf, limit=d.limit_val, evaluation=True, **common)
+        tr = voc_segmentation(d.voc_root, d.voc_train, transforms=train_tf, limit=d.limit_train,
+                              **common) if train else None
+        return tr, val
     if d.train_ann or d.val_ann or d.dataset == "coco":
         p = data_files(d, ("train_ann", "train_images", "val_ann", "val_images"), "COCO segmentation data",
                        files=True)
@@ -291,7 +300,7 @@ def write_prediction(result: Mapping[str, Any], image: np.ndarray, source: str, 
 SPEC = TaskSpec(
     name="segment", config=SegmentConfig, recipes=("scenes_fcn_resnet18", "scenes_quick"), main_metric="miou",
     doc=__doc__, data_flags=("data_dir", "train_ann", "train_images", "train_masks", "val_ann", "val_images",
-                             "val_masks"),
+                             "val_masks", "voc_root"),
     build_model=build_model, build_data=build_data, evaluate=evaluate, make_preprocess=dense_preprocess,
     decode=decode, write_prediction=write_prediction, report=report, predict_options=("tile", "overlap"),
     build_head=build_head, predict=predict)

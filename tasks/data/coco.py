@@ -34,7 +34,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +61,19 @@ _FRAME_LABEL = -1
 # Annotation file checks
 # ---------------------------------------------------------------------------------------------
 
-def load_coco_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: COCO annotation file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+def load_coco_json(path: Path | Mapping[str, Any]) -> dict:
+    """A COCO file's contents, its three lists checked; a mapping (annotations built in memory,
+    e.g. from Pascal VOC XML) is checked the same way."""
+    if isinstance(path, Mapping):
+        data, path = dict(path), Path(str(path.get("source", "<annotations>")))
+    else:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: COCO annotation file not found")
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with 'images', 'annotations' and "
                          f"'categories' lists, got a {type(data).__name__}")
@@ -201,10 +206,12 @@ class CocoDetection(torch.utils.data.Dataset):
     scores exactly what the dataset serves.
     """
 
-    def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike,
+    def __init__(self, ann_file: str | os.PathLike | Mapping[str, Any], image_dir: str | os.PathLike,
                  transforms: A.Compose | None = None, *, skip_bad: bool = False,
                  limit: int | None = None, mask_dir: str | os.PathLike | None = None, evaluation: bool = False):
-        self.ann_file = Path(ann_file)
+        # a COCO file, or its contents in memory (named by their "source": Pascal VOC's XML)
+        self._ann = ann_file if isinstance(ann_file, Mapping) else None
+        self.ann_file = Path(str(ann_file["source"])) if isinstance(ann_file, Mapping) else Path(ann_file)
         self.image_dir = Path(image_dir)
         # optional semantic label maps (<mask_dir>/<image stem>.png), served as target["mask"]
         self.mask_dir = Path(mask_dir) if mask_dir is not None else None
@@ -217,7 +224,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.stats = dict.fromkeys(("images", "annotations", "crowd", "clipped", "degenerate",
                                     "malformed", "skipped_images", "unreadable"), 0)
 
-        data = load_coco_json(self.ann_file)
+        data = load_coco_json(self._ann if self._ann is not None else self.ann_file)
         names = check_categories(self.ann_file, data["categories"])
         images = check_images(self.ann_file, data["images"])
         self.cat_ids: list[int] = sorted(names)

@@ -141,12 +141,15 @@ class MaskFolderDataset(_SegmentationDataset):
 
     ``num_classes``: K, background included; mask values must be in ``[0, K)`` or 255.
     ``class_names``: default ``"0"``, ``"1"``, ... ``transforms``: a joint albumentations
-    pipeline (``tasks.data.transforms.segmentation_*_transforms``).
+    pipeline (``tasks.data.transforms.segmentation_*_transforms``). ``stems``: only these
+    images (a split list, as Pascal VOC's ``ImageSets``), in that order; one without an image
+    file is an error naming the file it looked for (``skip_bad``: skipped and counted).
     """
 
     def __init__(self, image_dir: str | os.PathLike, mask_dir: str | os.PathLike, *, num_classes: int,
                  transforms: Callable | None = None, class_names: Sequence[str] | None = None,
-                 skip_bad: bool = False, limit: int | None = None, evaluation: bool = False) -> None:
+                 skip_bad: bool = False, limit: int | None = None, evaluation: bool = False,
+                 stems: Sequence[str] | None = None) -> None:
         super().__init__(transforms, skip_bad, limit, evaluation)
         self.image_dir = Path(image_dir)
         self.mask_dir = Path(mask_dir)
@@ -157,6 +160,17 @@ class MaskFolderDataset(_SegmentationDataset):
                 raise FileNotFoundError(f"{folder}: {what} folder not found")
         images = sorted(p for p in self.image_dir.iterdir()
                         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if stems is not None:
+            found = {p.stem: p for p in images}
+            images = []
+            for stem in stems:
+                if stem in found:
+                    images.append(found[stem])
+                elif skip_bad:
+                    self.stats["skipped_images"] += 1
+                else:
+                    raise FileNotFoundError(f"{self.image_dir / (stem + '.jpg')}: image file not found (listed in "
+                                            f"the split); --set data.skip_bad=true skips missing images")
         if not images:
             raise ValueError(f"{self.image_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
         by_stem: dict[str, Path] = {}

@@ -71,11 +71,14 @@ class ModelConfig:
 class DenseDataConfig:
     """Data of the dense tasks (detection, segmentation): FashionScenes or COCO files."""
 
-    dataset: str = "scenes"             # scenes | coco (set by --train-ann)
+    dataset: str = "scenes"             # scenes | coco (set by --train-ann) | voc (set by --voc-root)
     train_ann: Optional[str] = None
     train_images: Optional[str] = None
     val_ann: Optional[str] = None
     val_images: Optional[str] = None
+    voc_root: Optional[str] = None      # Pascal VOC: VOCdevkit/ or VOCdevkit/VOC20xx/
+    voc_train: str = "train"            # its ImageSets split lists
+    voc_val: str = "val"
     data_dir: Optional[str] = None      # Fashion-MNIST, to generate FashionScenes
     scenes_root: Optional[str] = None   # default: $ONETRUNK_DATA/scenes-<size>-<train>-<val>-s<seed>
     scenes_train: int = bounded(8000, 1)

@@ -17,6 +17,7 @@ from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD
 from tasks.data.preprocess import Preprocess
 from tasks.data.scenes import ensure_scenes
 from tasks.data.transforms import SizedTransforms, detection_train_transforms
+from tasks.data.voc import voc_detection
 
 from . import distributed
 from .config import DenseDataConfig
@@ -86,17 +87,23 @@ def data_files(d: DenseDataConfig, keys: Sequence[str], what: str, *, files: boo
 def coco_sets(cfg: Any, paths: Mapping[str, str], pre: Any, *, train: bool = True
               ) -> tuple[CocoDetection, Optional[CocoDetection]]:
     """Validation and (``train``) training ``CocoDetection`` sets of a dense task's config:
-    evaluation through ``pre`` (its ``Preprocess``), training with the box-aware augmentation; semantic masks come along when
-    ``paths`` names mask folders (multi-task data)."""
+    evaluation through ``pre`` (its ``Preprocess``), training with the box-aware augmentation;
+    semantic masks come along when ``paths`` names mask folders (multi-task data). ``paths``
+    names COCO files, or ``{"voc_root": DIR}`` for Pascal VOC (``data.voc_train`` / ``voc_val``)."""
     d = cfg.data
+    train_tf = dense_train_transforms(cfg, boxes=True) or detection_train_transforms(
+        d.image_size, (d.scale_min, d.scale_max), 0.5 if d.hflip else 0.0, seed=cfg.train.seed)
+    if "voc_root" in paths:
+        val_set = voc_detection(paths["voc_root"], d.voc_val, pre.albumentations(boxes=True), skip_bad=d.skip_bad,
+                                limit=d.limit_val, evaluation=True)
+        train_set = voc_detection(paths["voc_root"], d.voc_train, train_tf, skip_bad=d.skip_bad,
+                                  limit=d.limit_train) if train else None
+        return val_set, train_set
     val_set = CocoDetection(paths["val_ann"], paths["val_images"], pre.albumentations(boxes=True),
                             skip_bad=d.skip_bad, limit=d.limit_val, mask_dir=paths.get("val_masks"), evaluation=True)
     if not train:
         return val_set, None
-    train_set = CocoDetection(paths["train_ann"], paths["train_images"],
-                              dense_train_transforms(cfg, boxes=True) or
-                              detection_train_transforms(d.image_size, (d.scale_min, d.scale_max),
-                                                         0.5 if d.hflip else 0.0, seed=cfg.train.seed),
+    train_set = CocoDetection(paths["train_ann"], paths["train_images"], train_tf,
                               skip_bad=d.skip_bad, limit=d.limit_train, mask_dir=paths.get("train_masks"))
     if train_set.cat_ids != val_set.cat_ids:
         raise ValueError(f"{paths['train_ann']} and {paths['val_ann']} have different categories "

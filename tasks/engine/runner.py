@@ -42,10 +42,11 @@ FLAG_KEYS = {
     "limit_train": "data.limit_train", "limit_val": "data.limit_val", "data_dir": "data.data_dir",
     "train_ann": "data.train_ann", "val_ann": "data.val_ann", "train_images": "data.train_images",
     "val_images": "data.val_images", "train_masks": "data.train_masks", "val_masks": "data.val_masks",
+    "voc_root": "data.voc_root",
     "download": "data.download",  # tasks.classify's own flag
     "trunk": "model.trunk",
 }
-DATA_FLAGS = ("data_dir", "train_ann", "val_ann", "train_images", "val_images", "train_masks", "val_masks")
+DATA_FLAGS = ("data_dir", "train_ann", "val_ann", "train_images", "val_images", "train_masks", "val_masks", "voc_root")
 
 
 def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
@@ -79,7 +80,8 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     helps = {"data_dir": "Fashion-MNIST folder (the four IDX .gz files)", "train_ann": "COCO JSON (train)",
              "val_ann": "COCO JSON (val)", "train_images": "image folder (train)", "val_images": "image folder (val)",
-             "train_masks": "mask folder, VOC style (train)", "val_masks": "mask folder, VOC style (val)"}
+             "train_masks": "mask folder, VOC style (train)", "val_masks": "mask folder, VOC style (val)",
+             "voc_root": "Pascal VOC (VOCdevkit or VOC20xx folder)"}
     for name in spec.data_flags:
         if name not in DATA_FLAGS:
             raise ValueError(f"unknown data flag {name}")

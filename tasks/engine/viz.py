@@ -156,7 +156,6 @@ def draw_segmentation_grid(images: Sequence, predictions: Sequence, class_names:
                            ignore_index: int = 255) -> None:
     """One row per image: the image, the true mask over it (if given), the predicted mask over
     it. ``images`` uint8 ``[3, H, W]``; masks integer ``[H, W]``. Saved as one PNG."""
-    import torch
     from PIL import Image
     from torchvision.utils import make_grid
 
