@@ -156,7 +156,9 @@ def state_checksum(state: Mapping[str, Any]) -> int:
         t = value.detach().cpu().contiguous()
         crc = zlib.crc32(f"{key}|{t.dtype}|{tuple(t.shape)}".encode(), crc)
         if t.numel():
-            crc = zlib.crc32(t.view(torch.uint8).numpy() if t.dim() else t.reshape(1).view(torch.uint8).numpy(), crc)
+            # reshape(-1): values in logical order with stride 1 (a channels_last 1x1 conv weight
+            # counts as contiguous yet keeps a stride over its size-1 dims)
+            crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
     return crc
 
 

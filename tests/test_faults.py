@@ -425,3 +425,12 @@ def test_output_that_is_a_file(tmp_path, fm_dir, capsys):
     (tmp_path / "f").write_text("")
     line = cli_error(classify.main, QUICK + ["--data-dir", str(fm_dir), "--output", str(tmp_path / "f")], capsys)
     assert f"--output {tmp_path / 'f'} is a file, not a folder" in line
+
+
+def test_checksum_of_channels_last_weights():
+    """A channels_last 1x1 conv weight counts as contiguous yet strides its size-1 dims."""
+    from backbones.weights import state_checksum
+    w = torch.randn(8, 4, 1, 1).to(memory_format=torch.channels_last)
+    v = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    assert state_checksum({"w": w, "v": v}) == state_checksum({"w": w.contiguous().clone(), "v": v.contiguous()})
+    assert state_checksum({"w": w}) != state_checksum({"w": w + 1})

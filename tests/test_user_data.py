@@ -336,3 +336,22 @@ def test_voc_missing_image_is_named(tmp_path):
         voc_detection(root, "train")
     with pytest.raises(FileNotFoundError, match=r"JPEGImages/2012_000001.jpg: image file not found"):
         voc_segmentation(root, "train")
+
+
+@pytest.mark.parametrize("task, recipe", [(detect, "configs/detect/coco_fcos_resnet50.yaml"),
+                                          (segment, "configs/segment/voc_fcn_resnet50.yaml")])
+def test_the_user_data_recipes_run_end_to_end(task, recipe, tmp_path, torch_home):
+    """The shipped recipes as they are (ImageNet ResNet-50 by name, aspect mode, fine-tuning
+    settings) on a tiny VOC tree, with small sizes: the named weights come from the cache."""
+    import torchvision
+    torch_home.mkdir(parents=True)
+    torch.save(torchvision.models.resnet50().state_dict(), torch_home / "resnet50-11ad3fa6.pth")  # the DEFAULT's file
+    out = tmp_path / "run"
+    metrics = task.main(["--config", recipe, "--voc-root", str(_voc_tree(tmp_path)), "--device", "cpu", "--quiet",
+                         "--epochs", "1", "--batch-size", "2", "--set", "data.min_size=[64,96]",
+                         "--set", "data.max_size=128", "--set", "data.num_workers=0", "--output", str(out)])
+    assert ("AP" if task is detect else "miou") in metrics
+    model = load(out / "best.pt", device="cpu")
+    assert model.preprocess.resize == "shorter" and model.preprocess.size == 96
+    (result,) = model.predict(str(next((tmp_path / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"))))
+    assert result
