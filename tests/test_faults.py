@@ -432,5 +432,7 @@ def test_checksum_of_channels_last_weights():
     from backbones.weights import state_checksum
     w = torch.randn(8, 4, 1, 1).to(memory_format=torch.channels_last)
     v = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
-    assert state_checksum({"w": w, "v": v}) == state_checksum({"w": w.contiguous().clone(), "v": v.contiguous()})
+    plain = {"w": w.clone(memory_format=torch.contiguous_format), "v": v.clone(memory_format=torch.contiguous_format)}
+    assert plain["w"].stride() != w.stride() and plain["v"].stride() != v.stride()
+    assert state_checksum({"w": w, "v": v}) == state_checksum(plain)
     assert state_checksum({"w": w}) != state_checksum({"w": w + 1})
