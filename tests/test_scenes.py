@@ -205,3 +205,33 @@ def test_cli_writes_dataset_and_preview(fake_fmnist, tmp_path, capsys):
     with pytest.raises(SystemExit):
         scenes.main(["--out", str(tmp_path / "bad"), "--size", "16", "--data-dir", str(fake_fmnist), "--quiet"])
     assert "size=16" in capsys.readouterr().err
+
+
+def test_scenes_cropped_to_other_aspect_ratios(tmp_path):
+    """--aspect: non-square scenes whose boxes, RLE masks and label maps fit their own size."""
+    import json
+
+    from pycocotools import mask as mask_utils
+    from PIL import Image
+
+    from tasks.data import scenes
+    from tests.fakes import write_fake_fashion_mnist
+    fm = write_fake_fashion_mnist(tmp_path / "fm", n_train=64, n_test=32)
+    root = scenes.generate_scenes(tmp_path / "s", train=12, val=4, size=64, data_dir=fm, workers=1,
+                                  progress=False, aspect=(0.5, 2.0))
+    coco = json.loads((root / "annotations" / "instances_train.json").read_text())
+    shapes = {(im["height"], im["width"]) for im in coco["images"]}
+    assert len(shapes) > 2 and all(max(s) == 64 and 0.5 * 64 - 1 <= min(s) for s in shapes)
+    sizes = {im["id"]: (im["height"], im["width"]) for im in coco["images"]}
+    for im in coco["images"]:
+        assert Image.open(root / "images" / "train" / im["file_name"]).size == (im["width"], im["height"])
+        assert Image.open(root / "masks" / "train" / im["file_name"]).size == (im["width"], im["height"])
+    for ann in coco["annotations"]:
+        h, w = sizes[ann["image_id"]]
+        x, y, bw, bh = ann["bbox"]
+        assert ann["segmentation"]["size"] == [h, w] and x + bw <= w and y + bh <= h
+        assert mask_utils.area(ann["segmentation"]) == ann["area"]
+    square = scenes.generate_scenes(tmp_path / "q", train=12, val=4, size=64, data_dir=fm, workers=1, progress=False)
+    first = json.loads((square / "annotations" / "instances_train.json").read_text())["images"][0]
+    assert (first["height"], first["width"]) == (64, 64)  # no aspect: the square scenes as before
+    scenes.render_preview(root, tmp_path / "preview.png")

@@ -65,7 +65,7 @@ _INDEX_PNG = re.compile(r"\d{6,}\.png")
 
 
 # ----------------------------------------------------------------------------- helpers
-def _check_args(*, train, val, size, seed, min_items=2, max_items=8, workers=None) -> dict:
+def _check_args(*, train, val, size, seed, min_items=2, max_items=8, workers=None, aspect=None) -> dict:
     """The arguments that decide the output, validated; errors name the argument."""
     def integer(name, value, low):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -80,6 +80,11 @@ def _check_args(*, train, val, size, seed, min_items=2, max_items=8, workers=Non
             "max_items": integer("max_items", max_items, 1)}
     if args["min_items"] > args["max_items"]:
         raise ValueError(f"min_items={min_items} is larger than max_items={max_items}")
+    if aspect is not None:  # only then in args: the datasets made before it keep their records
+        lo, hi = (float(v) for v in aspect)
+        if not 0.25 <= lo <= hi <= 4.0:
+            raise ValueError(f"aspect={tuple(aspect)}: expected width / height bounds with 0.25 <= low <= high <= 4")
+        args["aspect"] = [lo, hi]
     if workers is not None:
         integer("workers", workers, 1)
     return args
@@ -120,11 +125,14 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- one scene
 def render_scene(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray, size: int,
-                 min_items: int, max_items: int) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+                 min_items: int, max_items: int, aspect: tuple[float, float] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """One scene from the uint8 ``items`` [N, 28, 28] and their ``labels`` [N] (0..9).
 
     Returns the RGB image (uint8 [H, W, 3]), the label map (uint8 [H, W]) and the COCO
-    annotations of the kept items (without ids)."""
+    annotations of the kept items (without ids). ``aspect``: crop the square scene to a
+    random width / height in ``[low, high]`` (log-uniform; the longer side stays ``size``),
+    as photos are; items mostly cut off are dropped by the visibility rules."""
     n = int(rng.integers(min_items, max_items + 1))
     img = _background(rng, size)
     inst = np.zeros((size, size), np.int32)  # which item (1..n) is on top; 0 bg, _MIXED mixed
@@ -143,6 +151,11 @@ def render_scene(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray
         labelled, mixed = gray >= LABEL_LEVEL, gray >= MIXED_LEVEL
         inst[win] = np.where(labelled, k, np.where(mixed, _MIXED, inst[win]))
         own_area[k], cats[k] = labelled.sum(), int(labels[pick]) + 1
+    if aspect is not None:
+        ratio = math.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1])))  # width / height
+        h, w = (round(size / ratio), size) if ratio >= 1 else (size, round(size * ratio))
+        y0, x0 = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+        img, inst = img[y0:y0 + h, x0:x0 + w], np.ascontiguousarray(inst[y0:y0 + h, x0:x0 + w])
 
     visible = np.bincount(np.maximum(inst, 0).ravel(), minlength=n + 1)
     keep = (visible >= MIN_VISIBLE_AREA) & (visible >= MIN_VISIBLE_FRACTION * own_area)
@@ -162,7 +175,7 @@ def render_scene(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray
         rles = mask_utils.encode(masks)
         for k, rle, area, box in zip(kept, rles, mask_utils.area(rles), mask_utils.toBbox(rles)):
             anns.append({"category_id": int(cats[k]), "bbox": [float(v) for v in box],
-                         "area": int(area), "segmentation": {"size": [size, size],
+                         "area": int(area), "segmentation": {"size": list(inst.shape),
                                                             "counts": rle["counts"].decode("ascii")},
                          "iscrowd": 0})
     img *= 255
@@ -196,22 +209,22 @@ def _render_job(job: tuple, data: dict | None = None) -> list[list[dict]]:
     for index in range(start, stop):
         rng = np.random.default_rng(np.random.SeedSequence([args["seed"], split_id, index]))
         rgb, semantic, anns = render_scene(rng, items, labels, args["size"],
-                                           args["min_items"], args["max_items"])
+                                           args["min_items"], args["max_items"], args.get("aspect"))
         _write_png(out_dir / "images" / split / f"{index:06d}.png", rgb)
         _write_png(out_dir / "masks" / split / f"{index:06d}.png", semantic)
-        result.append(anns)
+        result.append({"size": semantic.shape, "annotations": anns})
     return result
 
 
 def _coco(split: str, args: dict, per_image: list[list[dict]]) -> dict:
     from tasks.data.fashion_mnist import CLASSES
 
-    size = args["size"]
     images, annotations = [], []
-    for index, anns in enumerate(per_image):
+    for index, scene in enumerate(per_image):
+        h, w = scene["size"]
         # ids start at 1 as in COCO itself; tools that test ids for truth break on 0
-        images.append({"id": index + 1, "file_name": f"{index:06d}.png", "width": size, "height": size})
-        for ann in anns:
+        images.append({"id": index + 1, "file_name": f"{index:06d}.png", "width": int(w), "height": int(h)})
+        for ann in scene["annotations"]:
             annotations.append({"id": len(annotations) + 1, "image_id": index + 1, **ann})
     return {
         "info": {"description": "FashionScenes: Fashion-MNIST items composed into scenes",
@@ -252,10 +265,10 @@ def _remove_stale(folder: Path, count: int) -> None:
 # ----------------------------------------------------------------------------- public API
 def generate_scenes(out_dir, *, train: int = 8000, val: int = 1000, size: int = 256, seed: int = 0,
                     min_items: int = 2, max_items: int = 8, data_dir=None, workers: int | None = None,
-                    progress: bool = True) -> Path:
+                    progress: bool = True, aspect: tuple[float, float] | None = None) -> Path:
     """Write the dataset into ``out_dir`` (created; earlier scene files replaced) and return it."""
     args = _check_args(train=train, val=val, size=size, seed=seed, min_items=min_items,
-                       max_items=max_items, workers=workers)
+                       max_items=max_items, workers=workers, aspect=aspect)
     from tasks.data.fashion_mnist import load_fashion_mnist  # imports torch: keep it out of workers' way
 
     out = Path(out_dir)
@@ -304,10 +317,13 @@ def generate_scenes(out_dir, *, train: int = 8000, val: int = 1000, size: int = 
     return out
 
 
-def default_root(*, train: int = 8000, val: int = 1000, size: int = 256, seed: int = 0) -> Path:
-    """``$ONETRUNK_DATA/scenes-{size}-{train}-{val}-s{seed}`` (``~/.cache/onetrunk`` by default)."""
+def default_root(*, train: int = 8000, val: int = 1000, size: int = 256, seed: int = 0,
+                 aspect: tuple[float, float] | None = None) -> Path:
+    """``$ONETRUNK_DATA/scenes-{size}-{train}-{val}-s{seed}[-a{low}-{high}]`` (``~/.cache/onetrunk``
+    by default)."""
     base = Path(os.environ.get("ONETRUNK_DATA") or Path.home() / ".cache" / "onetrunk").expanduser()
-    return base / f"scenes-{size}-{train}-{val}-s{seed}"
+    tag = f"-a{float(aspect[0]):g}-{float(aspect[1]):g}" if aspect is not None else ""
+    return base / f"scenes-{size}-{train}-{val}-s{seed}{tag}"
 
 
 def _ours(root: Path) -> bool:
@@ -316,14 +332,15 @@ def _ours(root: Path) -> bool:
 
 
 def ensure_scenes(root=None, *, train: int = 8000, val: int = 1000, size: int = 256, seed: int = 0,
-                  data_dir=None, progress: bool = True) -> Path:
+                  data_dir=None, progress: bool = True, aspect: tuple[float, float] | None = None) -> Path:
     """A complete dataset folder for these arguments, generated only if missing or incomplete.
 
     Generation goes into a temporary sibling that is renamed into place at the end, so an
     interrupted run leaves no half dataset behind ``root``. With several processes (DDP), call
     it on one rank first and let the others wait, or each rank will generate its own copy."""
-    args = _check_args(train=train, val=val, size=size, seed=seed)
-    root = Path(root).expanduser() if root is not None else default_root(train=train, val=val, size=size, seed=seed)
+    args = _check_args(train=train, val=val, size=size, seed=seed, aspect=aspect)
+    root = Path(root).expanduser() if root is not None else default_root(train=train, val=val, size=size, seed=seed,
+                                                                         aspect=aspect)
     if _read_done(root) == _done_record(args):
         return root
     if root.exists() and not (root.is_dir() and _ours(root)):
@@ -333,7 +350,8 @@ def ensure_scenes(root=None, *, train: int = 8000, val: int = 1000, size: int = 
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        generate_scenes(tmp, train=train, val=val, size=size, seed=seed, data_dir=data_dir, progress=progress)
+        generate_scenes(tmp, train=train, val=val, size=size, seed=seed, data_dir=data_dir, progress=progress,
+                        aspect=aspect)
         if _read_done(root) == _done_record(args):  # another process finished first
             return root
         if root.exists():
@@ -388,7 +406,9 @@ def render_preview(root, out_png, split: str = "val", n: int = 9) -> Path:
         label_map = np.array(Image.open(root / "masks" / split / im["file_name"]))
         label_maps.append(torch.from_numpy(palette[label_map]).permute(2, 0, 1))  # [3, H, W]
     nrow = math.ceil(math.sqrt(len(images)))
-    grids = [make_grid(t, nrow=nrow, padding=4, pad_value=255) for t in (scenes, label_maps)]
+    from .images import pad_batch  # cropped (non-square) scenes: white beside them
+
+    grids = [make_grid(pad_batch(t, 1, 255), nrow=nrow, padding=4, pad_value=255) for t in (scenes, label_maps)]
     picture = torch.cat(grids, dim=2)  # [3, H, 2W]: scenes beside their label maps
     out_png.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(picture.permute(1, 2, 0).numpy()).save(out_png)
@@ -409,6 +429,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes (default: os.cpu_count())")
     p.add_argument("--data-dir", default=None, help="folder holding the Fashion-MNIST IDX files")
     p.add_argument("--preview", default=None, metavar="PNG", help="also save a picture of 9 val scenes")
+    p.add_argument("--aspect", default=None, metavar="LO,HI",
+                   help="crop scenes to a width / height in [LO, HI] (e.g. 0.5,2): non-square images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -417,9 +439,17 @@ def main(argv=None) -> Path:
     parser = get_args_parser()
     a = parser.parse_args(argv)
     try:
+        aspect = None
+        if a.aspect:
+            try:
+                aspect = tuple(float(v) for v in a.aspect.split(","))
+            except ValueError:
+                raise ValueError(f"--aspect {a.aspect!r}: expected two numbers, LO,HI") from None
+            if len(aspect) != 2:
+                raise ValueError(f"--aspect {a.aspect!r}: expected two numbers, LO,HI")
         out = generate_scenes(a.out, train=a.train, val=a.val, size=a.size, seed=a.seed,
                               min_items=a.min_items, max_items=a.max_items, data_dir=a.data_dir,
-                              workers=a.workers, progress=not a.quiet)
+                              workers=a.workers, progress=not a.quiet, aspect=aspect)
         if a.preview:
             render_preview(out, a.preview, split="val" if a.val else "train")
     except (ValueError, FileNotFoundError) as e:  # bad flags or no Fashion-MNIST: say so, no traceback

@@ -80,7 +80,7 @@ def data_files(d: DenseDataConfig, keys: Sequence[str], what: str, *, files: boo
         return {k: getattr(d, k) for k in keys}
     with distributed.main_first():  # under torchrun rank 0 generates, the others wait for it
         root = ensure_scenes(d.scenes_root, train=d.scenes_train, val=d.scenes_val, size=d.scenes_size,
-                             seed=d.scenes_seed, data_dir=d.data_dir, progress=not quiet)
+                             seed=d.scenes_seed, data_dir=d.data_dir, progress=not quiet, aspect=d.scenes_aspect)
     return {k: str(Path(root) / _SCENES[k]) for k in keys}
 
 
