@@ -163,14 +163,23 @@ class _TorchvisionFCOS(torch.nn.Module):
         from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
         from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-        # BatchNorm, not the default FrozenBatchNorm2d: the trunk trains from scratch
-        body = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None, norm_layer=nn.BatchNorm2d,
-                                   trainable_layers=5, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
-        m = cfg.model
-        self.fcos = FCOS(body, num_classes, min_size=image_size, max_size=image_size, image_mean=[0.0] * 3,
-                         image_std=[1.0] * 3, score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
-                         detections_per_img=m.detections_per_img, topk_candidates=m.topk_candidates,
-                         center_sampling_radius=m.center_sampling_radius)
+        from torchvision.ops import FrozenBatchNorm2d
+
+        m, d = cfg.model, cfg.data
+        # our trunk's norm and frozen stages: BatchNorm, all trainable, for a trunk trained from
+        # scratch; FrozenBatchNorm2d and trainable_layers = 5 - freeze_at as fine-tuning recipes
+        frozen = m.norm == "frozen_bn"
+        body = resnet_fpn_backbone(backbone_name=f"resnet{depth}", weights=None,
+                                   norm_layer=FrozenBatchNorm2d if frozen else nn.BatchNorm2d,
+                                   trainable_layers=5 - m.freeze_at, returned_layers=[2, 3, 4],
+                                   extra_blocks=LastLevelP6P7(256, 256))
+        # the square mode feeds it image_size batches; the aspect mode batches it must not
+        # resize again in training (_skip_resize), and evaluates at our evaluation size
+        sizes = dict(min_size=tuple(d.min_size), max_size=d.max_size, _skip_resize=True) \
+            if d.resize == "aspect" else dict(min_size=image_size, max_size=image_size)
+        self.fcos = FCOS(body, num_classes, image_mean=[0.0] * 3, image_std=[1.0] * 3, score_thresh=m.score_thresh,
+                         nms_thresh=m.nms_thresh, detections_per_img=m.detections_per_img,
+                         topk_candidates=m.topk_candidates, center_sampling_radius=m.center_sampling_radius, **sizes)
 
     def forward(self, images: torch.Tensor, targets=None):
         from heads.detection import is_padded_targets
@@ -236,10 +245,12 @@ def inference_img_per_s(model: torch.nn.Module, loader, device: torch.device, am
     return n / (time.perf_counter() - t0)
 
 
-def bench_dense(task: str, out: Path, overrides: list[str], device: torch.device | None = None) -> dict[str, Any]:
-    """Ours and the torchvision peers for ``task`` ("detect" / "segment"), one after another."""
+def bench_dense(task: str, out: Path, overrides: list[str], device: torch.device | None = None,
+                recipe: str | None = None) -> dict[str, Any]:
+    """Ours and the torchvision peers for ``task`` ("detect" / "segment"), one after another,
+    on the task's GPU recipe (or ``recipe``)."""
     spec = TASKS[task]
-    recipe = CONFIG_ROOT / task / f"{spec.recipes[0]}.yaml"
+    recipe = Path(recipe) if recipe else CONFIG_ROOT / task / f"{spec.recipes[0]}.yaml"
     cfg = load_config(spec.config, recipe, overrides)
     device = device or resolve_device(cfg.train.device)
     if device.type == "cuda":
@@ -407,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device = resolve_device(args.device) if args.device else None
         if args.what == "multitask":
             return bench_multitask_inference(out, args.overrides, device, weights=args.weights)
-        return bench_dense(args.what, out, args.overrides, device)
+        return bench_dense(args.what, out, args.overrides, device, recipe=args.recipe[0] if args.recipe else None)
     results: dict[str, Any] = {"env": env_info(), "runs": []}
     print(json.dumps(results["env"]))
     recipes = args.recipe or ["configs/classify/fashion_mnist_resnet18.yaml"]
