@@ -32,7 +32,7 @@ import torch
 from .gpu_augment import BatchAugment
 from .images import pad_batch
 
-__all__ = ["Preprocess", "Geometry", "RESIZE_MODES", "resized_shape"]
+__all__ = ["Preprocess", "Geometry", "RESIZE_MODES", "resized_shape", "detection_bbox_params"]
 
 RESIZE_MODES = ("crop", "longest", "shorter")
 
@@ -119,7 +119,6 @@ class Preprocess:
         if self.resize == "crop":
             ops.append(A.CenterCrop(height=self.size, width=self.size))
         if boxes:
-            from .transforms import detection_bbox_params
             return A.Compose(ops, bbox_params=detection_bbox_params(0.0), seed=0)
         return A.Compose(ops, seed=0)
 
@@ -175,6 +174,14 @@ class Preprocess:
     def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
         """Undo ``normalize`` (for pictures)."""
         return self._norm.to_uint8(x)
+
+
+def detection_bbox_params(min_visibility: float = 0.0) -> A.BboxParams:
+    """Box handling shared by the detection pipelines (and what ``CocoDetection`` expects)."""
+    # clip=True: boxes a hair outside the image (float rounding in the source annotations)
+    # would otherwise make albumentations raise on its [0, 1] validity check.
+    return A.BboxParams(format="pascal_voc", label_fields=["labels"],
+                        min_visibility=min_visibility, clip=True)
 
 
 def resized_shape(h: int, w: int, *, longest: int | None = None, shorter: int | None = None,

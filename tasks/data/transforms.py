@@ -35,6 +35,8 @@ import cv2
 import numpy as np
 import torch
 
+from .preprocess import Preprocess, detection_bbox_params
+
 __all__ = ["detection_bbox_params", "detection_train_transforms", "segmentation_train_transforms",
            "classification_train_transforms", "SizedTransforms", "reseed_transforms", "reseed_dataset",
            "seed_worker"]
@@ -43,14 +45,6 @@ __all__ = ["detection_bbox_params", "detection_train_transforms", "segmentation_
 # ---------------------------------------------------------------------------------------------
 # Detection
 # ---------------------------------------------------------------------------------------------
-
-def detection_bbox_params(min_visibility: float = 0.0) -> A.BboxParams:
-    """Box handling shared by the detection pipelines (and what ``CocoDetection`` expects)."""
-    # clip=True: boxes a hair outside the image (float rounding in the source annotations)
-    # would otherwise make albumentations raise on its [0, 1] validity check.
-    return A.BboxParams(format="pascal_voc", label_fields=["labels"],
-                        min_visibility=min_visibility, clip=True)
-
 
 def detection_train_transforms(size: int, scale: Sequence[float] = (0.75, 1.25), hflip: float = 0.5,
                                *, min_visibility: float = 0.3, seed: int | None = 0,
@@ -96,8 +90,6 @@ class SizedTransforms:
 
     def __init__(self, sizes: Sequence[int], max_size: int | None, hflip: float = 0.5, *, boxes: bool = False,
                  seed: int | None = 0) -> None:
-        from .preprocess import Preprocess
-
         if not sizes or any(s < 1 for s in sizes):
             raise ValueError(f"min_size={list(sizes)}: expected one or more positive sizes (pixels)")
         self.sizes, self.max_size = tuple(int(s) for s in sizes), max_size
