@@ -21,7 +21,7 @@ from .base import Backbone, FeatureSpec, register_backbone
 from .stem import SpaceToDepthConv2d, StemMaxPool
 from .pretrained import is_named
 from .pretrained import resolve as resolve_named
-from .weights import LoadReport, layout_depth, load_backbone_weights, resnet_layout
+from .weights import LoadReport, layout_depth, load_backbone_weights
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50", "resnet101",
            "resnet152", "make_norm_layer"]
@@ -156,6 +156,7 @@ class ResNet(Backbone):
             raise ValueError(f"out_features={tuple(out_features)!r}: expected distinct names from {STAGE_NAMES}")
         norm_layer = make_norm_layer(norm)
         self.in_chans = in_chans
+        self.layout = (block.__name__, tuple(layers))  # what backbones.weights.resnet_layout reads off a state dict
         self.stem_type = stem
         self.norm = norm
         self.grad_checkpointing = grad_checkpointing
@@ -281,13 +282,13 @@ class ResNet(Backbone):
         return out
 
     def load_weights(self, weights: str | os.PathLike | Mapping[str, Any], *, strict: bool = True,
-                     verbose: bool = True) -> LoadReport:
+                     verbose: bool = True, name: str | None = None) -> LoadReport:
         """Load a torchvision / timm / onetrunk checkpoint (``backbones.weights``), or weights by
         name: ``torchvision:IMAGENET1K_V2``, ``timm:resnet50.a1_in1k``, ``imagenet``
-        (``backbones.pretrained``: the libraries' caches, offline first)."""
-        name = None
+        (``backbones.pretrained``: the libraries' caches, offline first). ``name``: the source
+        in the load report (for a checkpoint already read into a mapping)."""
         if is_named(weights):
-            depth = layout_depth(resnet_layout(self.state_dict()))
+            depth = layout_depth(self.layout)
             if depth is None:
                 raise ValueError(f"weights {weights!r}: named weights exist for ResNet-18/34/50/101/152 only")
             info, weights = resolve_named(weights, f"resnet{depth}")

@@ -192,7 +192,7 @@ def build_data(cfg: ClassifyConfig, device: torch.device, *, train: bool = True,
         train_loader, val, classes = _folders(cfg, device, pre, train, skipped)
     else:
         train_loader, val, classes = _fashion_mnist(cfg, device, pre, train)
-    return TaskData(train_loader, val, {"class_names": classes, **pre.to_meta()}, pre, skipped=skipped)
+    return TaskData(train_loader, val, {"class_names": classes, **pre.to_meta()}, skipped=skipped)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -127,7 +127,7 @@ def build_data(cfg: DetectConfig, device: torch.device, *, train: bool = True, q
                                      val_collate=collate_detection)
     meta = {"class_names": val_set.class_names, "category_ids": val_set.cat_ids, **pre.to_meta()}
     # CocoDetection clips boxes, drops degenerate ones and maps labels into range
-    return TaskData(train_loader, val, meta, pre, val_set=val_set, targets_checked=True,
+    return TaskData(train_loader, val, meta, val_set=val_set, targets_checked=True,
                     fixed_shapes=cfg.data.resize != "aspect")
 
 

@@ -54,7 +54,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ from torch import nn
 
 from heads import FCOSHead, MultiLabelHead, MultiTaskModel
 from tasks.data.preprocess import Preprocess
+from tasks.engine.checkpoint import write_atomic
 from tasks.engine.predict import load_task_model
 from tasks.engine.runner import run_cli
 
@@ -281,22 +282,6 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, task: str, shapes: Seq
     return worst
 
 
-def _save_atomic(proto, path: Path, before_replace: Callable[[Path], Any] | None = None) -> Any:
-    """``onnx.save`` to a temp file beside ``path``, optionally check it, then ``os.replace``."""
-    import onnx
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        onnx.save(proto, tmp)
-        result = before_replace(tmp) if before_replace else None
-        os.replace(tmp, path)
-        return result
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 # ----------------------------------------------------------------------------- detection
 
 def _level_sizes(points: torch.Tensor, strides: torch.Tensor) -> list[tuple[int, int]]:
@@ -370,7 +355,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except ValueError as e:
             raise ValueError(f"--check failed, {output} not written (--no-check writes it unchecked): {e}") from None
 
-    diffs = _save_atomic(proto, output, verify)
+    def save_checked(tmp: Path) -> dict[str, float]:
+        import onnx
+
+        onnx.save(proto, tmp)
+        return verify(tmp)  # before the rename: a file that fails the check is never written
+
+    diffs = write_atomic(output, save_checked)
     outs = ", ".join(f"{o.name} [{', '.join(d.dim_param or str(d.dim_value) for d in o.type.tensor_type.shape.dim)}]"
                      for o in proto.graph.output)
     print(f"wrote {output} (opset {opset}, {output.stat().st_size / 2**20:.1f} MiB): images "

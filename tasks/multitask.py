@@ -131,7 +131,7 @@ def build_data(cfg: MultiTaskConfig, device: torch.device, *, train: bool = True
     train_loader, val = file_loaders(train_set, val_set, cfg=cfg, device=device, normalize=pre.normalize,
                                      train_collate=_collate, val_collate=_collate, finish=finish)
     meta = {"class_names": val_set.class_names, "category_ids": val_set.cat_ids, **pre.to_meta()}
-    return TaskData(train_loader, val, meta, pre, val_set=val_set, fixed_shapes=d.resize != "aspect")
+    return TaskData(train_loader, val, meta, val_set=val_set, fixed_shapes=d.resize != "aspect")
 
 
 # ----------------------------------------------------------------------------- evaluation

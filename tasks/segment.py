@@ -147,7 +147,7 @@ def build_data(cfg: SegmentConfig, device: torch.device, *, train: bool = True, 
     train_loader, val = file_loaders(train_set, val_set, cfg=cfg, device=device, normalize=pre.normalize,
                                      train_collate=collate_segmentation, val_collate=collate_segmentation)
     # the mask datasets check every class id when they read a mask
-    return TaskData(train_loader, val, {"class_names": list(val_set.class_names), **pre.to_meta()}, pre,
+    return TaskData(train_loader, val, {"class_names": list(val_set.class_names), **pre.to_meta()},
                     val_set=val_set, targets_checked=True,
                     fixed_shapes=cfg.data.resize != "aspect")
 

@@ -1,6 +1,7 @@
 """A user's own work: pretrained trunks by name (offline, from the libraries' caches), photos at
 their own resolution (the aspect mode), Pascal VOC in its own layout."""
 import json
+import math
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -147,14 +148,22 @@ def test_aspect_batches_share_a_scale_and_an_aspect_group():
     rng = np.random.default_rng(0)
     sizes = [(int(h), int(w)) for h, w in rng.integers(60, 600, (103, 2))]
     train = AspectBatchSampler(sizes, 4, scales=(64, 96, 128), max_size=200, train=True, seed=1)
-    seen = []
+    seen, batches = [], []
     for batch in train:
         assert len(batch) == 4 and len({s for _, s in batch}) == 1
         assert len({train.group[i] for i, _ in batch}) == 1
         seen += [i for i, _ in batch]
+        batches.append(batch)
     assert len(seen) == len(set(seen)) == 4 * len(train)
+    # the padding count is the epoch's own batches, each padded to multiples of 32
+    content = padded = 0
+    for b in batches:
+        shapes = [resized_shape(*sizes[i], shorter=s, max_size=200) for i, s in b]
+        assert all(max(h, w) <= 200 for h, w in shapes)
+        content += sum(h * w for h, w in shapes)
+        padded += len(b) * (math.ceil(max(h for h, _ in shapes) / 32) * 32) * (math.ceil(max(w for _, w in shapes) / 32) * 32)
     stats = train.epoch_stats()
-    assert 0 < stats["pad_fraction"] < 0.5
+    assert stats["pad_fraction"] == pytest.approx(1 - content / padded) and 0 < stats["pad_fraction"] < 0.5
     first = [b for b in train]
     train.set_epoch(1)
     assert [b for b in train] != first  # a new order every epoch
@@ -164,10 +173,6 @@ def test_aspect_batches_share_a_scale_and_an_aspect_group():
     ranks = [[i for b in AspectBatchSampler(sizes, 4, scales=(64,), max_size=200, train=True, seed=1, rank=r,
                                             world_size=2) for i, _ in b] for r in range(2)]
     assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) == len(ranks[1])
-    # the padding count is the batches' own
-    b = first[0]
-    shapes = [resized_shape(*sizes[i], shorter=b[0][1], max_size=200) for i, _ in b]
-    assert all(max(s) <= 200 and min(s) in (64, 96, 128) or max(s) == 200 for s in shapes)
 
 
 def _boxed_image(h, w):

@@ -22,7 +22,7 @@ on the device.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import albumentations as A
 import cv2
@@ -32,7 +32,7 @@ import torch
 from .gpu_augment import BatchAugment
 from .images import pad_batch
 
-__all__ = ["Preprocess", "Geometry", "RESIZE_MODES", "resized_shape", "detection_bbox_params"]
+__all__ = ["Preprocess", "Geometry", "RESIZE_MODES", "resized_shape", "resize_transform", "detection_bbox_params"]
 
 RESIZE_MODES = ("crop", "longest", "shorter")
 
@@ -114,32 +114,17 @@ class Preprocess:
         """The geometric part as an albumentations pipeline, for datasets (boxes with
         ``bbox_params`` as ``CocoDetection`` expects; masks follow with nearest neighbour).
         ``transform`` applies the same resize to a lone image."""
-        ops: list[A.BasicTransform] = [A.Lambda(image=self._resize_image, mask=self._resize_mask,
-                                                bboxes=_identity, name="preprocess_resize")]
+        ops: list[A.BasicTransform] = [resize_transform(self._resized_shape)]
         if self.resize == "crop":
             ops.append(A.CenterCrop(height=self.size, width=self.size))
         if boxes:
             return A.Compose(ops, bbox_params=detection_bbox_params(0.0), seed=0)
         return A.Compose(ops, seed=0)
 
-    def _resize_image(self, image: np.ndarray, **_: Any) -> np.ndarray:
-        h, w = image.shape[:2]
-        nh, nw = self._resized_shape(h, w)
-        if (nh, nw) == (h, w):
-            return image
-        interp = cv2.INTER_AREA if nh * nw < h * w else cv2.INTER_LINEAR
-        out = cv2.resize(image, (nw, nh), interpolation=interp)
-        return out.reshape(nh, nw, *image.shape[2:])  # cv2 drops a channel axis of 1
-
-    def _resize_mask(self, mask: np.ndarray, **_: Any) -> np.ndarray:
-        h, w = mask.shape[:2]
-        nh, nw = self._resized_shape(h, w)
-        return mask if (nh, nw) == (h, w) else cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_NEAREST)
-
     def transform(self, image: np.ndarray) -> tuple[np.ndarray, Geometry]:
         """``H x W x C`` uint8 -> the network's uint8 pixels (before padding) and its ``Geometry``."""
         h, w = image.shape[:2]
-        out = self._resize_image(image)
+        out = _resize_image(image, self._resized_shape(h, w))
         rh, rw = out.shape[:2]
         oy = ox = 0
         if self.resize == "crop":  # albumentations' CenterCrop corner
@@ -198,6 +183,26 @@ def resized_shape(h: int, w: int, *, longest: int | None = None, shorter: int | 
     return max(1, round(h * scale)), max(1, round(w * scale))
 
 
-def _identity(bboxes: np.ndarray, **_: Any) -> np.ndarray:
-    # albumentations keeps boxes normalised to the image size: a resize leaves them unchanged
-    return bboxes
+def _resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    nh, nw = shape
+    h, w = image.shape[:2]
+    if (nh, nw) == (h, w):
+        return image
+    interp = cv2.INTER_AREA if nh * nw < h * w else cv2.INTER_LINEAR
+    out = cv2.resize(image, (nw, nh), interpolation=interp)
+    return out.reshape(nh, nw, *image.shape[2:])  # cv2 drops a channel axis of 1
+
+
+def _resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    nh, nw = shape
+    return mask if (nh, nw) == mask.shape[:2] else cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_NEAREST)
+
+
+def resize_transform(shape_of: Callable[[int, int], tuple[int, int]]) -> A.Lambda:
+    """An albumentations step resizing each image to ``shape_of(h, w)`` (area interpolation
+    when shrinking, bilinear when enlarging) and its mask with nearest neighbour; boxes need
+    nothing (albumentations keeps them normalised to the image size). ``Preprocess`` and the
+    aspect mode's training transforms both resize through it."""
+    return A.Lambda(image=lambda image, **_: _resize_image(image, shape_of(*image.shape[:2])),
+                    mask=lambda mask, **_: _resize_mask(mask, shape_of(*mask.shape[:2])),
+                    bboxes=lambda bboxes, **_: bboxes, name="resize")

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from functools import partial
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
 
-from .preprocess import Preprocess, detection_bbox_params
+from .preprocess import detection_bbox_params, resize_transform, resized_shape
 
 __all__ = ["detection_bbox_params", "detection_train_transforms", "segmentation_train_transforms",
            "classification_train_transforms", "SizedTransforms", "reseed_transforms", "reseed_dataset",
@@ -95,10 +96,8 @@ class SizedTransforms:
         self.sizes, self.max_size = tuple(int(s) for s in sizes), max_size
         self._pipelines = {}
         for size in self.sizes:
-            # the resize is Preprocess's own ("shorter"), so training and evaluation resize alike
-            resize = Preprocess(3, (0.5,) * 3, (0.5,) * 3, "shorter", size, max_size=max_size).albumentations(
-                boxes=boxes).transforms[0]
-            ops = [resize, A.HorizontalFlip(p=hflip)]
+            # Preprocess's own resize ("shorter"): training and evaluation resize alike
+            ops = [resize_transform(partial(resized_shape, shorter=size, max_size=max_size)), A.HorizontalFlip(p=hflip)]
             self._pipelines[size] = A.Compose(ops, bbox_params=detection_bbox_params(0.0) if boxes else None,
                                               seed=seed)
         self.processors = self._pipelines[self.sizes[-1]].processors  # what CocoDetection checks

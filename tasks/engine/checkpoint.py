@@ -23,7 +23,7 @@ import torch
 
 from backbones.weights import CKPT_FORMAT, read_checkpoint, state_checksum
 
-__all__ = ["CKPT_FORMAT", "atomic_save", "load_checkpoint", "model_state", "CheckpointWriter",
+__all__ = ["CKPT_FORMAT", "write_atomic", "write_error", "atomic_save", "load_checkpoint", "model_state", "CheckpointWriter",
            "rng_state", "set_rng_state", "seed_everything", "to_cpu"]
 
 
@@ -54,22 +54,33 @@ def write_error(path: Path, error: BaseException) -> OSError:
     return OSError(f"cannot write {path}: {reason}")
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace`` over ``path``: a
-    crash or a full disk leaves the previous file intact and no temp file behind."""
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Any:
+    """``write(tmp)`` to a temp file beside ``path`` (``.<stem>.tmp<pid><suffix>``: the suffix
+    may pick the format), then ``os.replace`` over ``path``; returns what ``write`` returned.
+    A crash or a full disk leaves the previous file intact and no temp file behind (a killed
+    process's is removed by the next run: ``Trainer.fit``); a failed write is one ``OSError``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        result = write(tmp)
         os.replace(tmp, path)
+        return result
     except (OSError, RuntimeError) as e:  # RuntimeError: torch's zip writer on a full disk
         raise write_error(path, e) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through ``write_atomic``, synced to disk before the rename."""
+    def save(tmp: Path) -> None:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+
+    write_atomic(path, save)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from tqdm import tqdm
+
+from .checkpoint import write_atomic
 
 __all__ = ["MetricsLog", "TensorBoardLog", "progress", "Console", "format_metrics", "env_info"]
 
@@ -63,9 +64,8 @@ class MetricsLog:
         if not self.path.exists() and epoch == 0:
             return
         kept = [r for r in self.records() if r.get("epoch", 0) <= epoch]
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")  # a crash keeps the old log
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, lambda tmp: tmp.write_text(  # a crash keeps the old log
+            "".join(json.dumps(r) + "\n" for r in kept)))
 
 
 class TensorBoardLog:

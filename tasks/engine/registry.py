@@ -8,17 +8,20 @@ and ``--trunk`` get everything task-specific from here, never from another task 
 ``TASKS["detect"]`` imports ``tasks.detect`` on first use and returns its ``SPEC``: the
 registry knows the built-in tasks by module name instead of importing them, so that any
 task module can use the registry (``tasks.multitask`` does) without an import circle, and
-``python -m tasks.data.scenes`` does not import every task. ``register(spec)`` adds others.
+``python -m tasks.data.scenes`` does not import every task.
 """
 from __future__ import annotations
 
+import functools
 import importlib
-from collections.abc import Iterator, Mapping
 import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-__all__ = ["TaskSpec", "TaskData", "TASKS", "get_task", "register", "spec_for_checkpoint", "read_meta"]
+from tasks.data.preprocess import Preprocess
+
+__all__ = ["TaskSpec", "TaskData", "TASKS", "get_task", "spec_for_checkpoint", "read_meta"]
 
 BUILTIN = ("classify", "detect", "segment", "multitask")
 
@@ -30,7 +33,7 @@ class TaskData:
     ``train`` / ``val``: iterables of ``(images, targets)`` already on the device (``len()``
     steps, optional ``set_epoch``); ``train`` is None for evaluation only. ``meta``: the
     checkpoint metadata of a model trained on this data (class names, normalisation,
-    ``preprocess``), ``preprocess`` its ``Preprocess``. ``val_set``: the validation dataset
+    ``preprocess``); ``.preprocess`` is its ``Preprocess``. ``val_set``: the validation dataset
     when evaluation needs it (COCO ground truth). ``skipped``: ``{"n": count}`` of training
     images skipped as unreadable (``data.skip_bad``), if the data counts them.
     ``targets_checked``: the datasets already guarantee valid targets (labels in range, boxes
@@ -40,11 +43,14 @@ class TaskData:
     train: Any
     val: Any
     meta: dict[str, Any]
-    preprocess: Any
     val_set: Any = None
     skipped: Optional[dict[str, int]] = None
     targets_checked: bool = False
     fixed_shapes: bool = True  # every training batch has one shape (what train.cuda_graph needs)
+
+    @functools.cached_property
+    def preprocess(self) -> Preprocess:
+        return Preprocess.from_meta(self.meta)
 
 
 @dataclass(frozen=True)
@@ -101,37 +107,29 @@ class TaskSpec:
 
 
 class _Registry(Mapping[str, TaskSpec]):
+    """The built-in tasks by name; a task module is imported when its spec is first asked for."""
+
     def __init__(self) -> None:
         self._specs: dict[str, TaskSpec] = {}
 
-    def register(self, spec: TaskSpec) -> TaskSpec:
-        known = self._specs.get(spec.name)
-        if known is not None and known is not spec and spec.name not in BUILTIN:
-            raise ValueError(f"a task named {spec.name!r} is registered already")
-        self._specs.setdefault(spec.name, spec)
-        return spec
-
     def __getitem__(self, name: str) -> TaskSpec:
-        if name not in self._specs and name in BUILTIN:
+        if name not in self._specs:
+            if name not in BUILTIN:
+                raise KeyError(name)
             self._specs[name] = importlib.import_module(f"tasks.{name}").SPEC
         return self._specs[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(dict.fromkeys([*BUILTIN, *self._specs]))
+        return iter(BUILTIN)
 
     def __len__(self) -> int:
-        return len(set(BUILTIN) | set(self._specs))
+        return len(BUILTIN)
 
     def __contains__(self, name: object) -> bool:
-        return name in BUILTIN or name in self._specs
+        return name in BUILTIN
 
 
 TASKS: Mapping[str, TaskSpec] = _Registry()
-
-
-def register(spec: TaskSpec) -> TaskSpec:
-    """Add a task (``TASKS[spec.name]``) beside the built-in ones."""
-    return TASKS.register(spec)  # type: ignore[attr-defined]
 
 
 def get_task(name: Any) -> TaskSpec:

@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from tasks.data.images import image_from_input
+
 from . import distributed
 from .checkpoint import load_checkpoint, seed_everything
 from .config import CONFIG_ROOT, apply_overrides, config_from_dict, config_to_dict, merge_dicts, read_yaml
@@ -298,12 +300,11 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: Path, bat
     good, images, failed = [], [], []
     for i, path in enumerate(paths):
         try:
-            images.append(predictor.read([path])[0])
+            images.append(image_from_input(path, predictor.preprocess.in_chans, f"input {i}"))
             good.append(i)
-        except (ValueError, FileNotFoundError) as e:
-            why = str(e).split(": ", 1)[-1].removeprefix(f"{path}: ")  # "input 0 (path): why" -> why
-            failed.append((str(path), why))
-            sys.stderr.write(f"skipped {path}: {failed[-1][1]}\n")
+        except (ValueError, FileNotFoundError) as e:  # the message names the input and its file
+            failed.append((str(path), str(e)))
+            sys.stderr.write(f"skipped {e}\n")
     stems = unique_stems(paths)
     results = predictor.predict(images, batch_size=batch_size) if images else []
     entries = [predictor.spec.write_prediction(result, image, str(paths[i]), out_dir, stems[i], predictor.meta)
@@ -313,8 +314,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: Path, bat
         (out_dir / "summary.json").write_text(json.dumps(entries + errors, indent=1))
     if failed:
         raise ValueError(f"{len(failed)} of {len(paths)} inputs could not be read"
-                         + (f" (the other {len(entries)} were predicted)" if entries else "")
-                         + f": {failed[0][0]}: {failed[0][1]}")
+                         + (f" (the other {len(entries)} were predicted)" if entries else "") + f": {failed[0][1]}")
     return entries
 
 

@@ -20,7 +20,6 @@ from .registry import spec_for_checkpoint
 __all__ = ["load_trunk"]
 
 
-
 def load_trunk(backbone: ResNet, path: str | os.PathLike, model_cfg: ModelConfig,
                say: Callable[[str], None] = print) -> LoadReport:
     ckpt = read_checkpoint(path)
@@ -37,14 +36,13 @@ def load_trunk(backbone: ResNet, path: str | os.PathLike, model_cfg: ModelConfig
                          f"one: the stem conv starts from its initialisation (--set model.stem={src['stem']} "
                          f"carries it over)")
     else:  # a torchvision / timm state dict says nothing of its depth but its keys
-        src_block, src_stages = resnet_layout(extract_backbone_state(ckpt)[0])
-        own_block, own_stages = resnet_layout(backbone.state_dict())
-        if (src_block, src_stages[:len(own_stages)]) != (own_block, own_stages):
-            depth = layout_depth((src_block, src_stages))
-            raise ValueError(f"--trunk {path} holds a {describe_layout((src_block, src_stages))} trunk but this model "
-                             f"is {describe_layout((own_block, own_stages))}: "
+        src = resnet_layout(extract_backbone_state(ckpt)[0])
+        if src != backbone.layout:
+            depth = layout_depth(src)
+            raise ValueError(f"--trunk {path} holds a {describe_layout(src)} trunk but this model is "
+                             f"{describe_layout(backbone.layout)}: "
                              + (f"pass --set model.depth={depth}" if depth else "it cannot be loaded into it"))
-    report = backbone.load_weights(path, strict=False, verbose=False)
+    report = backbone.load_weights(ckpt, strict=False, verbose=False, name=str(path))  # read once, above
     not_loaded = [k for k, *_ in report.mismatched] + report.missing
     frozen_names = {n for m in backbone.frozen_modules() for n, _ in m.named_parameters()}
     frozen_new = [k for k in not_loaded if any(k.endswith(n) for n in frozen_names)]

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import matplotlib
 
@@ -11,25 +10,10 @@ matplotlib.use("Agg")  # run folders are written on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .checkpoint import write_error  # noqa: E402
+from .checkpoint import write_atomic  # noqa: E402
 
 __all__ = ["plot_curves", "plot_confusion", "save_figure", "class_colors", "draw_detection_grid",
            "draw_segmentation_grid", "overlay_mask", "save_palette_mask"]
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` to a temp file beside ``path`` (same suffix: it picks the image format),
-    then ``os.replace``: a crash or a full disk leaves the old picture and no temp file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise write_error(path, e) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:
