@@ -21,6 +21,8 @@ on the device.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -203,6 +205,11 @@ def resize_transform(shape_of: Callable[[int, int], tuple[int, int]]) -> A.Lambd
     when shrinking, bilinear when enlarging) and its mask with nearest neighbour; boxes need
     nothing (albumentations keeps them normalised to the image size). ``Preprocess`` and the
     aspect mode's training transforms both resize through it."""
-    return A.Lambda(image=lambda image, **_: _resize_image(image, shape_of(*image.shape[:2])),
-                    mask=lambda mask, **_: _resize_mask(mask, shape_of(*mask.shape[:2])),
-                    bboxes=lambda bboxes, **_: bboxes, name="resize")
+    # partials of module functions, not lambdas: albumentations warns that lambdas cannot be pickled
+    # (DataLoader workers under spawn); bboxes keep albumentations' no-op.
+    return A.Lambda(image=functools.partial(_resize_to, _resize_image, shape_of),
+                    mask=functools.partial(_resize_to, _resize_mask, shape_of), name="resize")
+
+
+def _resize_to(resize: Callable, shape_of: Callable[[int, int], tuple[int, int]], array: np.ndarray, **_) -> np.ndarray:
+    return resize(array, shape_of(*array.shape[:2]))

@@ -325,7 +325,10 @@ def run(spec: TaskSpec, argv: Sequence[str] | argparse.Namespace | None = None) 
     cfg, device, say = r.cfg, r.device, r.console
     if r.summary and not (args.eval_only or args.predict):
         say(r.summary)
-    say(f"{spec.name}: recipe {r.recipe} on {device} -> {r.output}")
+    # a run from a checkpoint carries that checkpoint's config, not the default recipe's
+    source = (f"checkpoint {r.resume_from or args.weights}" if (r.resume_from or r.checkpoint) and not args.config
+              else f"recipe {r.recipe}")
+    say(f"{spec.name}: {source} on {device} -> {r.output}")
 
     if args.predict:
         predictor = Predictor(spec, *_weights_model(r), device, amp=cfg.train.amp)
