@@ -52,3 +52,26 @@ class TaskModel(nn.Module):
         if self.training and self.targets_required:
             raise ValueError(f"{type(self).__name__} in training mode needs targets; call .eval() to predict")
         return self.head.postprocess(raw, image_size)
+
+    def forward_device(self, images: torch.Tensor) -> Any:
+        """The eval-mode outputs as they leave the device part: tensors of fixed shapes, no host
+        sync, so a CUDA graph can hold the whole call. ``finish`` makes ``forward``'s outputs."""
+        check_images(self, images)
+        image_size = (images.shape[-2], images.shape[-1])
+        return device_outputs(self.head, self.head(self.backbone(images), image_size), image_size)
+
+    def finish(self, outputs: Any, image_size: tuple[int, int]) -> Any:
+        return host_outputs(self.head, outputs, image_size)
+
+
+def device_outputs(head: nn.Module, raw: Any, image_size: tuple[int, int]) -> Any:
+    """A head's post-processing up to where it needs the host (``head.postprocess_device``);
+    for heads without one (classification, segmentation) that is all of ``postprocess``."""
+    fn = getattr(head, "postprocess_device", None)
+    return fn(raw, image_size) if fn is not None else head.postprocess(raw, image_size)
+
+
+def host_outputs(head: nn.Module, outputs: Any, image_size: tuple[int, int]) -> Any:
+    """The rest of ``postprocess`` after ``device_outputs`` (``head.postprocess_host``)."""
+    fn = getattr(head, "postprocess_host", None)
+    return fn(outputs, image_size) if fn is not None else outputs

@@ -15,7 +15,7 @@ from torch import nn
 
 from backbones.base import Backbone
 
-from .base import check_images
+from .base import check_images, device_outputs, host_outputs
 
 __all__ = ["MultiTaskModel"]
 
@@ -48,6 +48,16 @@ class MultiTaskModel(nn.Module):
                     losses[f"{name}_{key}"] = value * w
             return losses
         return {name: head.postprocess(head(features, image_size), image_size) for name, head in self.heads.items()}
+
+    def forward_device(self, images: torch.Tensor) -> dict[str, Any]:
+        """Every head's device-side outputs from one trunk pass (see ``TaskModel.forward_device``)."""
+        check_images(self, images)
+        image_size = (images.shape[-2], images.shape[-1])
+        features = self.backbone(images)
+        return {name: device_outputs(head, head(features, image_size), image_size) for name, head in self.heads.items()}
+
+    def finish(self, outputs: Mapping[str, Any], image_size: tuple[int, int]) -> dict[str, Any]:
+        return {name: host_outputs(head, outputs[name], image_size) for name, head in self.heads.items()}
 
     @classmethod
     def from_task_models(cls, models: Mapping[str, nn.Module], *, atol: float = 0.0) -> "MultiTaskModel":

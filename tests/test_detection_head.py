@@ -358,3 +358,117 @@ def test_invalid_padded_targets_raise_naming_the_image():
         model(torch.randn(2, 3, 64, 64), padded)
     with pytest.raises(ValueError, match=r"labels must be an integer \[N, M\] = \(2, 4\)"):
         model(torch.randn(2, 3, 64, 64), {"boxes": padded["boxes"], "labels": padded["labels"][:, :2]})
+
+
+# ----------------------------------------------------------------------------- NMS on the device
+
+def _grid_boxes(gen, n, m, size=64.0):
+    """Boxes on a 1-px grid: batched_nms's class offset (labels * (max + 1)) is then exact in
+    float32, so its IoUs are bit-identical to ours and the comparison can be strict."""
+    xy = torch.randint(0, int(size) - 8, (n, m, 2), generator=gen).float()
+    wh = torch.randint(4, 24, (n, m, 2), generator=gen).float()
+    return torch.cat([xy, xy + wh], dim=-1)
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_batched_greedy_nms_equals_torchvision(classes):
+    from torchvision.ops import batched_nms
+
+    from heads.detection import batched_greedy_nms
+    gen = torch.Generator().manual_seed(classes)
+    n, m = 6, 60  # 60 boxes in a 64 px square: many overlaps and suppression chains
+    boxes = _grid_boxes(gen, n, m)
+    scores = torch.rand(n, m, generator=gen).sort(dim=1, descending=True).values
+    labels = torch.randint(0, classes, (n, m), generator=gen)
+    valid = torch.rand(n, m, generator=gen) > 0.2
+    keep, converged = batched_greedy_nms(boxes, labels, valid, 0.3, iterations=m)
+    assert converged.all()
+    for i in range(n):
+        idx = valid[i].nonzero().flatten()
+        expected = idx[batched_nms(boxes[i, idx], scores[i, idx], labels[i, idx], 0.3)].sort().values
+        assert keep[i].nonzero().flatten().tolist() == expected.tolist()
+    # Fast NMS (one step) suppresses too much on this data: the iteration is what makes it exact
+    one, _ = batched_greedy_nms(boxes, labels, valid, 0.3, iterations=1)
+    assert (one.sum(1) < keep.sum(1)).any()
+
+
+def test_batched_greedy_nms_reports_unconverged_chains():
+    from heads.detection import batched_greedy_nms
+    # a chain: each box overlaps the next (IoU 0.82) but not the one after (0.67 < 0.7)
+    x = torch.arange(12.0)[None, :, None]
+    boxes = torch.cat([x, torch.zeros_like(x), x + 10, torch.full_like(x, 10)], dim=-1)
+    labels, valid = torch.zeros(1, 12, dtype=torch.long), torch.ones(1, 12, dtype=torch.bool)
+    keep, converged = batched_greedy_nms(boxes, labels, valid, 0.7, iterations=3)
+    assert not converged.item()
+    keep, converged = batched_greedy_nms(boxes, labels, valid, 0.7, iterations=12)
+    assert converged.item() and keep[0].nonzero().flatten().tolist() == [0, 2, 4, 6, 8, 10]
+
+
+def _grid_raw(head, n, gen, classes_hot=K):
+    """Raw outputs whose decoded boxes lie on the pixel grid (see _grid_boxes)."""
+    raw = _raw_for(head, (64, 64), n=n)
+    raw["cls_logits"] = torch.randn(raw["cls_logits"].shape, generator=gen) * 3 - 2
+    raw["cls_logits"][..., classes_hot:] = -30.0
+    raw["centerness"] = torch.randn(raw["centerness"].shape, generator=gen)
+    # ltrb in stride units on a 1/8 grid: strides 8, 16, 32 -> whole pixels
+    raw["bbox_reg"] = torch.randint(1, 24, raw["bbox_reg"].shape, generator=gen).float() / 8
+    return raw
+
+
+def _device_path(head, raw):
+    """What ``postprocess`` runs on a GPU (on the CPU it takes batched_nms directly)."""
+    return head.postprocess_host(head.postprocess_device(raw, (64, 64)), (64, 64))
+
+
+def _assert_same_detections(out, ref):
+    assert len(out) == len(ref)
+    for a, b in zip(out, ref):
+        assert a["labels"].tolist() == b["labels"].tolist()
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=0)
+        torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"detections_per_img": 7}, {"nms_candidates": 20},
+                                    {"nms_iterations": 1}, {"score_thresh": 0.99}])
+def test_postprocess_on_device_equals_batched_nms(kwargs):
+    head = FCOSHead(SPECS, K, fpn_channels=8, nms_thresh=0.5, **kwargs)
+    gen = torch.Generator().manual_seed(len(kwargs))
+    for classes_hot in (1, K):
+        raw = _grid_raw(head, 4, gen, classes_hot)
+        raw["cls_logits"][1] = -30.0  # an empty image
+        ref = head.postprocess_reference(raw, (64, 64))
+        assert len(ref[1]["boxes"]) == 0
+        _assert_same_detections(_device_path(head, raw), ref)
+        padded = head.postprocess_padded(raw, (64, 64))
+        # where it says exact it is exact by itself, without the fallback
+        for i in padded["exact"].nonzero().flatten().tolist():
+            c = int(padded["num"][i])
+            assert padded["labels"][i, :c].tolist() == ref[i]["labels"].tolist()
+            assert (padded["labels"][i, c:] == -1).all() and (padded["scores"][i, c:] == 0).all()
+
+
+def test_postprocess_fallback_paths_are_taken():
+    gen = torch.Generator().manual_seed(0)
+    # detections_per_img reached: more detections than 7 survive -> exact without the fallback
+    head = FCOSHead(SPECS, K, fpn_channels=8, nms_thresh=0.5, detections_per_img=7)
+    padded = head.postprocess_padded(_grid_raw(head, 2, gen), (64, 64))
+    assert padded["exact"].all() and (padded["num"] == 7).all()
+    # few candidates looked at, most of them suppressed, more passing the threshold: not exact
+    head = FCOSHead(SPECS, K, fpn_channels=8, nms_thresh=0.01, nms_candidates=12)
+    raw = _grid_raw(head, 2, gen)
+    padded = head.postprocess_padded(raw, (64, 64))
+    assert not padded["exact"].any()
+    _assert_same_detections(_device_path(head, raw), head.postprocess_reference(raw, (64, 64)))
+
+
+def test_postprocess_padded_has_no_host_sync_and_fixed_shapes():
+    head = FCOSHead(SPECS, K, fpn_channels=8)
+    gen = torch.Generator().manual_seed(3)
+    raw = _grid_raw(head, 3, gen)
+    shapes = {k: tuple(v.shape) for k, v in head.postprocess_padded(raw, (64, 64)).items()}
+    raw["cls_logits"][:] = -30.0  # nothing detected: the same shapes
+    assert {k: tuple(v.shape) for k, v in head.postprocess_padded(raw, (64, 64)).items()} == shapes
+    assert shapes["boxes"] == (3, 100, 4) and shapes["num"] == (3,)
+    # it traces into one graph: no data-dependent control flow or shapes
+    explanation = torch._dynamo.explain(head.postprocess_padded)(raw, (64, 64))
+    assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -185,3 +185,26 @@ def test_predictor_on_cuda_agrees_with_the_cpu(task, tmp_path):
             a, b = heads[0]["detect"], heads[1]["detect"]
             assert not a["boxes"].is_cuda and a["boxes"].dtype == torch.float32
             assert abs(len(a["boxes"]) - len(b["boxes"])) <= max(2, len(b["boxes"]) // 10)
+
+
+def test_graphed_inference_equals_eager_detection_and_updates_weights():
+    from heads import Detector, FCOSHead
+    from tasks.engine.graphs import GraphedInference
+    torch.manual_seed(0)
+    trunk = resnet18()
+    model = Detector(trunk, FCOSHead(trunk.feature_info, 5, fpn_channels=32)).cuda().eval()
+    with torch.no_grad():
+        model.head.cls_logits.bias.fill_(-2.0)  # a few hundred candidates per image, not all of them
+    graphed = GraphedInference(model, amp=False, capture_after=1)
+    x = torch.randn(4, 3, 128, 128, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):  # eager, then captured, then replayed
+            out, ref = graphed(x), model.head.postprocess_reference(model.head(model.backbone(x), (128, 128)),
+                                                                     (128, 128))
+            for a, b in zip(out, ref):
+                assert torch.equal(a["labels"], b["labels"]) and torch.allclose(a["boxes"], b["boxes"])
+        assert len(graphed.graphs) == 1
+        model.head.cls_logits.bias.fill_(-30.0)  # an in-place weight change reaches the replay
+        assert all(len(d["boxes"]) == 0 for d in graphed(x))
+        graphed(x[:2])  # another shape: eager until seen again
+        assert len(graphed.graphs) == 1

@@ -1,4 +1,4 @@
-"""Forward + backward of a training step as one replayed CUDA graph.
+"""Forward + backward of a training step, and eval-mode inference, as replayed CUDA graphs.
 
 A small model on small images (ResNet-18 on 28x28) finishes its kernels faster than Python
 can launch them: eager PyTorch then runs at the speed of the host, not of the GPU. Capturing
@@ -15,12 +15,14 @@ every tensor in them is a static input of the graph.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
+from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["GraphedForwardBackward"]
+__all__ = ["GraphedForwardBackward", "GraphedInference", "inference_model"]
 
 LossFn = Callable[[torch.Tensor, Any], dict[str, torch.Tensor]]
 
@@ -98,3 +100,73 @@ class GraphedForwardBackward:
         self.static_out = _detached(loss, loss_dict)  # same storage: each replay rewrites them
         self.graph.replay()  # capture records without running: run this step now
         return self.static_out
+
+
+class GraphedInference(nn.Module):
+    """``model`` (a ``TaskModel`` / ``MultiTaskModel``) whose eval-mode ``forward_device`` part
+    replays as one CUDA graph per input shape; ``model.finish`` then makes the usual outputs.
+
+    Network and detection post-processing together are then one launch (measured in
+    docs/BENCHMARKS.md, "Detection inference"). A shape is captured the ``capture_after``-th time
+    it is seen, so one-off shapes (a ragged last batch, the aspect mode's sizes) stay eager
+    and cost no capture; at most ``max_graphs`` shapes keep a graph (least recently used
+    dropped). Outputs are copied out of the graph's buffers, so they outlive the next call.
+    Training mode, CPU tensors and models without ``forward_device`` run ``model`` as it is.
+    The weights are read where they lie at every replay: in-place updates (optimizer, EMA)
+    are seen; replacing a parameter tensor is not (make a new wrapper).
+    """
+
+    def __init__(self, model: nn.Module, *, amp: bool, capture_after: int = 2, max_graphs: int = 4) -> None:
+        super().__init__()
+        self.model = model
+        self.amp = amp
+        self.capture_after = capture_after
+        self.max_graphs = max_graphs
+        self.seen: dict[tuple, int] = {}
+        self.graphs: OrderedDict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, Any]] = OrderedDict()
+
+    def _device_part(self, images: torch.Tensor) -> Any:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
+            return self.model.forward_device(images)
+
+    def _capture(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, Any]:
+        static_in = images.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: cuDNN plans, lazy allocations, the points cache
+            for _ in range(2):
+                self._device_part(static_in)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._device_part(static_in)
+        return static_in, graph, static_out
+
+    def forward(self, images: torch.Tensor, targets: Any = None) -> Any:
+        if (self.training or targets is not None or images.device.type != "cuda"
+                or not hasattr(self.model, "forward_device")):
+            return self.model(images, targets) if targets is not None else self.model(images)
+        image_size = (images.shape[-2], images.shape[-1])
+        key = (tuple(images.shape), tuple(images.stride()), images.dtype, images.device)
+        entry = self.graphs.get(key)
+        if entry is None:
+            self.seen[key] = self.seen.get(key, 0) + 1
+            if self.seen[key] <= self.capture_after:
+                return self.model.finish(self._device_part(images), image_size)
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.popitem(last=False)
+            entry = self.graphs[key] = self._capture(images)
+        self.graphs.move_to_end(key)
+        static_in, graph, static_out = entry
+        static_in.copy_(images)
+        graph.replay()
+        outputs = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, static_out)
+        return self.model.finish(outputs, image_size)
+
+
+def inference_model(model: nn.Module, cfg: Any, device: torch.device) -> nn.Module:
+    """What evaluation runs: with ``train.cuda_graph`` on a GPU, ``GraphedInference(model)`` (the
+    network and the device part of post-processing replayed as CUDA graphs); otherwise ``model``."""
+    if cfg.train.cuda_graph and device.type == "cuda" and hasattr(model, "forward_device"):
+        return GraphedInference(model, amp=cfg.train.amp)
+    return model

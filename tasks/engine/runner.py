@@ -29,6 +29,7 @@ from . import distributed
 from .checkpoint import load_checkpoint, seed_everything
 from .config import CONFIG_ROOT, apply_overrides, config_from_dict, config_to_dict, merge_dicts, read_yaml
 from .distributed import resolve_device
+from .graphs import inference_model
 from .logging import Console
 from .loop import NonFiniteLossError, Trainer
 from .predict import Predictor, load_task_model
@@ -346,7 +347,7 @@ def run(spec: TaskSpec, argv: Sequence[str] | argparse.Namespace | None = None) 
         model = model.to(device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        metrics = spec.evaluate(model, data, device, cfg.train.amp,
+        metrics = spec.evaluate(inference_model(model, cfg, device), data, device, cfg.train.amp,
                                 output=r.output if distributed.is_main() else None, quiet=args.quiet)
         lines = spec.report(metrics, meta)
         print(f"{lines[0]}  ({args.weights})")
@@ -368,7 +369,10 @@ def run(spec: TaskSpec, argv: Sequence[str] | argparse.Namespace | None = None) 
     if cfg.model.trunk and r.resume_from is None:  # a resumed run has its trunk in the checkpoint
         load_trunk(model.backbone, cfg.model.trunk, cfg.model)  # printed even with --quiet: it changes the run
 
+    graphed: dict[int, torch.nn.Module] = {}  # one wrapper per evaluated model, its graphs kept between epochs
+
     def evaluate(m, final: bool) -> dict[str, Any]:
+        m = graphed.setdefault(id(m), inference_model(m, cfg, device))
         return spec.evaluate(m, data, device, cfg.train.amp, output=r.output if final else None)
 
     trainer = Trainer(spec.name, cfg, model, data.train, output=r.output, device=device, quiet=args.quiet,

@@ -1,0 +1,158 @@
+"""Detection inference on one GPU, path by path (issue 16): a trained FCOS checkpoint, its val batches
+held on the device, median of 5 interleaved rounds; AP and detections of the device NMS against
+torchvision's ``batched_nms`` over the whole val set.
+
+    python3 docs/bench/detect_infer_gpu.py CKPT OUT.json [--batches 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from heads.detection import batched_greedy_nms  # noqa: E402
+from tasks.engine.logging import env_info  # noqa: E402
+from tasks.engine.graphs import GraphedInference  # noqa: E402
+from tasks.engine.predict import load_task_model  # noqa: E402
+
+
+def graphed_fn(fn, x):
+    """``fn(x)`` captured as one CUDA graph (for the network-only and postprocess-only rows)."""
+    static = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(static)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(static)
+
+    def replay(inp):
+        static.copy_(inp)
+        g.replay()
+        return out
+    return replay
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("ckpt")
+    p.add_argument("out")
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (no graph, no compile rows)")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.backends.cudnn.benchmark = True
+    spec, model, meta, cfg = load_task_model(a.ckpt, task="detect")
+    model = model.to(device).to(memory_format=torch.channels_last).eval()
+    head, trunk = model.head, model.backbone
+    data = spec.build_data(cfg, device, train=False, quiet=True)
+    held = []
+    for i, (images, _) in enumerate(data.val):
+        if images.shape[0] != cfg.data.eval_batch_size:
+            break
+        held.append(images)
+        if len(held) >= a.batches:
+            break
+    x0 = held[0]
+    size = tuple(x0.shape[-2:])
+    amp = dict(device_type=device.type, dtype=torch.bfloat16)
+
+    def net(x):
+        return head(trunk(x), size)
+
+    with torch.no_grad(), torch.autocast(**amp):
+        raws = [net(x) for x in held]
+    variants = {
+        "shipped before: network + batched_nms per image (eager)": lambda x: head.postprocess_reference(net(x), size),
+        "Detector(images): network + device NMS + one sync (eager)": lambda x: model(x),
+        "GraphedInference(Detector): one CUDA graph + one sync": GraphedInference(model, amp=True, capture_after=0),
+        "network only, eager": net,
+    }
+    if cuda:
+        with torch.autocast(**amp, cache_enabled=False), torch.no_grad():
+            variants["network only, CUDA graph"] = graphed_fn(net, x0)
+            compiled = torch.compile(model.forward_device)
+            variants["torch.compile(forward_device) + one sync"] = lambda x: model.finish(compiled(x), size)
+    post = {
+        "postprocess_reference alone (batched_nms per image)": lambda r: head.postprocess_reference(r, size),
+        "postprocess alone (device NMS + one sync)": lambda r: head.postprocess(r, size),
+        "postprocess_padded alone (no sync)": lambda r: head.postprocess_padded(r, size),
+    }
+
+    def run_round(fn, inputs):
+        sync()
+        t0 = time.perf_counter()
+        for x in inputs:
+            out = fn(x)
+        if isinstance(out, dict) and "num" in out:
+            out["num"].sum().item()
+        sync()
+        return len(inputs) * x0.shape[0] / (time.perf_counter() - t0)
+
+    results = {}
+    with torch.no_grad(), torch.autocast(**amp):
+        for fn in [*variants.values(), *post.values()]:  # warm-up: compile, capture, autotune
+            for _ in range(3):
+                run_round(fn, raws if fn in post.values() else held)
+        rounds = {k: [] for k in [*variants, *post]}
+        for _ in range(5):
+            for k, fn in variants.items():
+                rounds[k].append(run_round(fn, held))
+            for k, fn in post.items():
+                rounds[k].append(run_round(fn, raws))
+    results["img_per_s"] = {k: statistics.median(v) for k, v in rounds.items()}
+    results["img_per_s_rounds"] = rounds
+
+    # exactness over the whole val set: the device path against batched_nms, image by image
+    stats = {"images": 0, "exact": 0, "same": 0, "valid_max": 0, "valid_over_m": 0,
+             "converged_after": {str(t): 0 for t in range(1, 9)}}
+    with torch.no_grad(), torch.autocast(**amp):
+        for images, _ in data.val:
+            s = tuple(images.shape[-2:])
+            raw = head(trunk(images), s)
+            padded = head.postprocess_padded(raw, s)
+            new, ref = head.postprocess(raw, s), head.postprocess_reference(raw, s)
+            boxes, scores, labels, valid = head._candidates(raw, s)
+            m = min(head.nms_candidates, scores.shape[1])
+            order = torch.where(valid, scores, -1.0).topk(m, dim=1).indices
+            b = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+            lab, v = labels.gather(1, order), valid.gather(1, order)
+            for t in range(1, 9):
+                stats["converged_after"][str(t)] += int(batched_greedy_nms(b, lab, v, head.nms_thresh, t)[1].sum())
+            counts = valid.sum(1)
+            stats["valid_max"] = max(stats["valid_max"], int(counts.max()))
+            stats["valid_over_m"] += int((counts > m).sum())
+            stats["images"] += images.shape[0]
+            stats["exact"] += int(padded["exact"].sum())
+            stats["same"] += sum(torch.equal(p["labels"], q["labels"]) and torch.equal(p["boxes"], q["boxes"])
+                                 and torch.equal(p["scores"], q["scores"]) for p, q in zip(new, ref))
+    results["exactness"] = stats
+
+    # COCO AP through the task's evaluation: the device path, then batched_nms
+    metrics = {"device NMS (shipped)": spec.evaluate(model, data, device, cuda)}
+    head.postprocess = head.postprocess_reference
+    metrics["batched_nms per image (before)"] = spec.evaluate(model, data, device, cuda)
+    del head.postprocess
+    results["coco"] = metrics
+    results.update(env=env_info() if cuda else {"device": "cpu"}, ckpt=a.ckpt, batch_size=x0.shape[0], image_size=list(size),
+                   nms_candidates=head.nms_candidates, nms_iterations=head.nms_iterations)
+    Path(a.out).write_text(json.dumps(results, indent=1))
+    for k, v in results["img_per_s"].items():
+        print(f"{v:10,.0f} img/s  {k}")
+    print(json.dumps(stats))
+    print({k: round(v["AP"], 5) for k, v in metrics.items()})
+
+
+if __name__ == "__main__":
+    main()
