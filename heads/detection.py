@@ -97,7 +97,7 @@ def _float32_below(value: float) -> float:
 
 
 def batched_greedy_nms(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_thresh: float,
-                       iterations: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+                       iterations: int = 8, until_converged: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-wise greedy NMS for a whole batch with fixed shapes and no host sync.
 
     ``boxes [N, M, 4]`` (xyxy), ``labels [N, M]`` and ``valid [N, M]`` are sorted by descending
@@ -112,15 +112,22 @@ def batched_greedy_nms(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.T
     trust it (``FCOSHead.postprocess`` redoes such images with ``torchvision.ops.batched_nms``).
     Each step is one ``[N, M, M]`` boolean reduction: no data-dependent shapes, so it compiles and
     replays in a CUDA graph, where ``batched_nms`` syncs with the host once per image.
+    ``until_converged`` (eager use) goes on in rounds of ``iterations`` steps, one host sync per
+    round, until every row has converged (at most M steps: a chain is never longer).
     """
     m = boxes.shape[1]
     earlier = torch.ones(m, m, dtype=torch.bool, device=boxes.device).triu(1)  # [j, i]: j before i
     over = (pairwise_iou(boxes.float()) > _float32_below(iou_thresh)) & (labels[:, :, None] == labels[:, None, :]) & earlier
     over &= valid[:, :, None]  # an invalid candidate suppresses nothing
     keep = prev = valid
-    for _ in range(iterations):
-        prev, keep = keep, valid & ~(keep[:, :, None] & over).any(dim=1)
-    return keep, (keep == prev).all(dim=1)
+    done = 0
+    while True:
+        for _ in range(iterations):
+            prev, keep = keep, valid & ~(keep[:, :, None] & over).any(dim=1)
+        done += iterations
+        converged = (keep == prev).all(dim=1)
+        if not until_converged or done >= m or bool(converged.all()):
+            return keep, converged
 
 
 def is_padded_targets(targets: Any) -> bool:
@@ -500,7 +507,8 @@ class FCOSHead(nn.Module):
         return boxes, scores, labels, valid
 
     @torch.no_grad()
-    def postprocess_padded(self, raw: dict[str, Any], image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    def postprocess_padded(self, raw: dict[str, Any], image_size: tuple[int, int], *,
+                           sync: bool = False) -> dict[str, torch.Tensor]:
         """The detections of the batch in fixed shapes, computed on the device without a host sync
         (so it compiles, and replays in a CUDA graph with the network):
 
@@ -510,14 +518,22 @@ class FCOSHead(nn.Module):
         its NMS had not converged within ``nms_iterations`` steps, or when more than
         ``nms_candidates`` candidates passed ``score_thresh`` and fewer than ``detections_per_img``
         of the best ``nms_candidates`` survived NMS (a later candidate might have made the cut).
+
+        ``sync=True`` (eager callers) spends a few host syncs per batch to do less work: NMS looks
+        at no more candidates than the most any image of the batch has (rounded up to 64), and
+        iterates until it has converged. Shapes then depend on the data.
         """
         boxes, scores, labels, valid = self._candidates(raw, image_size)
         m = min(self.nms_candidates, scores.shape[1])
+        if sync:
+            most = int(valid.sum(dim=1).max())  # a trained detector: a few hundred of the ~thousands
+            m = min(m, max(64, -(-most // 64) * 64))
         # the best m valid candidates, best first (invalid ones sort last)
         order = torch.where(valid, scores, -1.0).topk(m, dim=1).indices  # [N, m]
         boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
         scores, labels, top_valid = scores.gather(1, order), labels.gather(1, order), valid.gather(1, order)
-        keep, converged = batched_greedy_nms(boxes, labels, top_valid, self.nms_thresh, self.nms_iterations)
+        keep, converged = batched_greedy_nms(boxes, labels, top_valid, self.nms_thresh, self.nms_iterations,
+                                             until_converged=sync)
 
         d = min(self.detections_per_img, m)
         # the first d kept candidates in score order: rank kept ones by position, the rest after
@@ -536,13 +552,16 @@ class FCOSHead(nn.Module):
         """Per image ``dict(boxes=[D, 4] xyxy pixels clipped to image_size, scores=[D], labels=[D])``,
         sorted by score, ``D <= detections_per_img``.
 
-        ``postprocess_padded`` for the whole batch, then one host sync for the counts; an image it
-        could not do exactly (rare: see there) is redone with ``batched_nms``. On the CPU, where a
+        On a GPU ``postprocess_padded(sync=True)`` for the whole batch (two or three host syncs
+        per batch, where ``batched_nms`` costs one per image); an image it could not do exactly
+        (rare: see there) is redone with ``batched_nms``. ``GraphedInference`` replays
+        ``postprocess_device`` (fixed shapes, no sync) instead. On the CPU, where a
         sync costs nothing, ``batched_nms`` directly: the ``[N, M, M]`` IoU matrix costs more there
         (2 cores, FCOS R18 at 256 px, batch 16, untrained head: 24 against 277 img/s)."""
         if raw["cls_logits"].device.type == "cpu":
             return self.postprocess_reference(raw, image_size)
-        return self.postprocess_host(self.postprocess_device(raw, image_size), image_size)
+        padded = self.postprocess_padded(raw, image_size, sync=True)
+        return self.postprocess_host({"padded": padded, "raw": raw}, image_size)
 
     def postprocess_device(self, raw: dict[str, Any], image_size: tuple[int, int]) -> dict[str, Any]:
         """The part of ``postprocess`` a CUDA graph can hold: the padded detections, and the raw

@@ -402,6 +402,9 @@ def test_batched_greedy_nms_reports_unconverged_chains():
     assert not converged.item()
     keep, converged = batched_greedy_nms(boxes, labels, valid, 0.7, iterations=12)
     assert converged.item() and keep[0].nonzero().flatten().tolist() == [0, 2, 4, 6, 8, 10]
+    # eager rounds of 3 steps until it converges: the same answer
+    again, converged = batched_greedy_nms(boxes, labels, valid, 0.7, iterations=3, until_converged=True)
+    assert converged.item() and torch.equal(again, keep)
 
 
 def _grid_raw(head, n, gen, classes_hot=K):
@@ -415,9 +418,11 @@ def _grid_raw(head, n, gen, classes_hot=K):
     return raw
 
 
-def _device_path(head, raw):
-    """What ``postprocess`` runs on a GPU (on the CPU it takes batched_nms directly)."""
-    return head.postprocess_host(head.postprocess_device(raw, (64, 64)), (64, 64))
+def _device_path(head, raw, sync=False):
+    """What ``postprocess`` (sync) and ``GraphedInference`` run on a GPU (on the CPU postprocess
+    takes batched_nms directly)."""
+    padded = head.postprocess_padded(raw, (64, 64), sync=sync)
+    return head.postprocess_host({"padded": padded, "raw": raw}, (64, 64))
 
 
 def _assert_same_detections(out, ref):
@@ -439,6 +444,7 @@ def test_postprocess_on_device_equals_batched_nms(kwargs):
         ref = head.postprocess_reference(raw, (64, 64))
         assert len(ref[1]["boxes"]) == 0
         _assert_same_detections(_device_path(head, raw), ref)
+        _assert_same_detections(_device_path(head, raw, sync=True), ref)
         padded = head.postprocess_padded(raw, (64, 64))
         # where it says exact it is exact by itself, without the fallback
         for i in padded["exact"].nonzero().flatten().tolist():

@@ -47,6 +47,8 @@ def main() -> None:
     p.add_argument("ckpt")
     p.add_argument("out")
     p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--untrained", action="store_true", help="fresh weights of the checkpoint's config (the worst "
+                   "case: every candidate passes score_thresh); no COCO AP")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (no graph, no compile rows)")
     a = p.parse_args()
     device = torch.device(a.device)
@@ -54,6 +56,9 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.backends.cudnn.benchmark = True
     spec, model, meta, cfg = load_task_model(a.ckpt, task="detect")
+    if a.untrained:
+        torch.manual_seed(0)
+        model = spec.build_model(cfg, meta).eval()
     model = model.to(device).to(memory_format=torch.channels_last).eval()
     head, trunk = model.head, model.backbone
     data = spec.build_data(cfg, device, train=False, quiet=True)
@@ -75,7 +80,7 @@ def main() -> None:
         raws = [net(x) for x in held]
     variants = {
         "shipped before: network + batched_nms per image (eager)": lambda x: head.postprocess_reference(net(x), size),
-        "Detector(images): network + device NMS + one sync (eager)": lambda x: model(x),
+        "Detector(images): network + device NMS, a few syncs per batch (eager)": lambda x: model(x),
         "GraphedInference(Detector): one CUDA graph + one sync": GraphedInference(model, amp=True, capture_after=0),
         "network only, eager": net,
     }
@@ -86,7 +91,7 @@ def main() -> None:
             variants["torch.compile(forward_device) + one sync"] = lambda x: model.finish(compiled(x), size)
     post = {
         "postprocess_reference alone (batched_nms per image)": lambda r: head.postprocess_reference(r, size),
-        "postprocess alone (device NMS + one sync)": lambda r: head.postprocess(r, size),
+        "postprocess alone (device NMS, sync=True)": lambda r: head.postprocess(r, size),
         "postprocess_padded alone (no sync)": lambda r: head.postprocess_padded(r, size),
     }
 
@@ -140,10 +145,14 @@ def main() -> None:
     results["exactness"] = stats
 
     # COCO AP through the task's evaluation: the device path, then batched_nms
-    metrics = {"device NMS (shipped)": spec.evaluate(model, data, device, cuda)}
-    head.postprocess = head.postprocess_reference
-    metrics["batched_nms per image (before)"] = spec.evaluate(model, data, device, cuda)
-    del head.postprocess
+    metrics = {}
+    if not a.untrained:
+        metrics["GraphedInference (evaluation with train.cuda_graph)"] = spec.evaluate(
+            GraphedInference(model, amp=True), data, device, cuda)
+        metrics["postprocess on the device, sync=True (eager)"] = spec.evaluate(model, data, device, cuda)
+        head.postprocess = head.postprocess_reference
+        metrics["batched_nms per image (before)"] = spec.evaluate(model, data, device, cuda)
+        del head.postprocess
     results["coco"] = metrics
     results.update(env=env_info() if cuda else {"device": "cpu"}, ckpt=a.ckpt, batch_size=x0.shape[0], image_size=list(size),
                    nms_candidates=head.nms_candidates, nms_iterations=head.nms_iterations)
