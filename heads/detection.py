@@ -96,8 +96,26 @@ def _float32_below(value: float) -> float:
     return f if f <= value else float(np.nextafter(np.float32(value), np.float32(-np.inf)))
 
 
+def suppression_matrix(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_thresh: float
+                       ) -> torch.Tensor:
+    """``over [N, M, M]``: candidate ``j`` (valid) would suppress ``i`` (later, same class, IoU >
+    ``iou_thresh``). Elementwise work over the pairs: one fused kernel under ``torch.compile``."""
+    return _suppression(boxes, labels, valid, _float32_below(iou_thresh))
+
+
+def _suppression(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, thresh: float) -> torch.Tensor:
+    m = boxes.shape[1]
+    earlier = torch.ones(m, m, dtype=torch.bool, device=boxes.device).triu(1)  # [j, i]: j before i
+    over = (pairwise_iou(boxes.float()) > thresh) & (labels[:, :, None] == labels[:, None, :])
+    return over & earlier & valid[:, :, None]  # an invalid candidate suppresses nothing
+
+
+_COMPILED: dict[str, Any] = {}
+
+
 def batched_greedy_nms(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_thresh: float,
-                       iterations: int = 8, until_converged: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       iterations: int = 8, until_converged: bool = False, top: int | None = None,
+                       compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-wise greedy NMS for a whole batch with fixed shapes and no host sync.
 
     ``boxes [N, M, 4]`` (xyxy), ``labels [N, M]`` and ``valid [N, M]`` are sorted by descending
@@ -107,25 +125,35 @@ def batched_greedy_nms(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.T
     by IoU > ``iou_thresh``. That is a fixed point of ``keep = valid & ~any_j(keep_j & over_ji)``;
     the fixed point is unique (candidate ``i`` depends only on those before it), so iterating the
     update from ``keep = valid`` (Cluster-NMS, Zheng et al. 2020; the first iteration is Fast
-    NMS) reaches exactly greedy NMS's answer once an iteration changes nothing. A row that still
-    changed in the last of ``iterations`` steps reports ``converged = False``: its caller must not
-    trust it (``FCOSHead.postprocess`` redoes such images with ``torchvision.ops.batched_nms``).
-    Each step is one ``[N, M, M]`` boolean reduction: no data-dependent shapes, so it compiles and
-    replays in a CUDA graph, where ``batched_nms`` syncs with the host once per image.
+    NMS) reaches exactly greedy NMS's answer once an iteration changes nothing. The same holds
+    for a prefix: once the candidates up to the ``top``-th kept one stop changing, those ``top``
+    are final (each depends only on the ones before it), which is all a caller keeping ``top``
+    detections needs, and comes in fewer steps than the whole row. A row that still changed in
+    the last of ``iterations`` steps reports ``converged = False``: its caller must not trust it
+    (``FCOSHead.postprocess`` redoes such images with ``torchvision.ops.batched_nms``).
+    Each step is one ``[N, M, M]`` boolean reduction: no data-dependent shapes, so it replays in a
+    CUDA graph, where ``batched_nms`` syncs with the host once per image.
     ``until_converged`` (eager use) goes on in rounds of ``iterations`` steps, one host sync per
     round, until every row has converged (at most M steps: a chain is never longer).
+    ``compiled``: build the suppression matrix with ``torch.compile`` (CUDA).
     """
     m = boxes.shape[1]
-    earlier = torch.ones(m, m, dtype=torch.bool, device=boxes.device).triu(1)  # [j, i]: j before i
-    over = (pairwise_iou(boxes.float()) > _float32_below(iou_thresh)) & (labels[:, :, None] == labels[:, None, :]) & earlier
-    over &= valid[:, :, None]  # an invalid candidate suppresses nothing
+    fn = _suppression
+    if compiled and boxes.is_cuda:
+        if "suppression" not in _COMPILED:
+            _COMPILED["suppression"] = torch.compile(_suppression, dynamic=True)
+        fn = _COMPILED["suppression"]
+    over = fn(boxes, labels, valid, _float32_below(iou_thresh))
     keep = prev = valid
     done = 0
     while True:
         for _ in range(iterations):
             prev, keep = keep, valid & ~(keep[:, :, None] & over).any(dim=1)
         done += iterations
-        converged = (keep == prev).all(dim=1)
+        changed = keep != prev
+        if top is not None:  # only the candidates up to the top-th kept one matter
+            changed &= (keep.cumsum(dim=1) - keep.long()) < top
+        converged = ~changed.any(dim=1)
         if not until_converged or done >= m or bool(converged.all()):
             return keep, converged
 
@@ -224,6 +252,7 @@ class FCOSHead(nn.Module):
         nms_candidates, nms_iterations: NMS on the device (``postprocess_padded``) looks at the
             ``nms_candidates`` best-scoring candidates of an image, for at most ``nms_iterations``
             steps; images where that cannot be exact fall back to ``batched_nms``.
+        nms_compile: build NMS's pairwise matrix with ``torch.compile`` on CUDA (one fused kernel).
         size_ranges: per-level ``(lo, hi]`` ranges of max(l, t, r, b) in pixels; default
             ``(0, 8 s_0], (8 s_0, 8 s_1], ..., (8 s_{L-2}, inf)`` from the FPN strides.
     """
@@ -234,7 +263,7 @@ class FCOSHead(nn.Module):
                  center_sampling_radius: float | None = 1.5, score_thresh: float = 0.05,
                  nms_thresh: float = 0.6, topk_candidates: int = 1000, detections_per_img: int = 100,
                  size_ranges: Sequence[tuple[float, float]] | None = None, nms_candidates: int = 1000,
-                 nms_iterations: int = 8) -> None:
+                 nms_iterations: int = 8, nms_compile: bool = False) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -264,6 +293,7 @@ class FCOSHead(nn.Module):
             raise ValueError(f"nms_candidates and nms_iterations must be >= 1, got {nms_candidates}, {nms_iterations}")
         self.nms_candidates = nms_candidates
         self.nms_iterations = nms_iterations
+        self.nms_compile = nms_compile
 
         # Shared over levels (torchvision FCOSHead layout). The regression targets are divided
         # by the stride, so one set of weights sees the same O(1)-O(8) target scale on every
@@ -533,7 +563,8 @@ class FCOSHead(nn.Module):
         boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
         scores, labels, top_valid = scores.gather(1, order), labels.gather(1, order), valid.gather(1, order)
         keep, converged = batched_greedy_nms(boxes, labels, top_valid, self.nms_thresh, self.nms_iterations,
-                                             until_converged=sync)
+                                             until_converged=sync, top=self.detections_per_img,
+                                             compiled=self.nms_compile)
 
         d = min(self.detections_per_img, m)
         # the first d kept candidates in score order: rank kept ones by position, the rest after

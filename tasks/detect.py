@@ -56,6 +56,9 @@ class DetectModelConfig(ModelConfig):
     nms_thresh: float = bounded(0.6, 0.0, 1.0)
     topk_candidates: int = bounded(1000, 1)
     detections_per_img: int = bounded(100, 1)
+    nms_candidates: int = bounded(1000, 1)      # NMS on the device: the best N candidates of an image
+    nms_iterations: int = bounded(8, 1)         # ... steps per round (heads/detection.py batched_greedy_nms)
+    nms_compile: bool = False                   # ... its pairwise matrix through torch.compile (CUDA)
 
 
 @dataclass
@@ -80,7 +83,8 @@ def build_head(m: DetectModelConfig, feature_info, num_classes: int) -> FCOSHead
     return FCOSHead(feature_info, num_classes, in_features=m.in_features, fpn_channels=m.fpn_channels,
                     extra=m.extra, num_convs=m.num_convs, center_sampling_radius=m.center_sampling_radius,
                     score_thresh=m.score_thresh, nms_thresh=m.nms_thresh, topk_candidates=m.topk_candidates,
-                    detections_per_img=m.detections_per_img)
+                    detections_per_img=m.detections_per_img, nms_candidates=m.nms_candidates,
+                    nms_iterations=m.nms_iterations, nms_compile=m.nms_compile)
 
 
 def build_model(cfg: DetectConfig, meta: Mapping[str, Any]) -> Detector:

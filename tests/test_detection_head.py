@@ -402,6 +402,11 @@ def test_batched_greedy_nms_reports_unconverged_chains():
     assert not converged.item()
     keep, converged = batched_greedy_nms(boxes, labels, valid, 0.7, iterations=12)
     assert converged.item() and keep[0].nonzero().flatten().tolist() == [0, 2, 4, 6, 8, 10]
+    # a caller keeping the first 2 detections needs only the prefix up to the 2nd kept box
+    prefix, converged = batched_greedy_nms(boxes, labels, valid, 0.7, iterations=3, top=2)
+    assert converged.item() and prefix[0, :3].tolist() == [True, False, True]
+    _, converged = batched_greedy_nms(boxes, labels, valid, 0.7, iterations=3, top=4)
+    assert not converged.item()
     # eager rounds of 3 steps until it converges: the same answer
     again, converged = batched_greedy_nms(boxes, labels, valid, 0.7, iterations=3, until_converged=True)
     assert converged.item() and torch.equal(again, keep)
