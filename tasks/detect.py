@@ -31,10 +31,12 @@ from backbones import build_backbone
 from heads import Detector, FCOSHead
 from heads.detection import pad_targets
 from tasks.data.coco import METRIC_NAMES, CocoEvaluator, collate_detection
+from tasks.data.device_cache import DenseAugment
 from tasks.data.preprocess import Geometry
+from tasks.data.transforms import DETECTION_MIN_VISIBILITY
 from tasks.engine import distributed
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded
-from tasks.engine.datasets import coco_sets, data_files, dense_preprocess, file_loaders
+from tasks.engine.datasets import cached_train_loader, coco_sets, data_files, dense_preprocess, file_loaders
 from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
 from tasks.engine.registry import TaskData, TaskSpec
@@ -124,11 +126,18 @@ def build_data(cfg: DetectConfig, device: torch.device, *, train: bool = True, q
     else:
         paths = data_files(d, COCO_FILES, "COCO data", files=d.dataset == "coco", quiet=quiet)
     val_set, train_set = coco_sets(cfg, paths, pre, train=train)
+    # data.cache: decoded once, detection_train_transforms redone on the device
+    cached = train_set and cached_train_loader(
+        train_set, cfg=cfg, device=device, pre=pre, targets="boxes", quiet=quiet,
+        augment=DenseAugment(d.image_size, (d.scale_min, d.scale_max), 0.5 if d.hflip else 0.0, flip_first=True,
+                             normalize=pre.normalize, min_visibility=DETECTION_MIN_VISIBILITY))
     # training: padded targets (few tensors, fixed shapes); validation keeps the per-image
     # dicts, whose ids and scales map predictions back to the files
-    train_loader, val = file_loaders(train_set, val_set, cfg=cfg, device=device, normalize=pre.normalize,
+    train_loader, val = file_loaders(None if cached else train_set, val_set, cfg=cfg, device=device,
+                                     normalize=pre.normalize,
                                      train_collate=partial(collate_detection_padded, box_multiple=d.box_multiple),
                                      val_collate=collate_detection)
+    train_loader = cached or train_loader
     meta = {"class_names": val_set.class_names, "category_ids": val_set.cat_ids, **pre.to_meta()}
     # CocoDetection clips boxes, drops degenerate ones and maps labels into range
     return TaskData(train_loader, val, meta, val_set=val_set, targets_checked=True,

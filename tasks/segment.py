@@ -34,13 +34,15 @@ import torch.nn.functional as F
 
 from backbones import build_backbone
 from heads import FCNHead, Segmenter
+from tasks.data.device_cache import DenseAugment
 from tasks.data.preprocess import Geometry, Preprocess
 from tasks.data.segmentation import (IGNORE_INDEX, CocoSemanticDataset, MaskFolderDataset, collate_segmentation,
                                      scenes_segmentation)
 from tasks.data.transforms import segmentation_train_transforms
 from tasks.data.voc import voc_segmentation
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded
-from tasks.engine.datasets import data_files, dense_preprocess, dense_train_transforms, file_loaders
+from tasks.engine.datasets import (cached_train_loader, data_files, dense_preprocess, dense_train_transforms,
+                                   file_loaders)
 from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
 from tasks.engine.metrics import ConfusionMatrix
@@ -144,8 +146,16 @@ def build_data(cfg: SegmentConfig, device: torch.device, *, train: bool = True, 
     train_set, val_set = _datasets(cfg, pre, train, quiet)
     if train_set is not None and train_set.class_names != val_set.class_names:
         raise ValueError(f"train and val data have different classes: {train_set.class_names} vs {val_set.class_names}")
-    train_loader, val = file_loaders(train_set, val_set, cfg=cfg, device=device, normalize=pre.normalize,
-                                     train_collate=collate_segmentation, val_collate=collate_segmentation)
+    d = cfg.data
+    # data.cache: decoded once, segmentation_train_transforms redone on the device
+    cached = train_set and cached_train_loader(
+        train_set, cfg=cfg, device=device, pre=pre, targets="masks", quiet=quiet,
+        augment=DenseAugment(d.image_size, (d.scale_min, d.scale_max), 0.5 if d.hflip else 0.0, flip_first=False,
+                             normalize=pre.normalize, mask_fill=IGNORE_INDEX))
+    train_loader, val = file_loaders(None if cached else train_set, val_set, cfg=cfg, device=device,
+                                     normalize=pre.normalize, train_collate=collate_segmentation,
+                                     val_collate=collate_segmentation)
+    train_loader = cached or train_loader
     # the mask datasets check every class id when they read a mask
     return TaskData(train_loader, val, {"class_names": list(val_set.class_names), **pre.to_meta()},
                     val_set=val_set, targets_checked=True,

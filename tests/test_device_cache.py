@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.data.device_cache import DenseAugment, decode_dense, dense_augment
+from tasks.data.device_cache import DenseAugment, dense_augment
 from tasks.data.preprocess import detection_bbox_params
 
 SIZE = 48  # crop side
@@ -87,3 +87,65 @@ def test_dense_augment_batch_is_per_sample_and_fixed_shape():
     small = torch.floor(30 * scale[2])
     if small < SIZE:
         assert (out["masks"][2][int(small) - int(offset[2, 0]):] == 255).all()
+
+
+# ----------------------------------------------------------------------------- the cache end to end
+
+TINY = ["--device", "cpu", "--quiet", "--batch-size", "4", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    from tests.fakes import tiny_scenes_args
+    return tiny_scenes_args(tmp_path_factory.mktemp("data"))
+
+
+def _loader(task, scenes, cache, tmp_path):
+    from tasks import TASKS
+    from tasks.engine.config import load_config
+    spec = TASKS[task]
+    overrides = [a for a in scenes if "=" in a and not a.startswith("--")]
+    cfg = load_config(spec.config, f"configs/{task}/scenes_quick.yaml", overrides + [f"data.cache={cache}"])
+    cfg.data.data_dir = scenes[scenes.index("--data-dir") + 1]
+    cfg.train.batch_size = 4
+    return spec.build_data(cfg, torch.device("cpu"), quiet=True)
+
+
+def test_cache_detection_batches_match_the_dataloader_layout(scenes, tmp_path):
+    from tasks.engine.loaders import DenseTensorLoader
+    cached, workers = _loader("detect", scenes, "host", tmp_path), _loader("detect", scenes, "none", tmp_path)
+    assert isinstance(cached.train, DenseTensorLoader) and not isinstance(workers.train, DenseTensorLoader)
+    assert len(cached.train) == len(workers.train) == 6  # 24 scenes, batches of 4
+    (xa, ta), (xb, tb) = next(iter(cached.train)), next(iter(workers.train))
+    assert xa.shape == xb.shape and xa.dtype == xb.dtype
+    assert set(ta) == set(tb) == {"boxes", "labels"} and ta["labels"].dtype == tb["labels"].dtype
+    # normalised alike: the same range of values
+    assert abs(float(xa.mean()) - float(xb.mean())) < 0.5 and float(xa.min()) >= float(xb.min()) - 1e-3
+    real = ta["labels"] >= 0
+    assert real.any() and (ta["boxes"][real][:, 2:] > ta["boxes"][real][:, :2]).all()
+    assert (ta["boxes"][real] >= 0).all() and (ta["boxes"][real] <= 64).all()
+    # reproducible per (seed, epoch), different across epochs
+    again = next(iter(cached.train))
+    assert torch.equal(again[0], xa)
+    cached.train.set_epoch(1)
+    assert not torch.equal(next(iter(cached.train))[0], xa)
+
+
+def test_cache_segmentation_masks_and_bad_mode(scenes, tmp_path):
+    data = _loader("segment", scenes, "device", tmp_path)
+    x, masks = next(iter(data.train))
+    assert x.shape == (4, 3, 64, 64) and masks.shape == (4, 64, 64) and masks.dtype == torch.int64
+    values = set(masks.unique().tolist())
+    assert values <= set(range(11)) | {255} and len(values - {255}) > 1
+    with pytest.raises(ValueError, match="data.cache='gpu'"):
+        _loader("segment", scenes, "gpu", tmp_path)
+
+
+@pytest.mark.parametrize("task", ["detect", "segment"])
+def test_cache_trains_end_to_end(task, scenes, tmp_path):
+    import importlib
+    out = tmp_path / task
+    metrics = importlib.import_module(f"tasks.{task}").main(TINY + scenes + ["--config", f"configs/{task}/scenes_quick.yaml",
+                                                 "--set", "data.cache=device", "--output", str(out)])
+    assert ("AP" if task == "detect" else "miou") in metrics
+    assert (out / "best.pt").is_file()

@@ -298,7 +298,15 @@ def generate_scenes(out_dir, *, train: int = 8000, val: int = 1000, size: int = 
         else:
             import multiprocessing
 
-            pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(data,))
+            # cv2 single-threaded while the workers fork: a child forked while cv2's thread pool is
+            # up (any cv2 call before this one, e.g. albumentations) hangs in its first cv2 call
+            # (seen in cv2.setNumThreads). The parent gets its threads back once the pool is up.
+            cv2_threads = cv2.getNumThreads()
+            cv2.setNumThreads(1)
+            try:
+                pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(data,))
+            finally:
+                cv2.setNumThreads(cv2_threads)
             results = pool.imap(_render_job, jobs)  # in job order, so ids do not depend on timing
         try:
             for job, chunk in zip(jobs, results):

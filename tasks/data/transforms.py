@@ -38,7 +38,7 @@ import torch
 
 from .preprocess import detection_bbox_params, resize_transform, resized_shape
 
-__all__ = ["detection_bbox_params", "detection_train_transforms", "segmentation_train_transforms",
+__all__ = ["DETECTION_MIN_VISIBILITY", "detection_bbox_params", "detection_train_transforms", "segmentation_train_transforms",
            "classification_train_transforms", "SizedTransforms", "reseed_transforms", "reseed_dataset",
            "seed_worker"]
 
@@ -47,8 +47,12 @@ __all__ = ["detection_bbox_params", "detection_train_transforms", "segmentation_
 # Detection
 # ---------------------------------------------------------------------------------------------
 
+# a box keeping less of its area inside the training crop is dropped (both augmentation paths)
+DETECTION_MIN_VISIBILITY = 0.3
+
+
 def detection_train_transforms(size: int, scale: Sequence[float] = (0.75, 1.25), hflip: float = 0.5,
-                               *, min_visibility: float = 0.3, seed: int | None = 0,
+                               *, min_visibility: float = DETECTION_MIN_VISIBILITY, seed: int | None = 0,
                                mask_fill: int = 255) -> A.Compose:
     """Scale jitter, horizontal flip, then pad / random-crop to exactly ``size`` x ``size``.
 

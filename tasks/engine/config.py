@@ -101,6 +101,10 @@ class DenseDataConfig:
     num_workers: int = bounded(8, 0)
     skip_bad: bool = False              # skip (and count) unreadable images instead of stopping
     eval_batch_size: int = bounded(32, 1)
+    # training samples decoded once and augmented on the GPU (square mode): device (kept in GPU
+    # memory) | host (pinned memory, copied per batch) | none (DataLoader workers, albumentations) |
+    # auto (device on a GPU when the set takes under a quarter of its free memory, else none)
+    cache: str = "auto"
 
 
 @dataclass

@@ -19,11 +19,12 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from tasks.data.device_cache import DenseAugment, DenseCache
 from tasks.data.gpu_augment import BatchAugment
 
 from . import distributed
 
-__all__ = ["TensorLoader", "DeviceLoader", "ShardSampler", "AspectBatchSampler", "epoch_seed", "move_to", "make_loader",
+__all__ = ["TensorLoader", "DenseTensorLoader", "DeviceLoader", "ShardSampler", "AspectBatchSampler", "epoch_seed", "move_to", "make_loader",
            "normalize_images", "shard_range"]
 
 
@@ -225,6 +226,69 @@ class TensorLoader:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[idx]
+
+
+class DenseTensorLoader:
+    """Training batches of a dense task from a ``DenseCache`` (decoded once), augmented on
+    ``device`` by ``DenseAugment``: ``(images, {"boxes", "labels"})`` (padded targets, fixed shapes)
+    with ``targets="boxes"``, ``(images, masks [B, S, S] int64)`` with ``targets="masks"``, and
+    ``(images, {"boxes", "labels", "masks"})`` with ``"both"``. A cache on the host (pinned) is
+    gathered there and copied per batch; on the device it is only indexed. Drops the ragged last
+    batch; several ranks take disjoint shares of one permutation, as ``TensorLoader``."""
+
+    def __init__(self, cache: DenseCache, augment: DenseAugment, *, batch_size: int, device: torch.device,
+                 targets: str, seed: int = 0, channels_last: bool = False, rank: int | None = None,
+                 world_size: int | None = None) -> None:
+        if targets not in ("boxes", "masks", "both"):
+            raise ValueError(f"targets={targets!r}: boxes, masks or both")
+        if len(cache) == 0:
+            raise ValueError("empty dataset")
+        self.cache, self.augment, self.device, self.targets = cache, augment, device, targets
+        self.rank, self.world = _rank_world(rank, world_size)
+        per = len(cache) // self.world
+        if per == 0:
+            raise ValueError(f"{len(cache)} training samples cannot be shared by {self.world} processes")
+        self.shard = range(self.rank * per, (self.rank + 1) * per)
+        self.batch_size = min(batch_size, per)
+        self.seed, self.channels_last = seed, channels_last
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.shard) // self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _take(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        c = self.cache
+        names = {"images": c.images, "hw": c.hw}
+        if self.targets in ("boxes", "both"):
+            names.update(boxes=c.boxes, labels=c.labels)
+        if self.targets in ("masks", "both"):
+            names["masks"] = c.masks
+        on_device = c.images.device == self.device
+        idx = idx if on_device else idx.cpu()
+        return {k: (v[idx] if on_device else v[idx].pin_memory().to(self.device, non_blocking=True))
+                for k, v in names.items()}
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, Any]]:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(epoch_seed(self.seed, self.epoch, salt=1 + self.rank))
+        # one permutation of the whole set, the same on every rank (drawn on the CPU); each its slice
+        cpu = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(len(self.cache), generator=cpu)[self.shard.start:self.shard.stop]
+        order = order.to(self.cache.images.device)
+        for i in range(len(self)):
+            batch = self._take(order[i * self.batch_size:(i + 1) * self.batch_size])
+            images, hw = batch.pop("images"), batch.pop("hw")
+            out = self.augment(images, hw, gen, **batch)
+            x = out["images"]
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.targets == "masks":
+                yield x, out["masks"]
+            else:
+                yield x, {k: out[k] for k in ("boxes", "labels", "masks") if k in out}
 
 
 class DeviceLoader:
