@@ -144,6 +144,32 @@ def main() -> None:
                                  and torch.equal(p["scores"], q["scores"]) for p, q in zip(new, ref))
     results["exactness"] = stats
 
+    # NMS settings: end to end (graphed and eager) and how many images the device path did alone
+    results["variants"] = {}
+    for name, settings in (("nms_candidates=1000 (default)", {}), ("nms_compile=true", {"nms_compile": True}),
+                           ("nms_candidates=512", {"nms_candidates": 512}),
+                           ("nms_candidates=512, nms_compile=true", {"nms_candidates": 512, "nms_compile": True})):
+        saved = {k: getattr(head, k) for k in settings}
+        try:
+            for k, v in settings.items():
+                setattr(head, k, v)
+            fns = {"graphed": GraphedInference(model, amp=True, capture_after=0), "eager": lambda x: model(x)}
+            row = {}
+            with torch.no_grad(), torch.autocast(**amp):
+                for key, fn in fns.items():
+                    for _ in range(3):
+                        run_round(fn, held)
+                    row[key] = statistics.median(run_round(fn, held) for _ in range(5))
+                row["exact"] = sum(int(head.postprocess_padded(r, size)["exact"].sum()) for r in raws)
+                row["images"] = sum(int(r["cls_logits"].shape[0]) for r in raws)
+        except Exception as e:  # a variant that fails (compile) is reported, not fatal
+            row = {"error": f"{type(e).__name__}: {e}"[:500]}
+        finally:
+            for k, v in saved.items():
+                setattr(head, k, v)
+        results["variants"][name] = row
+        print(name, row, flush=True)
+
     # COCO AP through the task's evaluation: the device path, then batched_nms
     metrics = {}
     if not a.untrained:
