@@ -118,6 +118,14 @@ def main() -> None:
                 rounds[k].append(run_round(fn, raws))
     results["img_per_s"] = {k: statistics.median(v) for k, v in rounds.items()}
     results["img_per_s_rounds"] = rounds
+    results.update(env=env_info() if cuda else {"device": "cpu"}, ckpt=a.ckpt, batch_size=x0.shape[0],
+                   image_size=list(size), nms_candidates=head.nms_candidates, nms_iterations=head.nms_iterations)
+
+    def save():  # after every stage: a run stopped at its time limit keeps what it measured
+        Path(a.out).write_text(json.dumps(results, indent=1))
+    save()
+    for k, v in results["img_per_s"].items():
+        print(f"{v:10,.0f} img/s  {k}", flush=True)
 
     # exactness over the whole val set: the device path against batched_nms, image by image
     stats = {"images": 0, "exact": 0, "same": 0, "valid_max": 0, "valid_over_m": 0,
@@ -143,6 +151,8 @@ def main() -> None:
             stats["same"] += sum(torch.equal(p["labels"], q["labels"]) and torch.equal(p["boxes"], q["boxes"])
                                  and torch.equal(p["scores"], q["scores"]) for p, q in zip(new, ref))
     results["exactness"] = stats
+    save()
+    print(json.dumps(stats), flush=True)
 
     # NMS settings: end to end (graphed and eager) and how many images the device path did alone
     results["variants"] = {}
@@ -168,6 +178,7 @@ def main() -> None:
             for k, v in saved.items():
                 setattr(head, k, v)
         results["variants"][name] = row
+        save()
         print(name, row, flush=True)
 
     # COCO AP through the task's evaluation: the device path, then batched_nms
@@ -180,12 +191,7 @@ def main() -> None:
         metrics["batched_nms per image (before)"] = spec.evaluate(model, data, device, cuda)
         del head.postprocess
     results["coco"] = metrics
-    results.update(env=env_info() if cuda else {"device": "cpu"}, ckpt=a.ckpt, batch_size=x0.shape[0], image_size=list(size),
-                   nms_candidates=head.nms_candidates, nms_iterations=head.nms_iterations)
-    Path(a.out).write_text(json.dumps(results, indent=1))
-    for k, v in results["img_per_s"].items():
-        print(f"{v:10,.0f} img/s  {k}")
-    print(json.dumps(stats))
+    save()
     print({k: round(v["AP"], 5) for k, v in metrics.items()})
 
 
