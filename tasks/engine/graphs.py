@@ -92,7 +92,9 @@ class GraphedForwardBackward:
         self.static_in = (images.clone(), tree_map(torch.clone, targets))
         self.optimizer.zero_grad(set_to_none=True)  # backward allocates .grad inside the graph
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: a DataLoader's pin-memory thread may allocate pinned memory meanwhile
+        # (see GraphedInference._capture)
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
                 loss_dict = self.forward(*self.static_in)
             loss = sum(loss_dict.values())
@@ -138,7 +140,10 @@ class GraphedInference(nn.Module):
                 self._device_part(static_in)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the evaluation DataLoader's pin-memory thread allocates pinned buffers
+        # meanwhile; under the default "global" mode that invalidated a capture on an H200
+        # (cudaErrorStreamCaptureInvalidated, 2026-12-02). Only this thread's calls are checked.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = self._device_part(static_in)
         return static_in, graph, static_out
 
