@@ -32,7 +32,7 @@ from backbones import build_backbone
 from heads import ClassificationHead, TaskModel
 from tasks.data import fashion_mnist
 from tasks.data.folders import ImageFolderDataset, collate_skip_bad
-from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment
+from tasks.data.gpu_augment import IMAGENET_MEAN, IMAGENET_STD, BatchAugment, MixBatch
 from tasks.data.preprocess import Geometry, Preprocess
 from tasks.data.transforms import classification_train_transforms
 from tasks.engine import distributed
@@ -66,6 +66,12 @@ class ClassifyDataConfig:
     crop_padding: int = bounded(2, 0)   # random crop after zero padding (0: off)
     hflip: bool = True
     random_erasing: float = bounded(0.0, 0.0, 1.0)  # probability per image
+    # Mixup / CutMix on the device (in-memory data: Fashion-MNIST), timm's batch mode: Beta(alpha,
+    # alpha) factors (0: off), applied to a batch with mix_prob, CutMix chosen with mix_switch_prob
+    mixup_alpha: float = bounded(0.0, 0.0)
+    cutmix_alpha: float = bounded(0.0, 0.0)
+    mix_prob: float = bounded(1.0, 0.0, 1.0)
+    mix_switch_prob: float = bounded(0.5, 0.0, 1.0)
     on_device: bool = True              # keep in-memory datasets on the GPU
     num_workers: int = bounded(8, 0)
     skip_bad: bool = False              # skip unreadable images (counted) instead of stopping
@@ -141,8 +147,10 @@ def _fashion_mnist(cfg: ClassifyConfig, device: torch.device, pre: Preprocess, t
     train_loader = None
     if train:
         train_x, train_y = fashion_mnist.load_fashion_mnist("train", d.data_dir, d.limit_train)
+        mix = MixBatch(len(fashion_mnist.CLASSES), d.mixup_alpha, d.cutmix_alpha, d.mix_prob, d.mix_switch_prob)
         train_loader = TensorLoader(train_x.to(where), train_y.to(where), batch_size=cfg.train.batch_size,
-                                    augment=aug, train=True, seed=cfg.train.seed, channels_last=cl)
+                                    augment=aug, train=True, seed=cfg.train.seed, channels_last=cl,
+                                    mix=mix if mix.active else None)
     if where != device:  # data on the host, model on the device
         val = DeviceLoader(val, device)
         train_loader = DeviceLoader(train_loader, device) if train_loader is not None else None
@@ -154,6 +162,9 @@ def _folders(cfg: ClassifyConfig, device: torch.device, pre: Preprocess, train: 
     d = cfg.data
     if not d.train_images or not d.val_images:
         raise ValueError("image-folder data needs both --train-images DIR and --val-images DIR")
+    if d.mixup_alpha or d.cutmix_alpha:
+        raise ValueError("data.mixup_alpha / data.cutmix_alpha work with in-memory data (Fashion-MNIST), "
+                         "not image folders")
     chans = cfg.model.in_chans
     # the training folder fixes the classes and their order, also when only evaluating
     train_ds = ImageFolderDataset(d.train_images, channels=chans, skip_bad=d.skip_bad, limit=d.limit_train,

@@ -483,3 +483,20 @@ def test_postprocess_padded_has_no_host_sync_and_fixed_shapes():
     # it traces into one graph: no data-dependent control flow or shapes
     explanation = torch._dynamo.explain(head.postprocess_padded)(raw, (64, 64))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_graphed_inference_on_cpu_is_the_model():
+    from tasks.engine.graphs import GraphedInference, inference_model
+    model = _detector().eval()
+    wrapped = GraphedInference(model, amp=False, capture_after=0)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = wrapped(x), model(x)
+    assert len(a) == len(b) and torch.equal(a[0]["boxes"], b[0]["boxes"]) and not wrapped.graphs
+    wrapped.train()
+    assert model.training  # train() / eval() reach the wrapped model (evaluate toggles them)
+
+    class Cfg:
+        class train:
+            cuda_graph, amp = True, True
+    assert inference_model(model, Cfg, torch.device("cpu")) is model

@@ -1,4 +1,5 @@
 """On-device batch augmentation, exercised on CPU tensors."""
+import pytest
 import torch
 
 from tasks.data.gpu_augment import BatchAugment, random_crop, random_erasing, random_hflip
@@ -81,3 +82,54 @@ def test_device_loader_reseeds_a_host_tensor_loader():
     assert not torch.equal(order(), first)  # the epoch reaches the inner loader
     loader.set_epoch(0)
     assert torch.equal(order(), first)
+
+
+# ----------------------------------------------------------------------------- Mixup / CutMix
+
+def test_mix_batch_mixup_cutmix_and_off():
+    import numpy as np
+
+    from tasks.data.gpu_augment import MixBatch
+    x = torch.arange(4.0)[:, None, None, None].expand(4, 1, 8, 8).contiguous()  # image i is all i
+    y = torch.tensor([0, 1, 2, 3])
+    # Mixup: pixels and targets mixed by the same factor, with the batch reversed
+    xm, t = MixBatch(4, mixup_alpha=0.4)(x, y, np.random.default_rng(0))
+    lam = float(t[0, 0])
+    assert 0 < lam < 1 and torch.allclose(t.sum(1), torch.ones(4))
+    assert torch.allclose(t[0, 3], torch.tensor(1 - lam)) and torch.allclose(xm[0], lam * x[0] + (1 - lam) * x[3])
+    # CutMix: the target's share of the partner is exactly the pasted area
+    xc, t = MixBatch(4, cutmix_alpha=1.0)(x, y, np.random.default_rng(1))
+    pasted = float((xc[0] == 3).float().mean())
+    assert 0 < pasted < 1 and abs(float(t[0, 3]) - pasted) < 1e-6 and abs(float(t[0, 0]) - (1 - pasted)) < 1e-6
+    # off (prob 0): one-hot targets, images untouched; and bad settings are refused
+    xo, t = MixBatch(4, mixup_alpha=0.4, prob=0.0)(x, y, np.random.default_rng(0))
+    assert torch.equal(xo, x) and torch.equal(t, torch.eye(4))
+    with pytest.raises(ValueError, match="mixup_alpha"):
+        MixBatch(4, mixup_alpha=-1.0)
+
+
+def test_mixup_trains_and_is_reproducible(tmp_path):
+    from tasks import classify
+    from tasks.engine.checkpoint import load_checkpoint
+    from tests.fakes import write_fake_fashion_mnist
+    fm = write_fake_fashion_mnist(tmp_path / "fm", n_train=64, n_test=32)
+    args = ["--device", "cpu", "--quiet", "--batch-size", "32", "--data-dir", str(fm), "--set", "model.depth=18",
+            "--set", "data.mixup_alpha=0.2", "--set", "data.cutmix_alpha=1.0", "--epochs", "1"]
+    a = classify.main(args + ["--output", str(tmp_path / "a")])
+    b = classify.main(args + ["--output", str(tmp_path / "b")])
+    assert 0 <= a["acc"] <= 1 and a["acc"] == b["acc"]  # the mixing is a function of (seed, epoch)
+    ka, kb = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    assert all(torch.equal(ka["model"][k], kb["model"][k]) for k in ka["model"])
+
+
+def test_tensor_loader_mixes_training_batches_only():
+    from tasks.data.gpu_augment import MixBatch
+    images, labels = torch.randint(0, 255, (16, 28, 28), dtype=torch.uint8), torch.arange(16) % 10
+    aug = BatchAugment((0.5,), (0.25,))
+    mix = MixBatch(10, mixup_alpha=0.4)
+    train = TensorLoader(images, labels, batch_size=8, augment=aug, train=True, mix=mix)
+    x, y = next(iter(train))
+    assert y.shape == (8, 10) and y.dtype == torch.float32 and torch.allclose(y.sum(1), torch.ones(8))
+    assert torch.equal(next(iter(train))[1], y)  # reseeded per (seed, epoch)
+    val = TensorLoader(images, labels, batch_size=8, augment=aug, train=False, mix=mix)
+    assert next(iter(val))[1].dtype == torch.int64

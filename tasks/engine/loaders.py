@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
@@ -169,7 +170,8 @@ class TensorLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, augment: BatchAugment,
                  train: bool, seed: int = 0, channels_last: bool = False, drop_last: bool | None = None,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+                 rank: int | None = None, world_size: int | None = None,
+                 mix: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if len(images) == 0:
@@ -186,6 +188,7 @@ class TensorLoader:
             raise ValueError(f"{n} training samples cannot be shared by {self.world} processes")
         self.batch_size = batch_size
         self.augment = augment
+        self.mix = mix  # training only: (images, labels, rng) -> (images, soft targets), e.g. MixBatch
         self.train = train
         self.seed = seed
         self.channels_last = channels_last
@@ -219,13 +222,18 @@ class TensorLoader:
             cpu = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(len(self.images), generator=cpu)[start:stop].to(self.device)
             gen.manual_seed(epoch_seed(self.seed, self.epoch, salt=1 + self.rank))  # augmentation: per rank
+        mixing = self.train and self.mix is not None
+        rng = np.random.default_rng(epoch_seed(self.seed, self.epoch, salt=7919 + self.rank)) if mixing else None
         for i in range(len(self)):
             lo, hi = i * self.batch_size, min(stop - start, (i + 1) * self.batch_size)
             idx = order[lo:hi] if order is not None else slice(start + lo, start + hi)
             x = self.augment(self.images[idx], gen, train=self.train)
+            y = self.labels[idx]
+            if mixing:
+                x, y = self.mix(x, y, rng)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]
+            yield x, y
 
 
 class DenseTensorLoader:
