@@ -50,16 +50,9 @@ class DenseCache:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def to(self, device: torch.device, *, pin: bool = False) -> "DenseCache":
-        def move(t):
-            if t is None:
-                return None
-            return t.pin_memory() if pin else t.to(device)
-        return DenseCache(*(move(t) for t in (self.images, self.hw, self.boxes, self.labels, self.masks)))
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.images, self.hw, self.boxes, self.labels, self.masks)
-                   if t is not None)
+    def to(self, device: torch.device) -> "DenseCache":
+        return DenseCache(*(None if t is None else t.to(device)
+                            for t in (self.images, self.hw, self.boxes, self.labels, self.masks)))
 
 
 def cache_nbytes(n: int, size: int, *, masks: bool) -> int:

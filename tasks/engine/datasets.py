@@ -175,12 +175,13 @@ def cached_train_loader(train_set: Any, *, cfg: Any, device: torch.device, pre: 
     """The training loader of ``data.cache`` device / host: ``train_set`` decoded once through the
     evaluation resize (``pre``), augmented on ``device`` by ``augment`` (the task's albumentations
     pipeline redone there); None when the cache is off (the caller keeps its DataLoader)."""
-    masks = targets in ("masks", "both")
+    masks = targets == "masks"
     mode = cache_mode(cfg, device, len(train_set), masks=masks)
     if mode == "none":
         return None
-    cache = decode_dense(train_set, pre.albumentations(boxes=targets != "masks"), cfg.data.image_size,
-                         boxes=targets != "masks", masks=masks, workers=max(cfg.data.num_workers, 1), quiet=quiet)
-    cache = cache.to(device) if mode == "device" else cache.to(device, pin=device.type == "cuda")
+    cache = decode_dense(train_set, pre.albumentations(boxes=not masks), cfg.data.image_size,
+                         boxes=not masks, masks=masks, workers=max(cfg.data.num_workers, 1), quiet=quiet)
+    if mode == "device":  # host: stays where it was decoded, each batch pinned and copied
+        cache = cache.to(device)
     return DenseTensorLoader(cache, augment, batch_size=cfg.train.batch_size, device=device, targets=targets,
                              seed=cfg.train.seed, channels_last=cfg.train.channels_last)

@@ -108,8 +108,9 @@ class GraphedInference(nn.Module):
     """``model`` (a ``TaskModel`` / ``MultiTaskModel``) whose eval-mode ``forward_device`` part
     replays as one CUDA graph per input shape; ``model.finish`` then makes the usual outputs.
 
-    Network and detection post-processing together are then one launch (measured in
-    docs/BENCHMARKS.md, "Detection inference"). A shape is captured the ``capture_after``-th time
+    Network and detection post-processing together are then one launch. Measured (H200, FCOS
+    R18, docs/BENCHMARKS.md "Detection post-processing on the device"): no faster yet than the
+    eager device path, 3.09k vs 3.11k img/s; the post-processing kernels dominate. A shape is captured the ``capture_after``-th time
     it is seen, so one-off shapes (a ragged last batch, the aspect mode's sizes) stay eager
     and cost no capture; at most ``max_graphs`` shapes keep a graph (least recently used
     dropped). Outputs are copied out of the graph's buffers, so they outlive the next call.

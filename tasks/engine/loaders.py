@@ -239,16 +239,15 @@ class TensorLoader:
 class DenseTensorLoader:
     """Training batches of a dense task from a ``DenseCache`` (decoded once), augmented on
     ``device`` by ``DenseAugment``: ``(images, {"boxes", "labels"})`` (padded targets, fixed shapes)
-    with ``targets="boxes"``, ``(images, masks [B, S, S] int64)`` with ``targets="masks"``, and
-    ``(images, {"boxes", "labels", "masks"})`` with ``"both"``. A cache on the host (pinned) is
-    gathered there and copied per batch; on the device it is only indexed. Drops the ragged last
+    with ``targets="boxes"``, ``(images, masks [B, S, S] int64)`` with ``targets="masks"``. A cache
+    on the host is gathered there, pinned and copied per batch; on the device it is only indexed. Drops the ragged last
     batch; several ranks take disjoint shares of one permutation, as ``TensorLoader``."""
 
     def __init__(self, cache: DenseCache, augment: DenseAugment, *, batch_size: int, device: torch.device,
                  targets: str, seed: int = 0, channels_last: bool = False, rank: int | None = None,
                  world_size: int | None = None) -> None:
-        if targets not in ("boxes", "masks", "both"):
-            raise ValueError(f"targets={targets!r}: boxes, masks or both")
+        if targets not in ("boxes", "masks"):
+            raise ValueError(f"targets={targets!r}: boxes or masks")
         if len(cache) == 0:
             raise ValueError("empty dataset")
         self.cache, self.augment, self.device, self.targets = cache, augment, device, targets
@@ -270,9 +269,9 @@ class DenseTensorLoader:
     def _take(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.cache
         names = {"images": c.images, "hw": c.hw}
-        if self.targets in ("boxes", "both"):
+        if self.targets == "boxes":
             names.update(boxes=c.boxes, labels=c.labels)
-        if self.targets in ("masks", "both"):
+        else:
             names["masks"] = c.masks
         on_device = c.images.device.type == self.device.type  # torch.device("cuda") != the tensor's cuda:0
         idx = idx if on_device else idx.cpu()
@@ -293,10 +292,7 @@ class DenseTensorLoader:
             x = out["images"]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if self.targets == "masks":
-                yield x, out["masks"]
-            else:
-                yield x, {k: out[k] for k in ("boxes", "labels", "masks") if k in out}
+            yield x, (out["masks"] if self.targets == "masks" else {"boxes": out["boxes"], "labels": out["labels"]})
 
 
 class DeviceLoader:
