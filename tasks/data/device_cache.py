@@ -137,9 +137,10 @@ def dense_augment(images: torch.Tensor, hw: torch.Tensor, scale: torch.Tensor, f
     sx = ((xs + 0.5) * (w / ws)[:, None] - 0.5).clamp(min=0)
     sx = torch.minimum(sx, (w - 1)[:, None])
     s = images.shape[-1]
-    grid = torch.stack(torch.broadcast_tensors(((2 * sx + 1) / s - 1)[:, None, :],
-                                               ((2 * sy + 1) / images.shape[-2] - 1)[:, :, None]), dim=-1)
-    out = F.grid_sample(images.float(), grid.float(), mode="bilinear", padding_mode="border", align_corners=False)
+    # to float32 per row / column, before broadcasting to the [B, size, size, 2] grid
+    gx, gy = ((2 * sx + 1) / s - 1).float(), ((2 * sy + 1) / images.shape[-2] - 1).float()
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     out = torch.where(inside[:, None], out.round(), 0.0)
     result = {"images": out}
 
