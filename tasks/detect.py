@@ -60,7 +60,7 @@ class DetectModelConfig(ModelConfig):
     detections_per_img: int = bounded(100, 1)
     nms_candidates: int = bounded(1000, 1)      # NMS on the device: the best N candidates of an image
     nms_iterations: int = bounded(8, 1)         # ... steps per round (heads/detection.py batched_greedy_nms)
-    nms_compile: bool = False                   # ... its pairwise matrix through torch.compile (CUDA)
+    nms_compile: bool = False                   # ... its matrix and steps through torch.compile (CUDA)
 
 
 @dataclass

@@ -2,7 +2,10 @@
 held on the device, median of 5 interleaved rounds; AP and detections of the device NMS against
 torchvision's ``batched_nms`` over the whole val set.
 
-    python3 docs/bench/detect_infer_gpu.py CKPT OUT.json [--batches 8]
+    python3 docs/bench/detect_infer_gpu.py CKPT OUT.json [--batches 8] [--profile OUT.txt]
+
+``--profile``: torch.profiler tables (CUDA and CPU time) of the graphed path and of
+``postprocess_padded`` alone, written to OUT.txt.
 """
 from __future__ import annotations
 
@@ -42,6 +45,27 @@ def graphed_fn(fn, x):
     return replay
 
 
+def same(p, q, cap: int) -> bool:
+    return all(torch.equal(p[k], q[k]) for k in ("labels", "boxes", "scores"))
+
+
+def same_up_to_ties(p, q, cap: int) -> bool:
+    """Equal scores, and per score value the same (label, box) multiset: candidates of equal score
+    (common with bf16 logits) may be ordered differently by two sorts. The lowest score's group is
+    not compared when ``cap`` detections were returned (the cut may fall inside it)."""
+    if not torch.equal(p["scores"], q["scores"]):
+        return False
+    s = p["scores"]
+    for v in s.unique().tolist():
+        if len(s) == cap and v == s[-1].item():
+            continue
+        rows = [sorted(zip(d["labels"][d["scores"] == v].tolist(), d["boxes"][d["scores"] == v].tolist()))
+                for d in (p, q)]
+        if rows[0] != rows[1]:
+            return False
+    return True
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("ckpt")
@@ -50,6 +74,7 @@ def main() -> None:
     p.add_argument("--untrained", action="store_true", help="fresh weights of the checkpoint's config (the worst "
                    "case: every candidate passes score_thresh); no COCO AP")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (no graph, no compile rows)")
+    p.add_argument("--profile", help="write torch.profiler tables here")
     a = p.parse_args()
     device = torch.device(a.device)
     cuda = device.type == "cuda"
@@ -89,11 +114,20 @@ def main() -> None:
             variants["network only, CUDA graph"] = graphed_fn(net, x0)
             compiled = torch.compile(model.forward_device)
             variants["torch.compile(forward_device) + one sync"] = lambda x: model.finish(compiled(x), size)
+            variants["GraphedInference(compile=True): compiled, then one CUDA graph"] = GraphedInference(
+                model, amp=True, capture_after=0, compile=True)
+            compiled_net = torch.compile(net, dynamic=False)
+            variants["network only, compiled + CUDA graph"] = graphed_fn(compiled_net, x0)
     post = {
         "postprocess_reference alone (batched_nms per image)": lambda r: head.postprocess_reference(r, size),
         "postprocess alone (device NMS, sync=True)": lambda r: head.postprocess(r, size),
         "postprocess_padded alone (no sync)": lambda r: head.postprocess_padded(r, size),
     }
+    if cuda:
+        with torch.no_grad():
+            device_outs = {id(r): head.postprocess_device(r, size) for r in raws}
+        post["postprocess_host alone (finish: the sync, slicing, redo of inexact images)"] = (
+            lambda r: head.postprocess_host(device_outs[id(r)], size))
 
     def run_round(fn, inputs):
         sync()
@@ -127,9 +161,44 @@ def main() -> None:
     for k, v in results["img_per_s"].items():
         print(f"{v:10,.0f} img/s  {k}", flush=True)
 
+    if a.profile and cuda:
+        from torch.profiler import ProfilerActivity, profile
+        graphed = variants["GraphedInference(Detector): one CUDA graph + one sync"]
+        tables = []
+        for name, fn, inputs in (("GraphedInference(Detector), 4 batches", graphed, held[:4]),
+                                 ("postprocess_padded alone, eager, 4 batches",
+                                  lambda r: head.postprocess_padded(r, size), raws[:4])):
+            with torch.no_grad(), torch.autocast(**amp), profile(
+                    activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                run_round(fn, inputs)
+            for key in ("cuda_time_total", "cpu_time_total"):
+                tables.append(f"## {name}, by {key}\n" + prof.key_averages().table(sort_by=key, row_limit=25))
+        Path(a.profile).write_text("\n\n".join(tables))
+        print(tables[0][:6000], flush=True)
+
+    # prefix convergence and exactness by nms_iterations, on the held raw outputs
+    results["iterations"] = {}
+    for its in (8, 12, 16, 24, 32):
+        saved = head.nms_iterations
+        head.nms_iterations = its
+        try:
+            with torch.no_grad(), torch.autocast(**amp):
+                row = {"exact": sum(int(head.postprocess_padded(r, size)["exact"].sum()) for r in raws),
+                       "images": sum(int(r["cls_logits"].shape[0]) for r in raws)}
+                if cuda:
+                    row["postprocess_padded eager"] = statistics.median(
+                        run_round(lambda r: head.postprocess_padded(r, size), raws) for _ in range(3))
+        finally:
+            head.nms_iterations = saved
+        results["iterations"][str(its)] = row
+        save()
+        print("nms_iterations", its, row, flush=True)
+
     # exactness over the whole val set: the device path against batched_nms, image by image
     stats = {"images": 0, "exact": 0, "same": 0, "valid_max": 0, "valid_over_m": 0,
-             "converged_after": {str(t): 0 for t in range(1, 9)}}
+             "converged_after": {str(t): 0 for t in range(1, 9)}, "same_graphed_path": 0,
+             "same_up_to_ties": 0, "same_graphed_path_up_to_ties": 0,
+             "prefix_converged_after": {str(t): 0 for t in (4, 8, 12, 16, 24, 32)}}
     with torch.no_grad(), torch.autocast(**amp):
         for images, _ in data.val:
             s = tuple(images.shape[-2:])
@@ -143,22 +212,29 @@ def main() -> None:
             lab, v = labels.gather(1, order), valid.gather(1, order)
             for t in range(1, 9):
                 stats["converged_after"][str(t)] += int(batched_greedy_nms(b, lab, v, head.nms_thresh, t)[1].sum())
+            for t in stats["prefix_converged_after"]:
+                stats["prefix_converged_after"][t] += int(batched_greedy_nms(
+                    b, lab, v, head.nms_thresh, int(t), top=head.detections_per_img)[1].sum())
+            cap = head.detections_per_img
+            graphed_path = head.postprocess_host({"padded": padded, "raw": raw}, s)
+            stats["same_graphed_path"] += sum(same(p, q, cap) for p, q in zip(graphed_path, ref))
+            stats["same_graphed_path_up_to_ties"] += sum(same_up_to_ties(p, q, cap) for p, q in zip(graphed_path, ref))
             counts = valid.sum(1)
             stats["valid_max"] = max(stats["valid_max"], int(counts.max()))
             stats["valid_over_m"] += int((counts > m).sum())
             stats["images"] += images.shape[0]
             stats["exact"] += int(padded["exact"].sum())
-            stats["same"] += sum(torch.equal(p["labels"], q["labels"]) and torch.equal(p["boxes"], q["boxes"])
-                                 and torch.equal(p["scores"], q["scores"]) for p, q in zip(new, ref))
+            stats["same"] += sum(same(p, q, cap) for p, q in zip(new, ref))
+            stats["same_up_to_ties"] += sum(same_up_to_ties(p, q, cap) for p, q in zip(new, ref))
     results["exactness"] = stats
     save()
     print(json.dumps(stats), flush=True)
 
     # NMS settings: end to end (graphed and eager) and how many images the device path did alone
     results["variants"] = {}
-    for name, settings in (("nms_candidates=1000 (default)", {}), ("nms_compile=true", {"nms_compile": True}),
-                           ("nms_candidates=512", {"nms_candidates": 512}),
-                           ("nms_candidates=512, nms_compile=true", {"nms_candidates": 512, "nms_compile": True})):
+    for name, settings in (("as the checkpoint's config", {}), ("nms_compile=true", {"nms_compile": True}),
+                           ("nms_iterations=16", {"nms_iterations": 16}),
+                           ("nms_iterations=16, nms_compile=true", {"nms_iterations": 16, "nms_compile": True})):
         saved = {k: getattr(head, k) for k in settings}
         try:
             for k, v in settings.items():
@@ -186,6 +262,9 @@ def main() -> None:
     if not a.untrained:
         metrics["GraphedInference (evaluation with train.cuda_graph)"] = spec.evaluate(
             GraphedInference(model, amp=True), data, device, cuda)
+        if cuda:
+            metrics["GraphedInference(compile=True)"] = spec.evaluate(
+                GraphedInference(model, amp=True, compile=True), data, device, cuda)
         metrics["postprocess on the device, sync=True (eager)"] = spec.evaluate(model, data, device, cuda)
         head.postprocess = head.postprocess_reference
         metrics["batched_nms per image (before)"] = spec.evaluate(model, data, device, cuda)

@@ -134,6 +134,7 @@ class TrainConfig:
     compile: bool = False
     compile_tune: bool = False     # with compile: inductor's coordinate-descent kernel tuning (minutes more compile)
     cuda_graph: bool = False       # replay forward + backward as one CUDA graph (fixed batch shapes)
+    compile_inference: bool = False  # with cuda_graph: evaluation compiles the network + post-processing it replays
     channels_last: bool = True
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda | cuda:N

@@ -119,10 +119,14 @@ class GraphedInference(nn.Module):
     are seen; replacing a parameter tensor is not (make a new wrapper).
     """
 
-    def __init__(self, model: nn.Module, *, amp: bool, capture_after: int = 2, max_graphs: int = 4) -> None:
+    def __init__(self, model: nn.Module, *, amp: bool, capture_after: int = 2, max_graphs: int = 4,
+                 compile: bool = False) -> None:
         super().__init__()
         self.model = model
         self.amp = amp
+        # compile: the device part through torch.compile (fixed shapes) before the capture, so the
+        # graph replays inductor's fused kernels; the warm-up before each capture compiles
+        self.compiled = torch.compile(model.forward_device, dynamic=False) if compile else None
         self.capture_after = capture_after
         self.max_graphs = max_graphs
         self.seen: dict[tuple, int] = {}
@@ -130,7 +134,7 @@ class GraphedInference(nn.Module):
 
     def _device_part(self, images: torch.Tensor) -> Any:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
-            return self.model.forward_device(images)
+            return (self.compiled or self.model.forward_device)(images)
 
     def _capture(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, Any]:
         static_in = images.clone()
@@ -157,8 +161,9 @@ class GraphedInference(nn.Module):
         entry = self.graphs.get(key)
         if entry is None:
             self.seen[key] = self.seen.get(key, 0) + 1
-            if self.seen[key] <= self.capture_after:
-                return self.model.finish(self._device_part(images), image_size)
+            if self.seen[key] <= self.capture_after:  # eager: compiling a one-off shape costs more
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                    return self.model.finish(self.model.forward_device(images), image_size)
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.popitem(last=False)
             entry = self.graphs[key] = self._capture(images)
@@ -172,7 +177,8 @@ class GraphedInference(nn.Module):
 
 def inference_model(model: nn.Module, cfg: Any, device: torch.device) -> nn.Module:
     """What evaluation runs: with ``train.cuda_graph`` on a GPU, ``GraphedInference(model)`` (the
-    network and the device part of post-processing replayed as CUDA graphs); otherwise ``model``."""
+    network and the device part of post-processing replayed as CUDA graphs, compiled first with
+    ``train.compile_inference``); otherwise ``model``."""
     if cfg.train.cuda_graph and device.type == "cuda" and hasattr(model, "forward_device"):
-        return GraphedInference(model, amp=cfg.train.amp)
+        return GraphedInference(model, amp=cfg.train.amp, compile=cfg.train.compile_inference)
     return model
