@@ -208,3 +208,37 @@ def test_graphed_inference_equals_eager_detection_and_updates_weights():
         assert all(len(d["boxes"]) == 0 for d in graphed(x))
         graphed(x[:2])  # another shape: eager until seen again
         assert len(graphed.graphs) == 1
+
+
+def test_compiled_nms_equals_eager():
+    from heads.detection import batched_greedy_nms
+    gen = torch.Generator().manual_seed(0)
+    n, m = 4, 300
+    xy = torch.rand(n, m, 2, generator=gen) * 100
+    boxes = torch.cat([xy, xy + torch.rand(n, m, 2, generator=gen) * 30 + 1], -1).cuda()
+    labels = torch.randint(0, 3, (n, m), generator=gen).cuda()
+    valid = (torch.rand(n, m, generator=gen) > 0.1).cuda()
+    for top in (None, 20):
+        ref = batched_greedy_nms(boxes, labels, valid, 0.5, 12, top=top)
+        out = batched_greedy_nms(boxes, labels, valid, 0.5, 12, top=top, compiled=True)
+        assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_graphed_inference_compiled_matches_eager():
+    from heads import Detector, FCOSHead
+    from tasks.engine.graphs import GraphedInference
+    torch.manual_seed(0)
+    trunk = resnet18()
+    model = Detector(trunk, FCOSHead(trunk.feature_info, 5, fpn_channels=32)).cuda().eval()
+    with torch.no_grad():
+        model.head.cls_logits.bias.fill_(-2.0)
+    graphed = GraphedInference(model, amp=False, capture_after=0, compile=True)
+    x = torch.randn(4, 3, 128, 128, device="cuda")
+    with torch.no_grad():
+        for _ in range(2):
+            out, ref = graphed(x), model(x)
+            for a, b in zip(out, ref):
+                assert abs(len(a["scores"]) - len(b["scores"])) <= 2
+                k = min(len(a["scores"]), len(b["scores"]))
+                torch.testing.assert_close(a["scores"][:k], b["scores"][:k], rtol=1e-3, atol=1e-3)
+    assert len(graphed.graphs) == 1

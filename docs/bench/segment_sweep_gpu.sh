@@ -28,4 +28,7 @@ os16 --set train.cuda_graph=true --set model.output_stride=16
 os16_c2 --set train.cuda_graph=true --set model.output_stride=16 --set model.in_features=[c2,c3,c4,c5]
 os16_aux --set train.cuda_graph=true --set model.output_stride=16 --set model.aux=true
 os8 --set train.cuda_graph=true --set model.output_stride=8
+os8_c2 --set train.cuda_graph=true --set model.output_stride=8 --set model.in_features=[c2,c3,c4,c5]
+os8_c2_aux --set train.cuda_graph=true --set model.output_stride=8 --set model.in_features=[c2,c3,c4,c5] --set model.aux=true
+os16_c2_aux --set train.cuda_graph=true --set model.output_stride=16 --set model.in_features=[c2,c3,c4,c5] --set model.aux=true
 RUNS

@@ -153,7 +153,8 @@ class GraphedInference(nn.Module):
         return static_in, graph, static_out
 
     def forward(self, images: torch.Tensor, targets: Any = None) -> Any:
-        if (self.training or targets is not None or images.device.type != "cuda"
+        # the wrapped model's mode decides (this wrapper is built in training mode like any module)
+        if (self.model.training or targets is not None or images.device.type != "cuda"
                 or not hasattr(self.model, "forward_device")):
             return self.model(images, targets) if targets is not None else self.model(images)
         image_size = (images.shape[-2], images.shape[-1])
