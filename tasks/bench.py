@@ -370,8 +370,9 @@ def bench_multitask_inference(out: Path, overrides: list[str], device: torch.dev
 
     eager = {"multitask": timed(merged), **{name: timed(m) for name, m in singles.items()}}
     if device.type == "cuda":  # as evaluation runs them with train.cuda_graph: one CUDA graph per model
-        merged = GraphedInference(merged, amp=cfg.train.amp, capture_after=0)
-        singles = {k: GraphedInference(m, amp=cfg.train.amp, capture_after=0) for k, m in singles.items()}
+        graph = dict(amp=cfg.train.amp, capture_after=0, compile=cfg.train.compile_inference)
+        merged = GraphedInference(merged, **graph)
+        singles = {k: GraphedInference(m, **graph) for k, m in singles.items()}
     merged_ips = timed(merged)
     single_ips = {name: timed(m) for name, m in singles.items()}
     sequential_ips = 1.0 / sum(1.0 / v for v in single_ips.values())  # the three, one after another

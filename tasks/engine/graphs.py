@@ -109,12 +109,15 @@ class GraphedInference(nn.Module):
     replays as one CUDA graph per input shape; ``model.finish`` then makes the usual outputs.
 
     Network and detection post-processing together are then one launch. Measured (H200, FCOS
-    R18, docs/BENCHMARKS.md "Detection post-processing on the device"): no faster yet than the
-    eager device path, 3.09k vs 3.11k img/s; the post-processing kernels dominate. A shape is captured the ``capture_after``-th time
+    R18 at 256 px, batch 64, docs/BENCHMARKS.md "Dense tasks at GPU speed"): 3.6k img/s
+    against 2.9k for the eager device path; the eager network kernels (GroupNorm, copies) take
+    most of the graph. With ``compile=True`` (inductor's fused kernels in the graph) 8.2k img/s,
+    after 19.5 s of compile and capture. A shape is captured the ``capture_after``-th time
     it is seen, so one-off shapes (a ragged last batch, the aspect mode's sizes) stay eager
     and cost no capture; at most ``max_graphs`` shapes keep a graph (least recently used
     dropped). Outputs are copied out of the graph's buffers, so they outlive the next call.
-    Training mode, CPU tensors and models without ``forward_device`` run ``model`` as it is.
+    The wrapped model's training mode (not this wrapper's), CPU tensors and models without
+    ``forward_device`` run ``model`` as it is.
     The weights are read where they lie at every replay: in-place updates (optimizer, EMA)
     are seen; replacing a parameter tensor is not (make a new wrapper).
     """
