@@ -176,8 +176,9 @@ def batched_greedy_nms(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.T
     detections needs, and comes in fewer steps than the whole row. A row that still changed in
     the last of ``iterations`` steps reports ``converged = False``: its caller must not trust it
     (``FCOSHead.postprocess_host`` redoes such images until converged).
-    Each step is one ``[N, M, M]`` boolean reduction: no data-dependent shapes, so it replays in a
-    CUDA graph, where ``batched_nms`` syncs with the host once per image.
+    Each step is one batched matrix-vector product over the ``[N, M, M]`` suppression matrix
+    (``_nms_fixed_point``): no data-dependent shapes, so it replays in a CUDA graph, where
+    ``batched_nms`` syncs with the host once per image.
     ``until_converged`` (eager use) goes on in rounds of ``iterations`` steps, one host sync per
     round, until every row has converged (at most M steps: a chain is never longer).
     ``compiled`` (CUDA, not with ``until_converged``): matrix and steps through ``torch.compile``.
@@ -649,8 +650,9 @@ class FCOSHead(nn.Module):
         """Per-image results from ``postprocess_device``'s outputs: one host sync for the counts;
         the images not ``exact`` are redone together by ``postprocess_padded(sync=True,
         all_candidates=True)``, a few syncs per batch, where a ``batched_nms`` call per image
-        costs a sync and a dozen launches each (about 4 images per batch of 64 on the trained
-        FashionScenes model)."""
+        cost a sync and a dozen launches each. On the trained FashionScenes model 4 of 512 val
+        images need it with 12 NMS steps (22-25 of 512 with 8); alone, this method went
+        from 19.0k to 27.4k img/s on an H200 with the change and the 12 steps together."""
         out, raw = outputs["padded"], outputs["raw"]
         counts, exact = torch.stack([out["num"], out["exact"].long()]).tolist()  # the one sync
         results = [{"boxes": out["boxes"][i, :c], "scores": out["scores"][i, :c], "labels": out["labels"][i, :c]}

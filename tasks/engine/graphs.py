@@ -167,7 +167,8 @@ class GraphedInference(nn.Module):
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] <= self.capture_after:  # eager: compiling a one-off shape costs more
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-                    return self.model.finish(self.model.forward_device(images), image_size)
+                    outputs = self.model.forward_device(images)
+                return self.model.finish(outputs, image_size)
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.popitem(last=False)
             entry = self.graphs[key] = self._capture(images)
