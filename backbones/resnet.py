@@ -137,7 +137,7 @@ class ResNet(Backbone):
                  in_chans: int = 3, stem: str = "imagenet", output_stride: int = 32,
                  out_features: Sequence[str] = STAGE_NAMES, norm: str = "bn", freeze_at: int = 0,
                  zero_init_residual: bool = False, drop_path_rate: float = 0.0,
-                 grad_checkpointing: bool = False) -> None:
+                 grad_checkpointing: bool = False, width: int = 64) -> None:
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"stem={stem!r} is not supported; choose one of {list(STEMS)}")
@@ -154,8 +154,13 @@ class ResNet(Backbone):
         unknown = [f for f in out_features if f not in STAGE_NAMES]
         if unknown or not out_features or len(set(out_features)) != len(out_features):
             raise ValueError(f"out_features={tuple(out_features)!r}: expected distinct names from {STAGE_NAMES}")
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            raise ValueError(f"width must be a positive integer (64 in the standard ResNets), got {width!r}")
+        if norm == "gn" and width % 32:
+            raise ValueError(f"width={width} with norm='gn': GroupNorm's 32 groups need a width divisible by 32")
         norm_layer = make_norm_layer(norm)
         self.in_chans = in_chans
+        self.width = width
         self.layout = (block.__name__, tuple(layers))  # what backbones.weights.resnet_layout reads off a state dict
         self.stem_type = stem
         self.norm = norm
@@ -164,7 +169,6 @@ class ResNet(Backbone):
 
         # Stem. The deep stem keeps timm's key layout (conv1.0/.3/.6) so timm's *c/*d
         # ResNet stems load; its first conv is where input-channel adaptation happens.
-        width = 64
         if stem == "deep":
             self.conv1 = nn.Sequential(
                 SpaceToDepthConv2d(in_chans, 32, 3, padding=1), norm_layer(32), nn.ReLU(inplace=True),
@@ -345,6 +349,8 @@ def resnet50(*, weights=None, **kwargs) -> ResNet:
         drop_path_rate: stochastic depth, rising linearly to this rate at the last block.
         grad_checkpointing: recompute each block in backward to save memory (BN running
             statistics are then updated twice per step, as in timm).
+        width: the stem's output channels; stage i has ``width * 2**i`` planes (64: the
+            standard ResNets, the only width of torchvision's and timm's weights).
         weights: path or state dict: torchvision / timm ResNet or an onetrunk checkpoint.
     """
     return _resnet(Bottleneck, [3, 4, 6, 3], weights=weights, **kwargs)

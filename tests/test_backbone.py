@@ -62,6 +62,8 @@ def test_out_features_subset_builds_only_needed_stages():
     (dict(freeze_at=6), "freeze_at"),
     (dict(drop_path_rate=1.5), "drop_path_rate"),
     (dict(in_chans=0), "in_chans"),
+    (dict(width=0), "width"),
+    (dict(width=48, norm="gn"), "width=48 with norm='gn'"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -163,3 +165,17 @@ def test_channels_last_and_feature_spec_frozen():
     assert isinstance(spec, FeatureSpec) and isinstance(m, ResNet)
     with pytest.raises(AttributeError):
         spec.channels = 1
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_width_scales_every_stage(name):
+    narrow = build_backbone(name, stem="cifar", in_chans=1, width=16)
+    standard = build_backbone(name, stem="cifar", in_chans=1)
+    assert [s.channels * 4 for s in narrow.feature_info] == [s.channels for s in standard.feature_info]
+    out = narrow(torch.randn(2, 1, 28, 28))
+    assert [out[s.name].shape[1] for s in narrow.feature_info] == [s.channels for s in narrow.feature_info]
+    # the default is the standard ResNet: torchvision's parameter shapes, key for key
+    import torchvision
+    ref = torchvision.models.__dict__[name]().state_dict()
+    ours = build_backbone(name).state_dict()
+    assert all(tuple(ours[k].shape) == tuple(v.shape) for k, v in ref.items() if k in ours)

@@ -177,3 +177,12 @@ def test_tensorboard_scalars_beside_metrics(fm_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"train.tensorboard needs the tensorboard package: pip install -e '\.\[tensorboard\]'"):
         classify.main(QUICK + ["--data-dir", str(fm_dir), "--epochs", "1", "--output", str(tmp_path / "tb2"),
                                "--set", "train.tensorboard=true"])
+
+
+def test_trunk_width_is_a_config_key_and_survives_the_checkpoint(fm_dir, tmp_path):
+    from tasks import load
+    out = tmp_path / "narrow"
+    classify.main(QUICK + ["--data-dir", str(fm_dir), "--epochs", "1", "--output", str(out),
+                           "--set", "model.stem=cifar", "--set", "model.width=16"])
+    model = load(out / "best.pt", device="cpu").model
+    assert [s.channels for s in model.backbone.feature_info] == [16, 32, 64, 128]

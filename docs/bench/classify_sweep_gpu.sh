@@ -33,4 +33,6 @@ ema 7 --set optim.ema=true
 mixup02 7 --set data.mixup_alpha=0.2
 cutmix10 7 --set data.cutmix_alpha=1.0 --set data.random_erasing=0.0
 ls0 7 --set optim.label_smoothing=0.0
+w48 7 --set model.width=48
+w96 7 --set model.width=96
 RUNS

@@ -44,6 +44,7 @@ class ModelConfig:
     zero_init_residual: bool = False
     drop_path_rate: float = bounded(0.0, 0.0, 1.0)
     grad_checkpointing: bool = False
+    width: int = bounded(64, 1)    # stem channels; stage i has width * 2**i planes (pretrained weights: 64)
     # trunk weights: a file (torchvision / timm state dict, onetrunk checkpoint) or a name:
     # torchvision:IMAGENET1K_V1|V2|DEFAULT, timm:<arch.tag>, imagenet (backbones.pretrained)
     weights: Optional[str] = None
@@ -64,7 +65,7 @@ class ModelConfig:
         return dict(in_chans=self.in_chans, stem=self.stem, output_stride=self.output_stride, norm=self.norm,
                     freeze_at=self.freeze_at, zero_init_residual=self.zero_init_residual,
                     drop_path_rate=self.drop_path_rate, grad_checkpointing=self.grad_checkpointing,
-                    weights=self.weights)
+                    width=self.width, weights=self.weights)
 
 
 @dataclass
