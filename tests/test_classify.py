@@ -186,3 +186,25 @@ def test_trunk_width_is_a_config_key_and_survives_the_checkpoint(fm_dir, tmp_pat
                            "--set", "model.stem=cifar", "--set", "model.width=16"])
     model = load(out / "best.pt", device="cpu").model
     assert [s.channels for s in model.backbone.feature_info] == [16, 32, 64, 128]
+
+
+def test_compile_cache_is_written_after_the_first_epoch_and_read_next_time(fm_dir, tmp_path, monkeypatch, capsys):
+    # inductor itself is not run here (minutes on 2 cores): torch.compile is the identity and the
+    # cache-artifact API records what the trainer hands it
+    calls = {"loaded": []}
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artifacts", None))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: calls["loaded"].append(data))
+    cache = tmp_path / "classify.compile-cache"
+    args = QUICK + ["--data-dir", str(fm_dir), "--epochs", "2", "--compile", "--set", f"train.compile_cache={cache}"]
+    classify.main(args + ["--output", str(tmp_path / "a")])
+    assert cache.read_bytes() == b"artifacts" and calls["loaded"] == []
+    classify.main(args + ["--output", str(tmp_path / "b")])
+    assert calls["loaded"] == [b"artifacts"]
+    cache.write_bytes(b"damaged")
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: (_ for _ in ()).throw(RuntimeError("bad")))
+    classify.main(args + ["--output", str(tmp_path / "c")])  # reported, then compiles as usual
+    assert "was not loaded (RuntimeError: bad)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="train.compile_cache.*train.compile=true"):  # without --compile
+        classify.main(QUICK + ["--data-dir", str(fm_dir), "--output", str(tmp_path / "d"),
+                               "--set", f"train.compile_cache={cache}"])

@@ -31,7 +31,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
-from .checkpoint import CKPT_FORMAT, CheckpointWriter, load_checkpoint, rng_state, seed_everything, set_rng_state
+from .checkpoint import (CKPT_FORMAT, CheckpointWriter, load_checkpoint, rng_state, seed_everything, set_rng_state,
+                         write_atomic)
 from .config import config_to_dict
 from .ema import ModelEMA
 from .graphs import GraphedForwardBackward
@@ -170,6 +171,10 @@ class Trainer:
         # torch.compile wraps the DDP module (PyTorch's recipe: DDP's optimizer splits the graph
         # at gradient-bucket boundaries so the all-reduce still overlaps backward)
         self.step_model = self.train_model
+        if tcfg.compile_cache and not tcfg.compile:
+            raise ValueError("train.compile_cache stores torch.compile's artifacts: it needs train.compile=true")
+        if tcfg.compile and tcfg.compile_cache:
+            self._load_compile_cache(Path(tcfg.compile_cache))
         if tcfg.compile:
             # coordinate-descent tuning searches block sizes of inductor's Triton kernels (the
             # BatchNorm / ReLU / residual work): ResNet-50 bs 256 kernel time -8% on an H200
@@ -357,6 +362,26 @@ class Trainer:
         self.model.train()
         return metrics
 
+    def _load_compile_cache(self, path: Path) -> None:
+        """Pre-fill inductor's caches from ``path`` (``torch.compiler.load_cache_artifacts``): a
+        run on the same torch / GPU then skips most of the compile. A file that does not load
+        (another torch version, damaged) is reported and ignored: the run compiles as usual."""
+        if not path.is_file():
+            self.console(f"train.compile_cache: {path} does not exist yet; it is written after the first epoch")
+            return
+        try:
+            torch.compiler.load_cache_artifacts(path.read_bytes())
+        except Exception as e:  # noqa: BLE001 - any failure only costs the compile it would have saved
+            self.console.error(f"train.compile_cache: {path} was not loaded ({type(e).__name__}: {e}); compiling")
+            return
+        self.console(f"train.compile_cache: loaded {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+    def _save_compile_cache(self, path: Path) -> None:
+        artifacts = torch.compiler.save_cache_artifacts()
+        if artifacts is None:  # nothing was compiled in this process
+            return
+        write_atomic(path, lambda tmp: tmp.write_bytes(artifacts[0]))
+
     def fit(self) -> dict[str, Any]:
         """Train the remaining epochs; returns the last epoch's record (plus ``best_*``)."""
         tcfg = self.cfg.train
@@ -375,6 +400,8 @@ class Trainer:
                     self.train_loader.set_epoch(epoch)
                 result = self.train_one_epoch(epoch)
                 total_train_s += result.seconds
+                if epoch == self.start_epoch and tcfg.compile and tcfg.compile_cache and self.main:
+                    self._save_compile_cache(Path(tcfg.compile_cache))  # compiled by now (outside the timing)
                 loader_stats = getattr(self.train_loader, "epoch_stats", dict)()  # e.g. the padding fraction
                 record = {"epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0],
                           **{f"train_{k}": v for k, v in result.losses.items()},
