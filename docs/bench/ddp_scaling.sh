@@ -43,7 +43,8 @@ run classify_2gpu_b256 "${TORCHRUN[@]}" -m tasks.classify "${C[@]}" --batch-size
 # the same global batch as 2 x 256 on one GPU: the accuracy reference for the 2-GPU run
 [[ "${CLASSIFY_REF:-1}" == 1 ]] && run classify_1gpu_b512 $PY -m tasks.classify "${C[@]}" --batch-size 512
 if [[ "${SEGMENT:-0}" == 1 ]]; then
-  S=(--config configs/segment/scenes_fcn_resnet18.yaml --epochs "$SEG_EPOCHS" "${EXTRA[@]}")
+  # the segmentation recipe as measured on 2026-11-22 (stride 32, C3-C5, no aux, eager step), spelled out
+  S=(--config configs/segment/scenes_fcn_resnet18.yaml --epochs "$SEG_EPOCHS" --set model.output_stride=32 --set "model.in_features=[c3,c4,c5]" --set model.aux=false --set train.cuda_graph=false "${EXTRA[@]}")
   run segment_1gpu $PY -m tasks.segment "${S[@]}"
   run segment_2gpu "${TORCHRUN[@]}" -m tasks.segment "${S[@]}"
 fi

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 16, segmentation on one GPU: the 8-epoch GPU recipe (device cache) and candidate changes,
-# one run each (seed 0 unless the flags say otherwise). Each line: name, then the flags. Records
+# one run each (seed 0 unless the flags say otherwise). The lines up to os8_c2 spell out the recipe of
+# their run (stride 32, C3-C5, no aux: the recipe before 2026-12-02); recipe_* run today's recipe. Each line: name, then the flags. Records
 # the last epoch's mIoU, the median img/s of epochs 2-8 and the training time (first epoch in).
 # Usage (project root): bash docs/bench/segment_sweep_gpu.sh OUT_DIR [NAMES...]  (default: all)
 set -uo pipefail
@@ -20,15 +21,18 @@ print(json.dumps({"name": sys.argv[2], "flags": sys.argv[3], "miou": rows[-1]["v
                   "train_s": rows[-1]["train_time_total_s"], "first_epoch_s": rows[0]["train_time_s"]}))
 PY
 done <<'RUNS'
-os32
-graph --set train.cuda_graph=true
-graph_s1 --set train.cuda_graph=true --set train.seed=1
-c2 --set train.cuda_graph=true --set model.in_features=[c2,c3,c4,c5]
-os16 --set train.cuda_graph=true --set model.output_stride=16
-os16_c2 --set train.cuda_graph=true --set model.output_stride=16 --set model.in_features=[c2,c3,c4,c5]
-os16_aux --set train.cuda_graph=true --set model.output_stride=16 --set model.aux=true
-os8 --set train.cuda_graph=true --set model.output_stride=8
-os8_c2 --set train.cuda_graph=true --set model.output_stride=8 --set model.in_features=[c2,c3,c4,c5]
+os32 --set train.cuda_graph=false --set model.output_stride=32 --set model.in_features=[c3,c4,c5] --set model.aux=false
+graph --set train.cuda_graph=true --set model.output_stride=32 --set model.in_features=[c3,c4,c5] --set model.aux=false
+graph_s1 --set train.cuda_graph=true --set model.output_stride=32 --set model.in_features=[c3,c4,c5] --set model.aux=false --set train.seed=1
+c2 --set train.cuda_graph=true --set model.output_stride=32 --set model.in_features=[c3,c4,c5] --set model.aux=false --set model.in_features=[c2,c3,c4,c5]
+os16 --set train.cuda_graph=true --set model.output_stride=32 --set model.in_features=[c3,c4,c5] --set model.aux=false --set model.output_stride=16
+os16_c2 --set train.cuda_graph=true --set model.output_stride=32 --set model.in_features=[c3,c4,c5] --set model.aux=false --set model.output_stride=16 --set model.in_features=[c2,c3,c4,c5]
+os16_aux --set train.cuda_graph=true --set model.output_stride=32 --set model.in_features=[c3,c4,c5] --set model.aux=false --set model.output_stride=16 --set model.aux=true
+os8 --set train.cuda_graph=true --set model.output_stride=32 --set model.in_features=[c3,c4,c5] --set model.aux=false --set model.output_stride=8
+os8_c2 --set train.cuda_graph=true --set model.output_stride=32 --set model.in_features=[c3,c4,c5] --set model.aux=false --set model.output_stride=8 --set model.in_features=[c2,c3,c4,c5]
 os8_c2_aux --set train.cuda_graph=true --set model.output_stride=8 --set model.in_features=[c2,c3,c4,c5] --set model.aux=true
 os16_c2_aux --set train.cuda_graph=true --set model.output_stride=16 --set model.in_features=[c2,c3,c4,c5] --set model.aux=true
+recipe_s1 --set train.seed=1
+recipe_lr3 --set optim.lr=3e-3
+recipe_ch256 --set model.channels=256
 RUNS

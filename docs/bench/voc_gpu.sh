@@ -22,7 +22,9 @@ timeout 240 python3 -m tasks.segment "${V[@]}" --config configs/segment/voc_fcn_
 cp "$W/seg/metrics.jsonl" "$OUT/voc_segment_r50.jsonl"
 timeout 60 python3 -m tasks.segment --weights "$W/seg/best.pt" --predict "$W/voc/VOCdevkit/VOC2012/JPEGImages/val_000001.jpg" \
   --output "$W/seg_pred" && ls "$W/seg_pred" | head
-S=(--set data.scenes_size=512 --set "data.scenes_aspect=[0.5,2.0]" --set data.scenes_train=2000 --set data.scenes_val=250)
+# the segmentation recipe as it was when this ran (stride 32, C3-C5, no aux, eager step), spelled out
+S=(--set data.scenes_size=512 --set "data.scenes_aspect=[0.5,2.0]" --set data.scenes_train=2000 --set data.scenes_val=250
+   --set model.output_stride=32 --set "model.in_features=[c3,c4,c5]" --set model.aux=false --set train.cuda_graph=false)
 for mode in square aspect; do
   extra=(--set data.image_size=512)
   [ "$mode" = aspect ] && extra=(--set data.resize=aspect --set "data.min_size=[384,448,512]" --set data.max_size=640)
