@@ -43,7 +43,7 @@ from tasks.data import fashion_mnist
 from tasks.engine.checkpoint import seed_everything
 from tasks.engine.config import CONFIG_ROOT, load_config
 from tasks.engine.distributed import resolve_device
-from tasks.engine.graphs import GraphedInference, inference_model
+from tasks.engine.graphs import GraphedInference, inference_models
 from tasks.engine.logging import env_info
 from tasks.engine.loop import Trainer, autocast
 from tasks.engine.registry import TASKS
@@ -279,11 +279,10 @@ def bench_dense(task: str, out: Path, overrides: list[str], device: torch.device
         if isinstance(model, (_TorchvisionFCOS, _TorchvisionFCN)) and cfg.train.cuda_graph:
             # torchvision's models sync the host inside forward: no capture
             run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cuda_graph=False))
-        graphed: dict[int, torch.nn.Module] = {}
+        graphed = inference_models(run_cfg, device)
 
-        def evaluate(m, final: bool, run_cfg=run_cfg, graphed=graphed):  # as the runner evaluates
-            return spec.evaluate(graphed.setdefault(id(m), inference_model(m, run_cfg, device)), data, device,
-                                 cfg.train.amp)
+        def evaluate(m, final: bool, graphed=graphed):  # as the runner evaluates
+            return spec.evaluate(graphed(m), data, device, cfg.train.amp)
         trainer = Trainer(task, run_cfg, model, data.train, evaluate=evaluate, main_metric=metric, output=run_dir,
                           device=device, quiet=True, targets_checked=data.targets_checked)
         record = trainer.fit()
@@ -293,8 +292,7 @@ def bench_dense(task: str, out: Path, overrides: list[str], device: torch.device
                f"best_{metric}": record.get(f"best_{metric}"), "epochs": len(records),
                "train_time_s": record["train_time_total_s"], "first_epoch_s": records[0]["train_time_s"],
                "train_img_per_s": statistics.median(r["train_img_per_s"] for r in records[1:] or records),
-               "infer_img_per_s": inference_img_per_s(inference_model(trainer.eval_model, run_cfg, device), data.val,
-                                                      device, cfg.train.amp),
+               "infer_img_per_s": inference_img_per_s(graphed(trainer.eval_model), data.val, device, cfg.train.amp),
                "curve": [round(r.get(f"val_{metric}", float("nan")), 4) for r in records]}
         if task == "detect":
             row.update({key: record[f"val_{key}"] for key in ("AP50", "AP75", "APs", "APm")})

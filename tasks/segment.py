@@ -148,7 +148,7 @@ def build_data(cfg: SegmentConfig, device: torch.device, *, train: bool = True, 
         raise ValueError(f"train and val data have different classes: {train_set.class_names} vs {val_set.class_names}")
     d = cfg.data
     # data.cache: decoded once, segmentation_train_transforms redone on the device
-    cached = train_set and cached_train_loader(
+    cached = cached_train_loader(
         train_set, cfg=cfg, device=device, pre=pre, targets="masks", quiet=quiet,
         augment=DenseAugment(d.image_size, (d.scale_min, d.scale_max), 0.5 if d.hflip else 0.0, flip_first=False,
                              normalize=pre.normalize, mask_fill=IGNORE_INDEX))

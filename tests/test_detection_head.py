@@ -486,7 +486,7 @@ def test_postprocess_padded_has_no_host_sync_and_fixed_shapes():
 
 
 def test_graphed_inference_on_cpu_is_the_model():
-    from tasks.engine.graphs import GraphedInference, inference_model
+    from tasks.engine.graphs import GraphedInference, inference_model, inference_models
     model = _detector().eval()
     wrapped = GraphedInference(model, amp=False, capture_after=0)
     x = torch.randn(1, 3, 64, 64)
@@ -500,3 +500,10 @@ def test_graphed_inference_on_cpu_is_the_model():
         class train:
             cuda_graph, amp = True, True
     assert inference_model(model, Cfg, torch.device("cpu")) is model
+    # on a GPU one wrapper per model, built once (its graphs are kept between evaluations);
+    # building one touches no device
+    Cfg.train.compile_inference = False
+    get = inference_models(Cfg, torch.device("cuda"))
+    wrapper = get(model)
+    assert isinstance(wrapper, GraphedInference) and wrapper.model is model and get(model) is wrapper
+    assert get(_detector()) is not wrapper

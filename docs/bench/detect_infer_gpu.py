@@ -45,7 +45,7 @@ def graphed_fn(fn, x):
     return replay
 
 
-def same(p, q, cap: int) -> bool:
+def same(p, q) -> bool:
     return all(torch.equal(p[k], q[k]) for k in ("labels", "boxes", "scores"))
 
 
@@ -224,14 +224,14 @@ def main() -> None:
                     b, lab, v, head.nms_thresh, int(t), top=head.detections_per_img)[1].sum())
             cap = head.detections_per_img
             graphed_path = head.postprocess_host({"padded": padded, "raw": raw}, s)
-            stats["same_graphed_path"] += sum(same(p, q, cap) for p, q in zip(graphed_path, ref))
+            stats["same_graphed_path"] += sum(same(p, q) for p, q in zip(graphed_path, ref))
             stats["same_graphed_path_up_to_ties"] += sum(same_up_to_ties(p, q, cap) for p, q in zip(graphed_path, ref))
             counts = valid.sum(1)
             stats["valid_max"] = max(stats["valid_max"], int(counts.max()))
             stats["valid_over_m"] += int((counts > m).sum())
             stats["images"] += images.shape[0]
             stats["exact"] += int(padded["exact"].sum())
-            stats["same"] += sum(same(p, q, cap) for p, q in zip(new, ref))
+            stats["same"] += sum(same(p, q) for p, q in zip(new, ref))
             stats["same_up_to_ties"] += sum(same_up_to_ties(p, q, cap) for p, q in zip(new, ref))
     results["exactness"] = stats
     save()

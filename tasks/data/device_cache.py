@@ -26,10 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-import cv2
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from .scenes import cv2_single_threaded
 
 __all__ = ["DenseCache", "decode_dense", "cache_nbytes", "dense_augment", "DenseAugment"]
 
@@ -85,15 +86,9 @@ def decode_dense(dataset: Any, transforms: Any, size: int, *, boxes: bool, masks
         if boxes:
             per_boxes[i], per_labels[i] = target["boxes"].float(), target["labels"]
 
-    # cv2 single-threaded meanwhile (the threads are the parallelism): its own thread pool, once
-    # started in this process, hangs DataLoader workers forked later (tasks/data/scenes.py)
-    cv2_threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
-            list(tqdm(pool.map(load, range(n)), total=n, desc="decode to cache", unit="img", disable=quiet or None))
-    finally:
-        cv2.setNumThreads(cv2_threads)
+    # the threads are the parallelism; cv2's own pool, once up, would hang workers forked later
+    with cv2_single_threaded(), ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
+        list(tqdm(pool.map(load, range(n)), total=n, desc="decode to cache", unit="img", disable=quiet or None))
     box_t = label_t = None
     if boxes:
         m = max(1, max(len(b) for b in per_boxes))

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -37,7 +39,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-__all__ = ["NUM_CLASSES", "IGNORE_INDEX", "generate_scenes", "ensure_scenes", "default_root",
+__all__ = ["NUM_CLASSES", "IGNORE_INDEX", "generate_scenes", "ensure_scenes", "default_root", "cv2_single_threaded",
            "render_preview", "get_args_parser", "main"]
 
 NUM_CLASSES = 10
@@ -188,6 +190,20 @@ def render_scene(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray
 _WORKER_DATA: dict = {}
 
 
+@contextlib.contextmanager
+def cv2_single_threaded() -> Iterator[None]:
+    """cv2 with one thread inside the block. A child forked while cv2's thread pool is up (any
+    cv2 call before, e.g. albumentations) hangs in its first cv2 call (seen in
+    ``cv2.setNumThreads``): fork workers in here. Threads that call cv2 themselves (the parallelism
+    is theirs) run in here too."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
+
+
 def _init_worker(data: dict) -> None:
     global _WORKER_DATA
     _WORKER_DATA = data
@@ -298,15 +314,8 @@ def generate_scenes(out_dir, *, train: int = 8000, val: int = 1000, size: int = 
         else:
             import multiprocessing
 
-            # cv2 single-threaded while the workers fork: a child forked while cv2's thread pool is
-            # up (any cv2 call before this one, e.g. albumentations) hangs in its first cv2 call
-            # (seen in cv2.setNumThreads). The parent gets its threads back once the pool is up.
-            cv2_threads = cv2.getNumThreads()
-            cv2.setNumThreads(1)
-            try:
+            with cv2_single_threaded():  # the parent gets its threads back once the pool is up
                 pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(data,))
-            finally:
-                cv2.setNumThreads(cv2_threads)
             results = pool.imap(_render_job, jobs)  # in job order, so ids do not depend on timing
         try:
             for job, chunk in zip(jobs, results):

@@ -170,11 +170,14 @@ def cache_mode(cfg: Any, device: torch.device, n: int, *, masks: bool) -> str:
     return "device" if cache_nbytes(n, d.image_size, masks=masks) <= free // 4 else "none"
 
 
-def cached_train_loader(train_set: Any, *, cfg: Any, device: torch.device, pre: Preprocess, targets: str,
+def cached_train_loader(train_set: Optional[Any], *, cfg: Any, device: torch.device, pre: Preprocess, targets: str,
                         augment: DenseAugment, quiet: bool = True) -> Optional[DenseTensorLoader]:
     """The training loader of ``data.cache`` device / host: ``train_set`` decoded once through the
     evaluation resize (``pre``), augmented on ``device`` by ``augment`` (the task's albumentations
-    pipeline redone there); None when the cache is off (the caller keeps its DataLoader)."""
+    pipeline redone there); None when the cache is off or there is no training set (the caller
+    keeps its DataLoader)."""
+    if train_set is None:
+        return None
     masks = targets == "masks"
     mode = cache_mode(cfg, device, len(train_set), masks=masks)
     if mode == "none":

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["GraphedForwardBackward", "GraphedInference", "inference_model"]
+__all__ = ["GraphedForwardBackward", "GraphedInference", "inference_model", "inference_models"]
 
 LossFn = Callable[[torch.Tensor, Any], dict[str, torch.Tensor]]
 
@@ -135,9 +135,10 @@ class GraphedInference(nn.Module):
         self.seen: dict[tuple, int] = {}
         self.graphs: OrderedDict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, Any]] = OrderedDict()
 
-    def _device_part(self, images: torch.Tensor) -> Any:
+    def _device_part(self, images: torch.Tensor, compiled: bool = True) -> Any:
+        fn = self.compiled if compiled and self.compiled is not None else self.model.forward_device
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
-            return (self.compiled or self.model.forward_device)(images)
+            return fn(images)
 
     def _capture(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.CUDAGraph, Any]:
         static_in = images.clone()
@@ -166,9 +167,7 @@ class GraphedInference(nn.Module):
         if entry is None:
             self.seen[key] = self.seen.get(key, 0) + 1
             if self.seen[key] <= self.capture_after:  # eager: compiling a one-off shape costs more
-                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-                    outputs = self.model.forward_device(images)
-                return self.model.finish(outputs, image_size)
+                return self.model.finish(self._device_part(images, compiled=False), image_size)
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.popitem(last=False)
             entry = self.graphs[key] = self._capture(images)
@@ -187,3 +186,15 @@ def inference_model(model: nn.Module, cfg: Any, device: torch.device) -> nn.Modu
     if cfg.train.cuda_graph and device.type == "cuda" and hasattr(model, "forward_device"):
         return GraphedInference(model, amp=cfg.train.amp, compile=cfg.train.compile_inference)
     return model
+
+
+def inference_models(cfg: Any, device: torch.device) -> Callable[[nn.Module], nn.Module]:
+    """``inference_model`` for each model evaluated during a run (the weights, their EMA), each
+    built once, so its captured graphs (and compiled code) are kept from one evaluation to the next."""
+    made: dict[nn.Module, nn.Module] = {}
+
+    def get(model: nn.Module) -> nn.Module:
+        if model not in made:
+            made[model] = inference_model(model, cfg, device)
+        return made[model]
+    return get

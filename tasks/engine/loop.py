@@ -363,8 +363,8 @@ class Trainer:
         return metrics
 
     def _load_compile_cache(self, path: Path) -> None:
-        """Pre-fill inductor's caches from ``path`` (``torch.compiler.load_cache_artifacts``): a
-        run on the same torch / GPU then skips most of the compile. A file that does not load
+        """Pre-fill inductor's caches from ``path`` (``torch.compiler.load_cache_artifacts``), for a
+        run on the same torch / GPU to skip compile work (how much: not measured yet). A file that does not load
         (another torch version, damaged) is reported and ignored: the run compiles as usual."""
         if not path.is_file():
             self.console(f"train.compile_cache: {path} does not exist yet; it is written after the first epoch")

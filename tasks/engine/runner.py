@@ -29,7 +29,7 @@ from . import distributed
 from .checkpoint import load_checkpoint, seed_everything
 from .config import CONFIG_ROOT, apply_overrides, config_from_dict, config_to_dict, merge_dicts, read_yaml
 from .distributed import resolve_device
-from .graphs import inference_model
+from .graphs import inference_model, inference_models
 from .logging import Console
 from .loop import NonFiniteLossError, Trainer
 from .predict import Predictor, load_task_model
@@ -369,11 +369,10 @@ def run(spec: TaskSpec, argv: Sequence[str] | argparse.Namespace | None = None) 
     if cfg.model.trunk and r.resume_from is None:  # a resumed run has its trunk in the checkpoint
         load_trunk(model.backbone, cfg.model.trunk, cfg.model)  # printed even with --quiet: it changes the run
 
-    graphed: dict[int, torch.nn.Module] = {}  # one wrapper per evaluated model, its graphs kept between epochs
+    graphed = inference_models(cfg, device)
 
     def evaluate(m, final: bool) -> dict[str, Any]:
-        m = graphed.setdefault(id(m), inference_model(m, cfg, device))
-        return spec.evaluate(m, data, device, cfg.train.amp, output=r.output if final else None)
+        return spec.evaluate(graphed(m), data, device, cfg.train.amp, output=r.output if final else None)
 
     trainer = Trainer(spec.name, cfg, model, data.train, output=r.output, device=device, quiet=args.quiet,
                       console=say, main_metric=spec.main_metric, meta=data.meta, evaluate=evaluate,
