@@ -199,12 +199,15 @@ def test_compile_cache_is_written_after_the_first_epoch_and_read_next_time(fm_di
     args = QUICK + ["--data-dir", str(fm_dir), "--epochs", "2", "--compile", "--set", f"train.compile_cache={cache}"]
     classify.main(args + ["--output", str(tmp_path / "a")])
     assert cache.read_bytes() == b"artifacts" and calls["loaded"] == []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"second run", None))
     classify.main(args + ["--output", str(tmp_path / "b")])
     assert calls["loaded"] == [b"artifacts"]
+    assert cache.read_bytes() == b"artifacts"  # a file that loaded (perhaps shipped) is not rewritten
     cache.write_bytes(b"damaged")
     monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: (_ for _ in ()).throw(RuntimeError("bad")))
     classify.main(args + ["--output", str(tmp_path / "c")])  # reported, then compiles as usual
     assert "was not loaded (RuntimeError: bad)" in capsys.readouterr().err
+    assert cache.read_bytes() == b"second run"  # and rewritten
     with pytest.raises(ValueError, match="train.compile_cache.*train.compile=true"):  # without --compile
         classify.main(QUICK + ["--data-dir", str(fm_dir), "--output", str(tmp_path / "d"),
                                "--set", f"train.compile_cache={cache}"])

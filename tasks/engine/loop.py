@@ -173,8 +173,9 @@ class Trainer:
         self.step_model = self.train_model
         if tcfg.compile_cache and not tcfg.compile:
             raise ValueError("train.compile_cache stores torch.compile's artifacts: it needs train.compile=true")
+        self._write_compile_cache = False  # after the first epoch, when the file did not load
         if tcfg.compile and tcfg.compile_cache:
-            self._load_compile_cache(Path(tcfg.compile_cache))
+            self._write_compile_cache = not self._load_compile_cache(Path(tcfg.compile_cache))
         if tcfg.compile:
             # coordinate-descent tuning searches block sizes of inductor's Triton kernels (the
             # BatchNorm / ReLU / residual work): ResNet-50 bs 256 kernel time -8% on an H200
@@ -362,19 +363,22 @@ class Trainer:
         self.model.train()
         return metrics
 
-    def _load_compile_cache(self, path: Path) -> None:
+    def _load_compile_cache(self, path: Path) -> bool:
         """Pre-fill inductor's caches from ``path`` (``torch.compiler.load_cache_artifacts``), for a
-        run on the same torch / GPU to skip compile work (how much: not measured yet). A file that does not load
-        (another torch version, damaged) is reported and ignored: the run compiles as usual."""
+        run on the same torch / GPU to skip compile work. A file that does not load (another torch
+        version, damaged) is reported and ignored: the run compiles as usual and rewrites it. True
+        when it loaded: a loaded file is never rewritten (it may be one shipped with the project)."""
         if not path.is_file():
             self.console(f"train.compile_cache: {path} does not exist yet; it is written after the first epoch")
-            return
+            return False
         try:
             torch.compiler.load_cache_artifacts(path.read_bytes())
         except Exception as e:  # noqa: BLE001 - any failure only costs the compile it would have saved
-            self.console.error(f"train.compile_cache: {path} was not loaded ({type(e).__name__}: {e}); compiling")
-            return
+            self.console.error(f"train.compile_cache: {path} was not loaded ({type(e).__name__}: {e}); "
+                               "compiling, and rewriting it after the first epoch")
+            return False
         self.console(f"train.compile_cache: loaded {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        return True
 
     def _save_compile_cache(self, path: Path) -> None:
         artifacts = torch.compiler.save_cache_artifacts()
@@ -400,7 +404,7 @@ class Trainer:
                     self.train_loader.set_epoch(epoch)
                 result = self.train_one_epoch(epoch)
                 total_train_s += result.seconds
-                if epoch == self.start_epoch and tcfg.compile and tcfg.compile_cache and self.main:
+                if epoch == self.start_epoch and self._write_compile_cache and self.main:
                     self._save_compile_cache(Path(tcfg.compile_cache))  # compiled by now (outside the timing)
                 loader_stats = getattr(self.train_loader, "epoch_stats", dict)()  # e.g. the padding fraction
                 record = {"epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0],
