@@ -112,9 +112,9 @@ def _suppression(boxes: torch.Tensor, labels: torch.Tensor, thresh: float) -> to
 
 
 def _nms_fixed_point(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, thresh: float,
-                     iterations: int, top: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     iterations: int, top: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``iterations`` steps of ``batched_greedy_nms`` from ``keep = valid``: ``(keep, converged,
-    weights, prev)``, the last two for a caller that goes on iterating (``_nms_steps``).
+    weights)``, the matrix for a caller that goes on iterating (``_nms_steps``).
 
     A step asks, per candidate, whether any kept earlier one suppresses it: a batched
     matrix-vector product of the 0/1 matrix with ``keep`` (sums of 0/1 terms: > 0 exactly when
@@ -124,7 +124,7 @@ def _nms_fixed_point(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Ten
     over = _suppression(boxes, labels, thresh)
     weights = over.to(torch.bfloat16 if boxes.is_cuda else torch.float32)
     keep, prev = _nms_steps(weights, valid, valid, iterations)
-    return keep, _converged(keep, prev, top), weights, prev
+    return keep, _converged(keep, prev, top), weights
 
 
 def _nms_steps(weights: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, iterations: int
@@ -189,7 +189,7 @@ def batched_greedy_nms(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.T
     thresh = _float32_below(iou_thresh)
     if compiled and boxes.is_cuda and not until_converged:
         return _compiled_fixed_point()(boxes, labels, valid, thresh, iterations, top)
-    keep, converged, weights, prev = _nms_fixed_point(boxes, labels, valid, thresh, iterations, top)
+    keep, converged, weights = _nms_fixed_point(boxes, labels, valid, thresh, iterations, top)
     done = iterations
     while until_converged and done < m and not bool(converged.all()):
         keep, prev = _nms_steps(weights, valid, keep, iterations)

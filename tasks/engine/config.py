@@ -134,8 +134,8 @@ class TrainConfig:
     amp: bool = True               # bf16 autocast on CUDA; fp32 on CPU
     compile: bool = False
     compile_tune: bool = False     # with compile: inductor's coordinate-descent kernel tuning (minutes more compile)
-    compile_cache: Optional[str] = None  # with compile: a torch.compiler cache-artifacts file, read before compiling
-                                         # when present, (re)written after the first epoch
+    compile_cache: Optional[str] = None  # with compile: a torch.compiler cache-artifacts file, read before compiling;
+                                         # written after the first epoch when it did not load (missing, damaged)
     cuda_graph: bool = False       # replay forward + backward as one CUDA graph (fixed batch shapes)
     compile_inference: bool = False  # with cuda_graph: evaluation compiles the network + post-processing it replays
     channels_last: bool = True

@@ -274,7 +274,6 @@ class DenseTensorLoader:
         else:
             names["masks"] = c.masks
         on_device = c.images.device.type == self.device.type  # torch.device("cuda") != the tensor's cuda:0
-        idx = idx if on_device else idx.cpu()
         return {k: (v[idx] if on_device else v[idx].pin_memory().to(self.device, non_blocking=True))
                 for k, v in names.items()}
 

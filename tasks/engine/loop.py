@@ -173,9 +173,9 @@ class Trainer:
         self.step_model = self.train_model
         if tcfg.compile_cache and not tcfg.compile:
             raise ValueError("train.compile_cache stores torch.compile's artifacts: it needs train.compile=true")
-        self._write_compile_cache = False  # after the first epoch, when the file did not load
-        if tcfg.compile and tcfg.compile_cache:
-            self._write_compile_cache = not self._load_compile_cache(Path(tcfg.compile_cache))
+        self._compile_cache_out: Path | None = None  # written after the first epoch: a file that did not load
+        if tcfg.compile and tcfg.compile_cache and not self._load_compile_cache(Path(tcfg.compile_cache)):
+            self._compile_cache_out = Path(tcfg.compile_cache)
         if tcfg.compile:
             # coordinate-descent tuning searches block sizes of inductor's Triton kernels (the
             # BatchNorm / ReLU / residual work): ResNet-50 bs 256 kernel time -8% on an H200
@@ -404,8 +404,8 @@ class Trainer:
                     self.train_loader.set_epoch(epoch)
                 result = self.train_one_epoch(epoch)
                 total_train_s += result.seconds
-                if epoch == self.start_epoch and self._write_compile_cache and self.main:
-                    self._save_compile_cache(Path(tcfg.compile_cache))  # compiled by now (outside the timing)
+                if epoch == self.start_epoch and self._compile_cache_out is not None and self.main:
+                    self._save_compile_cache(self._compile_cache_out)  # compiled by now (outside the timing)
                 loader_stats = getattr(self.train_loader, "epoch_stats", dict)()  # e.g. the padding fraction
                 record = {"epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0],
                           **{f"train_{k}": v for k, v in result.losses.items()},
