@@ -64,6 +64,7 @@ class SegmentModelConfig(ModelConfig):
     dropout: float = bounded(0.1, 0.0, 1.0)
     aux: bool = False                   # auxiliary head on C4
     aux_weight: float = bounded(0.4, 0.0)
+    dice_weight: float = bounded(0.0, 0.0)  # soft Dice term on the main output (0: cross-entropy only)
 
 
 @dataclass
@@ -86,7 +87,7 @@ class SegmentConfig:
 
 def build_head(m: SegmentModelConfig, feature_info, num_classes: int) -> FCNHead:
     return FCNHead(feature_info, num_classes, in_features=m.in_features, channels=m.channels, dropout=m.dropout,
-                   aux=m.aux, aux_weight=m.aux_weight, ignore_index=IGNORE_INDEX)
+                   aux=m.aux, aux_weight=m.aux_weight, dice_weight=m.dice_weight, ignore_index=IGNORE_INDEX)
 
 
 def build_model(cfg: SegmentConfig, meta: Mapping[str, Any]) -> Segmenter:

@@ -18,7 +18,8 @@ import json, statistics, sys
 rows = [json.loads(x) for x in open(sys.argv[1])]
 print(json.dumps({"name": sys.argv[2], "flags": sys.argv[3], "miou": rows[-1]["val_miou"],
                   "img_per_s": statistics.median(r["train_img_per_s"] for r in rows[1:]),
-                  "train_s": rows[-1]["train_time_total_s"], "first_epoch_s": rows[0]["train_time_s"]}))
+                  "train_s": rows[-1]["train_time_total_s"], "first_epoch_s": rows[0]["train_time_s"],
+                  "iou": [round(x, 4) for x in rows[-1].get("val_iou", [])]}))
 PY
 done <<'RUNS'
 os32 --set train.cuda_graph=false --set model.output_stride=32 --set model.in_features=[c3,c4,c5] --set model.aux=false
@@ -35,4 +36,9 @@ os16_c2_aux --set train.cuda_graph=true --set model.output_stride=16 --set model
 recipe_s1 --set train.seed=1
 recipe_lr3 --set optim.lr=3e-3
 recipe_ch256 --set model.channels=256
+recipe_dice05 --set model.dice_weight=0.5
+recipe_dice1 --set model.dice_weight=1.0
+recipe_dice1_s1 --set model.dice_weight=1.0 --set train.seed=1
+recipe_r34_os16 --set model.depth=34 --set model.output_stride=16
+recipe_drop0 --set model.dropout=0.0
 RUNS
