@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 16, segmentation on one GPU: the 8-epoch GPU recipe (device cache) and candidate changes,
 # one run each (seed 0 unless the flags say otherwise). The lines up to os8_c2 spell out the recipe of
-# their run (stride 32, C3-C5, no aux: the recipe before 2026-12-02); recipe_* run today's recipe. Each line: name, then the flags. Records
+# their run (stride 32, C3-C5, no aux: the recipe before 2026-12-02); recipe_* run the recipe of the day (the 2026-12-02d runs: lr 2e-3 and a 128-channel block, before
+# recipe_lr3_ch256 became the recipe). Each line: name, then the flags. Records
 # the last epoch's mIoU, the median img/s of epochs 2-8 and the training time (first epoch in).
 # Usage (project root): bash docs/bench/segment_sweep_gpu.sh OUT_DIR [NAMES...]  (default: all)
 set -uo pipefail
@@ -41,4 +42,6 @@ recipe_dice1 --set model.dice_weight=1.0
 recipe_dice1_s1 --set model.dice_weight=1.0 --set train.seed=1
 recipe_r34_os16 --set model.depth=34 --set model.output_stride=16
 recipe_drop0 --set model.dropout=0.0
+recipe_lr3_ch256 --set optim.lr=3e-3 --set model.channels=256
+recipe_lr3_dice05 --set optim.lr=3e-3 --set model.dice_weight=0.5
 RUNS
