@@ -55,5 +55,6 @@ ls0 7 --set optim.label_smoothing=0.0
 b384 7 --batch-size 384
 re03 7 --set data.random_erasing=0.3
 re07 7 --set data.random_erasing=0.7
+nobench 7,13 --set train.cudnn_benchmark=false
 cold_b512 7 --compile --batch-size 512 --set optim.lr=0.2 --set train.compile_cache=$CCFILE
 RUNS
