@@ -242,3 +242,29 @@ def test_graphed_inference_compiled_matches_eager():
                 k = min(len(a["scores"]), len(b["scores"]))
                 torch.testing.assert_close(a["scores"][:k], b["scores"][:k], rtol=1e-3, atol=1e-3)
     assert len(graphed.graphs) == 1
+
+
+def test_first_epoch_records_when_the_graphed_step_was_captured(tmp_path):
+    """The epoch that captures the CUDA-graph step records the seconds and steps until then
+    (warm-up and capture); later epochs do not."""
+    import json
+
+    from tasks import classify
+    from tasks.engine.config import config_from_dict
+    from tasks.engine.loop import Trainer
+
+    cfg = config_from_dict(classify.ClassifyConfig, {
+        "model": {"depth": 18, "in_chans": 1},
+        "optim": {"name": "sgd", "lr": 0.05, "schedule": "constant", "warmup_epochs": 0},
+        "train": {"epochs": 2, "amp": True, "cuda_graph": True, "log_every": 2, "eval_every": 2}})
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 1, 28, 28, generator=g).cuda(), torch.randint(0, 10, (16,), generator=g).cuda())
+               for _ in range(6)]
+    model = classify.build_model(cfg, {"class_names": [str(i) for i in range(10)]})
+    trainer = Trainer("classify", cfg, model, batches, evaluate=lambda m, final: {"acc": 0.0}, main_metric="acc",
+                      output=tmp_path, device=torch.device("cuda"), quiet=True)
+    trainer.fit()
+    first, second = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert first["train_capture_steps"] == trainer.graphed.warmup + 1
+    assert 0 < first["train_capture_s"] <= first["train_time_s"]
+    assert "train_capture_s" not in second

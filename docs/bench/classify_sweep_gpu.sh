@@ -28,6 +28,7 @@ rows = [json.loads(x) for x in open(sys.argv[1])]
 print(json.dumps({"name": sys.argv[2], "seed": int(sys.argv[3]), "flags": sys.argv[4], "acc": rows[-1]["val_acc"],
                   "best_acc": max(r.get("val_acc", 0) for r in rows),
                   "train_s": round(rows[-1]["train_time_total_s"], 2), "first_epoch_s": round(rows[0]["train_time_s"], 2),
+                  "capture_s": rows[0].get("train_capture_s"), "capture_steps": rows[0].get("train_capture_steps"),
                   "img_per_s": round(statistics.median(r["train_img_per_s"] for r in rows[1:] or rows)), "epochs": len(rows),
                   "curve": [round(r["val_acc"], 4) for r in rows if "val_acc" in r]}))
 PY

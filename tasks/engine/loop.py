@@ -22,7 +22,7 @@ import inspect
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -79,6 +79,9 @@ class EpochResult:
     losses: dict[str, float]
     images: int
     seconds: float
+    # the epoch that captured the CUDA-graph step: seconds from the epoch's start until the
+    # captured step had run, and how many steps that took (warm-up, compile, capture included)
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer:
@@ -278,12 +281,18 @@ class Trainer:
         totals: torch.Tensor | None = None  # [loss sums..., images] of all ranks, at the last log point
         bar = progress(self.train_loader, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}",
                        quiet=self.quiet)
+        extra: dict[str, float] = {}
+        capturing = self.graphed is not None and self.graphed.graph is None
         start = time.perf_counter()
         for step, (images, targets) in enumerate(bar):
             if self.graphed is not None:
                 loss, loss_dict = self.graphed(images, targets)
                 if self.grad_sync is not None:
                     self.grad_sync()
+                if capturing and self.graphed.graph is not None:  # once per run: one sync
+                    torch.cuda.synchronize(self.device)
+                    extra = {"capture_s": time.perf_counter() - start, "capture_steps": step + 1}
+                    capturing = False
             else:
                 with autocast(self.device, self.amp):
                     loss_dict = model(images, targets)
@@ -325,7 +334,7 @@ class Trainer:
             self._check_finite(first_bad, epoch)
         means = (sums / max(1, self.steps_per_epoch)).tolist() if sums is not None else [math.nan]
         losses = {"loss": means[0], **{f"loss_{k}": v for k, v in zip(keys, means[1:])}}
-        return EpochResult(losses, n_images, seconds)
+        return EpochResult(losses, n_images, seconds, extra)
 
     def _reduce_log_point(self, sums: torch.Tensor, n_images: int, first_bad: torch.Tensor,
                           epoch: int) -> torch.Tensor:
@@ -412,6 +421,7 @@ class Trainer:
                           "train_images": result.images, "train_time_s": result.seconds,
                           "train_time_total_s": total_train_s,
                           "train_img_per_s": result.images / max(result.seconds, 1e-9),
+                          **{f"train_{k}": v for k, v in result.extra.items()},
                           **{f"train_{k}": v for k, v in loader_stats.items()}}
                 if self.world > 1:  # train_images and img/s count every rank's images
                     record["world_size"] = self.world
