@@ -68,7 +68,7 @@ def _soft_dice(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, sm
     valid = (target != ignore_index).unsqueeze(1)  # [N, 1, H, W]
     prob = logits.float().softmax(1) * valid  # [N, K, H, W]
     classes = torch.arange(k, device=target.device).view(1, k, 1, 1)
-    onehot = (target.unsqueeze(1) == classes) & valid  # [N, K, H, W]; the ignore index matches no class
+    onehot = (target.unsqueeze(1) == classes) & valid  # [N, K, H, W]; & valid: an ignore index inside [0, K)
     dims = (0, 2, 3)
     inter = (prob * onehot).sum(dims)
     denom = prob.sum(dims) + onehot.sum(dims)
@@ -191,11 +191,12 @@ class FCNHead(nn.Module):
         autocast dtype (a bf16 log-softmax loses digits).
         """
         targets = self._check_targets(targets, raw["out"])
-        losses = {"seg": _masked_ce(raw["out"], targets, self.ignore_index)}
+        out = raw["out"].float()  # once for both terms (their own .float() is then a no-op)
+        losses = {"seg": _masked_ce(out, targets, self.ignore_index)}
         if "aux" in raw:
             losses["aux"] = self.aux_weight * _masked_ce(raw["aux"], targets, self.ignore_index)
         if self.dice_weight > 0:
-            losses["dice"] = self.dice_weight * _soft_dice(raw["out"], targets, self.ignore_index)
+            losses["dice"] = self.dice_weight * _soft_dice(out, targets, self.ignore_index)
         return losses
 
     def postprocess(self, raw: dict[str, torch.Tensor], image_size: Sequence[int] | None = None) -> torch.Tensor:
