@@ -22,6 +22,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("", ["trainer.epochs=3"], r"unknown key 'trainer'.*model, data, optim, train"),
     ("model: {depth: fifty}", [], r"model.depth: expected an integer"),
     ("train: {amp: 1}", [], r"train.amp: expected true/false"),
+    ("", ["train.amp_dtype=float32"], r"train.amp_dtype: 'float32' is not one of 'bfloat16', 'float16'"),
     ("", ["noequals"], r"expected key=value"),
     ("[1, 2]", [], r"mapping at the top level"),
     ("model: {depth: [}", [], r"not valid YAML"),

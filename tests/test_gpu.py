@@ -268,3 +268,70 @@ def test_first_epoch_records_when_the_graphed_step_was_captured(tmp_path):
     assert first["train_capture_steps"] == trainer.graphed.warmup + 1
     assert 0 < first["train_capture_s"] <= first["train_time_s"]
     assert "train_capture_s" not in second
+
+
+def test_float16_graphed_step_with_loss_scaling_matches_eager_and_skips_overflow():
+    """train.amp_dtype=float16: the graphed step backpropagates the scaled loss (the scale read
+    at each replay), the fused SGD unscales on the device; an overflowing scale skips the step
+    and is backed off, as eager GradScaler does."""
+    torch.manual_seed(0)
+    eager = _model().train()
+    graphed = copy.deepcopy(eager)
+    batches = [(torch.randn(64, 1, 28, 28, device="cuda").contiguous(memory_format=torch.channels_last),
+                torch.randint(0, 10, (64,), device="cuda")) for _ in range(8)]
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9, fused=True)
+    opt_g = torch.optim.SGD(graphed.parameters(), lr=0.05, momentum=0.9, fused=True)
+    # 2**24 overflows float16 gradients (the logits' alone reach ~2**18): the first steps are skipped
+    # until the scale is backed off
+    sc_e, sc_g = (torch.amp.GradScaler("cuda", init_scale=2.0 ** 24) for _ in range(2))
+    sc_g.scale(torch.ones((), device="cuda"))
+    step = GraphedForwardBackward(graphed, opt_g, amp=True, warmup=2, dtype=torch.float16, scaler=sc_g)
+    before = graphed.backbone.conv1.weight.detach().clone()
+    for i, (x, y) in enumerate(batches):
+        with torch.autocast("cuda", dtype=torch.float16):
+            le = eager(x, y)["cls"]
+        opt_e.zero_grad(set_to_none=True)
+        sc_e.scale(le).backward()
+        sc_e.step(opt_e)
+        sc_e.update()
+        lg, _ = step(x, y)
+        sc_g.step(opt_g)
+        sc_g.update()
+        if i == 0:
+            torch.testing.assert_close(graphed.backbone.conv1.weight, before, rtol=0, atol=0)  # skipped
+        torch.testing.assert_close(lg.float(), le.float(), rtol=2e-2, atol=2e-2)
+    assert step.graph is not None
+    assert sc_g.get_scale() == sc_e.get_scale() < 2.0 ** 24
+    assert not torch.equal(graphed.backbone.conv1.weight, before)  # later steps did update
+    for (n, a), b in zip(eager.named_parameters(), graphed.parameters()):
+        torch.testing.assert_close(b, a, rtol=5e-2, atol=5e-3, msg=n)
+
+
+def test_float16_training_saves_and_resumes_the_loss_scale(tmp_path):
+    from tasks import classify
+    from tasks.engine.checkpoint import load_checkpoint
+    from tasks.engine.config import config_from_dict
+    from tasks.engine.loop import Trainer
+
+    def trainer(epochs, out):
+        cfg = config_from_dict(classify.ClassifyConfig, {
+            "model": {"depth": 18, "in_chans": 1},
+            "optim": {"name": "sgd", "lr": 0.05, "schedule": "constant", "warmup_epochs": 0},
+            "train": {"epochs": epochs, "amp": True, "amp_dtype": "float16", "cuda_graph": True, "log_every": 2}})
+        g = torch.Generator().manual_seed(0)
+        batches = [(torch.randn(16, 1, 28, 28, generator=g).cuda(), torch.randint(0, 10, (16,), generator=g).cuda())
+                   for _ in range(6)]
+        model = classify.build_model(cfg, {"class_names": [str(i) for i in range(10)]})
+        return Trainer("classify", cfg, model, batches, evaluate=lambda m, final: {"acc": 0.0}, main_metric="acc",
+                       output=out, device=torch.device("cuda"), quiet=True)
+
+    first = trainer(1, tmp_path / "a")
+    assert first.scaler is not None and first.graphed.dtype == torch.float16
+    first.fit()
+    saved = load_checkpoint(tmp_path / "a" / "last.pt")["grad_scaler"]
+    assert saved["scale"] == first.scaler.get_scale() > 0
+    second = trainer(2, tmp_path / "b")
+    second.resume(tmp_path / "a" / "last.pt")
+    assert second.scaler.get_scale() == saved["scale"]
+    second.fit()
+    assert torch.isfinite(torch.tensor(second.records[-1]["train_loss"]))

@@ -66,14 +66,26 @@ def main() -> None:
     model.train()
     opt = build_optimizer(model, cfg.optim, device)
     amp = cfg.train.amp and cuda
+    dtype = getattr(torch, cfg.train.amp_dtype)
+    scaler = torch.amp.GradScaler("cuda") if amp and dtype == torch.float16 else None  # as the Trainer
+    if scaler is not None:
+        scaler.scale(torch.ones((), device=device))
 
     def eager_step(x, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
             loss = sum(model(x, y).values())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
 
-    step = GraphedForwardBackward(model, opt, amp=amp) if cuda and cfg.train.cuda_graph else eager_step
+    def opt_step():
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+
+    step = (GraphedForwardBackward(model, opt, amp=amp, dtype=dtype, scaler=scaler)
+            if cuda and cfg.train.cuda_graph else eager_step)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     batches = iter(data.train)
@@ -97,7 +109,7 @@ def main() -> None:
             if xb.shape[0] != x.shape[0]:  # the ragged last batch
                 continue
             step(xb, yb)
-            opt.step()
+            opt_step()
         sync()
         return (time.perf_counter() - t0) / n
 

@@ -42,14 +42,20 @@ class GraphedForwardBackward:
     Args:
         forward: ``(images, targets) -> dict of losses`` (the model in training mode).
         optimizer: only used to reset gradients.
-        amp: bf16 autocast inside the step.
+        amp: autocast inside the step, to ``dtype``.
         warmup: eager steps before capture.
+        scaler: a ``torch.amp.GradScaler`` (float16): backward runs on the scaled loss (the scale
+            is a device tensor, read at each replay); the returned losses are unscaled. The
+            caller steps the optimizer through the scaler.
     """
 
-    def __init__(self, forward: LossFn, optimizer: torch.optim.Optimizer, *, amp: bool, warmup: int = 3) -> None:
+    def __init__(self, forward: LossFn, optimizer: torch.optim.Optimizer, *, amp: bool, warmup: int = 3,
+                 dtype: torch.dtype = torch.bfloat16, scaler: torch.amp.GradScaler | None = None) -> None:
         self.forward = forward
         self.optimizer = optimizer
         self.amp = amp
+        self.dtype = dtype
+        self.scaler = scaler
         self.warmup = warmup
         self.seen = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -57,12 +63,15 @@ class GraphedForwardBackward:
         self.static_out: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
         self.side = torch.cuda.Stream()
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
     def _run(self, images: torch.Tensor, targets: Any, *, set_to_none: bool) -> tuple[torch.Tensor, dict]:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
+        with torch.autocast("cuda", dtype=self.dtype, enabled=self.amp, cache_enabled=False):
             loss_dict = self.forward(images, targets)
         loss = sum(loss_dict.values())
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        loss.backward()
+        self._backward(loss)
         return _detached(loss, loss_dict)
 
     def __call__(self, images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -95,10 +104,10 @@ class GraphedForwardBackward:
         # thread_local: a DataLoader's pin-memory thread may allocate pinned memory meanwhile
         # (see GraphedInference._capture)
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
+            with torch.autocast("cuda", dtype=self.dtype, enabled=self.amp, cache_enabled=False):
                 loss_dict = self.forward(*self.static_in)
             loss = sum(loss_dict.values())
-            loss.backward()
+            self._backward(loss)
         self.static_out = _detached(loss, loss_dict)  # same storage: each replay rewrites them
         self.graph.replay()  # capture records without running: run this step now
         return self.static_out

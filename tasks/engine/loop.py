@@ -47,10 +47,10 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the run stopped without saving."""
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA (no loss scaling needed); plain fp32 elsewhere."""
+def autocast(device: torch.device, enabled: bool = True, dtype: torch.dtype = torch.bfloat16):
+    """Autocast on CUDA (bf16 by default: no loss scaling needed); plain fp32 elsewhere."""
     if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -123,6 +123,13 @@ class Trainer:
         tcfg, ocfg = cfg.train, cfg.optim
         self.epochs = tcfg.epochs
         self.amp = tcfg.amp and device.type == "cuda"
+        self.amp_dtype = getattr(torch, tcfg.amp_dtype)
+        # float16's narrow range needs loss scaling. With the fused optimizers GradScaler syncs
+        # nothing: they unscale, and skip a step with inf / NaN gradients, on the device.
+        self.scaler: torch.amp.GradScaler | None = None
+        if self.amp and self.amp_dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler("cuda")
+            self.scaler.scale(torch.ones((), device=device))  # allocates its scale now, not inside a capture
 
         self.model = model.to(device)  # the plain module: EMA, checkpoints, evaluation
         if targets_checked or (tcfg.cuda_graph and device.type == "cuda"):
@@ -188,7 +195,8 @@ class Trainer:
         if cuda_graph:
             # the graph captures the compiled kernels when train.compile is on (the warm-up steps
             # before capture compile forward and backward); with graphs the model is never DDP
-            self.graphed = GraphedForwardBackward(self.step_model, self.optimizer, amp=self.amp)
+            self.graphed = GraphedForwardBackward(self.step_model, self.optimizer, amp=self.amp,
+                                                  dtype=self.amp_dtype, scaler=self.scaler)
         self.log = MetricsLog(self.output / "metrics.jsonl")  # written by rank 0 only
         self.tensorboard = TensorBoardLog(self.output / "tensorboard") if tcfg.tensorboard and self.main else None
         self.writer = CheckpointWriter()
@@ -225,6 +233,7 @@ class Trainer:
             "ema_steps": self.ema.updates if self.ema is not None else 0,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": epoch,
             "steps_per_epoch": self.steps_per_epoch,  # per rank: a resume with another world size re-seeks the schedule
             "world_size": self.world,
@@ -248,6 +257,8 @@ class Trainer:
             raise ValueError(f"{path} is a {ckpt.get('task')!r} checkpoint, not {self.task!r}")
         unwrap(self.model).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("grad_scaler"):  # else (a bf16 run's file): a fresh scale
+            self.scaler.load_state_dict(ckpt["grad_scaler"])
         self.start_epoch = int(ckpt["epoch"])
         saved_steps = ckpt.get("steps_per_epoch", self.steps_per_epoch)
         if saved_steps == self.steps_per_epoch:
@@ -294,19 +305,25 @@ class Trainer:
                     extra = {"capture_s": time.perf_counter() - start, "capture_steps": step + 1}
                     capturing = False
             else:
-                with autocast(self.device, self.amp):
+                with autocast(self.device, self.amp, self.amp_dtype):
                     loss_dict = model(images, targets)
                 loss = sum(loss_dict.values())
                 # DDP: the gradients are views into its all-reduce buckets; zeroing them in place
                 # keeps them so (set to None, each step would allocate and copy them again)
                 opt.zero_grad(set_to_none=self.world == 1)
-                loss.backward()
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             if not keys:
                 keys = list(loss_dict)
                 sums = torch.zeros(len(keys) + 1, device=self.device)
             if clip:
+                if self.scaler is not None:
+                    self.scaler.unscale_(opt)  # clip the true gradients
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
-            opt.step()
+            if self.scaler is not None:
+                self.scaler.step(opt)
+                self.scaler.update()
+            else:
+                opt.step()
             sched.step()
             if self.ema is not None:
                 self.ema.update(self.model)
