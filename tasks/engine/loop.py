@@ -37,7 +37,7 @@ from .config import config_to_dict
 from .ema import ModelEMA
 from .graphs import GraphedForwardBackward
 from .logging import Console, MetricsLog, TensorBoardLog, format_metrics, progress
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, zero_momentum_buffers
 from .viz import plot_curves
 
 __all__ = ["NonFiniteLossError", "Trainer", "autocast", "unwrap", "seek_schedule"]
@@ -140,6 +140,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         sync_bn = self._check_sync_bn()
         self.optimizer = build_optimizer(self.model, ocfg, device)
+        if self.scaler is not None:
+            zero_momentum_buffers(self.optimizer)  # a skipped first step must not leave them unset
         self.train_model = self.model  # what the training step calls: DDP-wrapped with several ranks
         cuda_graph = tcfg.cuda_graph and device.type == "cuda"
         if cuda_graph and self.world > 1 and sync_bn:

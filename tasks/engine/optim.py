@@ -9,7 +9,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 from .config import OptimConfig
 
-__all__ = ["build_optimizer", "build_scheduler", "param_groups"]
+__all__ = ["build_optimizer", "build_scheduler", "param_groups", "zero_momentum_buffers"]
 
 
 def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float, lr: float = 0.1,
@@ -39,6 +39,28 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
     raise ValueError(f"optim.name={cfg.name!r} is not supported; choose sgd or adamw")
+
+
+def zero_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """Give SGD with momentum zero buffers before its first step, where it would make them itself.
+
+    Needed under GradScaler (``train.amp_dtype=float16``): fused SGD creates its buffers with
+    ``torch.empty_like`` in the first step and fills them there, and when the scaler skips that
+    step (inf gradients, the usual start of a float16 run) the kernel returns before writing
+    them; the next step then reads whatever the allocator held as momentum (NaN losses in a
+    float16 GPU test, 2026-12-02). With dampening 0 a zero buffer gives the same first step
+    (``momentum * 0 + g = g``). Buffers that exist (a resumed state) are kept."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        if group["dampening"] != 0:  # a zero buffer would scale the first step by 1 - dampening
+            raise ValueError(f"SGD dampening={group['dampening']}: zero momentum buffers need dampening 0")
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> LRScheduler:

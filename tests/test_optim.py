@@ -1,0 +1,44 @@
+"""Optimizer helpers: zero momentum buffers for SGD under loss scaling."""
+import pytest
+import torch
+
+from tasks.engine.optim import zero_momentum_buffers
+
+
+def _params():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    return [conv.weight, conv.bias]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_zero_momentum_buffers_give_the_same_steps_and_keep_the_layout(fused):
+    a, b = _params(), [p.detach().clone().requires_grad_(True) for p in _params()]
+    opt_a = torch.optim.SGD(a, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=fused)
+    opt_b = torch.optim.SGD(b, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=fused)
+    zero_momentum_buffers(opt_b)
+    buf = opt_b.state[b[0]]["momentum_buffer"]
+    assert torch.count_nonzero(buf) == 0 and buf.stride() == b[0].stride()  # channels_last kept
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for pa, pb in zip(a, b):
+            pa.grad = torch.randn(pa.shape, generator=g).to(memory_format=torch.preserve_format)
+            pb.grad = pa.grad.clone()
+        opt_a.step()
+        opt_b.step()
+        for pa, pb in zip(a, b):
+            torch.testing.assert_close(pb, pa, rtol=0, atol=0)
+
+
+def test_zero_momentum_buffers_keep_existing_state_and_refuse_dampening():
+    p = _params()
+    opt = torch.optim.SGD(p, lr=0.1, momentum=0.9)
+    p[0].grad, p[1].grad = torch.ones_like(p[0]), torch.ones_like(p[1])
+    opt.step()
+    before = opt.state[p[0]]["momentum_buffer"].clone()
+    zero_momentum_buffers(opt)  # a resumed optimizer: its buffers stay
+    torch.testing.assert_close(opt.state[p[0]]["momentum_buffer"], before)
+    zero_momentum_buffers(torch.optim.SGD(_params(), lr=0.1))  # no momentum: nothing to do
+    zero_momentum_buffers(torch.optim.AdamW(_params(), lr=0.1))  # not SGD: untouched
+    with pytest.raises(ValueError, match="dampening"):
+        zero_momentum_buffers(torch.optim.SGD(_params(), lr=0.1, momentum=0.9, dampening=0.1))
