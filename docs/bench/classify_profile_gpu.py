@@ -28,8 +28,8 @@ from tasks.engine.registry import TASKS  # noqa: E402
 
 # kernel families, by name (first match wins)
 FAMILIES = [
+    ("batch norm", r"batch_?norm|bn_|welford"),  # first: cuDNN's (float16) are named cudnn::batchnorm_*
     ("convolution / matmul", r"xmma|gemm|conv|cudnn|nvjet|cutlass|wgrad|dgrad|fprop"),
-    ("batch norm", r"batch_norm|bn_|welford"),
     ("optimizer", r"multi_tensor|fused_sgd|_fused|foreach"),
     ("reduction", r"reduce|softmax|nll|cross_entropy|sum"),
     ("copy / layout", r"copy|transpose|permute|nchw|nhwc|memcpy|memset|cat"),

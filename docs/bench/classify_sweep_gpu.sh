@@ -59,6 +59,7 @@ re07 7 --set data.random_erasing=0.7
 nobench 7,13 --set train.cudnn_benchmark=false
 fp16 7,13,21 --set train.amp_dtype=float16
 fp16_e26 7,13,21 --set train.amp_dtype=float16 --epochs 26 --set optim.warmup_epochs=8
+fp16_e32 7,13,21 --set train.amp_dtype=float16 --epochs 32 --set optim.warmup_epochs=10
 long_fp16 7,13,21 --config configs/classify/fashion_mnist_resnet18_long.yaml --set train.amp_dtype=float16
 long_fp16_cutmix 7,13,21 --config configs/classify/fashion_mnist_resnet18_long.yaml --set train.amp_dtype=float16 --set data.cutmix_alpha=1.0
 cold_b512 7 --compile --batch-size 512 --set optim.lr=0.2 --set train.compile_cache=$CCFILE
