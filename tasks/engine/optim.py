@@ -56,7 +56,8 @@ def zero_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
         if group["momentum"] == 0:
             continue
         if group["dampening"] != 0:  # a zero buffer would scale the first step by 1 - dampening
-            raise ValueError(f"SGD dampening={group['dampening']}: zero momentum buffers need dampening 0")
+            raise ValueError(f"SGD dampening={group['dampening']}: "
+                             "zero momentum buffers need dampening 0")
         for p in group["params"]:
             state = optimizer.state[p]
             if state.get("momentum_buffer") is None:

@@ -73,7 +73,8 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
     g.add_argument("--eval-only", action="store_true", help="evaluate --weights CKPT and exit")
     g.add_argument("--weights", metavar="CKPT", help="a checkpoint of this task (for --eval-only / --predict)")
     g.add_argument("--trunk", metavar="CKPT", help="start the backbone from another checkpoint's trunk")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast on CUDA")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="autocast on CUDA (to train.amp_dtype: bf16 unless a recipe sets float16)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--limit-train", type=int, metavar="N", help="use the first N training samples")
