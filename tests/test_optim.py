@@ -42,3 +42,12 @@ def test_zero_momentum_buffers_keep_existing_state_and_refuse_dampening():
     zero_momentum_buffers(torch.optim.AdamW(_params(), lr=0.1))  # not SGD: untouched
     with pytest.raises(ValueError, match="dampening"):
         zero_momentum_buffers(torch.optim.SGD(_params(), lr=0.1, momentum=0.9, dampening=0.1))
+
+
+def test_grad_scaler_only_for_float16_on_cuda():
+    from tasks.engine.optim import build_grad_scaler
+
+    opt = torch.optim.SGD(_params(), lr=0.1, momentum=0.9)
+    assert build_grad_scaler(opt, torch.float16, torch.device("cpu")) is None  # no autocast on the CPU
+    assert build_grad_scaler(opt, torch.bfloat16, torch.device("cuda")) is None  # bf16's range needs no scaling
+    assert not opt.state  # nothing built: the buffers stay PyTorch's own

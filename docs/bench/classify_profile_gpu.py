@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tasks.engine.config import CONFIG_ROOT, load_config  # noqa: E402
 from tasks.engine.graphs import GraphedForwardBackward  # noqa: E402
 from tasks.engine.logging import env_info  # noqa: E402
-from tasks.engine.optim import build_optimizer, zero_momentum_buffers  # noqa: E402
+from tasks.engine.optim import build_grad_scaler, build_optimizer  # noqa: E402
 from tasks.engine.registry import TASKS  # noqa: E402
 
 # kernel families, by name (first match wins)
@@ -67,10 +67,7 @@ def main() -> None:
     opt = build_optimizer(model, cfg.optim, device)
     amp = cfg.train.amp and cuda
     dtype = getattr(torch, cfg.train.amp_dtype)
-    scaler = torch.amp.GradScaler("cuda") if amp and dtype == torch.float16 else None  # as the Trainer
-    if scaler is not None:
-        scaler.scale(torch.ones((), device=device))
-        zero_momentum_buffers(opt)
+    scaler = build_grad_scaler(opt, dtype, device) if amp else None  # as the Trainer
 
     def eager_step(x, y):
         with torch.autocast(device.type, dtype=dtype, enabled=amp):

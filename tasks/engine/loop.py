@@ -37,7 +37,7 @@ from .config import config_to_dict
 from .ema import ModelEMA
 from .graphs import GraphedForwardBackward
 from .logging import Console, MetricsLog, TensorBoardLog, format_metrics, progress
-from .optim import build_optimizer, build_scheduler, zero_momentum_buffers
+from .optim import build_grad_scaler, build_optimizer, build_scheduler
 from .viz import plot_curves
 
 __all__ = ["NonFiniteLossError", "Trainer", "autocast", "unwrap", "seek_schedule"]
@@ -124,12 +124,6 @@ class Trainer:
         self.epochs = tcfg.epochs
         self.amp = tcfg.amp and device.type == "cuda"
         self.amp_dtype = getattr(torch, tcfg.amp_dtype)
-        # float16's narrow range needs loss scaling. With the fused optimizers GradScaler syncs
-        # nothing: they unscale, and skip a step with inf / NaN gradients, on the device.
-        self.scaler: torch.amp.GradScaler | None = None
-        if self.amp and self.amp_dtype == torch.float16:
-            self.scaler = torch.amp.GradScaler("cuda")
-            self.scaler.scale(torch.ones((), device=device))  # allocates its scale now, not inside a capture
 
         self.model = model.to(device)  # the plain module: EMA, checkpoints, evaluation
         if targets_checked or (tcfg.cuda_graph and device.type == "cuda"):
@@ -140,8 +134,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         sync_bn = self._check_sync_bn()
         self.optimizer = build_optimizer(self.model, ocfg, device)
-        if self.scaler is not None:
-            zero_momentum_buffers(self.optimizer)  # a skipped first step must not leave them unset
+        # float16's narrow range needs loss scaling (None for bf16 / fp32)
+        self.scaler = build_grad_scaler(self.optimizer, self.amp_dtype, device) if self.amp else None
         self.train_model = self.model  # what the training step calls: DDP-wrapped with several ranks
         cuda_graph = tcfg.cuda_graph and device.type == "cuda"
         if cuda_graph and self.world > 1 and sync_bn:

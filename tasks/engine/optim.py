@@ -9,7 +9,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 from .config import OptimConfig
 
-__all__ = ["build_optimizer", "build_scheduler", "param_groups", "zero_momentum_buffers"]
+__all__ = ["build_optimizer", "build_scheduler", "build_grad_scaler", "param_groups", "zero_momentum_buffers"]
 
 
 def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float, lr: float = 0.1,
@@ -62,6 +62,21 @@ def zero_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
             state = optimizer.state[p]
             if state.get("momentum_buffer") is None:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def build_grad_scaler(optimizer: torch.optim.Optimizer, amp_dtype: torch.dtype,
+                      device: torch.device) -> torch.amp.GradScaler | None:
+    """Loss scaling for float16 autocast on CUDA (``None`` otherwise: bf16 and fp32 need none).
+
+    With the fused optimizers the scaler syncs nothing: they unscale, and skip a step with inf /
+    NaN gradients, on the device. Its scale is allocated here, not inside a CUDA-graph capture,
+    and SGD gets zero momentum buffers (``zero_momentum_buffers``: a skipped first step)."""
+    if amp_dtype != torch.float16 or device.type != "cuda":
+        return None
+    scaler = torch.amp.GradScaler("cuda")
+    scaler.scale(torch.ones((), device=device))  # allocates the scale and growth tracker
+    zero_momentum_buffers(optimizer)
+    return scaler
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int, steps_per_epoch: int) -> LRScheduler:
