@@ -72,6 +72,7 @@ class ClassifyDataConfig:
     cutmix_alpha: float = bounded(0.0, 0.0)
     mix_prob: float = bounded(1.0, 0.0, 1.0)
     mix_switch_prob: float = bounded(0.5, 0.0, 1.0)
+    mix_off_epochs: int = bounded(0, 0)  # the last N epochs train unmixed (timm's mixup_off_epoch, from the end)
     on_device: bool = True              # keep in-memory datasets on the GPU
     num_workers: int = bounded(8, 0)
     skip_bad: bool = False              # skip unreadable images (counted) instead of stopping
@@ -147,7 +148,12 @@ def _fashion_mnist(cfg: ClassifyConfig, device: torch.device, pre: Preprocess, t
     train_loader = None
     if train:
         train_x, train_y = fashion_mnist.load_fashion_mnist("train", d.data_dir, d.limit_train)
-        mix = MixBatch(len(fashion_mnist.CLASSES), d.mixup_alpha, d.cutmix_alpha, d.mix_prob, d.mix_switch_prob)
+        epochs = cfg.train.epochs
+        if d.mix_off_epochs and (d.mixup_alpha or d.cutmix_alpha) and d.mix_off_epochs >= epochs:
+            raise ValueError(f"data.mix_off_epochs={d.mix_off_epochs} leaves no mixed epoch of "
+                             f"train.epochs={epochs}: expected fewer than {epochs}")
+        mix = MixBatch(len(fashion_mnist.CLASSES), d.mixup_alpha, d.cutmix_alpha, d.mix_prob, d.mix_switch_prob,
+                       off_epoch=epochs - d.mix_off_epochs if d.mix_off_epochs else None)
         train_loader = TensorLoader(train_x.to(where), train_y.to(where), batch_size=cfg.train.batch_size,
                                     augment=aug, train=True, seed=cfg.train.seed, channels_last=cl,
                                     mix=mix if mix.active else None)

@@ -106,6 +106,11 @@ def test_mix_batch_mixup_cutmix_and_off():
     assert torch.equal(xo, x) and torch.equal(t, torch.eye(4))
     with pytest.raises(ValueError, match="mixup_alpha"):
         MixBatch(4, mixup_alpha=-1.0)
+    # off_epoch: mixed before it, clean one-hot targets (same dtype and shape) from it on
+    late = MixBatch(4, cutmix_alpha=1.0, off_epoch=3)
+    assert not torch.equal(late(x, y, np.random.default_rng(1), epoch=2)[1], torch.eye(4))
+    xl, t = late(x, y, np.random.default_rng(1), epoch=3)
+    assert torch.equal(xl, x) and torch.equal(t, torch.eye(4))
 
 
 def test_mixup_trains_and_is_reproducible(tmp_path):
@@ -133,3 +138,20 @@ def test_tensor_loader_mixes_training_batches_only():
     assert torch.equal(next(iter(train))[1], y)  # reseeded per (seed, epoch)
     val = TensorLoader(images, labels, batch_size=8, augment=aug, train=False, mix=mix)
     assert next(iter(val))[1].dtype == torch.int64
+    # the loader hands the mix its epoch: from off_epoch on the targets are one-hot
+    late = TensorLoader(images, labels, batch_size=8, augment=aug, train=True, mix=MixBatch(10, mixup_alpha=0.4, off_epoch=1))
+    assert float(next(iter(late))[1].max()) < 1
+    late.set_epoch(1)
+    _, y1 = next(iter(late))
+    assert torch.equal(y1.max(1).values, torch.ones(8)) and torch.equal(y1.sum(1), torch.ones(8))
+
+
+def test_mix_off_epochs_must_leave_a_mixed_epoch(tmp_path):
+    from tasks import classify
+    from tests.fakes import write_fake_fashion_mnist
+    fm = write_fake_fashion_mnist(tmp_path / "fm", n_train=32, n_test=16)
+    args = ["--device", "cpu", "--quiet", "--batch-size", "16", "--data-dir", str(fm), "--set", "model.depth=18",
+            "--set", "data.cutmix_alpha=1.0", "--set", "data.mix_off_epochs=2", "--epochs", "2",
+            "--output", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match=r"data.mix_off_epochs=2 leaves no mixed epoch of train.epochs=2"):
+        classify.main(args)

@@ -63,4 +63,11 @@ fp16_e32 7,13,21 --set train.amp_dtype=float16 --epochs 32 --set optim.warmup_ep
 long_fp16 7,13,21 --config configs/classify/fashion_mnist_resnet18_long.yaml --set train.amp_dtype=float16
 long_fp16_cutmix 7,13,21 --config configs/classify/fashion_mnist_resnet18_long.yaml --set train.amp_dtype=float16 --set data.cutmix_alpha=1.0
 cold_b512 7 --compile --batch-size 512 --set optim.lr=0.2 --set train.compile_cache=$CCFILE
+lim1 7 --epochs 6 --set optim.warmup_epochs=2 --set train.cudnn_benchmark_limit=1
+lim2 7 --epochs 6 --set optim.warmup_epochs=2 --set train.cudnn_benchmark_limit=2
+lim4 7 --epochs 6 --set optim.warmup_epochs=2 --set train.cudnn_benchmark_limit=4
+lim10 7 --epochs 6 --set optim.warmup_epochs=2 --set train.cudnn_benchmark_limit=10
+lim0 7 --epochs 6 --set optim.warmup_epochs=2 --set train.cudnn_benchmark_limit=0
+long_e360 7,13,21 --config configs/classify/fashion_mnist_resnet18_long.yaml --epochs 360 --set optim.warmup_epochs=36
+long_mixoff20 7,13,21 --config configs/classify/fashion_mnist_resnet18_long.yaml --set data.mix_off_epochs=20 --set train.eval_every=10
 RUNS

@@ -122,6 +122,8 @@ class MixBatch:
 
     The random numbers come from ``rng`` (numpy, one per epoch from the loader): the factor
     is a host float, so mixing costs no device sync and the graph sees only the mixed tensors.
+    From epoch ``off_epoch`` on (0-based; timm's ``mixup_off_epoch``) no batch is mixed: the
+    model ends on clean images while the learning rate anneals.
     """
 
     num_classes: int
@@ -129,6 +131,7 @@ class MixBatch:
     cutmix_alpha: float = 0.0
     prob: float = 1.0
     switch_prob: float = 0.5
+    off_epoch: int | None = None
 
     def __post_init__(self) -> None:
         if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
@@ -140,9 +143,9 @@ class MixBatch:
     def active(self) -> bool:
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, rng, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         one_hot = F.one_hot(y, self.num_classes).float()
-        if not self.active or rng.random() >= self.prob:
+        if not self.active or (self.off_epoch is not None and epoch >= self.off_epoch) or rng.random() >= self.prob:
             return x, one_hot
         cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or rng.random() < self.switch_prob)
         lam = float(rng.beta(self.cutmix_alpha, self.cutmix_alpha) if cutmix

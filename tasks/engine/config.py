@@ -155,6 +155,9 @@ class TrainConfig:
     save_every: int = bounded(1, 1)  # epochs between last.pt writes (the final epoch always saves)
     log_every: int = bounded(50, 1)  # steps between progress-bar loss updates (each costs a device sync)
     cudnn_benchmark: bool = True
+    # with cudnn_benchmark: how many of cuDNN's candidate algorithms each new convolution shape times
+    # (0: all of them; PyTorch's default is 10)
+    cudnn_benchmark_limit: int = bounded(10, 0)
     tensorboard: bool = False      # also write each epoch's scalars to <output>/tensorboard (extra [tensorboard])
 
 

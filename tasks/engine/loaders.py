@@ -188,7 +188,7 @@ class TensorLoader:
             raise ValueError(f"{n} training samples cannot be shared by {self.world} processes")
         self.batch_size = batch_size
         self.augment = augment
-        self.mix = mix  # training only: (images, labels, rng) -> (images, soft targets), e.g. MixBatch
+        self.mix = mix  # training only: (images, labels, rng, epoch) -> (images, soft targets), e.g. MixBatch
         self.train = train
         self.seed = seed
         self.channels_last = channels_last
@@ -230,7 +230,7 @@ class TensorLoader:
             x = self.augment(self.images[idx], gen, train=self.train)
             y = self.labels[idx]
             if mixing:
-                x, y = self.mix(x, y, rng)
+                x, y = self.mix(x, y, rng, self.epoch)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y

@@ -261,6 +261,7 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
     seed_everything(cfg.train.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+        torch.backends.cudnn.benchmark_limit = cfg.train.cudnn_benchmark_limit
         # TF32 for any fp32 matmul / conv left outside autocast
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
