@@ -70,4 +70,5 @@ lim10 7 --epochs 6 --set optim.warmup_epochs=2 --set train.cudnn_benchmark_limit
 lim0 7 --epochs 6 --set optim.warmup_epochs=2 --set train.cudnn_benchmark_limit=0
 long_e360 7,13,21 --config configs/classify/fashion_mnist_resnet18_long.yaml --epochs 360 --set optim.warmup_epochs=36
 long_mixoff20 7,13,21 --config configs/classify/fashion_mnist_resnet18_long.yaml --set data.mix_off_epochs=20 --set train.eval_every=10
+long_e360_mixoff36 7,13,21 --config configs/classify/fashion_mnist_resnet18_long.yaml --epochs 360 --set optim.warmup_epochs=36 --set data.mix_off_epochs=36 --set train.eval_every=10
 RUNS

@@ -156,7 +156,8 @@ class TrainConfig:
     log_every: int = bounded(50, 1)  # steps between progress-bar loss updates (each costs a device sync)
     cudnn_benchmark: bool = True
     # with cudnn_benchmark: how many of cuDNN's candidate algorithms each new convolution shape times
-    # (0: all of them; PyTorch's default is 10)
+    # (0: all; PyTorch's default 10). Fashion-MNIST ResNet-18 on an H200: 1 / 2 / 4 / 10 / all took
+    # 4.0 / 2.3 / 1.9 / 2.0 / 4.4 s to capture the step, steady 63.8k / 66.3k / 69.2k / 69.9k / 70.0k img/s
     cudnn_benchmark_limit: int = bounded(10, 0)
     tensorboard: bool = False      # also write each epoch's scalars to <output>/tensorboard (extra [tensorboard])
 
