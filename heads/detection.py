@@ -35,6 +35,7 @@ __all__ = ["FCOSHead", "Detector", "pad_targets", "is_padded_targets", "pairwise
 _SIZE_PER_STRIDE = 8
 # Bounded: a stream of distinct image sizes (no resizing, odd shapes) must not grow it forever.
 _POINTS_CACHE_SIZE = 32
+REG_ACTIVATIONS = ("relu", "softplus", "exp")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -308,8 +309,10 @@ class FCOSHead(nn.Module):
                  center_sampling_radius: float | None = 1.5, score_thresh: float = 0.05,
                  nms_thresh: float = 0.6, topk_candidates: int = 1000, detections_per_img: int = 100,
                  size_ranges: Sequence[tuple[float, float]] | None = None, nms_candidates: int = 1000,
-                 nms_iterations: int = 12, nms_compile: bool = False) -> None:
+                 nms_iterations: int = 12, nms_compile: bool = False, reg_activation: str = "relu") -> None:
         super().__init__()
+        if reg_activation not in REG_ACTIVATIONS:
+            raise ValueError(f"reg_activation must be one of {REG_ACTIVATIONS}, got {reg_activation!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if not 0.0 < prior_prob < 1.0:
@@ -356,6 +359,9 @@ class FCOSHead(nn.Module):
         # focal-loss init: every point starts as background with probability 1 - prior_prob, so
         # the ~all-negative first steps do not swamp the loss
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+        self.reg_activation = reg_activation
+        # exp(s_l * x): FCOS's per-level learned scale (only used by reg_activation="exp")
+        self.reg_scales = nn.Parameter(torch.ones(len(self.strides))) if reg_activation == "exp" else None
         self._points_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ points
@@ -389,17 +395,26 @@ class FCOSHead(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    def _distances(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        """Stride-normalised l, t, r, b >= 0 from the regression conv's output."""
+        if self.reg_activation == "relu":
+            return F.relu(x)
+        x = x.float()
+        if self.reg_activation == "softplus":
+            return F.softplus(x)
+        return torch.exp(self.reg_scales[level] * x)
+
     def forward(self, features: dict[str, torch.Tensor], image_size: tuple[int, int]) -> dict[str, Any]:
         pyramid = list(self.fpn(features).values())
         cls_out, reg_out, ctr_out, sizes = [], [], [], []
-        for x in pyramid:
+        for level, x in enumerate(pyramid):
             n, _, h, w = x.shape
             sizes.append((h, w))
             c = self.cls_tower(x)
             r = self.reg_tower(x)
             # NCHW -> NHWC then flatten: free for channels_last, one copy otherwise
             cls_out.append(self.cls_logits(c).permute(0, 2, 3, 1).reshape(n, h * w, self.num_classes))  # [N, HW, K]
-            reg_out.append(F.relu(self.bbox_reg(r)).permute(0, 2, 3, 1).reshape(n, h * w, 4))  # [N, HW, 4]
+            reg_out.append(self._distances(self.bbox_reg(r), level).permute(0, 2, 3, 1).reshape(n, h * w, 4))  # [N, HW, 4]
             ctr_out.append(self.centerness(r).reshape(n, h * w))  # [N, HW]: one channel, NCHW = NHWC order
         points, strides, size_ranges = self._points(sizes, pyramid[0].device)
         return {

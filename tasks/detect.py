@@ -61,6 +61,7 @@ class DetectModelConfig(ModelConfig):
     nms_candidates: int = bounded(1000, 1)      # NMS on the device: the best N candidates of an image
     nms_iterations: int = bounded(12, 1)        # ... steps per round (trained scenes model: 999-1000 of 1000 val images converged in 12, 958-964 in 8)
     nms_compile: bool = False                   # ... its matrix and steps through torch.compile (CUDA)
+    reg_activation: str = "relu"                # relu | softplus | exp: box distances from the regression conv
 
 
 @dataclass
@@ -86,7 +87,8 @@ def build_head(m: DetectModelConfig, feature_info, num_classes: int) -> FCOSHead
                     extra=m.extra, num_convs=m.num_convs, center_sampling_radius=m.center_sampling_radius,
                     score_thresh=m.score_thresh, nms_thresh=m.nms_thresh, topk_candidates=m.topk_candidates,
                     detections_per_img=m.detections_per_img, nms_candidates=m.nms_candidates,
-                    nms_iterations=m.nms_iterations, nms_compile=m.nms_compile)
+                    nms_iterations=m.nms_iterations, nms_compile=m.nms_compile,
+                    reg_activation=m.reg_activation)
 
 
 def build_model(cfg: DetectConfig, meta: Mapping[str, Any]) -> Detector:

@@ -339,3 +339,37 @@ def test_float16_training_saves_and_resumes_the_loss_scale(tmp_path):
     assert second.scaler.get_scale() == saved["scale"]
     second.fit()
     assert torch.isfinite(torch.tensor(second.records[-1]["train_loss"]))
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_guard_adds_no_host_sync_between_log_points_on_the_graphed_step(tmp_path, clip):
+    """The training guard's per-step work stays on the device: every step that is not a log point
+    runs under ``torch.cuda.set_sync_debug_mode("error")`` once the step is captured."""
+    from tasks import classify
+    from tasks.engine.config import config_from_dict
+    from tasks.engine.loop import Trainer
+
+    log_every = 4
+    cfg = config_from_dict(classify.ClassifyConfig, {
+        "model": {"depth": 18, "in_chans": 1},
+        "optim": {"name": "sgd", "lr": 0.05, "schedule": "constant", "warmup_epochs": 0, "clip_grad_norm": clip},
+        "train": {"epochs": 1, "amp": True, "cuda_graph": True, "log_every": log_every}})
+    g = torch.Generator().manual_seed(0)
+
+    class Strict(list):
+        def __iter__(self):
+            try:
+                for i, batch in enumerate(list.__iter__(self)):
+                    strict = i >= 6 and (i + 1) % log_every != 0  # captured by then; log points sync
+                    torch.cuda.set_sync_debug_mode("error" if strict else "default")
+                    yield batch
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+    batches = Strict((torch.randn(16, 1, 28, 28, generator=g).cuda(), torch.randint(0, 10, (16,), generator=g).cuda())
+                     for _ in range(16))
+    model = classify.build_model(cfg, {"class_names": [str(i) for i in range(10)]})
+    trainer = Trainer("classify", cfg, model, batches, evaluate=lambda m, final: {"acc": 0.5}, main_metric="acc",
+                      output=tmp_path, device=torch.device("cuda"), quiet=True)
+    trainer.fit()
+    assert trainer.graphed.graph is not None and trainer.guard.ref is not None

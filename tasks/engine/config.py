@@ -6,6 +6,7 @@ never silently trains the default instead.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -160,6 +161,9 @@ class TrainConfig:
     # 4.0 / 2.3 / 1.9 / 2.0 / 4.4 s to capture the step, steady 63.8k / 66.3k / 69.2k / 69.9k / 70.0k img/s
     cudnn_benchmark_limit: int = bounded(10, 0)
     tensorboard: bool = False      # also write each epoch's scalars to <output>/tensorboard (extra [tensorboard])
+    # stop a run that is not learning: a diverging loss, a loss term frozen for an epoch, the
+    # validation metric at 0 after the warm-up (tasks/engine/guard.py); non-finite values always stop it
+    guard: bool = True
 
 
 # ----------------------------------------------------------------------------- (de)serialising
@@ -202,14 +206,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # .nan / inf would train silently wrong
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -4,9 +4,10 @@ The model's training forward returns a dict of named losses; the loop sums them,
 key, steps optimizer and schedule, keeps an optional EMA, evaluates, writes the run folder
 (``metrics.jsonl``, ``curves.png``, ``last.pt`` / ``best.pt``) and resumes exactly.
 
-Host syncs are kept out of the step: losses are accumulated on the device and checked for
-non-finite values every ``log_every`` steps and at the end of the epoch, naming the first
-bad step; nothing is saved after it.
+Host syncs are kept out of the step: losses are accumulated on the device, and the training
+guard (``guard.py``: non-finite values, a diverging loss, a frozen loss term, non-finite
+weights, a validation metric stuck at zero) reads them every ``log_every`` steps and at the end
+of each epoch, naming the first bad step; nothing is saved after it.
 
 Under ``torchrun`` the model trains as ``DistributedDataParallel`` (one process per GPU, each
 on its shard of the data, ``train.batch_size`` per GPU), or, with ``train.cuda_graph``, as
@@ -36,15 +37,12 @@ from .checkpoint import (CKPT_FORMAT, CheckpointWriter, load_checkpoint, rng_sta
 from .config import config_to_dict
 from .ema import ModelEMA
 from .graphs import GraphedForwardBackward
+from .guard import NonFiniteLossError, TrainingGuard, TrainingGuardError
 from .logging import Console, MetricsLog, TensorBoardLog, format_metrics, progress
 from .optim import build_grad_scaler, build_optimizer, build_scheduler
 from .viz import plot_curves
 
-__all__ = ["NonFiniteLossError", "Trainer", "autocast", "unwrap", "seek_schedule"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stopped without saving."""
+__all__ = ["NonFiniteLossError", "TrainingGuardError", "Trainer", "autocast", "unwrap", "seek_schedule"]
 
 
 def autocast(device: torch.device, enabled: bool = True, dtype: torch.dtype = torch.bfloat16):
@@ -61,6 +59,14 @@ def unwrap(model: nn.Module) -> nn.Module:
         if inner is None or not isinstance(inner, nn.Module):
             return model
         model = inner
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """The total 2-norm of the gradients, on the device (what ``clip_grad_norm_`` returns)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def seek_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
@@ -169,6 +175,10 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError("the training set gives no batch: is it empty, or smaller than the batch size?")
         self.scheduler = build_scheduler(self.optimizer, ocfg, self.epochs, self.steps_per_epoch)
+        self.guard = TrainingGuard(enabled=tcfg.guard, device=device, steps_per_epoch=self.steps_per_epoch,
+                                   warmup_steps=int(round(ocfg.warmup_epochs * self.steps_per_epoch)), lr=ocfg.lr,
+                                   output=self.output, check_grad_norm=self.scaler is None)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema = None
         if ocfg.ema:
             self.ema = ModelEMA(self.model, ocfg.ema_decay)  # BN statistics averaged too
@@ -281,9 +291,9 @@ class Trainer:
         model.train()
         clip = self.cfg.optim.clip_grad_norm
         log_every = max(1, self.cfg.train.log_every)
+        guard = self.guard
         sums: torch.Tensor | None = None
         keys: list[str] = []
-        first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         n_images = 0
         totals: torch.Tensor | None = None  # [loss sums..., images] of all ranks, at the last log point
         bar = progress(self.train_loader, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}",
@@ -311,10 +321,14 @@ class Trainer:
             if not keys:
                 keys = list(loss_dict)
                 sums = torch.zeros(len(keys) + 1, device=self.device)
+            grad_norm = None
             if clip:
                 if self.scaler is not None:
                     self.scaler.unscale_(opt)  # clip the true gradients
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self._params, clip, foreach=True)
+            elif guard.check_grad_norm:
+                grad_norm = _grad_norm(self._params)
+            lr = opt.param_groups[0]["lr"]
             if self.scaler is not None:
                 self.scaler.step(opt)
                 self.scaler.update()
@@ -325,15 +339,13 @@ class Trainer:
                 self.ema.update(self.model)
             values = torch.stack([loss.detach().float()] + [loss_dict[k].detach().float() for k in keys])
             sums += values
-            # remember the first non-finite step on the device; look at it only now and then
-            bad = ~torch.isfinite(values).all() & (first_bad < 0)
-            first_bad = torch.where(bad, torch.full_like(first_bad, step), first_bad)
+            guard.step(epoch, step, values, keys, grad_norm, float(lr))  # device work only
             n_images += images.shape[0]
             if (step + 1) % log_every == 0 or step + 1 == self.steps_per_epoch:
                 if self.world > 1:
-                    totals = self._reduce_log_point(sums, n_images, first_bad, epoch)
+                    totals = self._reduce_log_point(sums, n_images, epoch)
                 else:
-                    self._check_finite(first_bad, epoch)
+                    guard.log_point(epoch)  # the sync: raises on a non-finite or diverging loss
                 if not bar.disable:
                     loss = float(totals[0]) / self.world if totals is not None else float(sums[0])
                     bar.set_postfix(loss=f"{loss / (step + 1):.4f}", lr=f"{sched.get_last_lr()[0]:.3g}")
@@ -343,33 +355,35 @@ class Trainer:
         seconds = time.perf_counter() - start
         if totals is not None:  # the last step is a log point: every rank's sums and images
             sums, n_images = totals[:-1] / self.world, int(totals[-1])
-        else:
-            self._check_finite(first_bad, epoch)
+        frozen = guard.frozen_flag()
+        if frozen is not None and self.world > 1:  # every rank stops, or none
+            frozen = distributed.all_reduce(frozen.float(), "max") > 0
+        guard.end_epoch(epoch, frozen)
         means = (sums / max(1, self.steps_per_epoch)).tolist() if sums is not None else [math.nan]
         losses = {"loss": means[0], **{f"loss_{k}": v for k, v in zip(keys, means[1:])}}
         return EpochResult(losses, n_images, seconds, extra)
 
-    def _reduce_log_point(self, sums: torch.Tensor, n_images: int, first_bad: torch.Tensor,
-                          epoch: int) -> torch.Tensor:
-        """One all-reduce of ``[loss sums..., images, non-finite flag]`` over the ranks; every
-        rank raises if any rank met a non-finite loss (no rank is left waiting in a collective)."""
+    def _reduce_log_point(self, sums: torch.Tensor, n_images: int, epoch: int) -> torch.Tensor:
+        """One all-reduce of ``[loss sums..., images, guard flag]`` over the ranks; every rank
+        raises if any rank's guard tripped (no rank is left waiting in a collective), naming the
+        first non-finite step of all ranks."""
         packed = torch.cat([sums.double(), torch.tensor([n_images, 0.0], dtype=torch.float64, device=sums.device)])
-        packed[-1] = (first_bad >= 0).double()
+        packed[-1] = self.guard.log_flag().double()
         distributed.all_reduce_sum(packed)
+        first_bad = None
         if float(packed[-1]) > 0:
             never = torch.iinfo(torch.int64).max
-            step = distributed.all_reduce(torch.where(first_bad >= 0, first_bad, never), "min")
-            self._check_finite(step, epoch)
+            bad = self.guard.first_bad
+            first_bad = distributed.all_reduce(torch.where(bad >= 0, bad, never), "min")
+            first_bad = torch.where(first_bad == never, -1, first_bad)
+        self.guard.log_point(epoch, packed[-1], first_bad)
         return packed[:-1]
 
-    def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
-        step = int(first_bad)
-        if step >= 0:
-            global_step = epoch * self.steps_per_epoch + step
-            raise NonFiniteLossError(
-                f"non-finite training loss at epoch {epoch + 1}, step {step + 1} (global step {global_step + 1}); "
-                f"stopped without saving it. Last good checkpoint: {self.output / 'last.pt'} "
-                f"(if any). Lower optim.lr, set optim.clip_grad_norm, or check the data.")
+    def _trained_state(self) -> dict[str, Any]:
+        """What a checkpoint would hold of the training: weights, BN statistics, EMA, optimizer."""
+        return {"model": unwrap(self.model).state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizer": self.optimizer.state_dict()["state"]}
 
     @property
     def eval_model(self) -> nn.Module:
@@ -426,6 +440,8 @@ class Trainer:
                     self.train_loader.set_epoch(epoch)
                 result = self.train_one_epoch(epoch)
                 total_train_s += result.seconds
+                # before evaluating or saving: weights, BN statistics, EMA and optimizer all finite
+                self.guard.check_state(self._trained_state(), epoch)
                 if epoch == self.start_epoch and self._compile_cache_out is not None and self.main:
                     self._save_compile_cache(self._compile_cache_out)  # compiled by now (outside the timing)
                 loader_stats = getattr(self.train_loader, "epoch_stats", dict)()  # e.g. the padding fraction
@@ -445,6 +461,8 @@ class Trainer:
                     record.update({f"val_{k}": v for k, v in metrics.items()})
                     record["eval_time_s"] = time.perf_counter() - t0
                 main = record.get(f"val_{self.main_metric}")  # reduced: the same on every rank
+                if f"val_{self.main_metric}" in record:
+                    self.guard.check_metric(epoch, self.main_metric, main, (epoch + 1) * self.steps_per_epoch)
                 is_best = main is not None and (self.best is None or main > self.best)
                 if is_best:
                     self.best = main

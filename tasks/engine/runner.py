@@ -31,7 +31,7 @@ from .config import CONFIG_ROOT, apply_overrides, config_from_dict, config_to_di
 from .distributed import resolve_device
 from .graphs import inference_model, inference_models
 from .logging import Console
-from .loop import NonFiniteLossError, Trainer
+from .loop import Trainer, TrainingGuardError
 from .predict import Predictor, load_task_model
 from .registry import TaskSpec, spec_for_checkpoint
 from .trunk import load_trunk
@@ -411,7 +411,8 @@ def error_line(e: BaseException) -> str:
 
 def run_cli(main) -> None:
     """``if __name__ == "__main__"`` of every command: a mistake in the input (bad config, missing
-    file, wrong data) ends with one line naming it instead of a traceback; Ctrl-C exits 130.
+    file, wrong data) ends with one line naming it instead of a traceback, exit status 2; a run
+    the training guard stopped (not learning, non-finite values) exits 3; Ctrl-C exits 130.
     ``ONETRUNK_DEBUG=1`` shows the full traceback. Under torchrun each failing rank prints its
     line (``error [rank R]:`` on ranks other than 0), and the process group is left in every
     case."""
@@ -420,14 +421,16 @@ def run_cli(main) -> None:
         main()
     except KeyboardInterrupt:
         code = 130
-    except (ValueError, OSError, NonFiniteLossError) as e:  # ConfigError, IDXError ... are ValueErrors
+    except (ValueError, OSError, TrainingGuardError) as e:  # ConfigError, IDXError ... are ValueErrors
         if os.environ.get("ONETRUNK_DEBUG"):
             raise
         rank = os.environ.get("RANK", "0") if distributed.env_world_size() > 1 else "0"
+        stopped = isinstance(e, TrainingGuardError)
         # one write per line: the lines of several ranks do not interleave
-        sys.stderr.write(f"error{'' if rank == '0' else f' [rank {rank}]'}: {error_line(e)}\n")
+        sys.stderr.write(f"{'training stopped' if stopped else 'error'}{'' if rank == '0' else f' [rank {rank}]'}: "
+                         f"{error_line(e)}\n")
         sys.stderr.flush()
-        code = 2
+        code = 3 if stopped else 2
     finally:
         distributed.destroy()
     if code:
