@@ -91,7 +91,8 @@ def _losses(run_dir: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [{k: v for k, v in r.items() if k.startswith(("train_loss", "val_")) or k == "epoch"} for r in rows]
+    keep = ("epoch", "train_time_s", "eval_time_s")
+    return [{k: v for k, v in r.items() if k.startswith(("train_loss", "val_")) or k in keep} for r in rows]
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -162,8 +163,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             row["train_time_s"] = record.get("train_time_total_s")
         except TrainingGuardError as e:
             row["guard"] = str(e)
-        row["epochs_run"] = len(_losses(run_dir)) or None
         row["curve"] = _losses(run_dir)
+        row["epochs_run"] = len(row["curve"]) or None
+        row["eval_s"] = round(sum(r.get("eval_time_s", 0.0) for r in row["curve"]), 1)
         del trainer, model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -10,7 +10,7 @@ from torch import nn
 from tasks import classify
 from tasks.engine.checkpoint import load_checkpoint
 from tasks.engine.config import ConfigError, config_from_dict, load_config
-from tasks.engine.guard import FROZEN_MIN_STEPS, NonFiniteLossError, TrainingGuardError, first_nonfinite
+from tasks.engine.guard import FROZEN_MIN_STEPS, ZERO_MIN_STEPS, NonFiniteLossError, TrainingGuardError, first_nonfinite
 from tasks.engine.loop import Trainer
 from tests.fakes import write_fake_fashion_mnist
 
@@ -150,14 +150,17 @@ def test_nonfinite_gradient_is_named(tmp_path):
 
 
 def test_zero_metric_after_warmup_stops(tmp_path):
-    cfg = _cfg(optim={"warmup_epochs": 1.0})
-    # epoch 1 is the warm-up (0 is allowed there); epochs 2 and 3 at 0 stop the run at epoch 3
-    with pytest.raises(TrainingGuardError, match=r"validation acc is 0 after epochs 2, 3 \(past the warm-up\)"):
-        _trainer(tmp_path, cfg=cfg, metric=0.0).fit()
-    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
+    epoch_steps = ZERO_MIN_STEPS // 2  # the first eval ZERO_MIN_STEPS past the warm-up ends epoch 3
+    cfg = _cfg(optim={"warmup_epochs": 1.0}, train={"epochs": 5, "log_every": 25})
+    # epochs 1 (the warm-up) and 2 are too early to judge; epochs 3 and 4 at 0 stop the run at epoch 4
+    with pytest.raises(TrainingGuardError, match=r"validation acc is 0 after epochs 3, 4 \(past the warm-up\)"):
+        _trainer(tmp_path, cfg=cfg, metric=0.0, batches=_batches(epoch_steps)).fit()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
     # one zero between non-zero evaluations is not a collapse
-    values = iter([0.0, 0.2, 0.0])
-    _trainer(tmp_path / "b", cfg=_cfg(train={"epochs": 3}), metric=lambda m, final: {"acc": next(values)}).fit()
+    values = iter([0.0, 0.0, 0.0, 0.2, 0.0])
+    _trainer(tmp_path / "b", cfg=cfg, metric=lambda m, final: {"acc": next(values)}, batches=_batches(epoch_steps)).fit()
+    # nor is a short smoke run at 0
+    _trainer(tmp_path / "c", cfg=_cfg(train={"epochs": 4}), metric=0.0).fit()
 
 
 @pytest.mark.parametrize("item", ["optim.momentum=.nan", "optim.lr=inf", "optim.weight_decay=-.inf",
@@ -189,3 +192,25 @@ def test_cli_diverging_run_exits_3_with_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("training stopped: ")
     assert "optim.lr (now 1e+04)" in err[0]
     _checkpoints_finite(out)
+
+
+def test_detection_with_dead_box_regression_stops(tmp_path, monkeypatch, capsys):
+    """The detection collapse the guard exists for: every predicted box degenerate (l = t = r = b =
+    0, a dead ReLU), so the GIoU loss is exactly 1 at every step: exit 3 after the first epoch,
+    naming the term, and no checkpoint."""
+    from heads.detection import FCOSHead
+    from tasks import detect
+    from tasks.engine.runner import run_cli
+    from tests.fakes import tiny_scenes_args
+
+    monkeypatch.setattr(FCOSHead, "_distances", lambda self, x, level: x.float() * 0)
+    out = tmp_path / "run"
+    argv = ["--device", "cpu", "--quiet", "--batch-size", "2", "--config", "configs/detect/scenes_quick.yaml",
+            "--set", "model.fpn_channels=16", "--set", "model.num_convs=1", "--epochs", "2", "--output", str(out),
+            *tiny_scenes_args(tmp_path / "data")]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: detect.main(argv))
+    assert exit_info.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss term 'bbox_regression' stayed at 1 " in err[0] and "epoch 1" in err[0], err
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()

@@ -12,8 +12,9 @@ the command-line tools exit with status 3), when:
   detection head's dead box regression gave a GIoU loss of exactly 1.000 for a whole run);
 * **non-finite state**: a weight, a BatchNorm statistic, an EMA weight or an optimizer state
   holds NaN or inf at the end of an epoch (checked before evaluating and before every save);
-* **zero metric**: the validation metric is 0 at ``ZERO_EVALS`` evaluations in a row that
-  follow the end of the warm-up.
+* **zero metric**: the validation metric is 0 at ``ZERO_EVALS`` evaluations in a row, each at
+  least ``ZERO_MIN_STEPS`` optimizer steps past the end of the warm-up (a smoke test of a few
+  steps proves nothing either way).
 
 Nothing the guard stops is saved: the checkpoints of earlier epochs stay as they were, and no
 checkpoint is ever written with a non-finite tensor (that check runs with the guard off too).
@@ -35,12 +36,13 @@ import torch
 from . import distributed
 
 __all__ = ["TrainingGuardError", "NonFiniteLossError", "TrainingGuard", "first_nonfinite", "DIVERGE_FACTOR",
-           "FROZEN_TOL", "FROZEN_MIN_STEPS", "ZERO_EVALS"]
+           "FROZEN_TOL", "FROZEN_MIN_STEPS", "ZERO_EVALS", "ZERO_MIN_STEPS"]
 
 DIVERGE_FACTOR = 10.0
 FROZEN_TOL = 1e-4
 FROZEN_MIN_STEPS = 8
 ZERO_EVALS = 2
+ZERO_MIN_STEPS = 50
 
 
 class TrainingGuardError(RuntimeError):
@@ -243,9 +245,9 @@ class TrainingGuard:
                 f"(now {_num(self.lr)}), optim.clip_grad_norm, or train.amp=false.")
 
     def check_metric(self, epoch: int, name: str, value: Any, steps_done: int) -> None:
-        """Stop when the validation metric is 0 at ``ZERO_EVALS`` evaluations in a row after the
-        warm-up (``steps_done``: optimizer steps so far)."""
-        if not self.enabled or value is None or steps_done <= self.warmup_steps:
+        """Stop when the validation metric is 0 at ``ZERO_EVALS`` evaluations in a row, each
+        ``ZERO_MIN_STEPS`` past the warm-up (``steps_done``: optimizer steps so far)."""
+        if not self.enabled or value is None or steps_done < self.warmup_steps + ZERO_MIN_STEPS:
             return
         try:
             value = float(value)
