@@ -113,7 +113,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         if task == "classify" and job["peer"]:
             from tasks.bench import peer_fashion_mnist
 
-            result = peer_fashion_mnist(epochs=job["epochs"], seed=seed, log=lambda *a: None)
+            device = resolve_device(load_config(TASKS[task].config, job["recipe"], job["overrides"]).train.device)
+            result = peer_fashion_mnist(epochs=job["epochs"], seed=seed, device=str(device), log=lambda *a: None)
             row.update(metric=result["acc"], train_time_s=result["train_time_s"], epochs_run=job["epochs"])
             return row
         from tasks.bench import _TorchvisionFCN, _TorchvisionFCOS
