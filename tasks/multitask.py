@@ -40,7 +40,8 @@ from tasks.engine.loop import autocast
 from tasks.engine.metrics import ConfusionMatrix, multilabel_metrics
 from tasks.engine.predict import Predictor, load_task_model
 from tasks.engine.registry import TASKS, TaskData, TaskSpec
-from tasks.engine.runner import build_parser, predict_files, run, run_cli
+from tasks.engine.predict import predict_files
+from tasks.engine.runner import build_parser, run, run_cli
 from tasks.engine.viz import class_colors, draw_detection_grid, draw_segmentation_grid, overlay_mask, save_palette_mask
 
 DETECT, SEGMENT = TASKS["detect"], TASKS["segment"]

@@ -11,8 +11,11 @@ maps outputs back to the original pixels.
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -28,7 +31,7 @@ from .distributed import resolve_device
 from .loop import autocast
 from .registry import TaskSpec, read_meta, spec_for_checkpoint
 
-__all__ = ["Predictor", "predict_images", "load_task_model"]
+__all__ = ["Predictor", "predict_images", "load_task_model", "predict_files", "unique_stems"]
 
 
 def load_task_model(source: str | os.PathLike | Mapping[str, Any], *, task: str | None = None,
@@ -143,3 +146,43 @@ def predict_images(predictor: Predictor, images: Sequence[np.ndarray], batch_siz
             for i, result in zip(chunk, decoded, strict=True):
                 results[i] = result
     return results  # type: ignore[return-value]
+
+
+def unique_stems(paths: Sequence[str]) -> list[str]:
+    """File stems for outputs, made distinct (``a/img.png`` and ``b/img.png`` -> ``img``, ``img-2``;
+    ``summary`` is taken by ``summary.json``)."""
+    stems, seen = [], {"summary"}
+    for path in paths:
+        stem, i = Path(path).stem, 2
+        candidate = stem
+        while candidate in seen:
+            candidate, i = f"{stem}-{i}", i + 1
+        seen.add(candidate)
+        stems.append(candidate)
+    return stems
+
+
+def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: Path, batch_size: int = 32) -> list[dict]:
+    """``--predict``: every readable file through ``predictor``, then the task's
+    ``write_prediction`` (files under ``out_dir``, one printed line each); where the task wrote
+    files, ``out_dir/summary.json`` lists every entry. A file that cannot be read is reported
+    (stderr) and the others are still predicted; then a ``ValueError`` names what failed."""
+    good, images, failed = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            images.append(image_from_input(path, predictor.preprocess.in_chans, f"input {i}"))
+            good.append(i)
+        except (ValueError, FileNotFoundError) as e:  # the message names the input and its file
+            failed.append((str(path), str(e)))
+            sys.stderr.write(f"skipped {e}\n")
+    stems = unique_stems(paths)
+    results = predictor.predict(images, batch_size=batch_size) if images else []
+    entries = [predictor.spec.write_prediction(result, image, str(paths[i]), out_dir, stems[i], predictor.meta)
+               for result, image, i in zip(results, images, good, strict=True)]
+    if out_dir.is_dir():
+        errors = [{"image": path, "error": why} for path, why in failed]
+        (out_dir / "summary.json").write_text(json.dumps(entries + errors, indent=1))
+    if failed:
+        raise ValueError(f"{len(failed)} of {len(paths)} inputs could not be read"
+                         + (f" (the other {len(entries)} were predicted)" if entries else "") + f": {failed[0][1]}")
+    return entries

@@ -12,7 +12,6 @@ writes to it; the other ranks stay quiet. ``--batch-size`` is per process (per G
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -23,8 +22,6 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from tasks.data.images import image_from_input
-
 from . import distributed
 from .checkpoint import load_checkpoint, seed_everything
 from .config import CONFIG_ROOT, apply_overrides, config_from_dict, config_to_dict, merge_dicts, read_yaml
@@ -32,7 +29,7 @@ from .distributed import resolve_device
 from .graphs import inference_model, inference_models
 from .logging import Console
 from .loop import Trainer, TrainingGuardError
-from .predict import Predictor, load_task_model
+from .predict import Predictor, load_task_model, predict_files
 from .registry import TaskSpec, spec_for_checkpoint
 from .trunk import load_trunk
 
@@ -279,46 +276,6 @@ def _weights_model(run: Run) -> tuple[Any, dict[str, Any]]:
     the checkpoint's, with ``--set`` overrides such as post-processing thresholds."""
     _, model, meta, _ = load_task_model(run.checkpoint, task=run.spec.name, cfg=run.cfg)
     return model, meta
-
-
-def unique_stems(paths: Sequence[str]) -> list[str]:
-    """File stems for outputs, made distinct (``a/img.png`` and ``b/img.png`` -> ``img``, ``img-2``;
-    ``summary`` is taken by ``summary.json``)."""
-    stems, seen = [], {"summary"}
-    for path in paths:
-        stem, i = Path(path).stem, 2
-        candidate = stem
-        while candidate in seen:
-            candidate, i = f"{stem}-{i}", i + 1
-        seen.add(candidate)
-        stems.append(candidate)
-    return stems
-
-
-def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: Path, batch_size: int = 32) -> list[dict]:
-    """``--predict``: every readable file through ``predictor``, then the task's
-    ``write_prediction`` (files under ``out_dir``, one printed line each); where the task wrote
-    files, ``out_dir/summary.json`` lists every entry. A file that cannot be read is reported
-    (stderr) and the others are still predicted; then a ``ValueError`` names what failed."""
-    good, images, failed = [], [], []
-    for i, path in enumerate(paths):
-        try:
-            images.append(image_from_input(path, predictor.preprocess.in_chans, f"input {i}"))
-            good.append(i)
-        except (ValueError, FileNotFoundError) as e:  # the message names the input and its file
-            failed.append((str(path), str(e)))
-            sys.stderr.write(f"skipped {e}\n")
-    stems = unique_stems(paths)
-    results = predictor.predict(images, batch_size=batch_size) if images else []
-    entries = [predictor.spec.write_prediction(result, image, str(paths[i]), out_dir, stems[i], predictor.meta)
-               for result, image, i in zip(results, images, good, strict=True)]
-    if out_dir.is_dir():
-        errors = [{"image": path, "error": why} for path, why in failed]
-        (out_dir / "summary.json").write_text(json.dumps(entries + errors, indent=1))
-    if failed:
-        raise ValueError(f"{len(failed)} of {len(paths)} inputs could not be read"
-                         + (f" (the other {len(entries)} were predicted)" if entries else "") + f": {failed[0][1]}")
-    return entries
 
 
 def run(spec: TaskSpec, argv: Sequence[str] | argparse.Namespace | None = None) -> dict[str, Any]:
