@@ -34,20 +34,36 @@ def load(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], device: st
     classification ``{"top": [(name, prob), ...], "probs"}``; detection ``{"boxes", "scores",
     "labels", "names"}``; segmentation ``{"mask", "class_fractions"}``; multitask one of each.
     """
-    from tasks.engine.predict import Predictor
+    from tasks.engine.predict import Predictor, check_load_arguments
 
     if isinstance(checkpoint, (list, tuple)):
         if task not in (None, "multitask"):
             raise ValueError(f"task={task!r}: a list of checkpoints is merged into a multitask model")
+        check_load_arguments(device, None, amp)
+        if not checkpoint:
+            raise ValueError("load([]): an empty list; expected a checkpoint path, or a list of a detect and a "
+                             "segment checkpoint trained on one frozen trunk")
+        for i, path in enumerate(checkpoint):
+            _check_path(path, f"load(): checkpoint {i} of the list")
         from tasks.multitask import merged_predictor
 
         return merged_predictor([os.fspath(p) for p in checkpoint], device, amp=amp)
-    if not isinstance(checkpoint, (str, os.PathLike)):
-        raise ValueError(f"load() takes a checkpoint path (or a list of them), got a {type(checkpoint).__name__}")
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"{os.fspath(checkpoint)}: no such checkpoint file"
-                                + (" (it is a folder: pass its best.pt)" if os.path.isdir(checkpoint) else ""))
+    _check_path(checkpoint, "load()")
+    check_load_arguments(device, task, amp)  # before the checkpoint is read
     return Predictor.from_checkpoint(checkpoint, device, task=task, amp=amp)
+
+
+def _check_path(checkpoint: Any, what: str) -> None:
+    """One checkpoint argument: a path (str or ``os.PathLike``) of an existing file."""
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise ValueError(f"{what} takes a checkpoint path (or a list of them), got a {type(checkpoint).__name__}"
+                         if what == "load()" else f"{what} is a {type(checkpoint).__name__}, expected a path")
+    path = os.fsdecode(os.fspath(checkpoint))
+    if not path:
+        raise ValueError(f"{what}: an empty checkpoint path ''; expected a best.pt / last.pt file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file"
+                                + (" (it is a folder: pass its best.pt)" if os.path.isdir(path) else ""))
 
 
 def __getattr__(name: str) -> Any:

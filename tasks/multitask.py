@@ -219,6 +219,8 @@ def write_prediction(result: Mapping[str, Any], image: np.ndarray, source: str, 
                      meta: Mapping[str, Any]) -> dict[str, Any]:
     """``<stem>.json`` (classes, boxes in file pixels, mask file), ``<stem>_mask.png`` (palette,
     value = class index + 1) and ``<stem>.png`` (mask and boxes over the image)."""
+    from tasks.engine.viz import write_json  # every file through one writer: no link is written through
+
     names = list(meta["class_names"])
     out_dir.mkdir(parents=True, exist_ok=True)
     entry: dict[str, Any] = {"image": source}
@@ -238,7 +240,7 @@ def write_prediction(result: Mapping[str, Any], image: np.ndarray, source: str, 
               names, out_dir / f"{stem}.png")
     else:
         draw_segmentation_grid([picture], [mask], ["background", *names], out_dir / f"{stem}.png")
-    (out_dir / f"{stem}.json").write_text(json.dumps(entry, indent=1))
+    write_json(out_dir / f"{stem}.json", entry)
     found = ", ".join(c["class"] for c in entry.get("classes", [])) or "-"
     print(f"{source}: classes {found}; {sum(1 for d in entry.get('detections', []) if d['score'] >= 0.3)} boxes "
           f"(score >= 0.3) -> {out_dir / stem}.json/.png")
@@ -248,11 +250,17 @@ def write_prediction(result: Mapping[str, Any], image: np.ndarray, source: str, 
 def merged_predictor(paths: Sequence[str], device: str | torch.device = "auto", *, amp: bool = True) -> Predictor:
     """One ``MultiTaskModel`` from a detect and / or a segment checkpoint whose trunks are
     identical (trained from one frozen trunk): the trunk runs once for both heads."""
+    import os
+
+    if isinstance(paths, (str, bytes, os.PathLike)) or not paths:
+        raise ValueError(f"a multitask model merges a list of one detect and/or one segment checkpoint; got "
+                         f"{paths!r}")
     models, metas = {}, {}
     for path in paths:
         spec, model, meta, _ = load_task_model(path)
         if spec.name not in ("detect", "segment") or spec.name in models:
-            raise ValueError(f"--from-checkpoints takes one detect and/or one segment checkpoint; {path} is "
+            raise ValueError(f"a multitask model merges one detect and/or one segment checkpoint (--from-checkpoints, "
+                             f"tasks.load([...])); {path} is "
                              f"{spec.name!r}" + (" again" if spec.name in models else ""))
         models[spec.name], metas[spec.name] = model, meta
     pres = {task: (m["in_chans"], tuple(m["mean"]), tuple(m["std"]), m["preprocess"]) for task, m in metas.items()}

@@ -3,21 +3,32 @@
 ``tasks.load(ckpt)`` returns one; ``--predict`` is a thin layer over it. Inputs are file
 paths (EXIF orientation applied), PIL images, ``H x W`` / ``H x W x C`` uint8 numpy arrays
 (RGB) or ``C x H x W`` uint8 tensors, any sizes mixed. Every input is checked before any
-device work; then each image goes through the checkpoint's ``Preprocess`` (the one
-evaluation used), images whose padded inputs have one shape are batched together (so an
-image's result never depends on which other images came with it), the model runs in eval
-mode without gradients (bf16 autocast and channels_last on CUDA), and the task's ``decode``
-maps outputs back to the original pixels.
+device work (a file: that it exists and is an image format, by its header); files are then
+decoded ``batch_size`` at a time, so memory stays bounded for a folder of any size. Each image
+goes through the checkpoint's ``Preprocess`` (the one evaluation used), images whose padded
+inputs have one shape are batched together (so an image's result never depends on which
+other images came with it), the model runs in eval mode without gradients (bf16 autocast and
+channels_last on CUDA), and the task's ``decode`` maps outputs back to the original pixels.
+A model (or checkpoint) holding NaN / inf is refused, and so is a batch whose outputs do.
+
+``predict_files`` (``--predict``) writes each input's files through a staging step: they
+appear together or not at all, under names that no other input's files and no input file
+have, as new files (a link in the output folder is replaced, never written through).
 """
 from __future__ import annotations
 
-import json
+import math
+import numbers
 import os
+import re
 import sys
+import unicodedata
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -25,32 +36,135 @@ from torch import nn
 from tasks.data.images import image_from_input
 from tasks.data.preprocess import Preprocess
 
-from .checkpoint import load_checkpoint, model_state
+from .checkpoint import load_checkpoint, model_state, write_error
 from .config import config_from_dict
 from .distributed import resolve_device
+from .guard import first_nonfinite
 from .loop import autocast
-from .registry import TaskSpec, read_meta, spec_for_checkpoint
+from .registry import TASKS, TaskSpec, read_meta, spec_for_checkpoint
+from .viz import WRITE_HOOK, new_temp, write_json
 
-__all__ = ["Predictor", "predict_images", "load_task_model", "predict_files", "unique_stems"]
+__all__ = ["Predictor", "predict_images", "load_task_model", "predict_files", "unique_stems", "check_load_arguments"]
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def _positive_int(name: str, value: Any) -> int:
+    # numpy integers are integers; bools are not (True would mean a batch of 1 by accident)
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and value >= 1:
+        return int(value)
+    raise ValueError(f"{name}={value!r}: expected a positive integer")
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"{name}={value!r}: expected True or False")
+
+
+def _fraction(name: str, value: Any, *, top: bool, allow_none: bool = False) -> float | None:
+    """A real number in [0, 1] (``top``: 1 allowed) as a float; NaN, strings and bools refused
+    (a NaN threshold compares false with every score: everything would vanish silently)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value) \
+            and 0 <= value and (value <= 1 if top else value < 1):
+        return float(value)
+    raise ValueError(f"{name}={value!r}: expected a number in [0, 1{']' if top else ')'}")
+
+
+# The built-in tasks' predict options, checked (and made plain Python values) before any work;
+# an option a task declares but this table lacks is passed on as given.
+OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "topk": _positive_int,
+    "score_thresh": lambda name, v: _fraction(name, v, top=True, allow_none=True),
+    "tile": _flag,
+    "overlap": lambda name, v: _fraction(name, v, top=False),
+}
+
+
+def _device(device: Any) -> torch.device:
+    """``auto`` / ``cpu`` / ``cuda`` / ``cuda:N``, a ``torch.device`` or a CUDA index; a CUDA
+    device this machine lacks is a ``ValueError`` here, not a driver error at the first copy."""
+    if device is None:
+        device = "auto"
+    if isinstance(device, torch.device):
+        if device.type == "cuda":
+            resolve_device(str(device))
+        return device
+    if isinstance(device, numbers.Integral) and not isinstance(device, (bool, np.bool_)):
+        device = f"cuda:{int(device)}"
+    if not isinstance(device, str):
+        raise ValueError(f"device={device!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device")
+    return resolve_device(device)
+
+
+def check_load_arguments(device: Any = "auto", task: Any = None, amp: Any = True) -> None:
+    """``tasks.load``'s ``device``, ``task`` and ``amp``, checked before a checkpoint is read."""
+    if task is not None and (not isinstance(task, str) or task not in TASKS):
+        raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)} (or None: any task)")
+    _flag("amp", amp)
+    _device(device)
+
+
+def _check_finite(model: nn.Module, meta: Mapping[str, Any], name: str, which: str) -> None:
+    """Refuse to predict with weights, BatchNorm statistics or a normalisation that would make
+    every output NaN or inf: a run that diverged, or a file written by another tool."""
+    state = model.state_dict()
+    bad = first_nonfinite(state)
+    if bad is not None:
+        t = state[bad].detach()
+        n = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{name}: its {which} weights hold NaN or inf, first in {bad} ({n} of {t.numel()} "
+                         f"values): refusing to predict with them (the run diverged? use an earlier checkpoint)")
+    for key, t in state.items():
+        if key.endswith("running_var") and t.is_floating_point() and bool((t < 0).any()):
+            raise ValueError(f"{name}: BatchNorm statistic {key} of its {which} weights holds negative variances "
+                             f"(NaN after the square root): refusing to predict with them")
+    pre = Preprocess.from_meta(meta)
+    if not all(math.isfinite(m) for m in pre.mean) or not all(math.isfinite(v) and v > 0 for v in pre.std):
+        raise ValueError(f"{name}: its normalisation (meta mean {list(pre.mean)}, std {list(pre.std)}) is not "
+                         f"finite with std > 0: refusing to predict with it")
 
 
 def load_task_model(source: str | os.PathLike | Mapping[str, Any], *, task: str | None = None,
-                    cfg: Any = None) -> tuple[TaskSpec, nn.Module, dict[str, Any], Any]:
+                    cfg: Any = None, name: str | os.PathLike | None = None
+                    ) -> tuple[TaskSpec, nn.Module, dict[str, Any], Any]:
     """``(spec, model, meta, cfg)`` of a checkpoint file (or dict): the model on the CPU in
     eval mode with the prediction weights (the EMA when the run kept one). ``task``: refuse
     another task's checkpoint, naming both. ``cfg``: build from this config (the checkpoint's
-    with a run's overrides) instead of the checkpoint's own."""
+    with a run's overrides) instead of the checkpoint's own. ``name``: the file a dict came
+    from, for errors. Weights or BatchNorm statistics holding NaN / inf are refused, naming
+    the file and the first bad tensor: such a model would serve NaN, or nothing, silently."""
+    if not isinstance(source, (str, os.PathLike, Mapping)):
+        raise ValueError(f"checkpoint: expected the path of a checkpoint file (or its loaded dict), "
+                         f"got a {type(source).__name__}")
+    if task is not None and (not isinstance(task, str) or task not in TASKS):
+        raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)} (or None: any task)")
     ckpt = load_checkpoint(source) if not isinstance(source, Mapping) else source
-    name = source if not isinstance(source, Mapping) else "checkpoint"
+    name = os.fspath(name) if name is not None else source if not isinstance(source, Mapping) else "checkpoint"
     spec = spec_for_checkpoint(ckpt, name, expected=task)
     if cfg is None:
         cfg = config_from_dict(spec.config, ckpt.get("config") or {}, where=f"{name} config:")
     # the checkpoint holds every weight: the trunk files the run started from may be gone
     cfg.model.weights = cfg.model.trunk = None
     meta = read_meta(ckpt, spec, cfg)
+    which = "EMA" if ckpt.get("ema") is not None else "model"
+    state = model_state(ckpt) if ckpt.get("ema") is not None or "model" in ckpt else None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{name}: holds no model weights (no 'model' state dict)")
     model = spec.build_model(cfg, meta)
-    model.load_state_dict(model_state(ckpt))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # torch lists the keys over many lines: one line of them, cut
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:])
+        raise ValueError(f"{name}: its {which} weights do not fit the {spec.name} model its config describes: "
+                         f"{detail[:300]}{'...' if len(detail) > 300 else ''}") from e
+    _check_finite(model, meta, os.fspath(name), which)
     return spec, model.eval(), meta, cfg
+
+
+_NO_INPUTS = object()  # predict() called without inputs
 
 
 class Predictor:
@@ -62,15 +176,17 @@ class Predictor:
         self.spec = spec
         self.meta = dict(meta)
         self.preprocess = Preprocess.from_meta(meta)
-        self.device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-        self.amp = amp and self.device.type == "cuda"
-        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.device = _device(device)
+        self.amp = _flag("amp", amp) and self.device.type == "cuda"
+        self.channels_last = self.device.type == "cuda" if channels_last is None else _flag("channels_last",
+                                                                                             channels_last)
         model = model.to(self.device).eval()
         self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     @classmethod
     def from_checkpoint(cls, source: str | os.PathLike | Mapping[str, Any], device: str | torch.device = "auto",
                         *, task: str | None = None, amp: bool = True) -> "Predictor":
+        check_load_arguments(device, task, amp)  # before the checkpoint is read and the model built
         spec, model, meta, _ = load_task_model(source, task=task)
         return cls(spec, model, meta, device, amp=amp)
 
@@ -88,16 +204,47 @@ class Predictor:
 
     # ------------------------------------------------------------------ inputs
 
-    def read(self, inputs: Any) -> list[np.ndarray]:
-        """Every input as ``H x W x in_chans`` uint8 (checked before anything runs)."""
+    def _items(self, inputs: Any) -> list[Any]:
+        """The inputs, checked, as a list of file paths (decoded later, a chunk at a time) and
+        ``H x W x in_chans`` arrays (inputs already in memory, converted once)."""
+        if inputs is None:
+            raise ValueError("predict(None): expected file paths, PIL images, uint8 arrays or uint8 tensors "
+                             "(one, or a list)")
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
             inputs = list(inputs)  # [N, C, H, W]: N images
-        elif isinstance(inputs, (str, os.PathLike, np.ndarray, torch.Tensor)) or not isinstance(inputs, Sequence):
-            inputs = [inputs]  # one image
+        elif isinstance(inputs, (str, bytes, os.PathLike, np.ndarray, torch.Tensor, Mapping)) \
+                or not isinstance(inputs, (Sequence, Iterator)):
+            inputs = [inputs]  # one image (bytes and dicts too: named as what they are, not iterated)
+        else:
+            inputs = list(inputs)  # a list, a tuple, a generator
         if len(inputs) == 0:
-            raise ValueError("predict() got an empty list of inputs: pass file paths, PIL images, uint8 arrays "
-                             "or uint8 tensors")
-        return [image_from_input(x, self.preprocess.in_chans, f"input {i}") for i, x in enumerate(inputs)]
+            raise ValueError("predict() got no inputs (an empty list, or an iterator already used up): pass file "
+                             "paths, PIL images, uint8 arrays or uint8 tensors")
+        return [self._check_path(x, f"input {i}") if isinstance(x, (str, os.PathLike))
+                else image_from_input(x, self.preprocess.in_chans, f"input {i}") for i, x in enumerate(inputs)]
+
+    def _check_path(self, item: str | os.PathLike, name: str) -> str | os.PathLike:
+        """A file input, checked without decoding it: it exists and its header is one of an
+        image format (what decoding it would say otherwise is raised now, before any work)."""
+        path = os.fsdecode(os.fspath(item))
+        if path == "":
+            raise ValueError(f"{name}: an empty path ''; expected the path of an image file")
+        try:
+            known = os.path.isfile(path) and cv2.haveImageReader(path)
+        except cv2.error:
+            known = False
+        if not known:
+            image_from_input(item, self.preprocess.in_chans, name)  # raises the reader's own error
+        return item
+
+    def _decode(self, item: Any, index: int) -> np.ndarray:
+        if isinstance(item, (str, os.PathLike)):
+            return image_from_input(item, self.preprocess.in_chans, f"input {index}")
+        return item
+
+    def read(self, inputs: Any) -> list[np.ndarray]:
+        """Every input as ``H x W x in_chans`` uint8 (checked before anything runs)."""
+        return [self._decode(x, i) for i, x in enumerate(self._items(inputs))]
 
     # ------------------------------------------------------------------ running
 
@@ -107,26 +254,52 @@ class Predictor:
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> Any:
-        """Eval-mode outputs of the model for a uint8 ``[N, C, H, W]`` batch (already resized)."""
+        """Eval-mode outputs of the model for a uint8 ``[N, C, H, W]`` batch (already resized).
+        Outputs holding NaN or inf are a ``ValueError``: no result is ever served from them
+        (one host sync per batch, which decoding the outputs needs anyway)."""
         x = self.preprocess.normalize(images.to(self.device, non_blocking=True))
         # the batch comes channels_last; NCHW otherwise, as evaluation feeds the model
         x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         with autocast(self.device, self.amp):
-            return self.model(x)
+            outputs = self.model(x)
+        bad = first_nonfinite(outputs)
+        if bad is not None:
+            raise ValueError(f"the {self.task} model's output{f' {bad}' if bad else ''} holds NaN or inf for a batch "
+                             f"of {images.shape[0]} image(s): refusing to serve it (weights out of range?)")
+        return outputs
 
-    def predict(self, inputs: Any, batch_size: int = 32, **options: Any) -> list[dict[str, Any]]:
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
+    def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The task's predict options, checked (one line naming the option) before any work."""
         unknown = sorted(set(options) - set(self.spec.predict_options))
         if unknown:
             valid = ", ".join(self.spec.predict_options) or "none"
             raise ValueError(f"predict(): unknown option(s) {', '.join(unknown)} for a {self.task} model "
                              f"(options: {valid})")
-        images = self.read(inputs)
-        run = self.spec.predict or predict_images
-        return run(self, images, batch_size, **options)
+        return {k: OPTION_CHECKS[k](k, v) if k in OPTION_CHECKS else v for k, v in options.items()}
+
+    def predict(self, inputs: Any = _NO_INPUTS, batch_size: int = 32, **options: Any) -> list[dict[str, Any]]:
+        if inputs is _NO_INPUTS:
+            raise ValueError("predict() needs inputs: file paths, PIL images, uint8 arrays or uint8 tensors "
+                             "(one, or a list)")
+        batch_size = _positive_int("batch_size", batch_size)
+        options = self.check_options(options)
+        return self.predict_items(self._items(inputs), batch_size, options)
 
     __call__ = predict
+
+    def predict_items(self, items: Sequence[Any], batch_size: int, options: Mapping[str, Any]
+                      ) -> list[dict[str, Any]]:
+        """Checked inputs (``_items``) -> results, ``batch_size`` inputs at a time: files are
+        decoded only for their chunk, so memory holds one chunk of decoded images, not all.
+        The task's ``predict`` batches each chunk by padded shape as before: an image's result
+        does not depend on its batch (inputs of one padded shape in order even get the very
+        batches, and bits, of one call for all)."""
+        run = self.spec.predict or predict_images
+        results: list[dict[str, Any]] = []
+        for start in range(0, len(items), batch_size):
+            images = [self._decode(x, start + j) for j, x in enumerate(items[start:start + batch_size])]
+            results.extend(run(self, images, batch_size, **options))
+        return results
 
 
 def predict_images(predictor: Predictor, images: Sequence[np.ndarray], batch_size: int,
@@ -148,41 +321,234 @@ def predict_images(predictor: Predictor, images: Sequence[np.ndarray], batch_siz
     return results  # type: ignore[return-value]
 
 
+_STEM_BYTES = 100  # a stem plus "_overlay.png" and a temp name's ".tmp<pid>" stays far below NAME_MAX (255)
+
+
+def _name_key(name: str) -> str:
+    """Two file names one folder cannot hold apart on some disk (macOS and Windows ignore case,
+    macOS normalises Unicode): compared as this key."""
+    return unicodedata.normalize("NFC", name).casefold()
+
+
 def unique_stems(paths: Sequence[str]) -> list[str]:
     """File stems for outputs, made distinct (``a/img.png`` and ``b/img.png`` -> ``img``, ``img-2``;
-    ``summary`` is taken by ``summary.json``)."""
+    ``summary`` is taken by ``summary.json``). Distinct also where a disk ignores case (``IMG``
+    and ``img``); leading dots dropped (outputs are not hidden files, nor look like temp files);
+    cut to 100 bytes (a file name has at most 255)."""
     stems, seen = [], {"summary"}
     for path in paths:
-        stem, i = Path(path).stem, 2
-        candidate = stem
-        while candidate in seen:
+        stem = Path(path).stem.lstrip(".")
+        stem = stem.encode("utf-8", "surrogateescape")[:_STEM_BYTES].decode("utf-8", "ignore") or "image"
+        candidate, i = stem, 2
+        while _name_key(candidate) in seen:
             candidate, i = f"{stem}-{i}", i + 1
-        seen.add(candidate)
+        seen.add(_name_key(candidate))
         stems.append(candidate)
     return stems
+
+
+class _NameTaken(Exception):
+    """An output name that belongs to another input's files, or is an input file itself."""
+
+
+# ".<stem>.tmp<pid>[-n]<suffix>": what viz.new_temp names a temp file
+_TEMP = re.compile(r"\..+\.tmp(\d+)(?:-\d+)?(?:\.[^.]*)?")
+
+
+class _Outputs:
+    """The files ``predict_files`` writes into ``folder``. Each input's files are staged
+    (written to new temp files) while its ``write_prediction`` runs and renamed into place
+    when it returns, so they appear together or not at all. A name is refused (the input gets
+    the next free stem) when another input's files already have it (``a/img.png``'s mask
+    ``img_mask.png`` and ``c/img_mask.png``'s picture), or when it is an input file. Writes
+    go only into ``folder`` (the folder itself may be a link: the user's choice)."""
+
+    def __init__(self, folder: Path, inputs: Sequence[str]) -> None:
+        self.folder = folder
+        self.root = folder.resolve()
+        self.owner: dict[str, int] = {_name_key("summary.json"): -1}  # name key -> input index
+        self.inputs: set[Path] = set()
+        self.input_ids: set[tuple[int, int]] = set()
+        for path in inputs:
+            try:
+                self.inputs.add(Path(path).resolve())
+                st = os.stat(path)
+                self.input_ids.add((st.st_dev, st.st_ino))
+            except (OSError, RuntimeError, ValueError):  # missing / a link loop: reported when read
+                pass
+        self.staged: dict[str, tuple[Path, Path]] = {}
+        self.current = -1
+
+    def remove_stale_temps(self) -> None:
+        """Temp files of a ``--predict`` that was killed (its process is gone) are deleted, as a
+        run folder's are when a run starts again; another live process's are kept."""
+        if not self.folder.is_dir():
+            return
+        for entry in os.scandir(self.folder):
+            match = _TEMP.fullmatch(entry.name)
+            if match is None or entry.is_dir(follow_symlinks=False) or Path(entry.path).resolve() in self.inputs:
+                continue
+            pid = int(match.group(1))
+            if pid == os.getpid():
+                continue
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os.unlink(entry.path)
+            except (PermissionError, OverflowError, OSError):
+                continue
+
+    def outside(self, index: int, path: str) -> str | None:
+        """Why input ``path`` must not be predicted into this folder, or None."""
+        try:
+            resolved = Path(path).resolve()
+        except (OSError, RuntimeError, ValueError):
+            return None  # the read names what is wrong with it
+        if resolved == self.root or self.root in resolved.parents:
+            return (f"input {index} ({path}): it is inside the output folder {self.folder} (an earlier prediction?): "
+                    f"it is not read, so that no output is predicted from outputs or written over an input")
+        if resolved in self.root.parents and resolved.is_dir():
+            return f"input {index} ({path}): it is a folder, and holds the output folder {self.folder}"
+        return None
+
+    def _is_input(self, path: Path) -> bool:
+        """Whether the folder entry ``path`` is an input file (a link of that name is not: it
+        is replaced, which leaves its target alone)."""
+        if self.root / path.name in self.inputs:
+            return True
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        # the same file under another name: a hard link, or another case on a case-blind disk
+        return not os.path.islink(path) and (st.st_dev, st.st_ino) in self.input_ids
+
+    def stage(self, path: Path, write: Callable[[Path], Any]) -> Any:
+        """``viz.write_file`` while an input's files are written: ``write`` into a new temp file."""
+        path = Path(path)
+        if path.parent.resolve() != self.root:
+            raise ValueError(f"{path}: --predict writes only into its output folder {self.folder}")
+        key = _name_key(path.name)
+        if self.owner.get(key, self.current) != self.current or self._is_input(path) \
+                or (path.is_dir() and not path.is_symlink()):  # a user's folder of that name stays as it is
+            raise _NameTaken(path)
+        if key in self.staged:  # the same file written twice: the last write counts
+            os.unlink(self.staged.pop(key)[0])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = new_temp(path)
+        try:
+            result = write(tmp)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, (OSError, RuntimeError)):  # RuntimeError: a writer's own error on a full disk
+                raise write_error(path, e) from None
+            raise
+        self.staged[key] = (tmp, path)
+        return result
+
+    def write(self, index: int, stem: str, write_prediction: Callable[[str], dict[str, Any]],
+              taken: set[str]) -> dict[str, Any]:
+        """``write_prediction(stem)`` with its files staged, then renamed into place; the entry
+        gets ``files``: the paths written. ``taken``: stems in use (name keys)."""
+        base, n = stem, 2
+        for attempt in range(100):
+            self.current, self.staged = index, {}
+            token = WRITE_HOOK.set(self.stage)
+            try:
+                entry = write_prediction(stem)
+            except _NameTaken as e:
+                self._discard()
+                if attempt == 99:  # a name that does not come from the stem: no other stem helps
+                    raise ValueError(f"input {index}: its output {e.args[0]} is another input's output, or an "
+                                     f"input file, under any name tried") from None
+                while _name_key(stem := f"{base}-{n}") in taken:
+                    n += 1
+                taken.add(_name_key(stem))
+                continue
+            except BaseException:
+                self._discard()
+                raise
+            finally:
+                WRITE_HOOK.reset(token)
+            return {**entry, "files": self._commit()}
+        raise AssertionError("unreachable")
+
+    def _commit(self) -> list[str]:
+        staged, self.staged = list(self.staged.items()), {}
+        done = []
+        try:
+            for key, (tmp, path) in staged:
+                # replaces the name: a link of that name is replaced, never written through
+                os.replace(tmp, path)
+                self.owner[key] = self.current
+                done.append(str(path))
+        except OSError as e:
+            for _, (tmp, _path) in staged:
+                tmp.unlink(missing_ok=True)
+            raise write_error(path, e) from None
+        return done
+
+    def _discard(self) -> None:
+        for tmp, _ in self.staged.values():
+            tmp.unlink(missing_ok=True)
+        self.staged = {}
 
 
 def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: Path, batch_size: int = 32) -> list[dict]:
     """``--predict``: every readable file through ``predictor``, then the task's
     ``write_prediction`` (files under ``out_dir``, one printed line each); where the task wrote
-    files, ``out_dir/summary.json`` lists every entry. A file that cannot be read is reported
-    (stderr) and the others are still predicted; then a ``ValueError`` names what failed."""
-    good, images, failed = [], [], []
+    files, ``out_dir/summary.json`` lists every entry, each with the ``files`` written for it.
+    Files are read, predicted and written ``batch_size`` at a time (memory stays bounded for a
+    folder of any size). An input inside ``out_dir`` (an earlier run's output) is skipped and
+    named, never read nor written over; a file that cannot be read is reported (stderr) and the
+    others are still predicted; then a ``ValueError`` names what failed."""
+    out_dir = Path(out_dir)
+    batch_size = _positive_int("batch_size", batch_size)
+    outputs = _Outputs(out_dir, [str(p) for p in paths])
+    outputs.remove_stale_temps()
+    failed: list[tuple[int, str]] = []  # (input index, why)
+    todo = []
     for i, path in enumerate(paths):
-        try:
-            images.append(image_from_input(path, predictor.preprocess.in_chans, f"input {i}"))
-            good.append(i)
-        except (ValueError, FileNotFoundError) as e:  # the message names the input and its file
-            failed.append((str(path), str(e)))
-            sys.stderr.write(f"skipped {e}\n")
-    stems = unique_stems(paths)
-    results = predictor.predict(images, batch_size=batch_size) if images else []
-    entries = [predictor.spec.write_prediction(result, image, str(paths[i]), out_dir, stems[i], predictor.meta)
-               for result, image, i in zip(results, images, good, strict=True)]
-    if out_dir.is_dir():
-        errors = [{"image": path, "error": why} for path, why in failed]
-        (out_dir / "summary.json").write_text(json.dumps(entries + errors, indent=1))
+        why = outputs.outside(i, str(path))
+        if why is None:
+            todo.append(i)
+        else:
+            failed.append((i, why))
+            sys.stderr.write(f"skipped {why}\n")
+    skipped = len(failed)
+    stems = unique_stems([str(p) for p in paths])
+    taken = {_name_key(s) for s in stems} | {"summary"}
+    spec, meta, in_chans = predictor.spec, predictor.meta, predictor.preprocess.in_chans
+    entries: list[dict] = []
+    done = False
+    try:
+        for start in range(0, len(todo), batch_size):
+            images, good = [], []
+            for i in todo[start:start + batch_size]:
+                try:
+                    images.append(image_from_input(paths[i], in_chans, f"input {i}"))
+                    good.append(i)
+                except (ValueError, FileNotFoundError) as e:  # the message names the input and its file
+                    failed.append((i, str(e)))
+                    sys.stderr.write(f"skipped {e}\n")
+            results = predictor.predict_items(images, batch_size, {}) if images else []
+            for result, image, i in zip(results, images, good, strict=True):
+                entries.append(outputs.write(i, stems[i], lambda stem: spec.write_prediction(
+                    result, image, str(paths[i]), out_dir, stem, meta), taken))
+            del images, results  # one chunk of decoded images at a time
+        done = True
+    finally:
+        if out_dir.is_dir():  # what is on disk, also when a write or the model failed half-way
+            errors = [{"image": str(paths[i]), "error": why} for i, why in sorted(failed)]
+            try:
+                write_json(out_dir / "summary.json", entries + errors)
+            except OSError:
+                if done:
+                    raise
     if failed:
-        raise ValueError(f"{len(failed)} of {len(paths)} inputs could not be read"
-                         + (f" (the other {len(entries)} were predicted)" if entries else "") + f": {failed[0][1]}")
+        what = "could not be read" if not skipped else \
+            "were skipped" if skipped == len(failed) else "were skipped or could not be read"
+        raise ValueError(f"{len(failed)} of {len(paths)} inputs {what}"
+                         + (f" (the other {len(entries)} were predicted)" if entries else "")
+                         + f": {min(failed)[1]}")
     return entries

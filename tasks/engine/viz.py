@@ -1,8 +1,12 @@
-"""Pictures for run folders: training curves and confusion matrices (matplotlib, Agg)."""
+"""Pictures for run folders: training curves and confusion matrices (matplotlib, Agg); and
+``write_file`` / ``write_json``, through which every picture and ``--predict`` file is written."""
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Sequence
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -10,15 +14,73 @@ matplotlib.use("Agg")  # run folders are written on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .checkpoint import write_atomic  # noqa: E402
+from .checkpoint import write_error  # noqa: E402
 
 __all__ = ["plot_curves", "plot_confusion", "save_figure", "class_colors", "draw_detection_grid",
-           "draw_segmentation_grid", "overlay_mask", "save_palette_mask"]
+           "draw_segmentation_grid", "overlay_mask", "save_palette_mask", "write_file", "write_json", "new_temp"]
+
+# While ``--predict`` writes one input's files, ``predict_files`` routes ``write_file`` here
+# (tasks/engine/predict.py): the files are staged and appear together, under names no other
+# input and no input file has. ``None``: an ordinary atomic write.
+WRITE_HOOK: ContextVar[Callable[[Path, Callable[[Path], Any]], Any] | None] = ContextVar("onetrunk_write_hook",
+                                                                                          default=None)
+
+
+def new_temp(path: str | os.PathLike) -> Path:
+    """A new, empty temp file beside ``path`` (``.<stem>.tmp<pid><suffix>``: the suffix may
+    pick the format; the pattern a run folder's clean-up knows). Created with ``O_EXCL`` (and
+    ``O_NOFOLLOW``), so the write that follows goes into a file made here: a link or a file
+    that already has the name is never written through or truncated (another name is taken)."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for n in range(100):
+        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{f'-{n}' if n else ''}{path.suffix}")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot write {path}: 100 temp names beside it are taken")
+
+
+def _replace(path: Path, write: Callable[[Path], Any]) -> Any:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
+    try:
+        tmp = new_temp(path)
+        result = write(tmp)
+        # replaces the name: a link of that name is replaced, never written through, and a file
+        # hard-linked elsewhere keeps its bytes (the new ones are a new file)
+        os.replace(tmp, path)
+        tmp = None
+        return result
+    except (OSError, RuntimeError) as e:  # RuntimeError: a writer's own error on a full disk
+        raise write_error(path, e) from None
+    finally:
+        if tmp is not None and os.path.lexists(tmp):
+            tmp.unlink()
+
+
+def write_file(path: str | os.PathLike, write: Callable[[Path], Any]) -> Any:
+    """``write(tmp)`` into a new temp file beside ``path``, then ``os.replace`` over ``path``
+    (a crash leaves the previous file or the new one; a failed write is one ``OSError``
+    naming ``path``); returns what ``write`` returned. Inside ``predict_files`` the file is
+    staged with the other files of its input instead (``WRITE_HOOK``)."""
+    hook = WRITE_HOOK.get()
+    if hook is not None:
+        return hook(Path(path), write)
+    return _replace(Path(path), write)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """``obj`` as indented JSON, through ``write_file``."""
+    text = json.dumps(obj, indent=1)  # before the file exists: an unserialisable value leaves nothing
+    write_file(path, lambda tmp: tmp.write_text(text))
 
 
 def save_figure(fig, path: str | os.PathLike) -> None:
     try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
     finally:
         plt.close(fig)
 
@@ -109,7 +171,7 @@ def draw_detection_grid(images: Sequence, predictions: Sequence[dict], class_nam
             img = draw_bounding_boxes(img, boxes, labels=text, colors=[colors[int(c)] for c in labels], width=2)
         tiles.append(img)
     grid = make_grid(_same_size(tiles), nrow=nrow, padding=4, pad_value=255)
-    write_atomic(path, Image.fromarray(grid.permute(1, 2, 0).numpy()).save)
+    write_file(path, Image.fromarray(grid.permute(1, 2, 0).numpy()).save)
 
 
 def _same_size(tiles):
@@ -152,7 +214,7 @@ def draw_segmentation_grid(images: Sequence, predictions: Sequence, class_names:
             tiles.append(overlay_mask(img, targets[i].cpu(), colors, ignore_index))
         tiles.append(overlay_mask(img, pred.cpu(), colors, ignore_index))
     grid = make_grid(_same_size(tiles), nrow=3 if targets is not None else 2, padding=4, pad_value=255)
-    write_atomic(path, Image.fromarray(grid.permute(1, 2, 0).numpy()).save)
+    write_file(path, Image.fromarray(grid.permute(1, 2, 0).numpy()).save)
 
 
 def save_palette_mask(mask, path: str | os.PathLike, n_classes: int) -> None:
@@ -164,4 +226,4 @@ def save_palette_mask(mask, path: str | os.PathLike, n_classes: int) -> None:
     pal += [0] * (3 * 255 - len(pal)) + [255, 255, 255]  # index 255 (ignore) in white
     img = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
     img.putpalette(pal)
-    write_atomic(path, img.save)
+    write_file(path, img.save)
