@@ -19,6 +19,7 @@ what the task layer then feeds the trunk.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import socket
 from dataclasses import dataclass
@@ -48,36 +49,59 @@ def is_named(spec: Any) -> bool:
     return isinstance(spec, str) and (spec == "imagenet" or spec.startswith(("torchvision:", "timm:")))
 
 
+def _did_you_mean(value: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.75) or \
+        [c for c in choices if c.lower() == value.lower()]
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def weights_info(spec: str, arch: str) -> NamedWeights:
     """The ``NamedWeights`` of ``spec`` for a ``resnet<depth>`` trunk, from the libraries'
-    metadata alone (no file needed); a name that does not exist is a ``ValueError`` listing
-    the ones that do."""
+    metadata alone (no file needed, nothing downloaded); a name that does not exist is a
+    one-line ``ValueError`` naming it and listing the ones that do."""
     if spec == "imagenet":
         spec = "torchvision:DEFAULT"
     library, _, tag = spec.partition(":")
     if library == "torchvision":
         import torchvision
 
-        enum = torchvision.models.get_model_weights(arch)
+        try:
+            enum = torchvision.models.get_model_weights(arch)
+        except (ValueError, KeyError):
+            raise ValueError(f"weights {spec!r}: torchvision has no weights for a {arch}") from None
+        valid = ["torchvision:" + m for m in enum.__members__]
         if tag not in enum.__members__:
             raise ValueError(f"weights {spec!r}: torchvision has no {tag!r} weights for {arch}; "
-                             f"choose one of {', '.join('torchvision:' + m for m in enum.__members__)}")
+                             f"choose one of {', '.join(valid)}{_did_you_mean('torchvision:' + tag, valid)}")
         w = enum[tag]
         transforms = w.transforms()
         return NamedWeights(spec, "torchvision", arch, w.url, tuple(transforms.mean), tuple(transforms.std),
                             filename=os.path.basename(urlparse(w.url).path))
     if library == "timm":
+        import timm
         from timm.models import get_pretrained_cfg, split_model_name_tag
 
+        valid = ["timm:" + name for name in timm.list_pretrained(f"{arch}.*")]
+        choose = f"choose one of {', '.join(valid)}" if valid else f"timm lists no pretrained {arch}"
         model_arch, _ = split_model_name_tag(tag)
+        if not model_arch:
+            raise ValueError(f"weights {spec!r}: expected timm:<arch>.<tag>; for this {arch} trunk {choose}")
         if model_arch != arch:
+            if not timm.is_model(model_arch):
+                raise ValueError(f"weights {spec!r}: timm has no model {model_arch!r}; for this {arch} trunk "
+                                 f"{choose}{_did_you_mean('timm:' + tag, valid)}")
             raise ValueError(f"weights {spec!r} are for a timm {model_arch}, this trunk is a {arch}: "
                              f"name a {arch} tag (e.g. timm:{arch}.a1_in1k) or build a {model_arch}")
-        cfg = get_pretrained_cfg(tag)
+        try:  # timm raises a RuntimeError for an unknown tag of a known model
+            cfg = get_pretrained_cfg(tag)
+        except Exception:  # noqa: BLE001 - whatever timm raises, the name is not one it has
+            cfg = None
         if cfg is None:
-            raise ValueError(f"weights {spec!r}: timm knows no pretrained tag {tag!r} (timm.list_pretrained("
-                             f"'{arch}.*') lists them)")
+            raise ValueError(f"weights {spec!r}: timm has no pretrained tag {tag.partition('.')[2]!r} for {arch}; "
+                             f"{choose}{_did_you_mean('timm:' + tag, valid)}")
         url = f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
+        if not url:
+            raise ValueError(f"weights {spec!r}: timm gives no download location for them; {choose}")
         return NamedWeights(spec, "timm", arch, url, tuple(cfg.mean), tuple(cfg.std), hf_repo=cfg.hf_hub_id,
                             filename=None if cfg.hf_hub_id else os.path.basename(urlparse(cfg.url).path))
     raise ValueError(f"weights {spec!r}: expected torchvision:<ENUM>, timm:<arch.tag>, imagenet or a file")
@@ -104,6 +128,15 @@ def _not_available(info: NamedWeights, what: str, folder: str) -> FileNotFoundEr
                              f"here (offline); put it there (from {info.url})")
 
 
+def _download_failed(info: NamedWeights, what: str, folder: str, error: BaseException) -> FileNotFoundError:
+    """A failed download (HTTP error, broken connection, wrong hash) as one line: the libraries'
+    messages span several lines, or say nothing of which weights they were fetching."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = f"{type(error).__name__}: {' '.join(lines)[:300]}" if lines else type(error).__name__
+    return FileNotFoundError(f"weights {info.name}: downloading {what} from {info.url} failed ({reason}); "
+                             f"retry, or put the file in the cache {folder}")
+
+
 def _hf_cache() -> str:
     # read at call time: huggingface_hub reads HF_HOME once, when it is imported
     if os.environ.get("HF_HUB_CACHE"):
@@ -128,28 +161,57 @@ def resolve(spec: str, arch: str) -> tuple[NamedWeights, str | Mapping[str, Any]
             raise _not_available(info, info.filename, folder)
         os.makedirs(folder, exist_ok=True)
         match = torch.hub.HASH_REGEX.search(info.filename)
-        torch.hub.download_url_to_file(info.url, path, match.group(1) if match else None, progress=True)
+        try:  # torch.hub writes a temporary file and renames it only once complete and hash-checked
+            torch.hub.download_url_to_file(info.url, path, match.group(1) if match else None, progress=True)
+        except Exception as e:  # noqa: BLE001 - urllib / hash errors: one line naming the weights
+            raise _download_failed(info, info.filename, folder, e) from None
         return info, path
 
-    from huggingface_hub import hf_hub_download
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise _missing_hub_package("huggingface_hub", info.name) from None
 
     cache = _hf_cache()
     names = ("model.safetensors", "pytorch_model.bin")
     for filename in names:
         try:
-            return info, _read_hub_file(hf_hub_download(info.hf_repo, filename, cache_dir=cache, local_files_only=True))
+            cached = huggingface_hub.hf_hub_download(info.hf_repo, filename, cache_dir=cache, local_files_only=True)
         except Exception:  # noqa: BLE001 - huggingface_hub's "not cached" errors differ between versions
             continue
+        return info, _read_hub_file(cached)
     if _offline() or not _reachable("https://huggingface.co"):
         raise _not_available(info, f"{info.hf_repo} ({' or '.join(names)})", cache)
-    return info, _read_hub_file(hf_hub_download(info.hf_repo, names[0], cache_dir=cache))
+    try:
+        downloaded = huggingface_hub.hf_hub_download(info.hf_repo, names[0], cache_dir=cache)
+    except Exception as e:  # noqa: BLE001 - HTTP / repository errors: one line naming the weights
+        raise _download_failed(info, f"{info.hf_repo}/{names[0]}", cache, e) from None
+    return info, _read_hub_file(downloaded)
+
+
+def _missing_hub_package(package: str, what: str) -> ValueError:
+    """huggingface_hub / safetensors are dependencies of onetrunk (and of timm), missing only where
+    they were left out of the install: one line saying what to install (a ValueError, so that
+    run_cli prints it as one line)."""
+    return ValueError(f"{what}: timm weights from the Hugging Face hub need the {package} package, which is "
+                      f"not installed (onetrunk depends on it): pip install {package}")
 
 
 def _read_hub_file(path: str) -> str | Mapping[str, Any]:
+    """A hub file's weights: a safetensors file read here (a damaged one is a ``ValueError``
+    naming it), a pickle file's path for ``read_checkpoint``'s safe loader."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise _missing_hub_package("safetensors", path) from None
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError ... on a damaged file
+            detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"{path} is not a readable safetensors file (corrupt or cut short: {detail}); delete "
+                             f"it so that it is downloaded again") from None
     return path
 
 

@@ -118,13 +118,18 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Mapping[st
     if isinstance(source, Mapping):
         return source
     path = os.fspath(source)
+    shown = os.fsencode(path).decode("utf-8", "backslashreplace")  # printable, whatever bytes the name has
     if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder, not a checkpoint file (its best.pt or last.pt?)")
+        raise ValueError(f"{shown} is a folder, not a checkpoint file (its best.pt or last.pt?)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
+        # "torchvison:IMAGENET1K_V1", "ImageNet": meant as a name, but not one of the forms
+        name_like = isinstance(path, str) and ("/" not in path and (":" in path or not os.path.splitext(path)[1]))
+        hint = (" (weights by name are torchvision:<ENUM>, timm:<arch>.<tag> or imagenet, spelled exactly so)"
+                if name_like else "")
+        raise FileNotFoundError(f"weights file not found: {shown}{hint}")
     what = _not_a_checkpoint(path)
     if what is not None:
-        raise ValueError(f"{path} is not a PyTorch checkpoint: it is {what}")
+        raise ValueError(f"{shown} is not a PyTorch checkpoint: it is {what}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -134,14 +139,14 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> Mapping[st
         reason = text.split("WeightsUnpickler error:")[1].strip().splitlines()[0].split(". ")[0].strip() \
             if "WeightsUnpickler error:" in text else "not what torch.save writes for tensors"
         raise UnsafeCheckpointError(
-            f"refusing to load {path}: it is not a plain weights file and unpickling it would "
+            f"refusing to load {shown}: it is not a plain weights file and unpickling it would "
             f"need code ({reason}). Re-save it as a state dict of tensors.") from None
     except Exception as e:  # noqa: BLE001 - torch raises KeyError, IndexError, EOFError, RuntimeError ... on junk
         detail = (str(e).splitlines() or [""])[0].split(". ")[0].strip()
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: "
+        raise ValueError(f"{shown} is not a readable PyTorch checkpoint (truncated or corrupt: "
                          f"{type(e).__name__}{': ' + detail if detail else ''})") from None
     if isinstance(ckpt, Mapping):
-        verify_checksums(ckpt, path)
+        verify_checksums(ckpt, shown)
     return ckpt
 
 

@@ -46,6 +46,10 @@ ONNX metadata ``postprocess``), per image:
 batch 1 at a larger, non-square size) and compares every output with the PyTorch model in
 eval mode, float32; a difference above ``--atol + --rtol * |pytorch|`` fails and the file is
 not written.
+
+Nothing of the user's is replaced: ``--output`` may not be the checkpoint itself (also through
+a symbolic or hard link), a folder, or an existing file that is not an ONNX model; a checkpoint
+whose weights hold NaN or inf is refused (an ONNX file of it would only ever output NaN).
 """
 from __future__ import annotations
 
@@ -66,7 +70,8 @@ from tasks.engine.checkpoint import write_atomic
 from tasks.engine.predict import load_task_model
 from tasks.engine.runner import run_cli
 
-__all__ = ["ExportModule", "load_model", "export_onnx", "check_onnx", "postprocess_detections", "main"]
+__all__ = ["ExportModule", "load_model", "export_onnx", "check_onnx", "check_output_path", "nonfinite_weights",
+           "postprocess_detections", "main"]
 
 INSTALL_HINT = "pip install onnx onnxruntime onnxscript (or pip install -e '.[export]')"
 DETECTION_OUTPUTS = ("cls_logits", "bbox_reg", "centerness", "points", "strides")
@@ -75,6 +80,55 @@ MIN_OPSET = 18
 
 
 # ----------------------------------------------------------------------------- model
+
+def _same_file(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` are one file: the same path once symbolic links are resolved, or two
+    names (hard links) of one file."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _is_onnx_file(path: Path) -> bool:
+    """Whether ``path`` holds an ONNX model (a file an earlier export wrote, safe to replace)."""
+    import onnx
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # a zip (torch.save) or a pickle: a checkpoint
+        return False
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - protobuf raises its own DecodeError; any failure means "not ONNX"
+        return False
+    return proto.ir_version > 0 and len(proto.graph.node) > 0
+
+
+def check_output_path(output: Path, weights: Path) -> None:
+    """Refuse an ``--output`` whose writing would destroy something: the input checkpoint (also
+    through a link), a folder, or an existing file that is not an ONNX model."""
+    if _same_file(output, weights):
+        raise ValueError(f"--output {output} is the input checkpoint --weights {weights}: exporting would replace "
+                         f"it; choose another --output (the default is {weights.with_suffix('.onnx')})"
+                         if weights.suffix != ".onnx" else
+                         f"--output {output} is the input checkpoint --weights {weights}: exporting would replace "
+                         f"it; pass --output with another name")
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder: pass a file name, e.g. "
+                         f"{output / weights.with_suffix('.onnx').name}")
+    if output.exists() and not _is_onnx_file(output):
+        raise FileExistsError(f"--output {output} exists and is not an ONNX model: exporting would replace it; "
+                              f"choose another --output, or delete it first")
+
+
+def nonfinite_weights(model: nn.Module) -> list[str]:
+    """Names of the floating-point weights and buffers of ``model`` holding NaN or inf."""
+    return [name for name, t in model.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
 
 def load_model(path: str | os.PathLike) -> tuple[str, nn.Module, dict[str, Any]]:
     """``(task, model, meta)`` of a checkpoint: the model on the CPU in eval mode (EMA weights
@@ -265,6 +319,10 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, task: str, shapes: Seq
     for shape in shapes:
         images = torch.randn(shape, generator=generator)
         expected = pytorch_outputs(model, task, images)
+        for name, e in zip(names, expected):
+            # equal_nan below would let NaN pass as "equal": a model that outputs NaN is broken
+            if e.is_floating_point() and not bool(torch.isfinite(e).all()):
+                raise ValueError(f"output {name} of the PyTorch model holds NaN or inf at input {list(shape)}")
         try:
             got = session.run(names, {"images": images.numpy()})
         except Exception as e:  # onnxruntime raises its own exception types
@@ -334,6 +392,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     weights = Path(args.weights)
     output = Path(args.output) if args.output else weights.with_suffix(".onnx")
     task, model, meta = load_model(weights)
+    check_output_path(output, weights)  # before the export's minutes: nothing of the user's is replaced
+    bad = nonfinite_weights(model)
+    if bad:
+        raise ValueError(f"--weights {weights}: {len(bad)} weight tensor(s) hold NaN or inf (first: {bad[0]}); "
+                         f"not exported, the model would only output NaN (export an earlier checkpoint, e.g. best.pt)")
     size, channels = Preprocess.from_meta(meta).size, in_channels(model)
     side = example_size(size, coarsest_stride(model, task))
     example = torch.randn(2, channels, side, side)  # batch 2: the exporter specialises sizes 0 and 1

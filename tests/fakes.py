@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -84,3 +85,19 @@ def write_task_checkpoint(path: Path, task: str, meta: dict | None = None, seed:
     atomic_save({"format": CKPT_FORMAT, "task": task, "config": config_to_dict(cfg), "model": model.state_dict(),
                  "ema": None, "epoch": 1, "metrics": {}, "meta": meta}, path)
     return path
+
+
+def in_child(fn) -> int:
+    """Run ``fn`` in a forked child: its exit status, or minus the signal that killed it (a
+    segfault in a C library must fail the test, not end the whole test session)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            fn()
+            code = 0
+        except BaseException as e:  # noqa: BLE001
+            os.write(2, f"child: {type(e).__name__}: {e}\n".encode("utf-8", "backslashreplace"))
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)

@@ -7,7 +7,9 @@ The files are looked for in ``data_dir`` (``--data-dir``), ``$FASHION_MNIST_DIR`
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,8 @@ HOW_TO_GET = (
     "files (train-images-idx3-ubyte.gz, ...), or, when online, rerun with --download.")
 # IDX type codes (third magic byte) we accept: unsigned bytes only, as Fashion-MNIST uses.
 _UBYTE = 0x08
+# The largest IDX payload read: Fashion-MNIST's largest file holds 47 MB (60000 x 28 x 28)
+_MAX_IDX_BYTES = 1 << 30
 
 
 class IDXError(ValueError):
@@ -38,29 +42,55 @@ class IDXError(ValueError):
 
 
 def read_idx(path: str | os.PathLike, expect_ndim: int | None = None) -> np.ndarray:
-    """Read an IDX file (gzip-compressed or not) into a uint8 array, validating its header."""
+    """Read an IDX file (gzip-compressed or not) into a uint8 array, validating its header.
+
+    The header is read first and only as many bytes as it announces (plus one, to tell a file
+    that holds more) are decompressed, so a small gzip file that inflates to gigabytes (a
+    decompression bomb) costs no more memory than its header claims, itself at most
+    ``_MAX_IDX_BYTES``."""
     path = Path(path)
+    name = os.fsencode(path).decode("utf-8", "backslashreplace")  # printable, whatever the name's bytes
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as e:  # gzip raises these on corrupt / truncated streams
-        raise IDXError(f"{path}: cannot read IDX file ({e})") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != _UBYTE:
-        raise IDXError(f"{path}: not an unsigned-byte IDX file (magic bytes {data[:4].hex() or 'missing'}, "
-                       f"expected 000008xx)")
-    ndim = data[3]
-    if expect_ndim is not None and ndim != expect_ndim:
-        raise IDXError(f"{path}: has {ndim} dimensions, expected {expect_ndim}")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise IDXError(f"{path}: truncated header")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(shape)) + header
-    if len(data) != expected:
-        raise IDXError(f"{path}: {len(data)} bytes but its header {list(shape)} needs {expected} "
-                       f"(truncated or wrong file)")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+            head = f.read(4)
+            ndim = head[3] if len(head) == 4 else 0
+            head += f.read(4 * ndim)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != _UBYTE:
+                gz = " (it is gzip-compressed: name it .gz)" if head[:2] == b"\x1f\x8b" else ""
+                raise IDXError(f"{name}: not an unsigned-byte IDX file (magic bytes {head[:4].hex() or 'missing'}, "
+                               f"expected 000008xx){gz}")
+            if expect_ndim is not None and ndim != expect_ndim:
+                raise IDXError(f"{name}: has {ndim} dimensions, expected {expect_ndim}")
+            header = 4 + 4 * ndim
+            if len(head) < header:
+                raise IDXError(f"{name}: truncated header")
+            shape = tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+            size = math.prod(shape)
+            if size > _MAX_IDX_BYTES:
+                raise IDXError(f"{name}: its header claims {list(shape)} = {size:,} bytes, more than any "
+                               f"Fashion-MNIST file (limit {_MAX_IDX_BYTES:,}): not a Fashion-MNIST file")
+            body = _read_at_most(f, size + 1)
+    except IDXError:
+        raise
+    except (OSError, EOFError, zlib.error) as e:  # gzip raises these on corrupt / truncated streams
+        raise IDXError(f"{name}: cannot read IDX file ({e})") from None
+    if len(body) != size:
+        raise IDXError(f"{name}: {header + len(body)}{'+' if len(body) > size else ''} bytes but its header "
+                       f"{list(shape)} needs {header + size} (truncated or wrong file)")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def _read_at_most(f, n: int) -> bytes:
+    """Up to ``n`` bytes of ``f``, in chunks: one ``read(n)`` would reserve all ``n`` at once."""
+    chunks, left = [], n
+    while left > 0:
+        chunk = f.read(min(left, 1 << 24))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _find_file(folder: Path, stem: str) -> Path | None:
@@ -79,7 +109,8 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     if data_dir is not None:
         folder = Path(data_dir)
         if not _has_files(folder):
-            raise FileNotFoundError(f"--data-dir {folder} does not hold the Fashion-MNIST IDX files. {HOW_TO_GET}")
+            shown = os.fsencode(folder).decode("utf-8", "backslashreplace")
+            raise FileNotFoundError(f"--data-dir {shown} does not hold the Fashion-MNIST IDX files. {HOW_TO_GET}")
         return folder
     candidates = [os.environ.get("FASHION_MNIST_DIR"), SYSTEM_DIR, CACHE_DIR]
     for c in candidates:
@@ -114,7 +145,12 @@ def download(dest: str | os.PathLike = CACHE_DIR) -> Path:
 
     dest = Path(dest)
     for train in (True, False):
-        FashionMNIST(str(dest / "_torchvision"), train=train, download=True)
+        try:
+            FashionMNIST(str(dest / "_torchvision"), train=train, download=True)
+        except Exception as e:  # noqa: BLE001 - URLError, RuntimeError ("Error downloading ..."), bad checksum
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            reason = f"{type(e).__name__}: {' '.join(lines)[:300]}" if lines else type(e).__name__
+            raise FileNotFoundError(f"Fashion-MNIST download into {dest} failed ({reason}). {HOW_TO_GET}") from None
     raw = dest / "_torchvision" / "FashionMNIST" / "raw"
     for imgs, lbls, _ in SPLITS.values():
         for stem in (imgs, lbls):

@@ -2,7 +2,11 @@
 
 Images are decoded with OpenCV in DataLoader workers and transformed with albumentations;
 they leave the worker as uint8 ``[C, H, W]`` tensors and are normalised on the device.
-An unreadable image is an error naming the file, or, with ``skip_bad``, is skipped and counted.
+An unreadable image (corrupt, truncated, over the pixel limit) is an error naming the file, or,
+with ``skip_bad``, is skipped and counted. Hidden entries (names starting with '.':
+``.ipynb_checkpoints``, macOS ``._x.png`` resource forks, ``.DS_Store``) are no classes and no
+images; other files without an image extension (a GIF, a text file) are skipped with one
+warning that names them.
 """
 from __future__ import annotations
 
@@ -16,9 +20,43 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import IMAGE_EXTENSIONS, ImageReadError, read_image
+from .images import IMAGE_EXTENSIONS, ImageReadError, display_path, read_image
 
-__all__ = ["ImageFolderDataset", "collate_skip_bad"]
+__all__ = ["ImageFolderDataset", "collate_skip_bad", "list_images", "warn_skipped_files"]
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def list_images(folder: Path, extensions: Sequence[str] = IMAGE_EXTENSIONS, *,
+                recursive: bool = True) -> tuple[list[Path], list[Path]]:
+    """``(images, skipped)`` under ``folder``, both sorted: files with one of ``extensions``,
+    and the other files. Hidden files and folders (names starting with '.') are in neither:
+    they are tools' leftovers, never data. Symbolic links to folders are not descended into
+    (as ``Path.rglob`` did)."""
+    images, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not _hidden(d)] if recursive else []
+        for name in filenames:
+            if _hidden(name):
+                continue
+            path = Path(dirpath) / name
+            (images if path.suffix.lower() in extensions else skipped).append(path)
+    return sorted(images), sorted(skipped)
+
+
+def warn_skipped_files(root: Path, skipped: Sequence[Path], extensions: Sequence[str], stacklevel: int = 3) -> None:
+    """One warning naming the files that are not used for their format (a GIF: OpenCV before
+    4.11 cannot read it, and an animation is not one image), so none is left out silently."""
+    if not skipped:
+        return
+    shown = ", ".join(display_path(p.relative_to(root)) for p in skipped[:5])
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    n = len(skipped)
+    warnings.warn(f"{display_path(root)}: skipping {n} file{'s' if n > 1 else ''} that {'are' if n > 1 else 'is'} not "
+                  f"{'/'.join(extensions)} image{'s' if n > 1 else ''}: {shown}{more} (convert them, e.g. GIF to PNG, "
+                  f"to use them)", stacklevel=stacklevel)
 
 
 class ImageFolderDataset(Dataset):
@@ -27,26 +65,33 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str | os.PathLike, *, transforms: A.Compose | None = None, channels: int = 3,
                  classes: Sequence[str] | None = None, skip_bad: bool = False, limit: int | None = None) -> None:
         self.root = Path(root)
+        name = display_path(self.root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
-        found = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+            raise FileNotFoundError(f"image folder not found: {name}")
+        # class name -> folder name: a folder name that is not UTF-8 becomes a printable class
+        # name ("caf\\xe9"), which checkpoints, plots and summaries can store and show
+        folders = {display_path(d.name): d.name for d in self.root.iterdir() if d.is_dir() and not _hidden(d.name)}
+        found = sorted(folders)
         if not found:
-            raise ValueError(f"{self.root}: expected one sub-folder per class (e.g. {self.root}/cat/1.png), found none")
+            raise ValueError(f"{name}: expected one sub-folder per class (e.g. {name}/cat/1.png), found none")
         if classes is None:
             classes = found
         else:
             unknown = sorted(set(found) - set(classes))
             if unknown:
-                raise ValueError(f"{self.root}: classes {unknown} are not in the training classes {list(classes)}")
+                raise ValueError(f"{name}: classes {unknown} are not in the training classes {list(classes)}")
         self.classes = list(classes)
         self.samples: list[tuple[str, int]] = []
-        for label, name in enumerate(self.classes):
-            folder = self.root / name
+        skipped: list[Path] = []
+        for label, class_name in enumerate(self.classes):
+            folder = self.root / folders.get(class_name, class_name)
             if folder.is_dir():
-                files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+                files, other = list_images(folder)
                 self.samples += [(str(f), label) for f in files]
+                skipped += other
+        warn_skipped_files(self.root, skipped, IMAGE_EXTENSIONS)
         if not self.samples:
-            raise ValueError(f"{self.root}: no images with extensions {IMAGE_EXTENSIONS}")
+            raise ValueError(f"{name}: no images with extensions {IMAGE_EXTENSIONS}")
         if limit is not None:
             self.samples = self.samples[:limit]
         self.transforms = transforms

@@ -4,13 +4,23 @@ Everything here returns HWC uint8 arrays (``H x W x C``, C = 1 for gray, 3 for R
 names the file or input it could not use. Two readers of one file see the same pixels:
 every path decodes with OpenCV.
 
+Files are read as bytes and decoded from memory (``cv2.imdecode``): ``cv2.imread`` crashes the
+process (a segfault) on a file name that is not valid UTF-8. Before anything is decoded the
+header is checked: an empty or truncated PNG / JPEG (no end marker: an interrupted copy) is
+refused, and so is an image of more than ``max_image_pixels()`` pixels (a "decompression
+bomb": a PNG of a few hundred bytes can claim 100000 x 69000 pixels, 6.9 GB to decode).
+
 EXIF orientation: dataset readers keep the stored pixel order (COCO boxes and VOC masks refer
 to it); ``read_image(..., exif=True)``, what ``--predict`` and ``tasks.load(...).predict`` use,
 turns phone photos upright first, as an image viewer shows them.
 """
 from __future__ import annotations
 
+import io
 import os
+import re
+import stat
+import struct
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,15 +30,27 @@ import cv2
 import numpy as np
 import torch
 
-__all__ = ["ImageReadError", "MaskError", "read_image", "read_mask", "exif_orientation", "apply_orientation",
-           "image_from_input", "pad_batch", "load_skipping_bad", "IMAGE_EXTENSIONS"]
+__all__ = ["ImageReadError", "MaskError", "read_image", "read_mask", "read_image_size", "exif_orientation",
+           "apply_orientation", "image_from_input", "pad_batch", "load_skipping_bad", "display_path",
+           "max_image_pixels", "IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "MAX_IMAGE_PIXELS_ENV"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-# OpenCV prints "[ WARN ...] imread_(...): can't open/read file" on its own; every failure here
-# becomes an error that names the file instead
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+# The most pixels (width x height) an image file may have before it is decoded. Twice PIL's
+# Image.MAX_IMAGE_PIXELS (89,478,485, a quarter GiB of RGB): the size from which PIL itself
+# refuses a file as a decompression bomb. 537 MB as RGB uint8; a 100-megapixel photo fits, a
+# forged header claiming gigapixels does not. OpenCV's own limit (2**30 pixels) lies above.
+MAX_IMAGE_PIXELS = 178_956_970
+MAX_IMAGE_PIXELS_ENV = "ONETRUNK_MAX_IMAGE_PIXELS"  # overrides it (read at each call: workers see it too)
+# OpenCV prints "[ERROR ...] imdecode_(...): can't read data" lines of its own; every failure
+# here becomes one error line that names the file instead
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 _MASK_MODES = ("P", "L")
 _EXIF_ORIENTATION = 0x0112
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last chunk of every PNG: length 0, fixed CRC
+_JPEG_SOI = b"\xff\xd8\xff"
+# start-of-frame markers (they hold the size): C0..CF except DHT (C4), JPG (C8) and DAC (CC)
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 class ImageReadError(OSError):
@@ -44,12 +66,194 @@ class MaskError(ValueError):
 # Files
 # ---------------------------------------------------------------------------------------------
 
-def exif_orientation(path: str | os.PathLike) -> int:
-    """The EXIF orientation tag of an image file (1 = stored upright; 1 when absent or unreadable)."""
+def display_path(path: str | bytes | os.PathLike) -> str:
+    """``path`` as printable text for an error message: bytes that are not UTF-8 (a name
+    ``os.fsdecode`` turned into lone surrogates) become ``\\xff`` escapes, and control
+    characters (a newline in a name) their escapes, so that the message stays one line that
+    any terminal or log can print."""
+    text = os.fsencode(path).decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def max_image_pixels() -> int:
+    """The pixel limit: ``$ONETRUNK_MAX_IMAGE_PIXELS`` when set, else ``MAX_IMAGE_PIXELS``."""
+    raw = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not raw:
+        return MAX_IMAGE_PIXELS
+    try:
+        value = int(raw.replace("_", "").replace(",", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"${MAX_IMAGE_PIXELS_ENV}={raw!r}: expected a positive number of pixels "
+                         f"(default {MAX_IMAGE_PIXELS:,})")
+    return value
+
+
+def _open_file(path: str | bytes | os.PathLike, what: str) -> Any:
+    """``path`` opened for reading, once it is known to be a regular file of a plausible size:
+    missing is a ``FileNotFoundError``; a folder, a device or pipe (``/dev/zero`` would be read
+    for ever), a file larger than any image within the pixel limit could be, or an unreadable
+    one an ``ImageReadError``; each names the file."""
+    name = display_path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{name}: {what} file not found") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        raise ImageReadError(f"{name}: cannot read the {what} file ({getattr(e, 'strerror', None) or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageReadError(f"{name}: is a folder, not {'an' if what[0] in 'aeiou' else 'a'} {what} file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageReadError(f"{name}: not a regular file (a device, pipe or socket), not {what} data")
+    # 16-bit RGBA stored raw takes 8 bytes a pixel; anything larger than that at the pixel limit
+    # (plus room for metadata) is no image this would decode, and is not read into memory
+    most = 8 * max_image_pixels() + (64 << 20)
+    if st.st_size > most:
+        raise ImageReadError(f"{name}: {st.st_size:,} bytes, more than any {what} within the pixel limit "
+                             f"({max_image_pixels():,}; ${MAX_IMAGE_PIXELS_ENV} raises it) can take")
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise ImageReadError(f"{name}: cannot read the {what} file ({e.strerror or type(e).__name__})") from None
+
+
+def _read_bytes(path: str | bytes | os.PathLike, what: str) -> bytes:
+    """The whole file (``_open_file``'s checks first)."""
+    with _open_file(path, what) as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise ImageReadError(f"{display_path(path)}: cannot read the {what} file "
+                                 f"({e.strerror or type(e).__name__})") from None
+
+
+def _jpeg_header(data: bytes) -> tuple[tuple[int, int] | None, bool]:
+    """``((width, height) or None, complete)`` of a JPEG, from its marker segments: the size is
+    in the start-of-frame segment, and a complete file has the end-of-image marker FF D9 after
+    the first scan (inside scan data an FF byte is always followed by 00 or a restart marker,
+    so FF D9 there can only be the end; any EXIF thumbnail, with its own FF D9, comes before)."""
+    size, i, n = None, 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return size, True  # not a marker where one must be: not ours to judge, OpenCV decides
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker == 0xD9:  # end of image before any scan
+            return size, True
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in _JPEG_SOF and i + 9 <= n:
+            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            size = (width, height) if width and height else None
+        if marker == 0xDA:  # start of scan: entropy-coded data up to the end marker
+            return size, data.rfind(b"\xff\xd9") > i + 2 + length
+        i += 2 + length
+    return size, False  # the file ends inside its headers
+
+
+def _pil_open(fp: Any) -> Any:
+    """A PIL image opened lazily (the header only) from a file object, without PIL's own
+    decompression-bomb check, which warns from 89 M pixels and refuses from 178 M whatever
+    ``$ONETRUNK_MAX_IMAGE_PIXELS`` says: every caller has checked the size against that first.
+    PNG (masks) goes to its plugin directly; other formats through ``Image.open`` with only
+    that warning silenced."""
+    from PIL import Image, PngImagePlugin
+
+    fp.seek(0)
+    head = fp.read(8)
+    fp.seek(0)
+    if head == _PNG_SIGNATURE:
+        return PngImagePlugin.PngImageFile(fp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(fp)
+
+
+def _header_size(fp: Any, head: bytes) -> tuple[tuple[int, int] | int | None, bool]:
+    """``(size, complete)`` from the first bytes ``head`` of a file (all of it, for the
+    completeness check). ``size``: ``(width, height)``; a pixel count alone where PIL refused
+    to say more (over twice its own limit); None for a format neither this nor PIL parses
+    (OpenCV may still decode it; its own pixel limit then applies). PNG and JPEG are parsed
+    here (the hot path: microseconds), other formats by PIL's header parsers."""
+    if head.startswith(_PNG_SIGNATURE):
+        if len(head) < 24 or head[12:16] != b"IHDR":
+            return None, True  # not a valid PNG: OpenCV says so
+        return struct.unpack(">II", head[16:24]), head.rfind(_PNG_IEND) > 0
+    if head.startswith(_JPEG_SOI):
+        return _jpeg_header(head)
     from PIL import Image
 
     try:
-        with Image.open(path) as im:  # reads the header only
+        with _pil_open(fp) as im:
+            return im.size, True
+    except Image.DecompressionBombError as e:  # "Image size (N pixels) exceeds limit of ..."
+        match = re.search(r"\((\d+) pixels\)", str(e))
+        return (int(match.group(1)) if match else None), True
+    except Exception:  # noqa: BLE001 - a header PIL cannot parse: OpenCV decides
+        return None, True
+
+
+def _check_header(data: bytes, name: str) -> None:
+    """Refuse ``data`` before decoding: empty, a truncated PNG / JPEG, or more pixels than the
+    limit. Costs a few microseconds for PNG and JPEG; nothing is decoded."""
+    if not data:
+        raise ImageReadError(f"{name}: empty file (0 bytes)")
+    size, complete = _header_size(io.BytesIO(data), data)
+    if not complete:
+        kind = "PNG" if data.startswith(_PNG_SIGNATURE) else "JPEG"
+        raise ImageReadError(f"{name}: truncated {kind} file (its end marker is missing: an interrupted copy or "
+                             f"download?)")
+    if size is None:
+        return
+    pixels = size if isinstance(size, int) else size[0] * size[1]
+    limit = max_image_pixels()
+    if pixels > limit:
+        shape = "" if isinstance(size, int) else f"{size[0]}x{size[1]} = "
+        raise ImageReadError(f"{name}: {shape}{pixels:,} pixels, over the limit of {limit:,} (a decompression "
+                             f"bomb, or an image too large to decode safely; ${MAX_IMAGE_PIXELS_ENV} raises it)")
+
+
+def read_image_size(path: str | bytes | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` of an image file from its header alone: nothing decoded, no limit
+    applied (``read_image`` refuses what is too large). ``ImageReadError`` naming the file
+    when the header gives no size."""
+    name = display_path(path)
+    with _open_file(path, "image") as f:
+        try:
+            head = f.read(1 << 16)
+            size, _ = _header_size(f, head)
+            if size is None and head.startswith(_JPEG_SOI):  # metadata longer than the first 64 KiB
+                f.seek(0)
+                size, _ = _jpeg_header(f.read())
+        except OSError as e:
+            raise ImageReadError(f"{name}: cannot read the image file ({e.strerror or type(e).__name__})") from None
+    if isinstance(size, int):
+        raise ImageReadError(f"{name}: {size:,} pixels, more than PIL reads the size of")
+    if size is None:
+        raise ImageReadError(f"{name}: no image size in its header (not a PNG, JPEG or other image format PIL "
+                             f"reads)")
+    return size[1], size[0]
+
+
+def exif_orientation(path: str | os.PathLike) -> int:
+    """The EXIF orientation tag of an image file (1 = stored upright; 1 when absent or unreadable)."""
+    try:
+        with _open_file(path, "image") as f:
+            return _exif_orientation(f)
+    except OSError:
+        return 1
+
+
+def _exif_orientation(fp: Any) -> int:
+    try:
+        with _pil_open(fp) as im:  # reads the header only
             value = im.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - no usable EXIF is "upright"; decoding errors surface in cv2
         return 1
@@ -103,49 +307,57 @@ def _convert_channels(image: np.ndarray, channels: int, name: str, *, order: str
     return cv2.cvtColor(image, code[c, order])[:, :, None]
 
 
-def read_image(path: str | os.PathLike, channels: int = 3, *, exif: bool = False) -> np.ndarray:
+def read_image(path: str | bytes | os.PathLike, channels: int = 3, *, exif: bool = False) -> np.ndarray:
     """Any image OpenCV decodes as ``H x W x channels`` uint8: RGB for 3, luminance for 1
     (gray, colour, colour + alpha and 16-bit files alike; alpha is dropped).
 
     ``exif``: turn the pixels upright by the file's EXIF orientation (off for datasets, whose
-    annotations refer to the stored pixel grid)."""
+    annotations refer to the stored pixel grid). Empty, truncated and oversized files
+    (``max_image_pixels``) are refused from their header, before decoding."""
     if channels not in (1, 3):
         raise ValueError(f"channels={channels}: images are read as 1 (gray) or 3 (RGB) channels")
-    if os.path.isdir(path):
-        raise ImageReadError(f"{path}: is a folder, not an image file")
-    if not os.path.isfile(path):  # before imread, which would also print its own warning line
-        raise FileNotFoundError(f"{path}: image file not found")
+    name = display_path(path)
+    data = _read_bytes(path, "image")
+    _check_header(data, name)
     # IMREAD_UNCHANGED keeps bit depth and alpha so they are converted on purpose, and skips
     # OpenCV's own EXIF rotation (applied below only when asked for)
-    image = cv2.imread(os.fspath(path), cv2.IMREAD_UNCHANGED)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:  # OpenCV's own size limits (formats whose header is not checked above)
+        reason = "over OpenCV's image size limits ($OPENCV_IO_MAX_IMAGE_PIXELS)" \
+            if "CV_IO_MAX_IMAGE" in str(e) else (str(e).strip().splitlines() or ["OpenCV error"])[-1]
+        raise ImageReadError(f"{name}: cannot decode image ({reason})") from None
     if image is None:
-        raise ImageReadError(f"{path}: cannot decode image (corrupt, truncated or not an image format "
+        raise ImageReadError(f"{name}: cannot decode image (corrupt, truncated or not an image format "
                              f"OpenCV reads: {', '.join(IMAGE_EXTENSIONS)})")
-    image = _convert_channels(_to_8bit(image, str(path)), channels, str(path), order="BGR")
+    image = _convert_channels(_to_8bit(image, name), channels, name, order="BGR")
     if exif:
-        image = apply_orientation(image, exif_orientation(path))
+        image = apply_orientation(image, _exif_orientation(io.BytesIO(data)))
     return image
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
+def read_mask(path: str | bytes | os.PathLike) -> np.ndarray:
     """A label-map PNG as an HW uint8 array of class ids.
 
     'P' (palette) masks give their palette *indices*, as PASCAL VOC stores classes: converting
     them to RGB or gray would give colours, not classes. 'L' masks give their gray levels.
+    The header is checked as ``read_image`` checks it (truncated, oversized).
     """
-    from PIL import Image
-
+    name = display_path(path)
+    data = _read_bytes(path, "mask")
+    _check_header(data, name)
     try:
-        with Image.open(path) as im:
+        with _pil_open(io.BytesIO(data)) as im:
             if im.mode not in _MASK_MODES:
-                raise MaskError(f"{path}: mask mode {im.mode!r}, expected a palette ('P', the index is "
+                raise MaskError(f"{name}: mask mode {im.mode!r}, expected a palette ('P', the index is "
                                 f"the class) or 8-bit gray ('L') PNG of class ids; colour-coded masks "
                                 f"must be converted to class ids first")
             return np.array(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: mask file not found") from None
-    except (OSError, SyntaxError) as e:  # PIL raises these for truncated / undecodable files
-        raise ImageReadError(f"{path}: cannot decode mask ({e})") from None
+    except MaskError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL's many errors for undecodable files: OSError, SyntaxError ...
+        raise ImageReadError(f"{name}: cannot decode mask ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +419,7 @@ def image_from_input(item: Any, channels: int, name: str) -> np.ndarray:
     numpy array (RGB) or a ``C x H x W`` uint8 tensor. ``name`` ("input 3") goes into errors:
     ``FileNotFoundError`` for a missing file, ``ValueError`` for anything else unusable."""
     if isinstance(item, (str, os.PathLike)):
-        label = f"{name} ({os.fspath(item)})"
+        label = f"{name} ({display_path(item)})"
         path = Path(item)
         if not path.exists():
             raise FileNotFoundError(f"{label}: no such file")
@@ -281,4 +493,4 @@ def load_skipping_bad(load: Callable[[int], Any], index: int, size: int, errors:
         except errors as e:
             stats["unreadable"] += 1
             warnings.warn(f"skipping unusable sample: {e}", stacklevel=3)
-    raise ImageReadError(f"{source}: none of the {size} samples could be used")
+    raise ImageReadError(f"{display_path(source)}: none of the {size} samples could be used")

@@ -13,6 +13,9 @@ would look like, so detection and segmentation read it through the ordinary load
     DIR/annotations/instances_{train,val}.json   COCO: visible-part boxes, RLE masks, iscrowd=0
     DIR/DONE.json                            written last: the arguments, marks it complete
 
+(while it is being written the folder also holds ``.fashionscenes``, the generator's mark,
+replaced by ``DONE.json`` at the end).
+
 An item's alpha comes from its gray level. A pixel is labelled with the topmost item that covers
 it at alpha >= 1/2; pixels where an item is only partly there (its soft border) are 255, because
 they mix two labels. Items left with little visible area are dropped from the annotations and
@@ -20,6 +23,11 @@ their visible pixels become 255, so no loss is asked to find an object nobody co
 
 Output is a pure function of the arguments (one random generator per scene, seeded from
 ``(seed, split, index)``), so the worker count does not change a byte.
+
+The generator only ever writes into, or deletes, a folder it made: an empty or new one, or one
+holding its mark (``.fashionscenes`` while it writes, then ``DONE.json`` and the COCO files'
+``info.generator``) and nothing else it would not write. Any other folder (a user's own dataset
+with ``images/`` and ``annotations/``, say) is refused with its name and left untouched.
 """
 from __future__ import annotations
 
@@ -31,6 +39,8 @@ import math
 import os
 import re
 import shutil
+import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +59,10 @@ FORMAT = "fashionscenes-1"
 # our split -> (Fashion-MNIST split it draws items from, id mixed into the per-scene seed)
 SPLITS = {"train": ("train", 0), "val": ("test", 1)}
 DONE = "DONE.json"
+# Written first into every folder generate_scenes fills, so that a folder it was interrupted in
+# is still recognisably its own; removed once DONE.json (written last) marks the folder.
+MARKER = ".fashionscenes"
+GENERATOR = "tasks.data.scenes"  # the COCO files' info.generator
 MIN_SIZE = 64
 ITEM_SIDE = 28
 MIN_SCALE, MAX_SCALE = 1.0, 4.0
@@ -244,7 +258,7 @@ def _coco(split: str, args: dict, per_image: list[list[dict]]) -> dict:
             annotations.append({"id": len(annotations) + 1, "image_id": index + 1, **ann})
     return {
         "info": {"description": "FashionScenes: Fashion-MNIST items composed into scenes",
-                 "version": FORMAT, "generator": "tasks.data.scenes", "split": split,
+                 "version": FORMAT, "generator": GENERATOR, "split": split,
                  "fashion_mnist_split": SPLITS[split][0], "args": args},
         "licenses": [],
         "images": images,
@@ -256,8 +270,12 @@ def _coco(split: str, args: dict, per_image: list[list[dict]]) -> dict:
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, separators=(",", ":")))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, separators=(",", ":")))
+        os.replace(tmp, path)
+    finally:  # a failed write leaves no temporary file behind
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _done_record(args: dict) -> dict:
@@ -288,7 +306,10 @@ def generate_scenes(out_dir, *, train: int = 8000, val: int = 1000, size: int = 
     from tasks.data.fashion_mnist import load_fashion_mnist  # imports torch: keep it out of workers' way
 
     out = Path(out_dir)
+    _claim(out, "out_dir")  # a user's folder: refused before anything in it is written or deleted
     out.mkdir(parents=True, exist_ok=True)
+    # First: an interrupted generation leaves a folder that is recognisably ours.
+    _write_json_atomic(out / MARKER, {"generator": GENERATOR, "format": FORMAT})
     # The old marker must not vouch for a folder that is being rewritten.
     (out / DONE).unlink(missing_ok=True)
     counts = {split: args[split] for split in SPLITS}
@@ -331,6 +352,7 @@ def generate_scenes(out_dir, *, train: int = 8000, val: int = 1000, size: int = 
         _remove_stale(out / "images" / split, count)
         _remove_stale(out / "masks" / split, count)
     _write_json_atomic(out / DONE, _done_record(args))  # last: marks the folder complete
+    (out / MARKER).unlink(missing_ok=True)  # DONE.json marks it from now on
     return out
 
 
@@ -344,38 +366,122 @@ def default_root(*, train: int = 8000, val: int = 1000, size: int = 256, seed: i
 
 
 def _ours(root: Path) -> bool:
-    """Whether ``root`` holds nothing but what generate_scenes writes (so it may be deleted)."""
-    return all(p.name in {"images", "masks", "annotations", DONE, DONE + ".tmp"} for p in root.iterdir())
+    """Whether ``root`` holds nothing but what generate_scenes writes (entry names only; see
+    ``_claim`` for the test that decides whether a folder may be written into or deleted)."""
+    return all(p.name in {"images", "masks", "annotations", DONE, DONE + ".tmp", MARKER} for p in root.iterdir())
+
+
+def _marked(root: Path) -> bool:
+    """Whether the generator made ``root``: its mark of a generation under way, a DONE.json of
+    this generator's format, or (a complete folder whose DONE.json was deleted) a COCO file
+    whose ``info.generator`` is this module."""
+    if (root / MARKER).is_file():
+        return True
+    done = _read_done(root)
+    if isinstance(done, dict) and str(done.get("format", "")).startswith("fashionscenes-"):
+        return True
+    for split in ("val", "train"):  # val first: the smaller file
+        try:
+            info = json.loads((root / "annotations" / f"instances_{split}.json").read_text()).get("info", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(info, dict) and info.get("generator") == GENERATOR:
+            return True
+    return False
+
+
+def _foreign_entries(root: Path, limit: int = 3) -> list[str]:
+    """Up to ``limit`` paths under ``root`` (relative) that generate_scenes would not write."""
+    allowed_json = {f"instances_{split}.json" for split in SPLITS}
+    allowed_json |= {name + ".tmp" for name in allowed_json}
+    foreign: list[str] = []
+
+    def add(rel: str) -> bool:
+        foreign.append(rel)
+        return len(foreign) >= limit
+
+    for top in sorted(root.iterdir()):
+        if top.name in (DONE, DONE + ".tmp", MARKER, MARKER + ".tmp") and top.is_file() and not top.is_symlink():
+            continue
+        if top.name in ("images", "masks") and top.is_dir() and not top.is_symlink():
+            for split in sorted(top.iterdir()):
+                if split.name not in SPLITS or not split.is_dir() or split.is_symlink():
+                    if add(f"{top.name}/{split.name}"):
+                        return foreign
+                    continue
+                for f in split.iterdir():
+                    if not (_INDEX_PNG.fullmatch(f.name) and f.is_file() and not f.is_symlink()):
+                        if add(f"{top.name}/{split.name}/{f.name}"):
+                            return foreign
+            continue
+        if top.name == "annotations" and top.is_dir() and not top.is_symlink():
+            for f in sorted(top.iterdir()):
+                if not (f.name in allowed_json and f.is_file() and not f.is_symlink()):
+                    if add(f"annotations/{f.name}"):
+                        return foreign
+            continue
+        if add(top.name):
+            return foreign
+    return foreign
+
+
+def _claim(root: Path, what: str = "root") -> None:
+    """Refuse to write into ``root`` (and so to delete anything in it) unless it is missing,
+    empty, or a scene folder of this generator holding nothing else: a user's folder pointed at
+    by mistake must come out untouched. ``what`` names the argument in the error."""
+    if not os.path.lexists(root):
+        return
+    if not root.is_dir():
+        raise FileExistsError(f"{what} {root} exists and is not a folder; pass another {what}")
+    if next(root.iterdir(), None) is None:
+        return
+    if not _marked(root):
+        raise FileExistsError(f"{what} {root} exists and is not a FashionScenes dataset (it holds no {MARKER} or "
+                              f"{DONE} of tasks.data.scenes): it was left untouched; pass another {what} or an "
+                              "empty folder")
+    foreign = _foreign_entries(root)
+    if foreign:
+        raise FileExistsError(f"{what} {root} is a FashionScenes dataset but also holds files the generator did not "
+                              f"write ({', '.join(foreign)}): it was left untouched; move them out or pass another "
+                              f"{what}")
 
 
 def ensure_scenes(root=None, *, train: int = 8000, val: int = 1000, size: int = 256, seed: int = 0,
                   data_dir=None, progress: bool = True, aspect: tuple[float, float] | None = None) -> Path:
     """A complete dataset folder for these arguments, generated only if missing or incomplete.
 
-    Generation goes into a temporary sibling that is renamed into place at the end, so an
-    interrupted run leaves no half dataset behind ``root``. With several processes (DDP), call
-    it on one rank first and let the others wait, or each rank will generate its own copy."""
+    Generation goes into a fresh temporary sibling that is renamed into place at the end, so an
+    interrupted run leaves no half dataset behind ``root``. An existing ``root`` is replaced only
+    when it is empty or a scene folder of this generator (``_claim``); any other folder is a
+    ``FileExistsError`` naming it, and nothing in it is touched. With several processes (DDP),
+    call it on one rank first and let the others wait, or each rank will generate its own copy."""
     args = _check_args(train=train, val=val, size=size, seed=seed, aspect=aspect)
     root = Path(root).expanduser() if root is not None else default_root(train=train, val=val, size=size, seed=seed,
                                                                          aspect=aspect)
     if _read_done(root) == _done_record(args):
         return root
-    if root.exists() and not (root.is_dir() and _ours(root)):
-        raise FileExistsError(f"{root} exists and holds files that are not a FashionScenes dataset; "
-                              "pass another root or empty it")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    _claim(root, "data.scenes_root")  # before generating: a user's folder is refused at once, not after minutes
+    # A symbolic link (the cache moved to another disk) stays: the folder it points at is replaced.
+    target = root.resolve() if root.is_symlink() else root
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh folder of our own (mkdtemp): never one that happens to be there already.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         generate_scenes(tmp, train=train, val=val, size=size, seed=seed, data_dir=data_dir, progress=progress,
                         aspect=aspect)
         if _read_done(root) == _done_record(args):  # another process finished first
             return root
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+        if os.path.lexists(target):
+            _claim(target, "data.scenes_root")  # again, just before it goes: nothing was added meanwhile
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:12]}")
+            os.rename(target, old)  # out of the way first: the new folder then takes its name at once
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)  # a dataset of ours (checked above)
+        else:
+            os.rename(tmp, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
@@ -427,8 +533,9 @@ def render_preview(root, out_png, split: str = "val", n: int = 9) -> Path:
 
     grids = [make_grid(pad_batch(t, 1, 255), nrow=nrow, padding=4, pad_value=255) for t in (scenes, label_maps)]
     picture = torch.cat(grids, dim=2)  # [3, H, 2W]: scenes beside their label maps
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(picture.permute(1, 2, 0).numpy()).save(out_png)
+    from tasks.engine.checkpoint import write_atomic  # a crash keeps the previous picture whole
+
+    write_atomic(out_png, lambda tmp: Image.fromarray(picture.permute(1, 2, 0).numpy()).save(tmp))
     return out_png
 
 
@@ -469,7 +576,7 @@ def main(argv=None) -> Path:
                               workers=a.workers, progress=not a.quiet, aspect=aspect)
         if a.preview:
             render_preview(out, a.preview, split="val" if a.val else "train")
-    except (ValueError, FileNotFoundError) as e:  # bad flags or no Fashion-MNIST: say so, no traceback
+    except (ValueError, OSError) as e:  # bad flags, no Fashion-MNIST, a folder not ours: say so, no traceback
         parser.error(str(e))
     if not a.quiet:
         print(f"FashionScenes written to {out}" + (f", preview {a.preview}" if a.preview else ""))

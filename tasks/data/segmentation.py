@@ -17,6 +17,8 @@ Bad input, and what ``skip_bad`` changes (the style of ``tasks.data.coco``):
 
 * image without a mask (checked at init): ``FileNotFoundError`` naming the image and the mask
   it looked for; with ``skip_bad`` the pair is dropped and counted (``stats["skipped_images"]``).
+  Hidden files in the image folder are ignored; other files that are not .png / .jpg / .jpeg
+  are named in one warning.
 * annotation file problems and malformed COCO annotations: as ``CocoDetection``, plus a
   ``segmentation`` that is not polygons or RLE of the image's size (``stats["malformed"]``).
 * at load time (checking every mask at init would decode the whole dataset): unreadable image
@@ -37,8 +39,11 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from .coco import check_categories, check_images, checked_annotations, is_int, keep_existing_images, load_coco_json
-from .images import ImageReadError, MaskError, load_skipping_bad, pad_batch, read_image, read_mask
+from .coco import (check_categories, check_images, checked_annotations, is_int, keep_existing_images, load_coco_json,
+                   segmentation_problem)
+from .folders import list_images, warn_skipped_files
+from .images import (ImageReadError, MaskError, display_path, load_skipping_bad, pad_batch, read_image, read_image_size,
+                     read_mask)
 
 __all__ = ["MaskFolderDataset", "CocoSemanticDataset", "MaskError", "read_mask", "collate_segmentation",
            "scenes_segmentation", "IGNORE_INDEX", "IMAGE_SUFFIXES"]
@@ -157,9 +162,9 @@ class MaskFolderDataset(_SegmentationDataset):
         self.num_classes = num_classes
         for what, folder in (("image", self.image_dir), ("mask", self.mask_dir)):
             if not folder.is_dir():
-                raise FileNotFoundError(f"{folder}: {what} folder not found")
-        images = sorted(p for p in self.image_dir.iterdir()
-                        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+                raise FileNotFoundError(f"{display_path(folder)}: {what} folder not found")
+        # hidden files (macOS "._x.png" resource forks, editor back-ups) are never images
+        images, others = list_images(self.image_dir, IMAGE_SUFFIXES, recursive=False)
         if stems is not None:
             found = {p.stem: p for p in images}
             images = []
@@ -169,15 +174,18 @@ class MaskFolderDataset(_SegmentationDataset):
                 elif skip_bad:
                     self.stats["skipped_images"] += 1
                 else:
-                    raise FileNotFoundError(f"{self.image_dir / (stem + '.jpg')}: image file not found (listed in "
-                                            f"the split); --set data.skip_bad=true skips missing images")
+                    raise FileNotFoundError(f"{display_path(self.image_dir / (stem + '.jpg'))}: image file not found "
+                                            f"(listed in the split); --set data.skip_bad=true skips missing images")
+        else:  # a split list names its images; without one every other file is said, not dropped silently
+            warn_skipped_files(self.image_dir, others, IMAGE_SUFFIXES)
         if not images:
-            raise ValueError(f"{self.image_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise ValueError(f"{display_path(self.image_dir)}: no images ({', '.join(IMAGE_SUFFIXES)})")
         by_stem: dict[str, Path] = {}
         for p in images:
             if p.stem in by_stem:  # both would claim the same mask
-                raise ValueError(f"{by_stem[p.stem]} and {p}: two images share the stem {p.stem!r}, "
-                                 f"so they would share the mask {self.mask_dir / (p.stem + '.png')}")
+                raise ValueError(f"{display_path(by_stem[p.stem])} and {display_path(p)}: two images share the stem "
+                                 f"{display_path(p.stem)!r}, so they would share the mask "
+                                 f"{display_path(self.mask_dir / (p.stem + '.png'))}")
             by_stem[p.stem] = p
         if limit is not None:
             images = images[:limit]
@@ -189,27 +197,30 @@ class MaskFolderDataset(_SegmentationDataset):
             elif skip_bad:
                 self.stats["skipped_images"] += 1
             else:
-                raise FileNotFoundError(f"{image}: no mask {mask}; --set data.skip_bad=true skips "
-                                        f"images without masks")
+                raise FileNotFoundError(f"{display_path(image)}: no mask {display_path(mask)}; --set "
+                                        f"data.skip_bad=true skips images without masks")
         self.stats["images"] = len(self._pairs)
         self._sizes: list[tuple[int, int]] | None = None
         if self.stats["skipped_images"]:
-            warnings.warn(f"{self.image_dir}: {self.stats['skipped_images']} images without a mask in "
-                          f"{self.mask_dir} are not used; counters in .stats", stacklevel=2)
+            warnings.warn(f"{display_path(self.image_dir)}: {self.stats['skipped_images']} images without a mask "
+                          f"in {display_path(self.mask_dir)} are not used; counters in .stats", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self._pairs)
 
     def image_sizes(self) -> list[tuple[int, int]]:
         if self._sizes is None:
-            from PIL import Image
-
-            sizes = []
-            for image, _ in self._pairs:
-                with Image.open(image) as im:  # the header only
-                    sizes.append((im.height, im.width))
-            self._sizes = sizes
+            # the header only: no decoding, and no refusal of an oversized image (loading it does)
+            self._sizes = [self._header_size(image) for image, _ in self._pairs]
         return self._sizes
+
+    def _header_size(self, image: Path) -> tuple[int, int]:
+        try:
+            return read_image_size(image)
+        except (ImageReadError, FileNotFoundError):
+            if not self.skip_bad:
+                raise
+            return 1, 1  # any size: loading the sample fails again, and skips it (and counts it)
 
     def _source(self) -> str:
         return str(self.image_dir)
@@ -219,9 +230,9 @@ class MaskFolderDataset(_SegmentationDataset):
         image = read_image(image_path)
         mask = read_mask(mask_path)
         if mask.shape != image.shape[:2]:
-            raise MaskError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
-                            f"{image_path} is {image.shape[1]}x{image.shape[0]}")
-        self._check_labels(mask, mask_path)
+            raise MaskError(f"{display_path(mask_path)}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                            f"{display_path(image_path)} is {image.shape[1]}x{image.shape[0]}")
+        self._check_labels(mask, display_path(mask_path))
         return image, mask
 
 
@@ -240,32 +251,8 @@ def scenes_segmentation(root: str | os.PathLike, split: str = "train", **kwargs)
 # COCO instances -> semantic label maps
 # ---------------------------------------------------------------------------------------------
 
-def _segmentation_problem(segm: Any, height: int, width: int) -> str | None:
-    """Why ``segm`` is not a usable COCO polygon list or RLE for an image of this size, or None."""
-    if isinstance(segm, list):
-        if not segm:
-            return "'segmentation' is an empty polygon list"
-        for poly in segm:
-            # pycocotools reads a 4-number "polygon" as a box: demand real polygons.
-            if (not isinstance(poly, (list, tuple)) or len(poly) < 6 or len(poly) % 2
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-                               for v in poly)):
-                return "'segmentation' polygon is not a list of >= 3 finite (x, y) pairs"
-        return None
-    if isinstance(segm, dict):
-        size, counts = segm.get("size"), segm.get("counts")
-        if not isinstance(size, (list, tuple)) or [*size] != [height, width]:
-            return f"RLE size {size!r} is not the image's [height, width] = [{height}, {width}]"
-        if isinstance(counts, list):
-            if not all(is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
-                return f"uncompressed RLE counts do not add up to height * width = {height * width}"
-            return None
-        if isinstance(counts, (str, bytes)):
-            return None
-        return f"RLE 'counts' is a {type(counts).__name__}, expected a string or a list of ints"
-    if segm is None:
-        return "no 'segmentation' (polygons or RLE)"
-    return f"'segmentation' is a {type(segm).__name__}, expected a polygon list or an RLE dict"
+# the check lives with the COCO reader, which applies it to every annotation file it loads
+_segmentation_problem = segmentation_problem
 
 
 def _to_rle(segm: list | dict, height: int, width: int) -> dict:
@@ -300,8 +287,8 @@ class CocoSemanticDataset(_SegmentationDataset):
         images = check_images(self.ann_file, data["images"])
         self.cat_ids: list[int] = sorted(names)
         if len(self.cat_ids) >= IGNORE_INDEX:
-            raise ValueError(f"{self.ann_file}: {len(self.cat_ids)} categories; at most {IGNORE_INDEX - 1} "
-                             f"fit below the ignore index {IGNORE_INDEX} with background 0")
+            raise ValueError(f"{display_path(self.ann_file)}: {len(self.cat_ids)} categories; at most "
+                             f"{IGNORE_INDEX - 1} fit below the ignore index {IGNORE_INDEX} with background 0")
         self.class_names = ["background"] + [names[c] for c in self.cat_ids]
         self.num_classes = len(self.cat_ids) + 1
         self._cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
@@ -324,13 +311,18 @@ class CocoSemanticDataset(_SegmentationDataset):
         noted = {k: self.stats[k] for k in ("malformed", "skipped_images") if self.stats[k]}
         if noted:
             what = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in noted.items())
-            warnings.warn(f"{self.ann_file}: {what} (not used); counters in .stats", stacklevel=2)
+            warnings.warn(f"{display_path(self.ann_file)}: {what} (not used); counters in .stats", stacklevel=2)
 
     def _sanitize_annotations(self, anns: list, images: dict[int, dict], kept: set[int]) -> dict[int, list[dict]]:
         """The usable annotations of the kept images, grouped by image in file order."""
         def segmentation_problem(ann: dict) -> str | None:
-            img = images[ann["image_id"]]
-            return _segmentation_problem(ann.get("segmentation"), img["height"], img["width"])
+            # a segmentation that is there was checked with the annotation (checked_annotations);
+            # here it is also required: no mask, no semantic label map
+            segm = ann.get("segmentation")
+            if segm is None or (isinstance(segm, list) and all(p == [] for p in segm)):
+                img = images[ann["image_id"]]
+                return _segmentation_problem(segm, img["height"], img["width"])
+            return None
 
         by_image: dict[int, list[dict]] = {}
         for ann in checked_annotations(anns, images, self._cat_to_label, ann_file=self.ann_file,
@@ -371,8 +363,8 @@ class CocoSemanticDataset(_SegmentationDataset):
         img_id, path, h, w, _ = self._records[index]
         image = read_image(path)
         if image.shape[:2] != (h, w):
-            raise ImageReadError(f"{path}: image is {image.shape[1]}x{image.shape[0]} but "
-                                 f"{self.ann_file} says {w}x{h} (image id {img_id})")
+            raise ImageReadError(f"{display_path(path)}: image is {image.shape[1]}x{image.shape[0]} but "
+                                 f"{display_path(self.ann_file)} says {w}x{h} (image id {img_id})")
         return image, self.semantic_mask(index)
 
 

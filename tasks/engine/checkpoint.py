@@ -13,7 +13,9 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import shutil
+import signal
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +25,7 @@ import torch
 
 from backbones.weights import CKPT_FORMAT, read_checkpoint, state_checksum
 
-__all__ = ["CKPT_FORMAT", "write_atomic", "write_error", "atomic_save", "load_checkpoint", "model_state", "CheckpointWriter",
+__all__ = ["CKPT_FORMAT", "write_atomic", "new_temp", "remove_stale_temps", "process_alive", "write_error", "atomic_save", "load_checkpoint", "model_state", "CheckpointWriter",
            "rng_state", "set_rng_state", "seed_everything", "to_cpu"]
 
 
@@ -54,23 +56,79 @@ def write_error(path: Path, error: BaseException) -> OSError:
     return OSError(f"cannot write {path}: {reason}")
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Any:
-    """``write(tmp)`` to a temp file beside ``path`` (``.<stem>.tmp<pid><suffix>``: the suffix
-    may pick the format), then ``os.replace`` over ``path``; returns what ``write`` returned.
-    A crash or a full disk leaves the previous file intact and no temp file behind (a killed
-    process's is removed by the next run: ``Trainer.fit``); a failed write is one ``OSError``."""
+# ".<stem>.tmp<pid>[-n]<suffix>": the name new_temp gives a temp file
+TEMP_NAME = re.compile(r"\.(?P<stem>.+)\.tmp(?P<pid>\d+)(?:-\d+)?(?P<suffix>\.[^.]*)?")
+
+
+def new_temp(path: str | os.PathLike) -> Path:
+    """A new, empty temp file beside ``path`` (``.<stem>.tmp<pid><suffix>``: the suffix may
+    pick the format; the pattern ``remove_stale_temps`` knows). Created with ``O_EXCL`` (and
+    ``O_NOFOLLOW``), so the write that follows goes into a file made here: a link or a file
+    that already has the name is never written through or truncated (another name is taken)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for n in range(100):
+        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{f'-{n}' if n else ''}{path.suffix}")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot write {path}: 100 temp names beside it are taken")
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Any:
+    """``write(tmp)`` into a new temp file beside ``path`` (``new_temp``), then ``os.replace``
+    over ``path``; returns what ``write`` returned. The name is replaced: a link of that name
+    is replaced, never written through, and a file hard-linked elsewhere keeps its bytes. A
+    crash or a full disk leaves the previous file intact and no temp file behind (a killed
+    process's is removed by the next run: ``remove_stale_temps``); a failed write is one
+    ``OSError`` naming ``path``."""
+    path = Path(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = new_temp(path)
         result = write(tmp)
         os.replace(tmp, path)
+        tmp = None
         return result
     except (OSError, RuntimeError) as e:  # RuntimeError: torch's zip writer on a full disk
         raise write_error(path, e) from None
     finally:
-        if tmp.exists():
+        if tmp is not None and os.path.lexists(tmp):
             tmp.unlink()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except (OSError, OverflowError):
+        return False
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike, keep: set[Path] = frozenset()) -> None:
+    """Delete the temp files of killed writes in ``folder`` (``new_temp``'s names whose
+    process is gone), and only those: not another file that happens to start with a dot, not a
+    folder, not a path in ``keep`` (resolved), nor the temp file of a process still writing."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        match = TEMP_NAME.fullmatch(entry.name)
+        if match is None or entry.is_dir(follow_symlinks=False):
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or process_alive(pid) or (keep and Path(entry.path).resolve() in keep):
+            continue
+        Path(entry.path).unlink(missing_ok=True)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -123,17 +181,32 @@ class CheckpointWriter:
                 self._error = e
 
         self._thread = threading.Thread(target=work, name="checkpoint-writer", daemon=False)
-        self._thread.start()
+        _start_unsignalled(self._thread)
 
     def wait(self) -> None:
         if self._thread is not None:
-            self._thread.join()
+            if self._thread.ident is not None:  # else a Ctrl-C came before it was started: nothing to wait for
+                self._thread.join()
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
             if isinstance(err, OSError) or not isinstance(err, Exception):
                 raise err  # a full disk, a vanished folder (one line for the runner); an interrupt as it is
             raise RuntimeError(f"writing a checkpoint failed: {err}") from err
+
+
+def _start_unsignalled(thread: threading.Thread) -> None:
+    """``thread.start()`` with SIGINT and SIGTERM held back until it returns. A Ctrl-C inside
+    ``start`` (it waits for the new thread) leaves a thread that may be running, yet cannot be
+    joined ("cannot join thread before it is started"): the checkpoint being written would be
+    left unwaited-for. Masked here, the signal is handled right after, with the thread started."""
+    masked = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM}) if masked else None
+    try:
+        thread.start()  # the new thread inherits the mask: signals are the main thread's to handle
+    finally:
+        if masked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,13 +1,16 @@
 """Typed run configuration: dataclasses hold every default, YAML and ``--set`` only override.
 
 Unknown keys are an error that names the key and the valid ones, so a typo in a recipe
-never silently trains the default instead.
+never silently trains the default instead. YAML is read strictly: a key given twice in one
+mapping (YAML keeps the last, silently) is an error naming both lines, and every YAML error is
+one line naming the file, the line and the column.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass
@@ -17,13 +20,133 @@ from typing import Any, Optional, Sequence
 import yaml
 
 __all__ = ["ConfigError", "ModelConfig", "DenseDataConfig", "OptimConfig", "TrainConfig", "load_config", "apply_overrides",
-           "config_to_dict", "config_from_dict", "bounded", "one_of", "CONFIG_ROOT"]
+           "config_to_dict", "config_from_dict", "bounded", "one_of", "CONFIG_ROOT", "recipe_root",
+           "locate_recipe"]
 
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs"
+
+def recipe_root(package: Path) -> Path:
+    """Where the recipes of the ``tasks`` package at ``package`` are: ``tasks/configs/`` in an
+    installed wheel (pyproject.toml maps the top-level ``configs/`` there), else the
+    ``configs/`` beside ``tasks/`` of a source checkout or editable install."""
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+CONFIG_ROOT = recipe_root(Path(__file__).resolve().parents[1])
+
+
+def locate_recipe(path: str | os.PathLike) -> Path:
+    """``--config PATH`` as given, except a relative ``configs/<task>/<name>.yaml`` that is not
+    there (an installed package run from another folder, as the README's commands are written):
+    then the shipped recipe of that name, where one exists."""
+    given = Path(path)
+    parts = given.parts
+    if not given.is_absolute() and len(parts) > 1 and parts[0] == "configs" and not given.exists():
+        shipped = CONFIG_ROOT.joinpath(*parts[1:])
+        if shipped.is_file():
+            return shipped
+    return given
 
 
 class ConfigError(ValueError):
     """A config file or override is wrong: unknown key, bad type, value out of range, unreadable file."""
+
+
+# ----------------------------------------------------------------------------- YAML, strictly
+
+# A config nests three levels (section, key, list); far deeper is a broken or hostile file,
+# refused before PyYAML's recursive composer runs out of Python stack (a RecursionError)
+_MAX_YAML_DEPTH = 64
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _YAMLDuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: Any, second: Any) -> None:  # marks: 0-based line and column
+        where = f"lines {first.line + 1} and {second.line + 1}" if first.line != second.line else \
+            f"line {first.line + 1}, columns {first.column + 1} and {second.column + 1}"
+        super().__init__(f"duplicate key {_brief(key)} at {where} (YAML would keep only the last; remove one)")
+
+
+class _YAMLTooDeep(yaml.YAMLError):
+    def __init__(self, line: int) -> None:
+        super().__init__(f"nested more than {_MAX_YAML_DEPTH} levels deep at line {line} (a config nests a few)")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping and nesting deeper
+    than ``_MAX_YAML_DEPTH``. Merge keys (``<<: *base`` then an override) stay legal."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > _MAX_YAML_DEPTH:
+                raise _YAMLTooDeep(self.peek_event().start_mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            marks: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = marks.get(key)
+                except TypeError:  # an unhashable key: the base class names it
+                    continue
+                if first is not None:
+                    raise _YAMLDuplicateKey(key, first, key_node.start_mark)
+                marks[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(e: BaseException) -> str:
+    """A YAML error as one line: what is wrong, then where (PyYAML's own message spans several
+    lines, quoting the offending text with a caret under it)."""
+    if isinstance(e, (_YAMLDuplicateKey, _YAMLTooDeep)):
+        return str(e)
+    if isinstance(e, RecursionError):
+        return "nested too deeply (a config nests a few levels)"
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        what = ": ".join(part for part in (e.context, e.problem) if part) or "syntax error"
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"not valid YAML ({what}{where})"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"not valid YAML ({first})"
+
+
+def _load_yaml(text: str) -> Any:
+    """``yaml.load`` with ``_StrictLoader``; errors as raised (``_yaml_problem`` words them)."""
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 6
+_REPR.maxlevel = 3
+
+
+def _brief(value: Any) -> str:
+    """``repr(value)`` cut short: a value quoted in an error stays one readable line (a YAML
+    alias can make a list of a billion items that a full repr would take minutes to print)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _printable(path: Any) -> str:
+    """A path for an error line: bytes that are not UTF-8 as ``\\xff`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def bounded(default: Any, low: float, high: float | None = None) -> Any:
@@ -185,12 +308,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: null is not allowed (expected {getattr(tp, '__name__', tp)})")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {_brief(value)}")
         return config_from_dict(tp, value, where)
     origin = typing.get_origin(tp)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_brief(value)}")
         args = typing.get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
@@ -204,7 +327,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {_brief(value)}")
     if tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -215,20 +338,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ValueError:
                 pass
         if number is None:
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_brief(value)}")
         if not math.isfinite(number):  # .nan / inf would train silently wrong
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{where}: expected a finite number, got {_brief(value)}")
         return number
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        raise ConfigError(f"{where}: expected an integer, got {_brief(value)}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+        raise ConfigError(f"{where}: expected a string, got {_brief(value)}")
     return value
 
 
@@ -238,7 +361,7 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "config:") ->
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(names)}")
+        raise ConfigError(f"{where.rstrip(':')}: unknown key {_brief(unknown[0])}; valid keys: {', '.join(names)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
@@ -250,13 +373,13 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "config:") ->
 def _check_bounds(value: Any, meta: Any, where: str) -> Any:
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        raise ConfigError(f"{where}: {_brief(value)} is not one of {', '.join(map(repr, choices))}")
     low, high = meta.get("min"), meta.get("max")
     if value is None or (low is None and high is None):
         return value
     if (low is not None and value < low) or (high is not None and value > high):
         span = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ConfigError(f"{where}: {value!r} is out of range, expected a value {span}")
+        raise ConfigError(f"{where}: {_brief(value)} is out of range, expected a value {span}")
     return value
 
 
@@ -281,7 +404,7 @@ def merge_dicts(base: dict[str, Any], update: dict[str, Any], where: str = "") -
             out[k] = merge_dicts(old, v, key)
         elif isinstance(v, dict) != isinstance(old, dict) and old is not None and k in out:
             section, value = (key, old) if isinstance(v, dict) else (key, v)
-            raise ConfigError(f"{section}: {value!r} where a section of settings is expected "
+            raise ConfigError(f"{section}: {_brief(value)} where a section of settings is expected "
                               f"(set its keys, e.g. {section}.<key>=...)")
         else:
             out[k] = v
@@ -315,12 +438,12 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], cls: type | 
     out = dict(data)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set model.depth=50")
+            raise ConfigError(f"--set {_brief(item)}: expected key=value, e.g. --set model.depth=50")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: cannot parse the value ({e})") from None
+            value = _load_yaml(raw) if raw.strip() else ""
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ConfigError(f"--set {_brief(item)}: cannot parse the value: {_yaml_problem(e)}") from None
         if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("{", "[")):
             value = raw  # "path/with: colon" is a string, not a mapping
         if cls is not None:
@@ -333,15 +456,30 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str], cls: type | 
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML config file's top-level mapping. Every problem is one ``ConfigError`` line that
+    names the file: missing or unreadable, not UTF-8 text, not YAML (with line and column), a
+    key given twice in one mapping (both lines), nesting deeper than a config ever needs."""
     path = Path(path)
+    name = _printable(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {name}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read the config file ({e.strerror or type(e).__name__})") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is fine
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{name}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}): not a YAML "
+                          f"config file?") from None
+    try:
+        data = _load_yaml(text)
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"{name}: {_yaml_problem(e)}") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{name}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
 

@@ -20,7 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import math
+import os
+import signal
+import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,16 +38,125 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed
 from .checkpoint import (CKPT_FORMAT, CheckpointWriter, load_checkpoint, rng_state, seed_everything, set_rng_state,
-                         write_atomic)
+                         remove_stale_temps, write_atomic)
 from .config import config_to_dict
 from .ema import ModelEMA
 from .graphs import GraphedForwardBackward
 from .guard import NonFiniteLossError, TrainingGuard, TrainingGuardError
 from .logging import Console, MetricsLog, TensorBoardLog, format_metrics, progress
-from .optim import build_grad_scaler, build_optimizer, build_scheduler
+from .optim import build_grad_scaler, build_optimizer, build_scheduler, rebuild_scheduler
+from .registry import TASKS, spec_for_checkpoint
 from .viz import plot_curves
 
-__all__ = ["NonFiniteLossError", "TrainingGuardError", "Trainer", "autocast", "unwrap", "seek_schedule"]
+__all__ = ["NonFiniteLossError", "TrainingGuardError", "Trainer", "autocast", "unwrap", "seek_schedule", "Terminated",
+           "stop_on_sigterm", "hold_signals", "config_diff"]
+
+# optimizer settings the saved optimizer / schedule state carries: a resume with other values
+# would silently keep the saved ones (or fail to load), so a difference is refused
+OPTIM_STATE_KEYS = ("name", "lr", "momentum", "nesterov", "betas", "weight_decay", "norm_weight_decay",
+                    "trunk_lr_mult", "schedule", "warmup_epochs", "final_lr_ratio")
+_ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``, ``timeout``) raised in the main thread while
+    ``stop_on_sigterm`` is active: a KeyboardInterrupt, so the run stops the same clean way as
+    on Ctrl-C (checkpoint being written finished, lock released); ``run_cli`` exits 143."""
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # signal handlers live there only
+
+
+def _default_action(signum: int) -> None:
+    """Do what ``signum`` does without a Python handler (forked children inherit the handlers
+    below and must not turn a pool's SIGTERM into an exception)."""
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Inside the block SIGTERM raises ``Terminated`` (the default action would kill the process
+    mid-write, leaving the lock and possibly a half-finished epoch). No-op off the main thread."""
+    if not _main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def terminate(signum, frame):
+        if os.getpid() != owner:  # a forked child (a pool or DataLoader worker): the default action, as before
+            _default_action(signum)
+            return
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def hold_signals(note: str = "stopping: finishing the files being written (the run folder stays consistent)",
+                 reraise: bool = True):
+    """SIGINT and SIGTERM wait until the block ends: a second Ctrl-C while a checkpoint, its log
+    line or the lock are being finished must not cut them short. A signal held while no exception
+    is on its way out is raised at the end (KeyboardInterrupt / ``Terminated``; not with
+    ``reraise=False``: the process is already stopping); while one is (the first Ctrl-C), it only
+    says that the run is stopping. No-op off the main thread."""
+    if not _main_thread():
+        yield
+        return
+    received: list[int] = []
+    owner = os.getpid()
+
+    def hold(signum, frame):
+        if os.getpid() != owner:  # a child forked inside the block
+            _default_action(signum)
+            return
+        if not received:
+            print(note, file=sys.stderr, flush=True)
+        received.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        if received and reraise and sys.exc_info()[0] is None:
+            raise Terminated() if received[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _file_kind(path: Path) -> str | None:
+    """What ``path`` recognisably is (a checkpoint, a picture, compressed data), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    kinds = {b"PK\x03\x04": "zip file (a PyTorch checkpoint?)", b"\x89PNG": "PNG image", b"\xff\xd8\xff": "JPEG image",
+             b"\x1f\x8b": "gzip file", b"%PDF": "PDF file"}
+    return next((kind for magic, kind in kinds.items() if head.startswith(magic)), None)
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any], section: str,
+                keys: Iterable[str] | None = None) -> list[str]:
+    """``"<section>.<key> <saved> in the checkpoint, <current> in this command"`` for each key of
+    ``section`` (or of ``keys``) whose value differs; keys the checkpoint does not record (it
+    predates them) are not differences."""
+    a, b = saved.get(section) or {}, current.get(section) or {}
+    names = list(keys) if keys is not None else list(b)
+    out = []
+    for k in names:
+        if k not in a or k not in b:
+            continue
+        if json.dumps(a[k], sort_keys=True, default=str) != json.dumps(b[k], sort_keys=True, default=str):
+            out.append(f"{section}.{k} {a[k]!r} in the checkpoint, {b[k]!r} in this command")
+    return out
 
 
 def autocast(device: torch.device, enabled: bool = True, dtype: torch.dtype = torch.bfloat16):
@@ -209,6 +323,12 @@ class Trainer:
         self.start_epoch = 0
         self.best: float | None = None
         self._last_plot = 0.0
+        # what an interrupted run can be resumed from: the epoch <output>/last.pt holds (set once
+        # a checkpoint and its log line are on disk, or by resume() from that file), and the
+        # epoch in progress (1-based)
+        self.saved_epoch: int | None = None
+        self.best_saved_epoch: int | None = None  # best.pt written by this run (newer than last.pt with save_every > 1)
+        self.current_epoch: int | None = None
 
     def _check_sync_bn(self) -> bool:
         """Whether the model has SyncBatchNorm layers (an error where they cannot work)."""
@@ -221,6 +341,40 @@ class Trainer:
             raise ValueError("model.norm=syncbn needs CUDA devices under torchrun (PyTorch's SyncBatchNorm has "
                              "no CPU / gloo implementation): use model.norm=bn or gn")
         return True
+
+    def _training_batch_norms(self) -> list[str]:
+        """Names of the BatchNorm layers that normalise with batch statistics in training (not
+        frozen ones, nor SyncBatchNorm across several processes, whose batch spans the ranks)."""
+        model = unwrap(self.model)
+        was = model.training
+        model.train()  # frozen stages stay in eval mode (ResNet.train)
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and m.training and not (isinstance(m, nn.SyncBatchNorm) and self.world > 1)]
+        model.train(was)
+        return names
+
+    @contextlib.contextmanager
+    def _one_image_batches(self, step: int, epoch: int, images: torch.Tensor):
+        """PyTorch's "Expected more than 1 value per channel" as one line naming the batch size.
+        Not refused up front: BatchNorm trains on one image whenever its input has more than one
+        pixel per channel (dense tasks at batch 1, a one-image overfit check); it fails only
+        where a feature map is 1x1 (ResNet's C5 of a 28x28 image through the ImageNet stem)."""
+        try:
+            yield
+        except ValueError as e:
+            if _ONE_VALUE_PER_CHANNEL not in str(e):
+                raise
+            raise self._one_image_batch_error(
+                f"training batch {step + 1} of epoch {epoch + 1} holds {images.shape[0]} image",
+                "use train.batch_size (--batch-size) >= 2 with no batch of one image") from None
+
+    def _one_image_batch_error(self, detail: str, fix: str) -> ValueError:
+        bn = self._training_batch_norms()
+        if bn and all(n.startswith("backbone.") for n in bn):
+            fix += ", or set model.norm=gn / frozen_bn (no batch statistics)"
+        elif bn:  # the segmentation head's BatchNorm, say: model.norm does not change it
+            fix += f" (the {bn[0].split('.')[0]}'s BatchNorm layers need it whatever model.norm is)"
+        return ValueError(f"{detail}: BatchNorm cannot train on a batch of one image (one value per channel); {fix}")
 
     def _seed_rank_rngs(self, epoch: int) -> None:
         """Ranks other than 0 draw dropout / drop-path / augmentation noise from global RNG
@@ -257,23 +411,62 @@ class Trainer:
         the step this world size would have reached. Only rank 0's RNG state is stored, so a
         resumed run is bit-identical to an uninterrupted one in one process; with several
         processes the other ranks' global RNG streams are reseeded (data order and on-device
-        augmentation are reseeded from (seed, epoch, rank) anyway)."""
+        augmentation are reseeded from (seed, epoch, rank) anyway).
+
+        More ``train.epochs`` than the checkpoint's run had: the schedule is rebuilt for the new
+        length and continues at the step reached (said in one line). Fewer epochs than it has
+        trained, another optimizer or schedule setting (``OPTIM_STATE_KEYS``), or a model whose
+        weights do not fit the checkpoint's: a ``ValueError`` naming the keys and both values,
+        before anything is loaded or written."""
         ckpt = load_checkpoint(path)
         if ckpt.get("task") != self.task:
             raise ValueError(f"{path} is a {ckpt.get('task')!r} checkpoint, not {self.task!r}")
-        unwrap(self.model).load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.task in TASKS:
+            spec_for_checkpoint(ckpt, path)  # fills in what an older checkpoint's config lacks
+        saved_cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+        current = config_to_dict(self.cfg)
+        start = int(ckpt["epoch"])
+        if start > self.epochs:
+            raise ValueError(f"train.epochs (--epochs) {self.epochs} is fewer than the {start} epochs --resume {path} "
+                             f"has trained: pass --epochs {start + 1} or more to continue it (--eval-only --weights "
+                             f"{path} evaluates it)")
+        differs = config_diff(saved_cfg, current, "optim", OPTIM_STATE_KEYS)
+        if differs:
+            raise ValueError(f"--resume {path}: the checkpoint's optimizer settings differ from this command's: "
+                             f"{'; '.join(differs)}; resume with the checkpoint's settings (drop those --set / "
+                             f"flags), or start a new run from its weights with --trunk {path}")
+        try:
+            unwrap(self.model).load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise ValueError(self._model_mismatch(path, ckpt, saved_cfg, current)) from None
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:  # another parameter grouping (freeze_at, ...)
+            differs = config_diff(saved_cfg, current, "model") + config_diff(saved_cfg, current, "optim")
+            why = "; ".join(differs) or (str(e).splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"--resume {path}: the checkpoint's optimizer state does not fit this command's "
+                             f"model and optimizer: {why}; resume with the checkpoint's settings") from None
         if self.scaler is not None and ckpt.get("grad_scaler"):  # else (a bf16 run's file): a fresh scale
             self.scaler.load_state_dict(ckpt["grad_scaler"])
-        self.start_epoch = int(ckpt["epoch"])
+        self.start_epoch = start
         saved_steps = ckpt.get("steps_per_epoch", self.steps_per_epoch)
-        if saved_steps == self.steps_per_epoch:
+        saved_epochs = (saved_cfg.get("train") or {}).get("epochs", self.epochs)
+        if saved_steps == self.steps_per_epoch and saved_epochs == self.epochs:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         else:
+            # The saved schedule (its length, OneCycle's total) no longer fits: the schedule is a
+            # function of the step, so a fresh one for this run's length is moved to the step reached.
+            self.scheduler = rebuild_scheduler(self.optimizer, self.model, self.cfg.optim, self.epochs,
+                                               self.steps_per_epoch)
             seek_schedule(self.scheduler, self.start_epoch * self.steps_per_epoch)
-            self.console(f"{path}: {saved_steps} steps per epoch with {ckpt.get('world_size', 1)} process(es), "
-                         f"now {self.steps_per_epoch} with {self.world}: the schedule continues at step "
-                         f"{self.start_epoch * self.steps_per_epoch} of {self.epochs * self.steps_per_epoch}")
+            where = (f"the schedule continues at step {self.start_epoch * self.steps_per_epoch} of "
+                     f"{self.epochs * self.steps_per_epoch}")
+            if saved_steps != self.steps_per_epoch:
+                self.console(f"{path}: {saved_steps} steps per epoch with {ckpt.get('world_size', 1)} process(es), "
+                             f"now {self.steps_per_epoch} with {self.world}: {where}")
+            if saved_epochs != self.epochs:
+                self.console(f"{path}: train.epochs {saved_epochs} in the checkpoint, {self.epochs} now: the "
+                             f"learning-rate schedule is rebuilt for {self.epochs} epochs and {where}")
         if self.ema is not None:
             if ckpt.get("ema") is None:
                 raise ValueError(f"{path} has no EMA weights but optim.ema is on")
@@ -281,9 +474,37 @@ class Trainer:
         self.best = ckpt.get("best")
         set_rng_state(ckpt["rng"])
         self._seed_rank_rngs(self.start_epoch)
+        if Path(path).resolve() == (self.output / "last.pt").resolve():
+            self.saved_epoch = self.start_epoch  # an interrupt before the next save can resume from it again
         if self.main:
             self.log.truncate_after(self.start_epoch)
         self.console(f"resumed from {path} after epoch {self.start_epoch}/{self.epochs}")
+
+    def _model_mismatch(self, path: str | Path, ckpt: dict[str, Any], saved_cfg: dict[str, Any],
+                        current: dict[str, Any]) -> str:
+        """One line for a checkpoint whose weights do not fit the model: the config keys that
+        differ, else the classes, else the first tensors that do not match."""
+        head = f"--resume {path}: the checkpoint's model differs from this command's"
+        hint = (f"; resume with the checkpoint's settings (drop those --set / flags), or start a new run from "
+                f"its trunk with --trunk {path}")
+        differs = config_diff(saved_cfg, current, "model")
+        if differs:
+            return f"{head}: {'; '.join(differs)}{hint}"
+        saved_names = (ckpt.get("meta") or {}).get("class_names")
+        names = self.meta.get("class_names")
+        if saved_names is not None and names is not None and list(saved_names) != list(names):
+            return (f"{head}: it predicts {len(saved_names)} classes ({', '.join(map(str, saved_names[:4]))}"
+                    f"{', ...' if len(saved_names) > 4 else ''}), this data has {len(names)} "
+                    f"({', '.join(map(str, names[:4]))}{', ...' if len(names) > 4 else ''}){hint}")
+        mine, theirs = unwrap(self.model).state_dict(), ckpt["model"]
+        missing = [k for k in mine if k not in theirs]
+        unexpected = [k for k in theirs if k not in mine]
+        shapes = [f"{k} {list(theirs[k].shape)} vs {list(mine[k].shape)}" for k in mine
+                  if k in theirs and hasattr(theirs[k], "shape") and theirs[k].shape != mine[k].shape]
+        parts = ([f"shapes differ ({', '.join(shapes[:2])})"] if shapes else []) + \
+                ([f"{len(missing)} weights missing (e.g. {missing[0]})"] if missing else []) + \
+                ([f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else [])
+        return f"{head}: {'; '.join(parts) or 'its weights do not load'}{hint}"
 
     # ------------------------------------------------------------------ loop
     def train_one_epoch(self, epoch: int) -> EpochResult:
@@ -303,7 +524,8 @@ class Trainer:
         start = time.perf_counter()
         for step, (images, targets) in enumerate(bar):
             if self.graphed is not None:
-                loss, loss_dict = self.graphed(images, targets)
+                with self._one_image_batches(step, epoch, images):
+                    loss, loss_dict = self.graphed(images, targets)
                 if self.grad_sync is not None:
                     self.grad_sync()
                 if capturing and self.graphed.graph is not None:  # once per run: one sync
@@ -311,7 +533,7 @@ class Trainer:
                     extra = {"capture_s": time.perf_counter() - start, "capture_steps": step + 1}
                     capturing = False
             else:
-                with autocast(self.device, self.amp, self.amp_dtype):
+                with autocast(self.device, self.amp, self.amp_dtype), self._one_image_batches(step, epoch, images):
                     loss_dict = model(images, targets)
                 loss = sum(loss_dict.values())
                 # DDP: the gradients are views into its all-reduce buckets; zeroing them in place
@@ -404,9 +626,16 @@ class Trainer:
         run on the same torch / GPU to skip compile work. A file that does not load (another torch
         version, damaged) is reported and ignored: the run compiles as usual and rewrites it. True
         when it loaded: a loaded file is never rewritten (it may be one shipped with the project)."""
+        if path.is_dir():
+            raise ValueError(f"train.compile_cache {path} is a folder: point it at a file (written after the first "
+                             "epoch)")
         if not path.is_file():
             self.console(f"train.compile_cache: {path} does not exist yet; it is written after the first epoch")
             return False
+        kind = _file_kind(path)
+        if kind is not None:  # a file that did not load is rewritten: never a user's checkpoint or picture
+            raise ValueError(f"train.compile_cache {path} is a {kind}, not a torch.compile cache: it would be "
+                             "overwritten after the first epoch; point train.compile_cache at another file")
         try:
             torch.compiler.load_cache_artifacts(path.read_bytes())
         except Exception as e:  # noqa: BLE001 - any failure only costs the compile it would have saved
@@ -427,8 +656,7 @@ class Trainer:
         tcfg = self.cfg.train
         if self.main:
             self.output.mkdir(parents=True, exist_ok=True)
-            for stale in self.output.glob(".*.tmp*"):  # left by a write that was killed
-                stale.unlink(missing_ok=True)
+            remove_stale_temps(self.output)  # of writes killed with an earlier run
             if self.start_epoch == 0:  # a fresh run: lines of one that never saved a checkpoint go
                 self.log.truncate_after(0)
         self.records = self.log.records() if self.main else []
@@ -436,6 +664,7 @@ class Trainer:
         total_train_s = sum(r.get("train_time_s", 0.0) for r in self.records)
         try:
             for epoch in range(self.start_epoch, self.epochs):
+                self.current_epoch = epoch + 1
                 if hasattr(self.train_loader, "set_epoch"):
                     self.train_loader.set_epoch(epoch)
                 result = self.train_one_epoch(epoch)
@@ -472,7 +701,15 @@ class Trainer:
                     paths.append(self.output / "last.pt")
                 if self.main:
                     self.records.append(record)
-                    log_line = (lambda r=record: self.log.append(r))
+                    saves_last = any(p.name == "last.pt" for p in paths)
+
+                    def log_line(r=record, saves_last=saves_last, saves_best=is_best):
+                        self.log.append(r)
+                        if saves_last:  # last.pt and its line are on disk: what an interrupt can resume from
+                            self.saved_epoch = r["epoch"]
+                        if saves_best:
+                            self.best_saved_epoch = r["epoch"]
+
                     if paths:  # the log line once the checkpoints are on disk: never ahead of them
                         self.writer.save(self.state_dict(epoch + 1, record), *paths, then=log_line)
                     else:
@@ -483,15 +720,38 @@ class Trainer:
                     self._plot(force=last)
                 self.console(f"epoch {epoch + 1}/{self.epochs}  " + format_metrics(
                     record, ["train_loss", f"val_{self.main_metric}", "train_img_per_s", "train_time_s"]))
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated)
+            # The checkpoint being written and its log line are finished (a second Ctrl-C waits
+            # for them); then lines of epochs that no checkpoint holds go (train.save_every > 1):
+            # the log is never ahead of the checkpoints a resume can start from.
+            with hold_signals():
+                self.writer.wait()
+                if self.main:
+                    self._drop_unsaved_epochs(max(self.saved_epoch or 0, self.best_saved_epoch or 0))
+            raise
         finally:
-            self.writer.wait()
-            if self.tensorboard is not None:
-                self.tensorboard.close()
+            with hold_signals():
+                self.writer.wait()
+                if self.tensorboard is not None:
+                    self.tensorboard.close()
         if not record:  # resumed a finished run: nothing trained, still report
             record = {"epoch": self.start_epoch, **{f"val_{k}": v for k, v in self.evaluate(final=True).items()}}
         if self.best is not None:
             record[f"best_{self.main_metric}"] = self.best
         return record
+
+    def _drop_unsaved_epochs(self, kept: int) -> None:
+        """After an interrupt: log lines (and curves) of epochs after ``kept`` go, since no
+        checkpoint holds them. With no epoch left the curves were this run's alone (a folder
+        holding another run's results is refused or cleared first), so the picture goes too."""
+        self.log.truncate_after(kept)
+        if not any(r.get("epoch", 0) > kept for r in getattr(self, "records", [])):
+            return
+        self.records = [r for r in self.records if r.get("epoch", 0) <= kept]
+        if self.records:
+            self._plot(force=True)
+        else:
+            (self.output / "curves.png").unlink(missing_ok=True)
 
     def _plot(self, force: bool) -> None:
         # Redrawing costs ~0.2 s of host time: at most every 15 s, and at the end.

@@ -9,7 +9,12 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR
 
 from .config import OptimConfig
 
-__all__ = ["build_optimizer", "build_scheduler", "build_grad_scaler", "param_groups", "zero_momentum_buffers"]
+__all__ = ["build_optimizer", "build_scheduler", "rebuild_scheduler", "build_grad_scaler", "param_groups",
+           "zero_momentum_buffers"]
+
+# what a schedule writes into the optimizer's param groups (LambdaLR: initial_lr; OneCycleLR: the
+# rest); a loaded optimizer state carries the saved schedule's values of them
+SCHEDULE_GROUP_KEYS = ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum")
 
 
 def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float, lr: float = 0.1,
@@ -100,3 +105,26 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: 
         return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
     return LambdaLR(optimizer, factor)
+
+
+def rebuild_scheduler(optimizer: torch.optim.Optimizer, model: nn.Module, cfg: OptimConfig, epochs: int,
+                      steps_per_epoch: int) -> LRScheduler:
+    """A fresh schedule of ``epochs`` x ``steps_per_epoch`` steps for an optimizer whose state was
+    loaded from a checkpoint of another length (``--resume`` with more epochs, another world
+    size). The loaded param groups hold the old schedule's bookkeeping (OneCycle's ``max_lr``, a
+    LambdaLR's ``initial_lr``, the lr of the step it stopped at), and a new schedule built over
+    them would start from the wrong base (or fail: "KeyError: 'max_lr'"); they are reset to the
+    config's base values first, as ``build_optimizer`` sets them. Seek it to the step reached
+    (``loop.seek_schedule``)."""
+    base = param_groups(model, cfg.weight_decay, cfg.norm_weight_decay, cfg.lr, cfg.trunk_lr_mult)
+    base = [g for g in base if g["params"]]
+    if len(base) != len(optimizer.param_groups):
+        raise ValueError(f"the optimizer has {len(optimizer.param_groups)} parameter groups, this model and config "
+                         f"make {len(base)}: the checkpoint's optimizer state does not fit")
+    for group, fresh in zip(optimizer.param_groups, base):
+        for key in SCHEDULE_GROUP_KEYS:
+            group.pop(key, None)
+        group["lr"] = fresh["lr"]
+        if cfg.name == "sgd" and "momentum" in group:  # OneCycle cycles it
+            group["momentum"] = cfg.momentum
+    return build_scheduler(optimizer, cfg, epochs, steps_per_epoch)

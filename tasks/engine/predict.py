@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import re
 import sys
 import unicodedata
 from collections import defaultdict
@@ -28,21 +27,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
 
-from tasks.data.images import image_from_input
+from tasks.data.images import image_from_input, read_image_size
 from tasks.data.preprocess import Preprocess
 
-from .checkpoint import load_checkpoint, model_state, write_error
+from .checkpoint import load_checkpoint, model_state, new_temp, remove_stale_temps, write_error
 from .config import config_from_dict
 from .distributed import resolve_device
 from .guard import first_nonfinite
 from .loop import autocast
 from .registry import TASKS, TaskSpec, read_meta, spec_for_checkpoint
-from .viz import WRITE_HOOK, new_temp, write_json
+from .viz import WRITE_HOOK, write_json
 
 __all__ = ["Predictor", "predict_images", "load_task_model", "predict_files", "unique_stems", "check_load_arguments"]
 
@@ -229,9 +227,12 @@ class Predictor:
         path = os.fsdecode(os.fspath(item))
         if path == "":
             raise ValueError(f"{name}: an empty path ''; expected the path of an image file")
+        # the header alone (read_image_size), not cv2.haveImageReader: that segfaults on a name
+        # that is not valid UTF-8
         try:
-            known = os.path.isfile(path) and cv2.haveImageReader(path)
-        except cv2.error:
+            read_image_size(path)
+            known = True
+        except (OSError, ValueError):
             known = False
         if not known:
             image_from_input(item, self.preprocess.in_chans, name)  # raises the reader's own error
@@ -351,10 +352,6 @@ class _NameTaken(Exception):
     """An output name that belongs to another input's files, or is an input file itself."""
 
 
-# ".<stem>.tmp<pid>[-n]<suffix>": what viz.new_temp names a temp file
-_TEMP = re.compile(r"\..+\.tmp(\d+)(?:-\d+)?(?:\.[^.]*)?")
-
-
 class _Outputs:
     """The files ``predict_files`` writes into ``folder``. Each input's files are staged
     (written to new temp files) while its ``write_prediction`` runs and renamed into place
@@ -382,21 +379,7 @@ class _Outputs:
     def remove_stale_temps(self) -> None:
         """Temp files of a ``--predict`` that was killed (its process is gone) are deleted, as a
         run folder's are when a run starts again; another live process's are kept."""
-        if not self.folder.is_dir():
-            return
-        for entry in os.scandir(self.folder):
-            match = _TEMP.fullmatch(entry.name)
-            if match is None or entry.is_dir(follow_symlinks=False) or Path(entry.path).resolve() in self.inputs:
-                continue
-            pid = int(match.group(1))
-            if pid == os.getpid():
-                continue
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                os.unlink(entry.path)
-            except (PermissionError, OverflowError, OSError):
-                continue
+        remove_stale_temps(self.folder, keep=self.inputs)
 
     def outside(self, index: int, path: str) -> str | None:
         """Why input ``path`` must not be predicted into this folder, or None."""

@@ -8,13 +8,29 @@ then the dedicated flags (``--epochs``, ``--batch-size``, ...).
 Under ``torchrun --nproc_per_node=N`` every process runs the same command: ``setup_run``
 joins the process group, rank 0 chooses the run folder (and tells the others) and alone
 writes to it; the other ranks stay quiet. ``--batch-size`` is per process (per GPU).
+
+A training run holds its folder: ``<output>/.lock`` (the pid, host and start time of its
+process) is created when the folder is chosen and removed when the run ends, however it ends;
+a second run on that folder is refused while the first is alive, and a lock left by a process
+that is gone is taken over (said in one line). A folder that holds a previous run's results
+is refused unless ``--resume`` or ``--overwrite`` says what to do with them. ``config.yaml`` is
+written once the data and model are built and a ``--resume`` checkpoint accepted, right before
+training: a refused command leaves the folder as it was. SIGTERM stops a run like Ctrl-C (exit
+143 instead of 130), and the last line says what can be resumed.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
+import errno
+import json
 import os
 import re
+import shutil
+import signal
+import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,17 +39,25 @@ import torch
 import yaml
 
 from . import distributed
-from .checkpoint import load_checkpoint, seed_everything
-from .config import CONFIG_ROOT, apply_overrides, config_from_dict, config_to_dict, merge_dicts, read_yaml
+from .checkpoint import load_checkpoint, process_alive, seed_everything, write_atomic
+from .config import CONFIG_ROOT, apply_overrides, config_from_dict, config_to_dict, locate_recipe, merge_dicts, read_yaml
 from .distributed import resolve_device
 from .graphs import inference_model, inference_models
-from .logging import Console
-from .loop import Trainer, TrainingGuardError
+from .logging import Console, MetricsLog
+from .loop import Terminated, Trainer, TrainingGuardError, hold_signals, stop_on_sigterm
 from .predict import Predictor, load_task_model, predict_files
 from .registry import TaskSpec, spec_for_checkpoint
 from .trunk import load_trunk
 
-__all__ = ["build_parser", "Run", "setup_run", "run", "predict_files", "default_recipe", "find_config", "run_cli"]
+__all__ = ["build_parser", "Run", "setup_run", "run", "predict_files", "default_recipe", "find_config", "run_cli",
+           "RunLock", "LOCK_NAME", "RUN_RESULTS"]
+
+LOCK_NAME = ".lock"
+# What a run leaves in its folder that a new run would overwrite: a folder holding any of them
+# holds a previous run's results (config.yaml alone does not: a run stopped before its first
+# checkpoint starts afresh). metrics.jsonl counts once it holds a line.
+RUN_RESULTS = ("last.pt", "best.pt", "metrics.jsonl", "curves.png", "confusion.png", "detections.png",
+               "predictions.json", "segmentation.png", "multitask.png", "tensorboard")
 
 # flag (argparse dest) -> config key
 FLAG_KEYS = {
@@ -99,7 +123,7 @@ def default_recipe(spec: TaskSpec) -> str:
 
 
 def find_config(task: str, name: str) -> Path:
-    """``configs/<task>/<name>.yaml``."""
+    """``configs/<task>/<name>.yaml`` of a checkout, ``tasks/configs/...`` of an installed wheel."""
     return CONFIG_ROOT / task / f"{name}.yaml"
 
 
@@ -115,15 +139,199 @@ class Run:
     summary: str = ""  # the recipe file's first comment line
     resume_from: Path | None = None
     checkpoint: dict[str, Any] | None = None  # the --weights checkpoint (eval-only / predict)
+    lock: "RunLock | None" = None  # a training run's hold on its folder (rank 0)
+    resume_epoch: int | None = None  # the epoch the --resume checkpoint holds
+    trainer: Any = None  # set once built: what an interrupted run can be resumed from
+
+
+# ----------------------------------------------------------------------------- the run folder's lock
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc on Linux): with the pid, it
+    tells a live run from a new process that got a dead run's pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22; the command name may hold spaces
+
+
+def _read_fd(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 4096).decode(errors="replace")
+
+
+class RunLock:
+    """``<folder>/.lock``: the pid of the run that writes the folder (first line), then its host
+    and start time. ``acquire`` refuses a folder whose lock names a live process, takes over one
+    whose process is gone (saying so), and on POSIX also holds an advisory ``flock`` on the file
+    so that two runs starting at the same instant cannot both take over a stale lock. ``release``
+    removes it; locks still held when the interpreter exits are removed then."""
+
+    _held: dict[Path, "RunLock"] = {}
+
+    def __init__(self, path: Path, fd: int | None) -> None:
+        self.path, self._fd = path, fd
+
+    @staticmethod
+    def holder(folder: Path) -> dict[str, Any] | None:
+        """The live process holding ``folder``'s lock (``{"pid", "host"}``), or None."""
+        path = Path(folder) / LOCK_NAME
+        try:
+            text = path.read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError:
+            text = ""
+        info = RunLock._parse(text)
+        if path.resolve() in RunLock._held and info.get("pid") == os.getpid():
+            return info  # a run of this process
+        return info if RunLock._alive(info) else None
+
+    @staticmethod
+    def _parse(text: str) -> dict[str, Any]:
+        lines = text.split("\n")
+        info: dict[str, Any] = {}
+        match = re.match(r"\s*(\d+)", lines[0] if lines else "")
+        if match:
+            info["pid"] = int(match.group(1))
+        for line in lines[1:]:
+            key, _, value = line.partition(" ")
+            if key in ("host", "started", "command"):
+                info[key] = value.strip()
+        return info
+
+    @staticmethod
+    def _alive(info: dict[str, Any]) -> bool:
+        pid = info.get("pid")
+        if pid is None:
+            return False  # an empty or unreadable lock: a run killed while writing it
+        if info.get("host") and info["host"] != socket.gethostname():
+            return True  # another machine's process: it cannot be checked from here
+        if pid == os.getpid():
+            return False  # this process, and no run of it holds the lock: left by an earlier run here
+        if not process_alive(pid):
+            return False
+        started = info.get("started")
+        return not (started and _process_start(pid) not in (None, started))  # else the pid was reused
+
+    @classmethod
+    def acquire(cls, folder: Path, console: Console | None = None) -> "RunLock":
+        """Hold ``folder`` for this run; ``FileExistsError`` naming the other run's pid when it is
+        held."""
+        path = Path(folder) / LOCK_NAME
+        for _ in range(8):  # a lock released or replaced between the open and the flock: again
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if not cls._flock(fd):
+                    info = cls._parse(_read_fd(fd))
+                    raise cls._in_use(folder, path, info)
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    os.close(fd)
+                    continue
+                text = _read_fd(fd)
+                info = cls._parse(text)
+                if path.resolve() in cls._held or cls._alive(info):
+                    raise cls._in_use(folder, path, info)
+                if text.strip():
+                    what = (f"pid {info['pid']}, which is no longer running" if "pid" in info
+                            else "an unreadable lock")
+                    (console.error if console is not None else Console.error)(
+                        f"{path}: taking over the lock of {what} (a run that was killed)")
+                started = _process_start(os.getpid())
+                content = (f"{os.getpid()}\nhost {socket.gethostname()}\n" + (f"started {started}\n" if started else "")
+                           + f"command {' '.join(sys.argv)[:500]}\n")
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, content.encode())
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            lock = cls(path, fd)
+            cls._held[path.resolve()] = lock
+            return lock
+        raise FileExistsError(f"--output {folder}: could not take its lock {path} (other runs keep replacing it)")
+
+    @staticmethod
+    def _flock(fd: int) -> bool:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): the pid check alone
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError as e:  # a file system without locks: the pid check alone
+            return e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN)
+        return True
+
+    @staticmethod
+    def _in_use(folder: Path, path: Path, info: dict[str, Any]) -> FileExistsError:
+        who = f"pid {info['pid']}" if "pid" in info else "another process"
+        if info.get("host") and info["host"] != socket.gethostname():
+            who += f" on {info['host']}"
+        return FileExistsError(f"--output {folder} is in use by another run ({who}, lock file {path}): two runs would "
+                               f"mix one log and one checkpoint; wait for it to end or choose another --output (if "
+                               f"no run uses it any more, delete {path})")
+
+    def release(self) -> None:
+        """Remove the lock file (if it is still this run's) and let go of it."""
+        if self._fd is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                self.path.unlink()
+        except OSError:
+            pass  # the folder was removed: nothing left to unlock
+        finally:
+            os.close(self._fd)
+            self._fd = None
+            RunLock._held.pop(self.path.resolve(), None)
+
+
+@atexit.register
+def _release_all_locks() -> None:
+    """A lock still held when the interpreter exits (a caller of setup_run that never ran it)."""
+    for lock in list(RunLock._held.values()):
+        lock.release()
+
+
+# ----------------------------------------------------------------------------- choosing the folder
+
+def _results(folder: Path) -> list[str]:
+    """The names of ``RUN_RESULTS`` that ``folder`` holds (a previous run's results)."""
+    found = []
+    for name in RUN_RESULTS:
+        path = folder / name
+        if name == "metrics.jsonl":
+            try:
+                if path.is_file() and path.read_text().strip():
+                    found.append(name)
+            except OSError:
+                found.append(name)
+        elif path.exists():
+            found.append(name)
+    return found
 
 
 def _next_free(base: Path) -> Path:
-    if not (base / "last.pt").exists() and not (base / "metrics.jsonl").exists():
+    """``base``, or ``base-2``, ``base-3``, ...: the first that holds no run's results and is not
+    in use by a live run."""
+    def free(folder: Path) -> bool:
+        return not _holds_run(folder) and RunLock.holder(folder) is None
+
+    if free(base):
         return base
     i = 2
     while True:
         cand = base.with_name(f"{base.name}-{i}")
-        if not (cand / "last.pt").exists() and not (cand / "metrics.jsonl").exists():
+        if free(cand):
             return cand
         i += 1
 
@@ -141,7 +349,29 @@ def _folder(path: Path) -> Path:
 
 
 def _holds_run(folder: Path) -> bool:
-    return (folder / "last.pt").exists() or (folder / "metrics.jsonl").exists()
+    """Whether ``folder`` holds a previous run's results (``RUN_RESULTS``)."""
+    return bool(_results(folder))
+
+
+def _written_by_a_run(path: Path, spec: TaskSpec) -> bool:
+    """Whether ``path`` (a folder's config.yaml) is one a run wrote: the whole resolved config of
+    the task (a run stopped before its first checkpoint leaves one), not a recipe of the user's,
+    which sets a few keys and which the run must not replace."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    full = config_to_dict(config_from_dict(spec.config, {}))
+    if not isinstance(data, dict) or set(data) != set(full):
+        return False
+    total = have = 0
+    for section, fields in full.items():
+        if isinstance(fields, dict):
+            theirs = data[section]
+            if not isinstance(theirs, dict) or not set(theirs) <= set(fields):
+                return False
+            total, have = total + len(fields), have + len(theirs)
+    return have >= 0.8 * total  # a config of an older version may lack a few newer keys
 
 
 def _choose_output(args: argparse.Namespace, runs_root: Path, resume_from: Path | None) -> Path:
@@ -160,9 +390,17 @@ def _choose_output(args: argparse.Namespace, runs_root: Path, resume_from: Path 
         return weights.parent if args.predict else weights.parent / f"eval-{weights.stem}"
     if args.output:
         output = _folder(Path(args.output))
-        if (output / "last.pt").exists() and not (args.eval_only or args.predict or args.overwrite):
-            raise FileExistsError(f"--output {output} already holds a run (last.pt): pass --resume to continue it, "
-                                  f"--overwrite to replace it, or choose another --output")
+        found = _results(output)
+        trained = [name for name in found if name in ("last.pt", "best.pt", "metrics.jsonl")]
+        if args.eval_only and trained and not args.overwrite:
+            # its pictures (and predictions.json) would replace the training run's own
+            raise FileExistsError(f"--output {output} holds a training run ({', '.join(trained)}): --eval-only would "
+                                  f"write its pictures over that run's; leave --output out (it then writes into "
+                                  f"{Path(args.weights).parent / ('eval-' + Path(args.weights).stem)}), or choose "
+                                  f"another folder")
+        if found and not (args.eval_only or args.predict or args.overwrite):
+            raise FileExistsError(f"--output {output} already holds a run ({', '.join(found)}): pass --resume to "
+                                  f"continue it, --overwrite to replace it, or choose another --output")
         return output
     return _next_free(runs_root)
 
@@ -184,14 +422,33 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
         if os.environ.get("RANK", "0") != "0":
             args.quiet = True  # rank 0 prints for everyone
     console = Console(args.quiet)
-    recipe_path = Path(args.config) if args.config else find_config(task, default_recipe(spec))
+    recipe_path = locate_recipe(args.config) if args.config else find_config(task, default_recipe(spec))
     recipe = recipe_path.stem
     runs_root = Path(os.environ.get("ONETRUNK_RUNS", "runs")) / task / recipe
 
     # Which checkpoint, if any, provides the base config?
     resume_from: Path | None = None
+    resume_epoch: int | None = None
     checkpoint = None
     base: dict[str, Any] = {}
+    training = not (args.eval_only or args.predict)
+    afresh = ""  # said once the folder is ours (locked)
+    if args.resume == "auto" and args.output and not (Path(args.output) / "last.pt").exists() \
+            and Path(args.output).is_dir():
+        # A run stopped before its first checkpoint left nothing to resume: the same command
+        # starts it afresh (a restart loop with --resume keeps working) unless the folder holds
+        # results of a run that --resume would not continue.
+        out = Path(args.output)
+        found = _results(out)
+        if (out / "best.pt").is_file():
+            raise FileNotFoundError(f"--resume: {out} holds no last.pt but a best.pt (its run stopped while saving "
+                                    f"its first checkpoint): resume from it with --resume {out / 'best.pt'}, or pass "
+                                    f"--overwrite without --resume to start again")
+        if found:
+            raise FileNotFoundError(f"--resume: {out} holds no last.pt (only {', '.join(found)}): nothing to resume; "
+                                    f"pass --overwrite without --resume to start again, or choose another --output")
+        afresh = f"--resume: {out} holds no checkpoint yet (its run stopped before saving one): starting it afresh"
+        args.resume = None
     if args.resume:
         if args.resume != "auto":
             resume_from = Path(args.resume)
@@ -212,6 +469,8 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
         resumed = load_checkpoint(resume_from)
         spec_for_checkpoint(resumed, f"--resume {resume_from}", expected=task)
         base = resumed["config"]
+        resume_epoch = int(resumed.get("epoch", 0))
+        del resumed  # the weights are read again by Trainer.resume, once the model is built
     elif args.eval_only or args.predict:
         if args.predict and not args.weights:
             # predicting with the newest trained model of this recipe is what a user means
@@ -242,19 +501,45 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
 
     # Rank 0 picks the folder (runs/<task>/<recipe>-N must not race) and creates it; the
     # others get its choice, or its error, so that every rank stops with the same message.
+    # A training run holds its folder with a lock (rank 0); config.yaml is written by run() once
+    # the run really starts (data and model built, a --resume checkpoint accepted).
     output: Path | None = None
     error: Exception | None = None
+    lock: RunLock | None = None
     if distributed.is_main():
         try:
+            holder = RunLock.holder(Path(args.output)) if training and args.output else None
+            if holder is not None:  # before the results check: "in use" is what a user needs to hear
+                raise RunLock._in_use(Path(args.output), Path(args.output) / LOCK_NAME, holder)
             output = _choose_output(args, runs_root, resume_from)
+            same_run = resume_from is not None and resume_from.resolve().parent == output.resolve()
+            if training and not (same_run or args.overwrite) and (output / "config.yaml").exists() \
+                    and not _written_by_a_run(output / "config.yaml", spec):
+                raise FileExistsError(f"--output {output} holds a config.yaml that no run wrote (a recipe of yours?): "
+                                      f"a run writes its resolved config there; move it, choose another --output, or "
+                                      f"pass --overwrite")
             output.mkdir(parents=True, exist_ok=True)
-            if not (args.eval_only or args.predict):
-                (output / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            if training:
+                lock = RunLock.acquire(output, console)
+            if afresh:
+                console.error(afresh)
         except (ValueError, OSError) as e:
             error = e
     output, error = distributed.broadcast_object((output, error))
     if error is not None:
         raise error
+    try:
+        return _finish_setup(spec, args, cfg, output, device, console, recipe_path, resume_from, resume_epoch,
+                             checkpoint, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _finish_setup(spec: TaskSpec, args: argparse.Namespace, cfg: Any, output: Path, device: torch.device,
+                  console: Console, recipe_path: Path, resume_from: Path | None, resume_epoch: int | None,
+                  checkpoint: dict[str, Any] | None, lock: "RunLock | None") -> Run:
     seed_everything(cfg.train.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
@@ -267,8 +552,8 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
     if recipe_path.is_file() and not own_data:  # the recipe's first line describes its own data
         first = recipe_path.read_text().splitlines()[:1]
         summary = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
-    return Run(spec=spec, cfg=cfg, args=args, output=output, device=device, console=console, recipe=recipe,
-               summary=summary, resume_from=resume_from, checkpoint=checkpoint)
+    return Run(spec=spec, cfg=cfg, args=args, output=output, device=device, console=console, recipe=recipe_path.stem,
+               summary=summary, resume_from=resume_from, checkpoint=checkpoint, lock=lock, resume_epoch=resume_epoch)
 
 
 def _weights_model(run: Run) -> tuple[Any, dict[str, Any]]:
@@ -279,9 +564,91 @@ def _weights_model(run: Run) -> tuple[Any, dict[str, Any]]:
 
 
 def run(spec: TaskSpec, argv: Sequence[str] | argparse.Namespace | None = None) -> dict[str, Any]:
-    """``python -m tasks.<spec.name>``: returns the final metrics (or the predictions)."""
+    """``python -m tasks.<spec.name>``: returns the final metrics (or the predictions).
+
+    SIGTERM raises ``Terminated`` (a KeyboardInterrupt) like Ctrl-C: the checkpoint being written
+    is finished, the lock released, and a training run says what can be resumed."""
     args = argv if isinstance(argv, argparse.Namespace) else build_parser(spec).parse_args(argv)
-    r = setup_run(spec, args)
+    training = not (args.eval_only or args.predict)
+    with stop_on_sigterm():
+        try:
+            r = setup_run(spec, args)
+        except KeyboardInterrupt as stop:
+            if training and distributed.is_main():
+                Console.error(f"stopped ({_signal_name(stop)}) before the run started: nothing was written")
+            raise
+        stopped: KeyboardInterrupt | None = None
+        try:
+            return _run(r)
+        except KeyboardInterrupt as stop:
+            stopped = stop
+            raise
+        finally:
+            with hold_signals():  # a second Ctrl-C must not cut the last line short, nor leave the lock behind
+                if stopped is not None and training and distributed.is_main():
+                    Console.error(_stop_line(r, stopped))
+                if r.lock is not None:
+                    r.lock.release()
+            # The trainer's evaluate closure holds r: without this the cycle keeps the DDP model
+            # (and its hold on the process group) alive past distributed.destroy(), until the
+            # interpreter's teardown, where destroying it aborted a torchrun rank.
+            r.trainer = None
+
+
+def _signal_name(stop: BaseException) -> str:
+    return "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+
+
+def _stop_line(r: Run, stop: BaseException) -> str:
+    """What an interrupted training run can be resumed from, in one line."""
+    how, total, t = _signal_name(stop), r.cfg.train.epochs, r.trainer
+    at = f" in epoch {t.current_epoch} of {total}" if t is not None and t.current_epoch else ""
+    own_last = r.resume_from is not None and r.resume_from.resolve() == (r.output / "last.pt").resolve()
+    saved = t.saved_epoch if t is not None else (r.resume_epoch if own_last else None)
+    if saved is not None:
+        return f"stopped ({how}){at}: last.pt holds epoch {saved} of {total}; resume with --resume {r.output}"
+    best = t.best_saved_epoch if t is not None else None
+    if best is not None:  # train.save_every > 1: best.pt is the only checkpoint so far
+        return (f"stopped ({how}){at}: no last.pt yet, best.pt holds epoch {best} of {total}; resume with --resume "
+                f"{r.output / 'best.pt'}")
+    if r.resume_from is not None:
+        again = f"--resume {r.resume_from} --output {r.output}" + (" --overwrite" if _holds_run(r.output) else "")
+        return f"stopped ({how}){at}: no checkpoint was saved in {r.output} yet; resume again with {again}"
+    return f"stopped ({how}){at}: no checkpoint was saved yet: nothing to resume, start again"
+
+
+def _start_run(r: Run, trainer: Trainer) -> None:
+    """The run really starts (data and model built, a --resume checkpoint accepted): only now is
+    its folder changed. Results of the run it replaces go (there only with --overwrite: a mix of
+    two runs' checkpoints, log and pictures is a broken result); a run resumed from another
+    folder takes that run's log up to the resumed epoch; config.yaml is written (atomically)."""
+    if not distributed.is_main():
+        return
+    out = r.output
+    elsewhere = r.resume_from is not None and r.resume_from.resolve().parent != out.resolve()
+    if r.resume_from is None or elsewhere:
+        for name in _results(out):
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    if elsewhere:
+        try:
+            kept = [rec for rec in MetricsLog(r.resume_from.parent / "metrics.jsonl").records()
+                    if rec.get("epoch", 0) <= trainer.start_epoch]
+        except ValueError as e:  # a damaged log beside the checkpoint: the new log starts without it
+            r.console.error(f"{e}; {out / 'metrics.jsonl'} starts at epoch {trainer.start_epoch + 1}")
+            kept = []
+        if kept:
+            write_atomic(out / "metrics.jsonl", lambda tmp: tmp.write_text(
+                "".join(json.dumps(rec) + "\n" for rec in kept)))
+    write_atomic(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config_to_dict(r.cfg),
+                                                                                 sort_keys=False)))
+
+
+def _run(r: Run) -> dict[str, Any]:
+    spec, args = r.spec, r.args
     cfg, device, say = r.cfg, r.device, r.console
     if r.summary and not (args.eval_only or args.predict):
         say(r.summary)
@@ -336,8 +703,10 @@ def run(spec: TaskSpec, argv: Sequence[str] | argparse.Namespace | None = None) 
     trainer = Trainer(spec.name, cfg, model, data.train, output=r.output, device=device, quiet=args.quiet,
                       console=say, main_metric=spec.main_metric, meta=data.meta, evaluate=evaluate,
                       targets_checked=data.targets_checked)
+    r.trainer = trainer
     if r.resume_from is not None:
         trainer.resume(r.resume_from)
+    _start_run(r, trainer)
     record = trainer.fit()
     metrics = {k[len("val_"):]: v for k, v in record.items() if k.startswith("val_")}
     if data.skipped is not None:
@@ -369,15 +738,17 @@ def error_line(e: BaseException) -> str:
 def run_cli(main) -> None:
     """``if __name__ == "__main__"`` of every command: a mistake in the input (bad config, missing
     file, wrong data) ends with one line naming it instead of a traceback, exit status 2; a run
-    the training guard stopped (not learning, non-finite values) exits 3; Ctrl-C exits 130.
+    the training guard stopped (not learning, non-finite values) exits 3; Ctrl-C exits 130 and
+    SIGTERM 143 (128 + the signal, as a shell reports them; both stop a run cleanly, ``run``).
     ``ONETRUNK_DEBUG=1`` shows the full traceback. Under torchrun each failing rank prints its
     line (``error [rank R]:`` on ranks other than 0), and the process group is left in every
     case."""
     code = 0
     try:
-        main()
-    except KeyboardInterrupt:
-        code = 130
+        with stop_on_sigterm():  # every command: a temp file being written is removed, not left behind
+            main()
+    except KeyboardInterrupt as e:
+        code = 143 if isinstance(e, Terminated) else 130
     except (ValueError, OSError, TrainingGuardError) as e:  # ConfigError, IDXError ... are ValueErrors
         if os.environ.get("ONETRUNK_DEBUG"):
             raise
@@ -389,6 +760,22 @@ def run_cli(main) -> None:
         sys.stderr.flush()
         code = 3 if stopped else 2
     finally:
-        distributed.destroy()
+        # stopping already (130 / 143): another Ctrl-C now would only turn the exit into a traceback
+        with hold_signals("stopping", reraise=code not in (130, 143)):
+            distributed.destroy()
+    if code in (130, 143):
+        _stopping["now"] = True
     if code:
         sys.exit(code)
+
+
+_stopping = {"now": False}
+
+
+@atexit.register
+def _quiet_exit() -> None:
+    """After a Ctrl-C / SIGTERM stop, another one during the interpreter's teardown (torch's exit
+    handlers take a while) would only print a traceback: the process is exiting anyway."""
+    if _stopping["now"] and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -14,51 +14,16 @@ matplotlib.use("Agg")  # run folders are written on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .checkpoint import write_error  # noqa: E402
+from .checkpoint import write_atomic  # noqa: E402
 
 __all__ = ["plot_curves", "plot_confusion", "save_figure", "class_colors", "draw_detection_grid",
-           "draw_segmentation_grid", "overlay_mask", "save_palette_mask", "write_file", "write_json", "new_temp"]
+           "draw_segmentation_grid", "overlay_mask", "save_palette_mask", "write_file", "write_json"]
 
 # While ``--predict`` writes one input's files, ``predict_files`` routes ``write_file`` here
 # (tasks/engine/predict.py): the files are staged and appear together, under names no other
 # input and no input file has. ``None``: an ordinary atomic write.
 WRITE_HOOK: ContextVar[Callable[[Path, Callable[[Path], Any]], Any] | None] = ContextVar("onetrunk_write_hook",
                                                                                           default=None)
-
-
-def new_temp(path: str | os.PathLike) -> Path:
-    """A new, empty temp file beside ``path`` (``.<stem>.tmp<pid><suffix>``: the suffix may
-    pick the format; the pattern a run folder's clean-up knows). Created with ``O_EXCL`` (and
-    ``O_NOFOLLOW``), so the write that follows goes into a file made here: a link or a file
-    that already has the name is never written through or truncated (another name is taken)."""
-    path = Path(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    for n in range(100):
-        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{f'-{n}' if n else ''}{path.suffix}")
-        try:
-            os.close(os.open(tmp, flags, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"cannot write {path}: 100 temp names beside it are taken")
-
-
-def _replace(path: Path, write: Callable[[Path], Any]) -> Any:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
-    try:
-        tmp = new_temp(path)
-        result = write(tmp)
-        # replaces the name: a link of that name is replaced, never written through, and a file
-        # hard-linked elsewhere keeps its bytes (the new ones are a new file)
-        os.replace(tmp, path)
-        tmp = None
-        return result
-    except (OSError, RuntimeError) as e:  # RuntimeError: a writer's own error on a full disk
-        raise write_error(path, e) from None
-    finally:
-        if tmp is not None and os.path.lexists(tmp):
-            tmp.unlink()
 
 
 def write_file(path: str | os.PathLike, write: Callable[[Path], Any]) -> Any:
@@ -69,7 +34,7 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], Any]) -> Any:
     hook = WRITE_HOOK.get()
     if hook is not None:
         return hook(Path(path), write)
-    return _replace(Path(path), write)
+    return write_atomic(path, write)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
