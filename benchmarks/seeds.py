@@ -284,6 +284,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     metric = TASKS[task].main_metric
     # seed-major order: an interrupted sweep has every model on the first seeds
+    if args.jobs > 1 and not any(o.startswith("data.num_workers=") for o in overrides):
+        # each process its share of the cores for its loader workers (the recipes' 12 each, times
+        # the jobs, oversubscribe the machine)
+        overrides = overrides + [f"data.num_workers={max(1, (os.cpu_count() or 1) // args.jobs)}"]
     jobs = [{"task": task, "seed": s, "model": name, "slug": _slug(name), "overrides": overrides + extra,
              "peer": peer, "recipe": recipe, "epochs": epochs, "stop_after": args.stop_after, "runs": str(runs)}
             for s in seeds for name, extra, peer in models]

@@ -309,7 +309,7 @@ class FCOSHead(nn.Module):
                  center_sampling_radius: float | None = 1.5, score_thresh: float = 0.05,
                  nms_thresh: float = 0.6, topk_candidates: int = 1000, detections_per_img: int = 100,
                  size_ranges: Sequence[tuple[float, float]] | None = None, nms_candidates: int = 1000,
-                 nms_iterations: int = 12, nms_compile: bool = False, reg_activation: str = "relu") -> None:
+                 nms_iterations: int = 12, nms_compile: bool = False, reg_activation: str = "exp") -> None:
         super().__init__()
         if reg_activation not in REG_ACTIVATIONS:
             raise ValueError(f"reg_activation must be one of {REG_ACTIVATIONS}, got {reg_activation!r}")
@@ -345,8 +345,10 @@ class FCOSHead(nn.Module):
 
         # Shared over levels (torchvision FCOSHead layout). The regression targets are divided
         # by the stride, so one set of weights sees the same O(1)-O(8) target scale on every
-        # level: a plain ReLU suffices, where un-normalised targets need exp() and a learned
-        # per-level scale. ReLU also cannot overflow in bf16 the way exp() does early in training.
+        # level. The distances are exp(s_l * x) (float32, a learned scale per level): with ReLU,
+        # a pre-activation pushed below 0 everywhere early in training never comes back (every
+        # box degenerate, GIoU loss frozen at 1.0: 1 of 20 seeds on FashionScenes-3000), and exp
+        # also gained AP on 18 of the other 19 (median +0.038 AP at 8 epochs; docs/DETECTION.md).
         self.cls_tower = _tower(fpn_channels, num_convs)
         self.reg_tower = _tower(fpn_channels, num_convs)
         self.cls_logits = nn.Conv2d(fpn_channels, num_classes, 3, padding=1)
@@ -402,7 +404,8 @@ class FCOSHead(nn.Module):
         x = x.float()
         if self.reg_activation == "softplus":
             return F.softplus(x)
-        return torch.exp(self.reg_scales[level] * x)
+        # the exponent bounded (e^20 strides: far past any box) so that no step can make it inf
+        return torch.exp((self.reg_scales[level] * x).clamp(max=20.0))
 
     def forward(self, features: dict[str, torch.Tensor], image_size: tuple[int, int]) -> dict[str, Any]:
         pyramid = list(self.fpn(features).values())

@@ -61,7 +61,10 @@ class DetectModelConfig(ModelConfig):
     nms_candidates: int = bounded(1000, 1)      # NMS on the device: the best N candidates of an image
     nms_iterations: int = bounded(12, 1)        # ... steps per round (trained scenes model: 999-1000 of 1000 val images converged in 12, 958-964 in 8)
     nms_compile: bool = False                   # ... its matrix and steps through torch.compile (CUDA)
-    reg_activation: str = "relu"                # relu | softplus | exp: box distances from the regression conv
+    # box distances from the regression conv: exp(s_l * x) with a learned scale per level (FCOS),
+    # or relu / softplus. relu can die for good (every distance 0, GIoU loss frozen at 1.0: AP 0
+    # on some seeds); exp cannot, and gained AP on every seed measured (docs/DETECTION.md)
+    reg_activation: str = "exp"
 
 
 @dataclass
@@ -230,7 +233,7 @@ SPEC = TaskSpec(
     doc=__doc__, data_flags=("data_dir", "train_ann", "train_images", "val_ann", "val_images", "voc_root"),
     build_model=build_model, build_data=build_data, evaluate=evaluate, make_preprocess=dense_preprocess,
     decode=decode, write_prediction=write_prediction, report=report, predict_options=("score_thresh",),
-    build_head=build_head)
+    build_head=build_head, saved_defaults={"model.reg_activation": "relu"})
 
 
 def get_args_parser():

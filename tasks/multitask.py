@@ -18,7 +18,6 @@ JSON (classes, boxes, mask file) and one picture.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -278,7 +277,7 @@ def _add_arguments(parser) -> None:
                         help="with --predict: merge a detect and a segment checkpoint that share a frozen trunk")
 
 
-SPEC = TaskSpec(
+SPEC = TaskSpec(saved_defaults={"model.reg_activation": "relu"},
     name="multitask", config=MultiTaskConfig, recipes=("scenes_multitask_resnet18", "scenes_quick"),
     main_metric="mean", doc=__doc__,
     data_flags=("data_dir", "train_ann", "train_images", "train_masks", "val_ann", "val_images", "val_masks"),

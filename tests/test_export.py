@@ -82,7 +82,10 @@ def test_export_writes_checked_onnx_with_metadata(exported, task, capsys):
     path = ckpt.with_suffix(".onnx")  # the default: beside the checkpoint
     assert result["output"] == str(path) and path.is_file()
     assert not list(path.parent.glob(".*tmp*")), "temp file left behind"
-    assert result["max_abs_diff"] and all(d < 1e-3 for d in result["max_abs_diff"].values()), result
+    # bbox_reg is exp(s * x): distances of many strides, where export's own check (1e-3 + 1e-3 *
+    # |pytorch|) bounds the relative error; every other output is O(1)
+    assert result["max_abs_diff"] and all(d < (1e-2 if k == "bbox_reg" else 1e-3)
+                                          for k, d in result["max_abs_diff"].items()), result
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]

@@ -16,7 +16,7 @@ import functools
 import importlib
 import typing
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from tasks.data.preprocess import Preprocess
@@ -94,6 +94,9 @@ class TaskSpec:
     build_head: Optional[Callable[..., Any]] = None
     predict: Optional[Callable[..., list[dict[str, Any]]]] = None
     add_arguments: Optional[Callable[[Any], None]] = None
+    # ``{"section.key": value}``: what a checkpoint saved before the key existed ran with (its
+    # config lacks the key, and today's default differs); filled in when a checkpoint is read
+    saved_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def model_config(self) -> type:
@@ -147,7 +150,15 @@ def spec_for_checkpoint(ckpt: Mapping[str, Any], source: Any, expected: str | No
         raise ValueError(f"{source} is a {task!r} checkpoint, not a {expected!r} one{hint}")
     if task not in TASKS:
         raise ValueError(f"{source}: checkpoint of an unknown task {task!r}; tasks: {', '.join(TASKS)}")
-    return TASKS[task]
+    spec = TASKS[task]
+    config = ckpt.get("config")
+    if isinstance(config, dict):  # older checkpoints: the values they ran with, not today's defaults
+        for dotted, value in spec.saved_defaults.items():
+            section, _, key = dotted.rpartition(".")
+            part = config.get(section) if section else config
+            if isinstance(part, dict) and key not in part:
+                part[key] = value
+    return spec
 
 
 def read_meta(ckpt: Mapping[str, Any], spec: TaskSpec, cfg: Any) -> dict[str, Any]:
