@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 FMNIST  ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test bench fashion-mnist clean
+.PHONY: demo test bench package-check fashion-mnist clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP) fashion-mnist
 
 bench: $(STAMP)
 	$(PY) -m tasks.bench classify
+
+# Build the wheel, install it into a fresh venv, run `onetrunk classify` from another folder (CI runs it)
+package-check:
+	bash .ci/package_check.sh
 
 # Fashion-MNIST comes from the Debian/Ubuntu package dataset-fashion-mnist.
 fashion-mnist:
