@@ -135,3 +135,29 @@ def test_predict_keeps_outputs_of_same_named_files_apart(run, tmp_path):
     assert {p.name for p in folder.iterdir()} == {"img0.json", "img0.png", "img0-2.json", "img0-2.png", "summary.json"}
     assert [json.loads((folder / f).read_text())["image"] for f in ("img0.json", "img0-2.json")] == paths
     assert json.loads((folder / "summary.json").read_text()) == result["predictions"]
+
+
+def test_a_checkpoint_from_before_the_exp_box_head_loads_as_relu(tmp_path):
+    """Checkpoints written before ``model.reg_activation`` existed were trained with a ReLU box
+    head: they must load as one (today's default, exp, adds a parameter they lack and changes
+    every box)."""
+    import torch
+
+    from tasks import TASKS, load
+    from tasks.engine.checkpoint import atomic_save, load_checkpoint
+    from tasks.engine.config import config_from_dict
+    from tests.fakes import TINY_MODELS, write_task_checkpoint
+
+    ckpt = load_checkpoint(write_task_checkpoint(tmp_path / "new.pt", "detect"))
+    assert ckpt["config"]["model"]["reg_activation"] == "exp"
+    # the checkpoint as the ReLU head wrote it: no such key in its config, no reg_scales
+    cfg = config_from_dict(TASKS["detect"].config, TINY_MODELS["detect"])
+    cfg.model.reg_activation = "relu"
+    del ckpt["config"]["model"]["reg_activation"]
+    ckpt["model"] = TASKS["detect"].build_model(cfg, {"class_names": ckpt["meta"]["class_names"]}).state_dict()
+    assert not any(k.endswith("reg_scales") for k in ckpt["model"])
+    atomic_save(ckpt, tmp_path / "old.pt")
+    predictor = load(tmp_path / "old.pt", device="cpu")
+    heads = [m for m in predictor.model.modules() if hasattr(m, "reg_activation")]
+    assert heads and all(m.reg_activation == "relu" for m in heads)
+    assert len(predictor.predict(torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8))) == 1
