@@ -595,3 +595,17 @@ def test_a_last_batch_of_one_image_is_one_line_and_batch_1_trains_where_it_can(t
             evaluate=lambda m, final: {}, main_metric="acc", output=tmp_path / "b", device=torch.device("cpu"),
             quiet=True).fit()
     assert (tmp_path / "b" / "last.pt").exists()
+
+
+def test_a_command_refused_before_it_writes_leaves_no_empty_run_folder(tmp_path, capsys):
+    """Bad data found once the run folder was chosen: the folders made for it go again (a user's
+    own existing --output folder stays)."""
+    missing = tmp_path / "no-such-data"
+    out = tmp_path / "a" / "b" / "run"
+    line = cli_error(classify.main, QUICK + ["--data-dir", str(missing), "--epochs", "1", "--output", str(out)], capsys)
+    assert str(missing) in line
+    assert not (tmp_path / "a").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    cli_error(classify.main, QUICK + ["--data-dir", str(missing), "--epochs", "1", "--output", str(mine)], capsys)
+    assert mine.is_dir() and not any(mine.iterdir())

@@ -31,7 +31,7 @@ import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -142,6 +142,7 @@ class Run:
     lock: "RunLock | None" = None  # a training run's hold on its folder (rank 0)
     resume_epoch: int | None = None  # the epoch the --resume checkpoint holds
     trainer: Any = None  # set once built: what an interrupted run can be resumed from
+    created: list[Path] = field(default_factory=list)  # folders made for it: removed again while empty
 
 
 # ----------------------------------------------------------------------------- the run folder's lock
@@ -506,6 +507,7 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
     output: Path | None = None
     error: Exception | None = None
     lock: RunLock | None = None
+    created: list[Path] = []  # the folders this command made for its run folder
     if distributed.is_main():
         try:
             holder = RunLock.holder(Path(args.output)) if training and args.output else None
@@ -518,6 +520,7 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
                 raise FileExistsError(f"--output {output} holds a config.yaml that no run wrote (a recipe of yours?): "
                                       f"a run writes its resolved config there; move it, choose another --output, or "
                                       f"pass --overwrite")
+            created = _missing_folders(output)
             output.mkdir(parents=True, exist_ok=True)
             if training:
                 lock = RunLock.acquire(output, console)
@@ -529,12 +532,35 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
     if error is not None:
         raise error
     try:
-        return _finish_setup(spec, args, cfg, output, device, console, recipe_path, resume_from, resume_epoch,
-                             checkpoint, lock)
+        r = _finish_setup(spec, args, cfg, output, device, console, recipe_path, resume_from, resume_epoch,
+                          checkpoint, lock)
+        r.created = created
+        return r
     except BaseException:
         if lock is not None:
             lock.release()
+        _remove_empty(created)  # a refused command leaves no empty run folder behind
         raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (deepest first) that is still empty; stop at the first that
+    is not (another process may have written into it since)."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 def _finish_setup(spec: TaskSpec, args: argparse.Namespace, cfg: Any, output: Path, device: torch.device,
@@ -589,6 +615,7 @@ def run(spec: TaskSpec, argv: Sequence[str] | argparse.Namespace | None = None) 
                     Console.error(_stop_line(r, stopped))
                 if r.lock is not None:
                     r.lock.release()
+                _remove_empty(r.created)  # a run that failed before writing anything leaves no folder
             # The trainer's evaluate closure holds r: without this the cycle keeps the DDP model
             # (and its hold on the process group) alive past distributed.destroy(), until the
             # interpreter's teardown, where destroying it aborted a torchrun rank.
