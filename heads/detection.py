@@ -7,16 +7,16 @@ loop and no host synchronisation in ``forward`` or ``loss``.
 
 Regression is parameterised as in FCOS with ``norm_reg_targets``: the head predicts the
 distances (l, t, r, b) from a point to the four box sides *in units of the level's stride*, made
-non-negative by a ReLU. Boxes are ``(x - l*s, y - t*s, x + r*s, y + b*s)``.
+positive by ``exp(s_l * x)`` with a learned scale per level (``reg_activation``). Boxes are
+``(x - l*s, y - t*s, x + r*s, y + b*s)``. Batched NMS: ``heads/nms.py``; target forms and their
+checks: ``heads/targets.py``.
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -27,6 +27,8 @@ from backbones.base import Backbone, FeatureSpec
 
 from .base import TaskModel
 from .fpn import FPN
+from .nms import batched_greedy_nms, pairwise_iou
+from .targets import check_target_structure, is_padded_targets, pad_targets
 
 __all__ = ["FCOSHead", "Detector", "pad_targets", "is_padded_targets", "pairwise_iou", "batched_greedy_nms"]
 
@@ -78,200 +80,9 @@ def _giou_loss(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) ->
     return 1 - (iou - (area_c - union) / (area_c + eps))
 
 
-def pairwise_iou(boxes: torch.Tensor) -> torch.Tensor:
-    """IoU of every pair of xyxy boxes in each row: ``[N, M, 4] -> [N, M, M]``. The arithmetic of
-    ``torchvision.ops.box_iou`` and of its NMS kernel (``inter / (area_a + area_b - inter)``, the
-    same operations in the same order, so the same float results), batched, one axis at a time
-    and in place: on 2 CPU cores, 8 x 1000 boxes, 131 -> 56 ms against the ``[N, M, M, 2]``
-    corner tensors of ``box_iou``'s layout."""
-    x1, y1, x2, y2 = boxes.unbind(dim=-1)  # [N, M] each
-    area = (x2 - x1) * (y2 - y1)
-    iw = torch.minimum(x2[:, :, None], x2[:, None, :]).sub_(torch.maximum(x1[:, :, None], x1[:, None, :])).clamp_(min=0)
-    ih = torch.minimum(y2[:, :, None], y2[:, None, :]).sub_(torch.maximum(y1[:, :, None], y1[:, None, :])).clamp_(min=0)
-    inter = iw.mul_(ih)
-    union = (area[:, :, None] + area[:, None, :]).sub_(inter)
-    return inter.div_(union)
-
-
-def _float32_below(value: float) -> float:
-    """The largest float32 <= ``value``. torchvision's NMS kernels compare a float IoU with a
-    double threshold (``iou > 0.3`` holds for the float 0.3, which is 0.30000001); ``t > value``
-    for float32 ``t`` is ``t > _float32_below(value)`` in float32, so ties match exactly."""
-    f = float(np.float32(value))
-    return f if f <= value else float(np.nextafter(np.float32(value), np.float32(-np.inf)))
-
-
-def _suppression(boxes: torch.Tensor, labels: torch.Tensor, thresh: float) -> torch.Tensor:
-    """``over [N, M, M]`` (bool): ``over[n, i, j]``, an earlier candidate ``j`` would suppress
-    ``i`` (same class, IoU > ``thresh``). Laid out [i, j] so the NMS steps reduce over the
-    contiguous last dim (for the boolean steps, 3.5x faster than over dim 1 on 2 CPU cores,
-    8 x 1000 x 1000). Invalid
-    ``j`` need no mask: the steps only count kept ``j``, and ``keep`` implies ``valid``."""
-    over = pairwise_iou(boxes.float()) > thresh
-    over &= labels[:, :, None] == labels[:, None, :]
-    return over.tril_(-1)  # j before i
-
-
-def _nms_fixed_point(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, thresh: float,
-                     iterations: int, top: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``iterations`` steps of ``batched_greedy_nms`` from ``keep = valid``: ``(keep, converged,
-    weights)``, the matrix for a caller that goes on iterating (``_nms_steps``).
-
-    A step asks, per candidate, whether any kept earlier one suppresses it: a batched
-    matrix-vector product of the 0/1 matrix with ``keep`` (sums of 0/1 terms: > 0 exactly when
-    one is 1, also in bf16 with its fp32 accumulation). On an H200 (64 x 1000 x 1000) the
-    broadcast ``(over & keep).any()`` form took 210 us per step, most of it the broadcast
-    ``&``; the product reads the matrix once."""
-    over = _suppression(boxes, labels, thresh)
-    weights = over.to(torch.bfloat16 if boxes.is_cuda else torch.float32)
-    keep, prev = _nms_steps(weights, valid, valid, iterations)
-    return keep, _converged(keep, prev, top), weights
-
-
-def _nms_steps(weights: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, iterations: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    prev = keep
-    for _ in range(iterations):
-        hit = torch.bmm(weights, keep.to(weights.dtype)[..., None])[..., 0] > 0
-        prev, keep = keep, valid & ~hit
-    return keep, prev
-
-
-def _fixed_point_fused(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, thresh: float,
-                       iterations: int, top: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same steps as boolean reductions, for ``torch.compile``: written so inductor can fuse
-    the matrix into the reductions (not checked in its generated code). Measured, graphed:
-    3,930 against 3,586 img/s for the eager steps (H200, docs/BENCHMARKS.md)."""
-    over = _suppression(boxes, labels, thresh)
-    keep = prev = valid
-    for _ in range(iterations):
-        prev, keep = keep, valid & ~(over & keep[:, None, :]).any(dim=2)
-    return keep, _converged(keep, prev, top)
-
-
-def _converged(keep: torch.Tensor, prev: torch.Tensor, top: int | None) -> torch.Tensor:
-    changed = keep != prev
-    if top is not None:  # only the candidates up to the top-th kept one matter
-        changed &= (keep.cumsum(dim=1) - keep.long()) < top
-    return ~changed.any(dim=1)
-
-
-@functools.cache
-def _compiled_fixed_point() -> Any:
-    return torch.compile(_fixed_point_fused, dynamic=False)
-
-
-def batched_greedy_nms(boxes: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, iou_thresh: float,
-                       iterations: int = 8, until_converged: bool = False, top: int | None = None,
-                       compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class-wise greedy NMS for a whole batch with fixed shapes and no host sync.
-
-    ``boxes [N, M, 4]`` (xyxy), ``labels [N, M]`` and ``valid [N, M]`` are sorted by descending
-    score in each row. Returns ``keep [N, M]`` (bool) and ``converged [N]``.
-
-    Greedy NMS keeps candidate ``i`` iff no *kept* earlier candidate of its class overlaps it
-    by IoU > ``iou_thresh``. That is a fixed point of ``keep = valid & ~any_j(over_ij & keep_j)``;
-    the fixed point is unique (candidate ``i`` depends only on those before it), so iterating the
-    update from ``keep = valid`` (Cluster-NMS, Zheng et al. 2020; the first iteration is Fast
-    NMS) reaches exactly greedy NMS's answer once an iteration changes nothing. The same holds
-    for a prefix: once the candidates up to the ``top``-th kept one stop changing, those ``top``
-    are final (each depends only on the ones before it), which is all a caller keeping ``top``
-    detections needs, and comes in fewer steps than the whole row. A row that still changed in
-    the last of ``iterations`` steps reports ``converged = False``: its caller must not trust it
-    (``FCOSHead.postprocess_host`` redoes such images until converged).
-    Each step is one batched matrix-vector product over the ``[N, M, M]`` suppression matrix
-    (``_nms_fixed_point``): no data-dependent shapes, so it replays in a CUDA graph, where
-    ``batched_nms`` syncs with the host once per image.
-    ``until_converged`` (eager use) goes on in rounds of ``iterations`` steps, one host sync per
-    round, until every row has converged (at most M steps: a chain is never longer).
-    ``compiled`` (CUDA, not with ``until_converged``): matrix and steps through ``torch.compile``.
-    """
-    m = boxes.shape[1]
-    thresh = _float32_below(iou_thresh)
-    if compiled and boxes.is_cuda and not until_converged:
-        return _compiled_fixed_point()(boxes, labels, valid, thresh, iterations, top)
-    keep, converged, weights = _nms_fixed_point(boxes, labels, valid, thresh, iterations, top)
-    done = iterations
-    while until_converged and done < m and not bool(converged.all()):
-        keep, prev = _nms_steps(weights, valid, keep, iterations)
-        done += iterations
-        converged = _converged(keep, prev, top)
-    return keep, converged
-
-
 def _unpad(padded: Mapping[str, torch.Tensor], counts: Sequence[int]) -> list[dict[str, torch.Tensor]]:
     """Per-image views of ``postprocess_padded``'s rows: the first ``counts[i]`` of image ``i``."""
     return [{key: padded[key][i, :c] for key in ("boxes", "scores", "labels")} for i, c in enumerate(counts)]
-
-
-def is_padded_targets(targets: Any) -> bool:
-    """The batched target form: ``{"boxes": [N, M, 4], "labels": [N, M]}``, labels -1 on padding."""
-    return isinstance(targets, Mapping) and "boxes" in targets and "labels" in targets
-
-
-def _check_boxes(boxes: Any, layout: str, where: str) -> None:
-    """``boxes`` is a floating-point tensor of ``layout`` ("[M, 4]" or "[N, M, 4]")."""
-    dims = layout.count(",") + 1
-    if not isinstance(boxes, torch.Tensor) or boxes.dim() != dims or boxes.shape[-1] != 4:
-        got = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
-        raise ValueError(f"{where}: boxes must be a {layout} xyxy tensor, got {got}")
-    if not boxes.is_floating_point():
-        raise ValueError(f"{where}: boxes must be floating point (xyxy pixels), got {boxes.dtype}")
-
-
-def _check_target_structure(targets: Any, num_images: int | None = None) -> None:
-    """Types and shapes only (no device sync): cheap enough to run on every ``loss`` call."""
-    if is_padded_targets(targets):
-        boxes, labels = targets["boxes"], targets["labels"]
-        _check_boxes(boxes, "[N, M, 4]", "padded targets")
-        if (not isinstance(labels, torch.Tensor) or labels.shape != boxes.shape[:2] or labels.is_floating_point()
-                or labels.dtype == torch.bool):
-            got = (f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor)
-                   else type(labels).__name__)
-            raise ValueError(f"padded targets: labels must be an integer [N, M] = {tuple(boxes.shape[:2])} "
-                             f"tensor (-1 on padding), got {got}")
-        if num_images is not None and boxes.shape[0] != num_images:
-            raise ValueError(f"got padded targets for {boxes.shape[0]} images but {num_images} images")
-        return
-    if not isinstance(targets, (list, tuple)):
-        raise ValueError("detection targets must be a list of dicts (one per image) or a dict of padded "
-                         f"'boxes' [N, M, 4] and 'labels' [N, M], got {type(targets).__name__}")
-    if num_images is not None and len(targets) != num_images:
-        raise ValueError(f"got {len(targets)} targets for {num_images} images")
-    for i, t in enumerate(targets):
-        if not isinstance(t, Mapping) or "boxes" not in t or "labels" not in t:
-            got = sorted(t) if isinstance(t, Mapping) else type(t).__name__
-            raise ValueError(f"image {i}: target must be a dict with 'boxes' and 'labels', got {got}")
-        boxes, labels = t["boxes"], t["labels"]
-        _check_boxes(boxes, "[M, 4]", f"image {i}")
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
-            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-            raise ValueError(f"image {i}: labels must be a [M] int64 tensor, got {got}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"image {i}: labels must be integer class indices, got {labels.dtype}")
-        if labels.shape[0] != boxes.shape[0]:
-            raise ValueError(f"image {i}: {boxes.shape[0]} boxes but {labels.shape[0]} labels")
-
-
-def pad_targets(targets: Sequence[Mapping[str, torch.Tensor]], multiple: int = 1,
-                device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """Per-image targets -> the padded form ``{"boxes": [N, M, 4] float32, "labels": [N, M] int64}``,
-    labels -1 on padding; M is the largest box count rounded up to ``multiple`` (at least 1).
-
-    A fixed M (``multiple`` above any image's count) gives every batch the same shapes, which a
-    CUDA graph needs; built on the CPU in a DataLoader worker it also turns 2N small tensors per
-    batch into two (less inter-process traffic and host-to-device copies).
-    """
-    n = len(targets)
-    m = max([int(t["boxes"].shape[0]) for t in targets] + [1])
-    m = -(-m // max(1, multiple)) * max(1, multiple)
-    boxes = torch.zeros(n, m, 4, dtype=torch.float32, device=device)
-    labels = torch.full((n, m), -1, dtype=torch.int64, device=device)
-    for i, t in enumerate(targets):
-        k = t["boxes"].shape[0]
-        boxes[i, :k] = t["boxes"]
-        labels[i, :k] = t["labels"]
-    return {"boxes": boxes, "labels": labels}
 
 
 # ----------------------------------------------------------------------------- head
@@ -529,7 +340,7 @@ class FCOSHead(nn.Module):
         ``targets``: per image ``[dict(boxes=[M, 4] xyxy, labels=[M])]``, or the padded batch
         ``dict(boxes=[N, M, 4], labels=[N, M])`` with label -1 on padding (``pad_targets``)."""
         cls_logits = raw["cls_logits"].float()  # [N, P, K]
-        _check_target_structure(targets, cls_logits.shape[0])
+        check_target_structure(targets, cls_logits.shape[0])
         a = self.assign_targets(raw, targets)
         positive = a["positive"]  # [N, P]
         normalizer = self._normalizer(positive)
@@ -739,7 +550,7 @@ class Detector(TaskModel):
 
         Every value check of the batch runs on the padded ``[N, M]`` layout at once: a single
         host sync when the batch is good."""
-        _check_target_structure(targets, num_images)
+        check_target_structure(targets, num_images)
         if is_padded_targets(targets):
             boxes, labels = targets["boxes"], targets["labels"]
             real = labels != -1  # -1 marks padding in this form
