@@ -19,7 +19,7 @@ demo: $(STAMP) fashion-mnist
 	$(PY) -m tasks.classify
 
 bench: $(STAMP)
-	$(PY) -m tasks.bench classify
+	$(PY) -m benchmarks.bench classify
 
 # Build the wheel, install it into a fresh venv, run `onetrunk classify` from another folder (CI runs it)
 package-check:

@@ -8,7 +8,7 @@
 Trains a short schedule of the task's recipe once per seed (``train.seed``; the data is the same
 for every seed) and reports, per seed, the final metric and whether the run collapsed: its metric
 is under half the median of its model's runs (or 0), or the training guard stopped it. Then min / median
-/ max and the collapse count per model. The torchvision peer of ``tasks.bench`` (FCOS, the FCN
+/ max and the collapse count per model. The torchvision peer of ``benchmarks.bench`` (FCOS, the FCN
 head on a torchvision ResNet of the same depth, the plain torchvision ResNet-18 recipe) runs the
 same seeds unless ``--no-peer``.
 
@@ -19,7 +19,7 @@ Defaults per task (the data and schedule where a collapse would show; ``--set`` 
 * segment: ``configs/segment/scenes_fcn_resnet18.yaml`` on FashionScenes with 3,000 train
   scenes, 8 epochs, evaluated after epochs 4 and 8; the peer is torchvision's FCN head on its ResNet-18.
 * classify: ``configs/classify/fashion_mnist_quick.yaml`` (3 epochs); the peer is the torchvision
-  ResNet-18 recipe of ``python -m tasks.bench classify`` for as many epochs.
+  ResNet-18 recipe of ``python -m benchmarks.bench classify`` for as many epochs.
 
 ``--variant NAME:KEY=VALUE,...`` adds a model of ours with more overrides (a before / after on the
 same seeds); ``--stop-after K`` trains only the first K epochs of the schedule (the learning-rate
@@ -28,7 +28,8 @@ schedule stays that of ``--epochs``): enough to see an early collapse for a frac
 ``--jobs N`` runs N seeds at once, each in its own process on the one GPU (each process builds
 the data once and trains its seeds one after another): the sweep is about accuracy, so the
 training times it records are shared-GPU times, not speed measurements. Results:
-``<out>/seeds_<task>.json`` (every run, with its per-epoch losses) and a Markdown table on stdout.
+``<out>/seeds_<task>.json`` (the schema of ``benchmarks/schema.py``: ``numbers`` is the per-model
+summary; every run, with its per-epoch losses, under ``runs``) and a Markdown table on stdout.
 """
 from __future__ import annotations
 
@@ -111,13 +112,13 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         if task == "classify" and job["peer"]:
-            from tasks.bench import peer_fashion_mnist
+            from benchmarks.bench import peer_fashion_mnist
 
             device = resolve_device(load_config(TASKS[task].config, job["recipe"], job["overrides"]).train.device)
             result = peer_fashion_mnist(epochs=job["epochs"], seed=seed, device=str(device), log=lambda *a: None)
             row.update(metric=result["acc"], train_time_s=result["train_time_s"], epochs_run=job["epochs"])
             return row
-        from tasks.bench import _TorchvisionFCN, _TorchvisionFCOS
+        from benchmarks.bench import _TorchvisionFCN, _TorchvisionFCOS
         from tasks.engine.graphs import inference_models
         from tasks.engine.loop import Trainer
 
@@ -255,7 +256,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+CLAIM = ("Seed robustness: the task's recipe (and its variants / the torchvision peer) trained once per seed; "
+         "min / median / max of the final metric and the collapsed seeds per model")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from benchmarks.schema import command_line, write_result
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = command_line("benchmarks.seeds", argv)
     args = get_args_parser().parse_args(argv)
     task = args.task
     recipe, default_overrides, default_epochs = RECIPES[task]
@@ -294,16 +303,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"env": env_info(), "task": task, "recipe": recipe, "overrides": overrides,
                               "epochs": epochs, "stop_after": args.stop_after, "seeds": seeds, "jobs": args.jobs,
                               "models": {name: extra for name, extra, _ in models}, "metric": metric,
-                              "command": "python -m benchmarks.seeds " + " ".join(sys.argv[1:] if argv is None else argv),
-                              "runs": []}
+                              "command": command, "runs": []}
     path = out / f"seeds_{task}.json"
     t0 = time.perf_counter()
+
+    def save() -> None:
+        write_result(path, claim=CLAIM, numbers=result.get("summary", {}), command=command, env=result["env"],
+                     extra={k: v for k, v in result.items() if k not in ("env", "command")})
 
     def record(row: dict[str, Any]) -> None:
         result["runs"].append(row)
         result["summary"] = summarise(result["runs"])
         result["wall_s"] = round(time.perf_counter() - t0, 1)
-        path.write_text(json.dumps(result, indent=1))
+        save()
         value = "-" if row["metric"] is None else f"{row['metric']:.4f}"
         why = row["guard"] or row["error"] or ""
         print(f"{row['model']} seed {row['seed']}: {metric} {value} ({row['wall_s']} s) {why}".rstrip(), flush=True)
@@ -323,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shutil.rmtree(runs, ignore_errors=True)
     result["runs"].sort(key=lambda r: (list(result["models"]).index(r["model"]), r["seed"]))
     result["summary"] = summarise(result["runs"])
-    path.write_text(json.dumps(result, indent=1))
+    save()
     print(table(result["summary"], metric))
     print(f"{len(jobs)} runs in {time.perf_counter() - t0:.0f} s -> {path}")
     return result

@@ -1,11 +1,12 @@
-"""python -m tasks.bench backbone: the harness runs end to end on a CPU with tiny settings."""
+"""python -m benchmarks.backbone (also python -m benchmarks.bench backbone): the harness runs end to
+end on a CPU with tiny settings."""
 import json
 
 import pytest
 import torch
 
-from tasks import bench
-from tasks.bench_backbone import select_variants
+from benchmarks import bench
+from benchmarks.backbone import select_variants
 
 EAGER = {"torchvision/train_eager", "timm/train_eager", "ours/train_eager", "ours/train_eager_fusedsgd",
          "torchvision/infer_eager", "timm/infer_eager", "ours/infer_eager", "ours/infer_eager_bnfold"}
@@ -43,10 +44,16 @@ def one_thread():
 
 def test_bench_backbone_cpu_smoke(tmp_path, capsys, one_thread):
     models = ["resnet18", "resnet50"]
-    bench.main(["backbone", "--out", str(tmp_path), "--models", ",".join(models), "--batch", "2", "--size", "32",
-                "--warmup", "1", "--rounds", "2", "--steps", "1", "--no-compile", "--quiet", "--device", "cpu"])
+    args = ["--out", str(tmp_path), "--models", ",".join(models), "--batch", "2", "--size", "32",
+            "--warmup", "1", "--rounds", "2", "--steps", "1", "--no-compile", "--quiet", "--device", "cpu"]
+    bench.main(["backbone", *args])  # forwarded to benchmarks.backbone
     res = json.loads((tmp_path / "bench_backbone.json").read_text())
     assert {"torch", "torchvision", "timm"} <= set(res["env"])
+    # the result schema (benchmarks/schema.py): the exact command, the per-depth summaries as numbers
+    assert res["schema"] == "onetrunk-bench-1" and res["claim"] and res["date"]
+    assert res["command"].startswith("python -m benchmarks.backbone --out ") and "--no-compile" in res["command"]
+    assert set(res["numbers"]) == set(models) and res["numbers"]["resnet18"] == res["models"]["resnet18"]["summary"]
+    assert not [f for f in tmp_path.iterdir() if ".tmp" in f.name]
     assert list(res["models"]) == models
     for depth in models:
         r = res["models"][depth]

@@ -191,9 +191,12 @@ def test_console_script_is_declared():
 def test_dispatch_table_covers_every_command():
     assert set(cli.COMMANDS) == COMMANDS
     for name, (module, about) in cli.COMMANDS.items():
-        assert module == f"tasks.{name}" and about and "\n" not in about
-        tree = ast.parse((ROOT / "tasks" / f"{name}.py").read_text())
+        # bench: the benchmarks/ of a checkout, not installed (not a package pyproject lists)
+        expected = "benchmarks.bench" if name == "bench" else f"tasks.{name}"
+        assert module == expected and about and "\n" not in about
+        tree = ast.parse((ROOT / Path(*module.split("."))).with_suffix(".py").read_text())
         assert any(isinstance(n, ast.FunctionDef) and n.name == "main" and n.args.args for n in tree.body), name
+    assert not any(p == "benchmarks" or p.startswith("benchmarks.") for p in PYPROJECT["tool"]["setuptools"]["packages"])
 
 
 def test_help_lists_every_command(capsys):
@@ -232,3 +235,27 @@ def test_command_runs_the_task_main(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:  # run_cli, as python -m tasks.<name>: one line, exit 2
         cli.main(["classify", "--bad"])
     assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: bad input"
+
+
+def test_bench_runs_the_checkouts_benchmarks(monkeypatch):
+    calls = []
+    from benchmarks import bench
+
+    monkeypatch.setattr(bench, "main", lambda argv: calls.append(argv) or {})
+    cli.main(["bench", "classify", "--no-peer"])
+    assert calls == [["classify", "--no-peer"]]
+
+
+@pytest.mark.parametrize("argv, code", [(["bench", "classify"], 2), (["bench"], 2), (["bench", "--help"], 0)])
+def test_bench_without_a_checkout_is_one_line(monkeypatch, capsys, argv, code):
+    """An installed package has no benchmarks/: one line saying where they are; exit 2 (0 for
+    --help, which CI's package check asks of every command)."""
+    monkeypatch.setitem(sys.modules, "benchmarks", None)  # import benchmarks fails, as without a checkout
+    monkeypatch.setitem(sys.modules, "benchmarks.bench", None)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    out = capsys.readouterr()
+    text = (out.out if code == 0 else out.err).strip()
+    assert e.value.code == code and text == cli.BENCH_MISSING and len(text.splitlines()) == 1
+    assert "benchmarks/" in text and "checkout" in text

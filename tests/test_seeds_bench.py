@@ -37,3 +37,7 @@ def test_tiny_detection_sweep_runs_and_writes_its_result(tmp_path):
     for r in saved["runs"]:
         assert r["error"] is None and r["seed"] == 3 and r["epochs_run"] == 1 and 0.0 <= r["metric"] <= 1.0
     assert set(result["summary"]) == {"onetrunk", "narrow"} and saved["stop_after"] == 1
+    # the result schema (benchmarks/schema.py)
+    assert saved["schema"] == "onetrunk-bench-1" and saved["claim"] and saved["date"] and "torch" in saved["env"]
+    assert saved["command"] == "python -m benchmarks.seeds " + " ".join(argv)  # no argument needs quoting here
+    assert saved["numbers"] == saved["summary"] == result["summary"]

@@ -2,7 +2,7 @@
 
 A ``TaskSpec`` names a task's config dataclass and the functions the shared machinery calls:
 the runner (``python -m tasks.<task>``), ``tasks.load`` (the Python API), ``tasks.export``,
-``tasks.bench``, ``tasks.multitask`` (which composes the detection and segmentation heads)
+``benchmarks.bench`` (not installed), ``tasks.multitask`` (which composes the detection and segmentation heads)
 and ``--trunk`` get everything task-specific from here, never from another task module.
 
 ``TASKS["detect"]`` imports ``tasks.detect`` on first use and returns its ``SPEC``: the

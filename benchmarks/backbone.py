@@ -1,9 +1,10 @@
 """Backbone throughput: this project's ResNet-18 / ResNet-50 against torchvision's and timm's.
 
-Usage:
-    python -m tasks.bench backbone [--out DIR] [--models resnet18,resnet50] [--batch 256] [--size 224]
-                                   [--warmup 10] [--rounds 5] [--steps 10] [--no-compile]
-                                   [--variants default|all|PATTERN,...] [--device cuda|cpu]
+Usage (from the repository root: ``benchmarks/`` is not installed with the package):
+    python -m benchmarks.backbone [--out DIR] [--models resnet18,resnet50] [--batch 256] [--size 224]
+                                  [--warmup 10] [--rounds 5] [--steps 10] [--no-compile]
+                                  [--variants default|all|PATTERN,...] [--device cuda|cpu]
+    (``python -m benchmarks.bench backbone ...`` is the same.)
 
 Everything runs in one process on one device. Per model depth the three implementations get
 the **same weights** (torchvision's initialisation, BatchNorm running statistics accumulated
@@ -37,8 +38,9 @@ resident tensors after warm-up (weights, gradients, optimizer state, graph pools
 input batch excluded) plus the largest transient allocation of its timed steps, from
 ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` (CUDA-graph variants: the memory
 reserved since the variant was built, as their graph pool is not counted as allocated). On a CPU (tests) the timer is
-``time.perf_counter`` and memory is not reported. Results: ``<out>/bench_backbone.json`` and a
-Markdown table on stdout.
+``time.perf_counter`` and memory is not reported. Results: ``<out>/bench_backbone.json`` (the
+schema of ``benchmarks/schema.py``; ``numbers``: the per-depth summaries) and a Markdown table on
+stdout.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backbones import build_backbone, fuse_conv_bn
+from benchmarks.schema import command_line, write_result
 from heads import ClassificationHead, TaskModel
 
 __all__ = ["VariantSpec", "variant_specs", "build_models", "bench_model", "main"]
@@ -456,7 +459,7 @@ def table(results: dict[str, Any]) -> str:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tasks.bench backbone", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.backbone", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench", help="folder for bench_backbone.json")
     p.add_argument("--models", default="resnet18,resnet50", help=f"comma-separated, from {', '.join(DEPTHS)}")
@@ -476,9 +479,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+CLAIM = ("Backbone throughput: this project's ResNet trunk + classifier against torchvision's and timm's with "
+         "the same weights, training and inference images/s (ratio to the best peer) and peak memory")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import sys
+
     from tasks.engine.logging import env_info
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = command_line("benchmarks.backbone", argv)
     args = get_args_parser().parse_args(argv)
     depths = [d.strip() for d in args.models.split(",") if d.strip()]
     bad = [d for d in depths if d not in DEPTHS]
@@ -514,7 +525,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             steps=args.steps, device=device, input_dtype=getattr(torch, args.input_dtype),
             check_batch=args.check_batch, log=log)
         results["wall_s"] = round(time.perf_counter() - t0, 1)
-        (out / "bench_backbone.json").write_text(json.dumps(results, indent=1))
+        numbers = {d: r.get("summary", {}) for d, r in results["models"].items()}
+        write_result(out / "bench_backbone.json", claim=CLAIM, numbers=numbers, command=command,
+                     env=results["env"], extra={k: v for k, v in results.items() if k != "env"})
         # Free this depth before the next: compiled code, CUDA-graph pools, cached blocks.
         gc.collect()
         if args.compile:

@@ -1,10 +1,11 @@
 """Benchmarks against the peers a user would otherwise write, in one process on one GPU.
 
-Usage:
-    python -m tasks.bench classify [--out DIR] [--recipe FILE[::FLAGS] ...] [--peer-epochs 15] [--no-peer]
-    python -m tasks.bench detect   [--out DIR] [--set KEY=VALUE ...]
-    python -m tasks.bench segment  [--out DIR] [--set KEY=VALUE ...]
-    python -m tasks.bench multitask [--out DIR] [--set KEY=VALUE ...] [--weights CKPT]  # one-pass vs three models
+Usage (from the repository root: ``benchmarks/`` is not installed with the package):
+    python -m benchmarks.bench classify [--out DIR] [--recipe FILE[::FLAGS] ...] [--peer-epochs 15] [--no-peer]
+    python -m benchmarks.bench detect   [--out DIR] [--set KEY=VALUE ...]
+    python -m benchmarks.bench segment  [--out DIR] [--set KEY=VALUE ...]
+    python -m benchmarks.bench multitask [--out DIR] [--set KEY=VALUE ...] [--weights CKPT]  # one-pass vs three models
+    python -m benchmarks.bench backbone ...  # the same as python -m benchmarks.backbone ...
 
 ``classify``: this project's recipe(s) (``python -m tasks.classify``) and the peer of the
 issue: torchvision ``resnet18`` with a 3x3/1 one-channel ``conv1`` and no max-pool,
@@ -22,6 +23,10 @@ depth, image size, epochs, batch, optimizer and schedule, so the difference is t
 The peers get the already-normalised batches (their own transform's normalisation is set to
 identity). Training images/s, inference images/s (forward + post-processing on device-resident
 batches) and the task metric of each go to ``<out>/bench_<task>.json``.
+
+Every result file has the schema of ``benchmarks/schema.py`` (``schema``, ``claim``,
+``numbers``, ``command``, ``env``, ``date``; the runs and settings beside them) and is rewritten
+after each run.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from typing import Any
 import torch
 import yaml
 
+from benchmarks.schema import command_line, write_result
 from tasks.data import fashion_mnist
 from tasks.engine.checkpoint import seed_everything
 from tasks.engine.config import CONFIG_ROOT, load_config
@@ -248,10 +254,22 @@ def inference_img_per_s(model: torch.nn.Module, loader, device: torch.device, am
     return n / (time.perf_counter() - t0)
 
 
+CLAIMS = {
+    "classify": "Fashion-MNIST classification: this project's recipe(s) against the plain torchvision "
+                "ResNet-18 + DataLoader recipe, one process, one GPU: test accuracy, training time, images/s",
+    "detect": "FashionScenes detection: this project's FCOS model against torchvision's FCOS (ResNet FPN) "
+              "trained by the same engine from the same recipe: AP, training and inference images/s",
+    "segment": "FashionScenes segmentation: this project's FCN model against torchvision's FCN head on its "
+               "ResNet and fcn_resnet50, same engine and recipe: mIoU, training and inference images/s",
+    "multitask": "One-pass multitask inference (one trunk, three heads) against the three single-task models "
+                 "run one after another on the same batches: images/s and identical outputs",
+}
+
+
 def bench_dense(task: str, out: Path, overrides: list[str], device: torch.device | None = None,
-                recipe: str | None = None) -> dict[str, Any]:
+                recipe: str | None = None, command: str | None = None) -> dict[str, Any]:
     """Ours and the torchvision peers for ``task`` ("detect" / "segment"), one after another,
-    on the task's GPU recipe (or ``recipe``)."""
+    on the task's GPU recipe (or ``recipe``). ``command``: the command line to record."""
     spec = TASKS[task]
     recipe = Path(recipe) if recipe else CONFIG_ROOT / task / f"{spec.recipes[0]}.yaml"
     cfg = load_config(spec.config, recipe, overrides)
@@ -269,6 +287,9 @@ def bench_dense(task: str, out: Path, overrides: list[str], device: torch.device
         models[f"torchvision FCN head on ResNet-{cfg.model.depth} (IntermediateLayerGetter)"] = (
             lambda: _TorchvisionFCN(k, cfg.model.depth))
         models["torchvision fcn_resnet50"] = lambda: _TorchvisionFCN(k)
+    if command is None:
+        command = command_line("benchmarks.bench", [task, *(a for o in overrides for a in ("--set", o))]
+                               + (["--recipe", str(recipe)] if recipe else []))
     results: dict[str, Any] = {"env": env_info(), "recipe": str(recipe), "overrides": overrides, "runs": []}
     for i, (name, build) in enumerate(models.items()):
         seed_everything(cfg.train.seed)
@@ -302,7 +323,10 @@ def bench_dense(task: str, out: Path, overrides: list[str], device: torch.device
             row["pixel_acc"] = record["val_pixel_acc"]
         results["runs"].append(row)
         print(json.dumps(row), flush=True)
-        (out / f"bench_{task}.json").write_text(json.dumps(results, indent=1))
+        numbers = {r["name"]: {k: r[k] for k in (metric, "train_img_per_s", "infer_img_per_s", "train_time_s")}
+                   for r in results["runs"]}
+        write_result(out / f"bench_{task}.json", claim=CLAIMS[task], numbers=numbers, command=command,
+                     env=results["env"], extra={k: v for k, v in results.items() if k != "env"})
         del trainer, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -320,7 +344,8 @@ def _dense_table(rows: list[dict[str, Any]], metric: str) -> str:
 
 
 def bench_multitask_inference(out: Path, overrides: list[str], device: torch.device | None = None,
-                              batches: int = 8, weights: str | None = None) -> dict[str, Any]:
+                              batches: int = 8, weights: str | None = None,
+                              command: str | None = None) -> dict[str, Any]:
     """Inference images/s of one ``MultiTaskModel`` against the three single-task models
     (same weights, trunk copied into each) run one after another on the same batches, and
     whether their outputs agree. ``weights``: a ``tasks.multitask`` checkpoint of the recipe.
@@ -388,7 +413,13 @@ def bench_multitask_inference(out: Path, overrides: list[str], device: torch.dev
               "cuda_graphs": device.type == "cuda", "eager_img_per_s": eager,
               "eager_speedup": eager["multitask"] / (1.0 / sum(1.0 / eager[k] for k in single_ips)),
               "identical_outputs": bool(same)}
-    (out / "bench_multitask.json").write_text(json.dumps(result, indent=1))
+    if command is None:
+        command = command_line("benchmarks.bench", ["multitask", *(a for o in overrides for a in ("--set", o))]
+                               + (["--weights", weights] if weights else []))
+    numbers = {k: result[k] for k in ("multitask_img_per_s", "sequential_img_per_s", "speedup", "eager_speedup",
+                                      "identical_outputs")}
+    write_result(out / "bench_multitask.json", claim=CLAIMS["multitask"], numbers=numbers, command=command,
+                 env=result["env"], extra={k: v for k, v in result.items() if k != "env"})
     print(json.dumps(result))
     return result
 
@@ -406,10 +437,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import sys
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["backbone"]:  # its own options: python -m tasks.bench backbone --help
-        from tasks import bench_backbone
-        return bench_backbone.main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m tasks.bench", description=__doc__,
+    if argv[:1] == ["backbone"]:  # its own options: python -m benchmarks.bench backbone --help
+        from benchmarks import backbone
+        return backbone.main(argv[1:])
+    command = command_line("benchmarks.bench", argv)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["classify", "detect", "segment", "multitask"])
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
@@ -428,14 +460,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.what in ("detect", "segment", "multitask"):
         device = resolve_device(args.device) if args.device else None
         if args.what == "multitask":
-            return bench_multitask_inference(out, args.overrides, device, weights=args.weights)
-        return bench_dense(args.what, out, args.overrides, device, recipe=args.recipe[0] if args.recipe else None)
+            return bench_multitask_inference(out, args.overrides, device, weights=args.weights, command=command)
+        return bench_dense(args.what, out, args.overrides, device, recipe=args.recipe[0] if args.recipe else None,
+                           command=command)
     results: dict[str, Any] = {"env": env_info(), "runs": []}
     print(json.dumps(results["env"]))
     recipes = args.recipe or ["configs/classify/fashion_mnist_resnet18.yaml"]
 
     def save():
-        (out / "bench_classify.json").write_text(json.dumps(results, indent=1))
+        numbers = {r["name"]: {k: r[k] for k in ("acc", "train_time_s", "img_per_s", "steady_img_per_s", "epochs")}
+                   for r in results["runs"]}
+        write_result(out / "bench_classify.json", claim=CLAIMS["classify"], numbers=numbers, command=command,
+                     env=results["env"], extra={k: v for k, v in results.items() if k != "env"})
 
     for i, spec in enumerate(recipes):
         recipe, _, flags = spec.partition("::")
