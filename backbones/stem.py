@@ -3,7 +3,7 @@
 cuDNN runs the ImageNet stem badly on a GPU: with 3 input channels it pads them to 8 and picks
 an old implicit-GEMM kernel; on an H200 (torch 2.11, bf16, channels_last, batch 256 at 224x224)
 that one conv took 1.5 ms, 38% of a compiled ResNet-18 inference step, at ~40 TFLOP/s
-(``docs/bench/probe_backbone.py``). Zero-padding the input to 4 or 8 channels does not help;
+(a profile of one compiled inference step; the script is in git history). Zero-padding the input to 4 or 8 channels does not help;
 the rearrangement below took the conv alone from 1.77 to 1.05 ms (forward + weight gradient:
 3.02 to 1.64 ms).
 

@@ -118,7 +118,7 @@ class GraphedInference(nn.Module):
     replays as one CUDA graph per input shape; ``model.finish`` then makes the usual outputs.
 
     Network and detection post-processing together are then one launch. Measured (H200, FCOS
-    R18 at 256 px, batch 64, docs/BENCHMARKS.md "Dense tasks at GPU speed"): 3.6k img/s
+    R18 at 256 px, batch 64, docs/BENCHMARKS.md "Detection"): 3.6k img/s
     against 2.9k for the eager device path; the eager network kernels (GroupNorm, copies) take
     most of the graph. With ``compile=True`` (inductor's fused kernels in the graph) 8.2k img/s,
     after 19.5 s of compile and capture. A shape is captured the ``capture_after``-th time

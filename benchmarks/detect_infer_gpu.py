@@ -2,7 +2,7 @@
 held on the device, median of 5 interleaved rounds; AP and detections of the device NMS against
 torchvision's ``batched_nms`` over the whole val set.
 
-    python3 docs/bench/detect_infer_gpu.py CKPT OUT.json [--batches 8] [--profile OUT.txt]
+    python -m benchmarks.detect_infer_gpu CKPT OUT.json [--batches 8] [--profile OUT.txt]
 
 ``--profile``: torch.profiler tables (CUDA and CPU time) of the graphed path and of
 ``postprocess_padded`` alone, written to OUT.txt.
@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from heads.detection import batched_greedy_nms  # noqa: E402
 from tasks.engine.logging import env_info  # noqa: E402
 from tasks.engine.graphs import GraphedInference  # noqa: E402

@@ -1,7 +1,7 @@
 """The Python API on a GPU: what ``tasks.load(...).predict`` costs over the bare network.
 
 Usage (one GPU):
-    python docs/bench/api_cuda.py --out DIR
+    python -m benchmarks.api_cuda --out DIR
 
 For each task a checkpoint of its GPU recipe's model (ResNet-18; classify 28 px gray, the
 dense tasks 256 px RGB) with random weights is loaded through ``tasks.load`` on CUDA. Timed,
@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tasks import TASKS, load  # noqa: E402
 from tasks.engine.checkpoint import CKPT_FORMAT, atomic_save  # noqa: E402

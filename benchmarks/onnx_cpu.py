@@ -1,6 +1,6 @@
 """ONNX export on the CPU: max |onnxruntime - PyTorch| and latency of both, same process.
 
-    python docs/bench/onnx_cpu.py --out docs/bench/onnx_cpu_2026-11-22.json \
+    python -m benchmarks.onnx_cpu --out OUT.json \
         [--weights runs/classify/<run>/best.pt ...] [--threads 2]
 
 It writes untrained checkpoints of the shipped model shapes (latency does not depend on the
@@ -19,14 +19,12 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tasks import classify, detect, export, segment  # noqa: E402
 from tasks.data.preprocess import Preprocess  # noqa: E402

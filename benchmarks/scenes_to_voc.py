@@ -1,5 +1,5 @@
 """Write a FashionScenes folder out again in Pascal VOC's own layout, for the VOC runs on the GPU machine
-(it has no network, so no VOC). Usage: python docs/bench/scenes_to_voc.py SCENES_ROOT OUT_DIR
+(it has no network, so no VOC). Usage: python -m benchmarks.scenes_to_voc SCENES_ROOT OUT_DIR
 
     OUT_DIR/VOCdevkit/VOC2012/{JPEGImages/*.jpg, Annotations/*.xml, SegmentationClass/*.png,
                                ImageSets/{Main,Segmentation}/{train,val}.txt}
@@ -21,7 +21,6 @@ import cv2
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tasks.data.voc import VOC_CLASSES  # noqa: E402
 
 SPLITS = ("train", "val")
