@@ -268,14 +268,21 @@ def _coco(split: str, args: dict, per_image: list[list[dict]]) -> dict:
     }
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` to a temp file beside ``path``, then renamed over it: a crash leaves the
+    previous file whole. (tasks.engine.checkpoint.write_atomic does this for the engine; the
+    data layer does not import the engine.)"""
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
-        tmp.write_text(json.dumps(obj, separators=(",", ":")))
+        write(tmp)
         os.replace(tmp, path)
     finally:  # a failed write leaves no temporary file behind
         if tmp.exists():
             tmp.unlink()
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, separators=(",", ":"))))
 
 
 def _done_record(args: dict) -> dict:
@@ -533,9 +540,7 @@ def render_preview(root, out_png, split: str = "val", n: int = 9) -> Path:
 
     grids = [make_grid(pad_batch(t, 1, 255), nrow=nrow, padding=4, pad_value=255) for t in (scenes, label_maps)]
     picture = torch.cat(grids, dim=2)  # [3, H, 2W]: scenes beside their label maps
-    from tasks.engine.checkpoint import write_atomic  # a crash keeps the previous picture whole
-
-    write_atomic(out_png, lambda tmp: Image.fromarray(picture.permute(1, 2, 0).numpy()).save(tmp))
+    _write_atomic(out_png, lambda tmp: Image.fromarray(picture.permute(1, 2, 0).numpy()).save(tmp))
     return out_png
 
 
