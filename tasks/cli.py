@@ -30,8 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "multitask": ("tasks.multitask", "one trunk, three heads: joint training and one-pass inference"),
     "export": ("tasks.export", "export a trained checkpoint to ONNX, checked with onnxruntime"),
     # not installed: benchmarks/ of a source checkout (_import_bench)
-    "bench": ("benchmarks.bench", "benchmarks against the torchvision peers (bench backbone: the trunk); "
-                                  "python -m benchmarks.bench in a source checkout"),
+    "bench": ("benchmarks.bench", "benchmarks against the torchvision peers, from a source checkout"),
 }
 BENCH_MISSING = ("onetrunk bench: the benchmarks are not installed with the package; they live in the source "
                  "repository's benchmarks/ folder: run them from a checkout (python -m benchmarks.bench ...)")
@@ -77,8 +76,8 @@ def _version() -> str:
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: onetrunk <command> [ARGS...]   (onetrunk <command> --help: the command's options)", "",
-             "commands (each the same as python -m tasks.<command>):"]
-    lines += [f"  {name:<{width}}  {about}" for name, (_, about) in COMMANDS.items()]
+             "commands (each the same as python -m <module>):"]
+    lines += [f"  {name:<{width}}  {about} ({module})" for name, (module, about) in COMMANDS.items()]
     return "\n".join(lines)
 
 
