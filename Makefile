@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 FMNIST  ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test bench package-check fashion-mnist clean
+.PHONY: demo test test-unit bench package-check fashion-mnist clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit
 
 demo: $(STAMP) fashion-mnist
 	$(PY) -m tasks.classify

@@ -8,7 +8,7 @@ import pytest
 
 from tests.fakes import write_task_checkpoint
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 API = next(i for i, b in enumerate(BLOCKS) if "from tasks import load" in b)
 

@@ -21,7 +21,7 @@ from tasks import cli
 from tasks.engine.config import CONFIG_ROOT, locate_recipe, recipe_root
 from tasks.engine.runner import find_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 INSTALLED = ("backbones", "heads", "tasks")  # the packages the wheel installs (first-party imports)
 

@@ -434,7 +434,7 @@ def test_file_names_that_are_not_utf8_are_predicted(ckpts, task, tmp_path):
     code = (f"import os, sys\nfrom tasks import load\nfrom tasks.engine.predict import predict_files\n"
             f"name = os.fsdecode({name!r})\np = load({str(ckpts[task])!r}, device='cpu')\n"
             f"assert len(p.predict(name)) == 1\npredict_files(p, [name], {str(tmp_path / 'out')!r}, batch_size=1)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                           capture_output=True, text=True, errors="backslashreplace", timeout=300)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

@@ -546,7 +546,7 @@ def test_sigterm_in_a_real_process_exits_143_and_releases_the_lock(fm_dir, tmp_p
         "run_cli(lambda: classify.main(sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", code, *QUICK, "--data-dir", str(fm_dir), "--epochs", "3",
                            "--output", str(out)], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 143, proc.stderr[-2000:]
     assert "resume with --resume" in proc.stderr and "Traceback" not in proc.stderr
     assert epochs(out) == [1] and not (out / runner.LOCK_NAME).exists()

@@ -21,7 +21,7 @@ from tasks.engine.loop import seek_schedule
 from tasks.engine.optim import build_optimizer, build_scheduler
 from tests.fakes import tiny_scenes_args, write_fake_fashion_mnist
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["--device", "cpu", "--quiet", "--batch-size", "32", "--limit-train", "192", "--limit-val", "96",
          "--set", "optim.lr=0.01", "--set", "optim.warmup_epochs=0.5", "--set", "optim.schedule=cosine",
          # equal eval batches in one process and in each rank's half: identical arithmetic
