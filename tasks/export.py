@@ -73,7 +73,7 @@ from tasks.engine.runner import run_cli
 __all__ = ["ExportModule", "load_model", "export_onnx", "check_onnx", "check_output_path", "nonfinite_weights",
            "postprocess_detections", "main"]
 
-INSTALL_HINT = "pip install onnx onnxruntime onnxscript (or pip install -e '.[export]')"
+INSTALL_HINT = "pip install 'onetrunk[export]' (in a checkout: pip install -e '.[export]')"
 DETECTION_OUTPUTS = ("cls_logits", "bbox_reg", "centerness", "points", "strides")
 DYNAMIC_DIMS = {0: "batch", 2: "height", 3: "width"}
 MIN_OPSET = 18

@@ -16,7 +16,7 @@ from .checkpoint import write_atomic
 
 __all__ = ["MetricsLog", "TensorBoardLog", "progress", "Console", "format_metrics", "env_info"]
 
-TENSORBOARD_HINT = "pip install -e '.[tensorboard]' (or pip install tensorboard)"
+TENSORBOARD_HINT = "pip install 'onetrunk[tensorboard]' (in a checkout: pip install -e '.[tensorboard]')"
 
 
 def _plain(v: Any) -> Any:

@@ -174,7 +174,7 @@ def test_tensorboard_scalars_beside_metrics(fm_dir, tmp_path, monkeypatch):
     assert [e.step for e in events.Scalars("val/acc")] == [1, 2]
     assert [e.value for e in events.Scalars("val/acc")] == pytest.approx([r["val_acc"] for r in records])
     monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)  # not installed
-    with pytest.raises(ValueError, match=r"train.tensorboard needs the tensorboard package: pip install -e '\.\[tensorboard\]'"):
+    with pytest.raises(ValueError, match=r"train.tensorboard needs the tensorboard package: pip install 'onetrunk\[tensorboard\]'"):
         classify.main(QUICK + ["--data-dir", str(fm_dir), "--epochs", "1", "--output", str(tmp_path / "tb2"),
                                "--set", "train.tensorboard=true"])
 

@@ -205,4 +205,4 @@ def test_bad_weights_give_one_line_errors(tmp_path, capsys):
 def test_missing_onnxruntime_names_the_install_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)  # import raises ImportError
     err = _cli_error(["--weights", str(tmp_path / "any.pt")], capsys)
-    assert "onnxruntime" in err and "pip install onnx onnxruntime onnxscript" in err
+    assert "onnxruntime" in err and "pip install 'onetrunk[export]'" in err
