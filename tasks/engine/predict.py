@@ -376,11 +376,6 @@ class _Outputs:
         self.staged: dict[str, tuple[Path, Path]] = {}
         self.current = -1
 
-    def remove_stale_temps(self) -> None:
-        """Temp files of a ``--predict`` that was killed (its process is gone) are deleted, as a
-        run folder's are when a run starts again; another live process's are kept."""
-        remove_stale_temps(self.folder, keep=self.inputs)
-
     def outside(self, index: int, path: str) -> str | None:
         """Why input ``path`` must not be predicted into this folder, or None."""
         try:
@@ -488,7 +483,8 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: Path, bat
     out_dir = Path(out_dir)
     batch_size = _positive_int("batch_size", batch_size)
     outputs = _Outputs(out_dir, [str(p) for p in paths])
-    outputs.remove_stale_temps()
+    # temp files of a --predict that was killed (its process gone); a live one's are kept
+    remove_stale_temps(outputs.folder, keep=outputs.inputs)
     failed: list[tuple[int, str]] = []  # (input index, why)
     todo = []
     for i, path in enumerate(paths):
