@@ -56,25 +56,6 @@ def _masked_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) ->
     return total / count
 
 
-def _soft_dice(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, smooth: float = 1.0) -> torch.Tensor:
-    """``1 - mean_k dice_k``: the soft Dice of each class over the whole batch (V-Net's loss,
-    squared terms replaced by plain sums), ignored pixels left out, in float32.
-
-    Each class counts once whatever its pixel share, which is how mIoU weighs classes and
-    cross-entropy does not. ``smooth`` keeps a class absent from the batch at a loss that only
-    asks its probabilities to be small. Fixed shapes, no host sync.
-    """
-    k = logits.shape[1]
-    valid = (target != ignore_index).unsqueeze(1)  # [N, 1, H, W]
-    prob = logits.float().softmax(1) * valid  # [N, K, H, W]
-    classes = torch.arange(k, device=target.device).view(1, k, 1, 1)
-    onehot = (target.unsqueeze(1) == classes) & valid  # [N, K, H, W]; & valid: an ignore index inside [0, K)
-    dims = (0, 2, 3)
-    inter = (prob * onehot).sum(dims)
-    denom = prob.sum(dims) + onehot.sum(dims)
-    return 1.0 - ((2.0 * inter + smooth) / (denom + smooth)).mean()
-
-
 # ----------------------------------------------------------------------------- head
 
 class FCNHead(nn.Module):
@@ -91,22 +72,18 @@ class FCNHead(nn.Module):
         dropout: dropout before the score conv of the conv blocks.
         aux: add an auxiliary conv block on ``aux_feature`` (default C4), used only by the loss
             (weight ``aux_weight``) and only computed in training mode.
-        dice_weight: weight of a soft Dice term (``"dice"``) added to the main output's
-            cross-entropy; 0 leaves it out.
         ignore_index: target value that the loss skips.
     """
 
     def __init__(self, in_specs: Sequence[FeatureSpec], num_classes: int, *,
                  in_features: Sequence[str] = ("c3", "c4", "c5"), channels: int | None = None,
                  dropout: float = 0.1, aux: bool = False, aux_weight: float = 0.4,
-                 dice_weight: float = 0.0, ignore_index: int = 255, aux_feature: str = "c4") -> None:
+                 ignore_index: int = 255, aux_feature: str = "c4") -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout} must be in [0, 1)")
-        if dice_weight < 0:
-            raise ValueError(f"dice_weight={dice_weight} must be >= 0")
         if isinstance(in_features, str):
             in_features = (in_features,)
         by_name = {s.name: s for s in in_specs}
@@ -126,7 +103,6 @@ class FCNHead(nn.Module):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.aux_weight = float(aux_weight)
-        self.dice_weight = float(dice_weight)
         self.in_names = [s.name for s in specs]
         self.strides = [s.stride for s in specs]
 
@@ -184,19 +160,15 @@ class FCNHead(nn.Module):
         return targets.to(device=logits.device, dtype=torch.int64)  # no-op for int64 on device
 
     def loss(self, raw: dict[str, torch.Tensor], targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``{"seg": CE}``, plus ``{"aux": aux_weight * CE}`` when the aux output is present and
-        ``{"dice": dice_weight * soft Dice}`` of the main output when ``dice_weight > 0``.
+        """``{"seg": CE}``, plus ``{"aux": aux_weight * CE}`` when the aux output is present.
 
         Cross-entropy is averaged over non-ignored pixels and computed in float32 whatever the
         autocast dtype (a bf16 log-softmax loses digits).
         """
         targets = self._check_targets(targets, raw["out"])
-        out = raw["out"].float()  # once for both terms (their own .float() is then a no-op)
-        losses = {"seg": _masked_ce(out, targets, self.ignore_index)}
+        losses = {"seg": _masked_ce(raw["out"], targets, self.ignore_index)}
         if "aux" in raw:
             losses["aux"] = self.aux_weight * _masked_ce(raw["aux"], targets, self.ignore_index)
-        if self.dice_weight > 0:
-            losses["dice"] = self.dice_weight * _soft_dice(out, targets, self.ignore_index)
         return losses
 
     def postprocess(self, raw: dict[str, torch.Tensor], image_size: Sequence[int] | None = None) -> torch.Tensor:

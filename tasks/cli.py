@@ -7,7 +7,8 @@ task entry points.
 
 ``onetrunk <name> ARGS`` runs ``tasks.<name>.main(ARGS)`` under the same ``run_cli`` wrapper
 as ``python -m tasks.<name>`` (one error line and exit 2 for bad input, 130 / 143 on Ctrl-C /
-SIGTERM), so both forms behave alike; the ``python -m`` forms stay. ``COMMANDS`` is the one
+SIGTERM), so both forms behave alike (``--help`` names the form that was typed); the ``python -m``
+forms stay. ``COMMANDS`` is the one
 dispatch table. Only the chosen command's module is imported (``onetrunk --help`` loads no torch).
 ``onetrunk bench`` runs ``benchmarks.bench`` (``python -m benchmarks.bench``), which is not installed:
 it needs a source checkout (an editable install's, or the current folder's); without one it
@@ -107,9 +108,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(0 if asked_help else 2)
     else:
         module = importlib.import_module(COMMANDS[command][0])
-    from tasks.engine.runner import run_cli
+    from tasks.engine.runner import invoked_as, run_cli
 
-    run_cli(lambda: module.main(rest))
+    with invoked_as(f"onetrunk {command}"):  # usage lines name the command as it was typed
+        run_cli(lambda: module.main(rest))
 
 
 if __name__ == "__main__":

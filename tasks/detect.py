@@ -35,7 +35,7 @@ from tasks.data.device_cache import DenseAugment
 from tasks.data.preprocess import Geometry
 from tasks.data.transforms import DETECTION_MIN_VISIBILITY
 from tasks.engine import distributed
-from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded
+from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded, setting
 from tasks.engine.datasets import cached_train_loader, coco_sets, data_files, dense_preprocess, file_loaders
 from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
@@ -48,23 +48,27 @@ COCO_FILES = ("train_ann", "train_images", "val_ann", "val_images")
 
 @dataclass
 class DetectModelConfig(ModelConfig):
-    num_classes: Optional[int] = bounded(None, 1)  # default: the dataset's category count
-    in_features: tuple[str, ...] = ("c3", "c4", "c5")
-    fpn_channels: int = bounded(256, 1)
-    extra: Optional[str] = "p6p7"       # p6p7 | maxpool | null
-    num_convs: int = bounded(4, 0)
-    center_sampling_radius: float = bounded(1.5, 0.0)
-    score_thresh: float = bounded(0.05, 0.0, 1.0)
-    nms_thresh: float = bounded(0.6, 0.0, 1.0)
-    topk_candidates: int = bounded(1000, 1)
-    detections_per_img: int = bounded(100, 1)
-    nms_candidates: int = bounded(1000, 1)      # NMS on the device: the best N candidates of an image
-    nms_iterations: int = bounded(12, 1)        # ... steps per round (trained scenes model: 999-1000 of 1000 val images converged in 12, 958-964 in 8)
-    nms_compile: bool = False                   # ... its matrix and steps through torch.compile (CUDA)
+    num_classes: Optional[int] = bounded(None, 1, help="object classes (null: the dataset's category count)")
+    in_features: tuple[str, ...] = setting(("c3", "c4", "c5"), "trunk features the FPN takes, fine to coarse")
+    fpn_channels: int = bounded(256, 1, help="FPN and head tower width")
+    extra: Optional[str] = setting("p6p7", "extra FPN levels: p6p7 | maxpool | null")
+    num_convs: int = bounded(4, 0, help="conv + GroupNorm + ReLU layers in each head tower")
+    center_sampling_radius: float = bounded(1.5, 0.0, help="positives within radius x stride of a box's "
+                                                           "centre (0: the whole box)")
+    score_thresh: float = bounded(0.05, 0.0, 1.0, help="post-processing: lowest score kept")
+    nms_thresh: float = bounded(0.6, 0.0, 1.0, help="post-processing: class-wise NMS IoU threshold")
+    topk_candidates: int = bounded(1000, 1, help="post-processing: best candidates per FPN level before NMS")
+    detections_per_img: int = bounded(100, 1, help="post-processing: detections kept per image")
+    nms_candidates: int = bounded(1000, 1, help="NMS on the device: the best N candidates of an image")
+    # trained scenes model: 999-1000 of 1000 val images converged in 12, 958-964 in 8
+    nms_iterations: int = bounded(12, 1, help="NMS on the device: steps per round (an image not done in them "
+                                              "is redone exactly)")
+    nms_compile: bool = setting(False, "NMS on the device: its matrix and steps through torch.compile (CUDA)")
     # box distances from the regression conv: exp(s_l * x) with a learned scale per level (FCOS),
     # or relu / softplus. relu can die for good (every distance 0, GIoU loss frozen at 1.0: AP 0
     # on some seeds); exp cannot, and gained AP on every seed measured (docs/DETECTION.md)
-    reg_activation: str = "exp"
+    reg_activation: str = setting("exp", "box regression activation: exp (learned scale per level) | softplus | "
+                                         "relu")
 
 
 @dataclass
@@ -72,7 +76,8 @@ class DetectDataConfig(DenseDataConfig):
     """FashionScenes or a COCO detection dataset (see ``DenseDataConfig``)."""
     # training targets are padded to a multiple of this many boxes per image: equal shapes from
     # batch to batch (what train.cuda_graph needs) unless an image has more boxes than that
-    box_multiple: int = bounded(16, 1)
+    box_multiple: int = bounded(16, 1, help="training targets padded to a multiple of this many boxes per "
+                                            "image (fixed shapes for train.cuda_graph)")
 
 
 @dataclass

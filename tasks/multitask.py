@@ -32,7 +32,7 @@ from tasks.data.images import pad_batch
 from tasks.data.preprocess import Geometry
 from tasks.data.segmentation import IGNORE_INDEX
 from tasks.engine import distributed
-from tasks.engine.config import OptimConfig, TrainConfig
+from tasks.engine.config import OptimConfig, TrainConfig, bounded, setting
 from tasks.engine.datasets import coco_sets, data_files, dense_preprocess, file_loaders
 from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
@@ -52,13 +52,12 @@ PRESENT = 0.5  # multi-label probability from which a class counts as in the ima
 class MultiTaskModelConfig(DETECT.model_config):
     """The trunk, the detection head (the detect task's fields), the segmentation and multi-label heads."""
 
-    seg_in_features: tuple[str, ...] = ("c3", "c4", "c5")
-    seg_channels: Optional[int] = None
-    seg_dropout: float = 0.1
-    cls_dropout: float = 0.0
-    weight_classify: float = 1.0
-    weight_detect: float = 1.0
-    weight_segment: float = 1.0
+    seg_in_features: tuple[str, ...] = setting(("c3", "c4", "c5"), "segmentation head: the segment task's "
+                                                                   "model.in_features")
+    seg_channels: Optional[int] = bounded(None, 1, help="segmentation head: the segment task's model.channels")
+    weight_classify: float = bounded(1.0, 0.0, help="weight of the multi-label loss in the sum")
+    weight_detect: float = bounded(1.0, 0.0, help="weight of the detection losses in the sum")
+    weight_segment: float = bounded(1.0, 0.0, help="weight of the segmentation loss in the sum")
 
 
 @dataclass
@@ -78,9 +77,9 @@ def build_model(cfg: MultiTaskConfig, meta: Mapping[str, Any]) -> MultiTaskModel
     m, k = cfg.model, len(meta["class_names"])
     backbone = build_backbone(f"resnet{m.depth}", **m.backbone_kwargs())
     info = backbone.feature_info
-    seg = SEGMENT.model_config(in_features=m.seg_in_features, channels=m.seg_channels, dropout=m.seg_dropout, aux=False)
+    seg = SEGMENT.model_config(in_features=m.seg_in_features, channels=m.seg_channels, aux=False)
     heads = {
-        "classify": MultiLabelHead(info[-1], k, dropout=m.cls_dropout),
+        "classify": MultiLabelHead(info[-1], k),
         "detect": DETECT.build_head(m, info, k),
         "segment": SEGMENT.build_head(seg, info, k + 1),
     }

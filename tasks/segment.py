@@ -40,7 +40,7 @@ from tasks.data.segmentation import (IGNORE_INDEX, CocoSemanticDataset, MaskFold
                                      scenes_segmentation)
 from tasks.data.transforms import segmentation_train_transforms
 from tasks.data.voc import voc_segmentation
-from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded
+from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded, setting
 from tasks.engine.datasets import (cached_train_loader, data_files, dense_preprocess, dense_train_transforms,
                                    file_loaders)
 from tasks.engine.logging import progress
@@ -58,21 +58,21 @@ _UPSAMPLE_ELEMENTS = 1 << 26
 
 @dataclass
 class SegmentModelConfig(ModelConfig):
-    num_classes: Optional[int] = bounded(None, 1)  # background included; default: the dataset's
-    in_features: tuple[str, ...] = ("c3", "c4", "c5")
-    channels: Optional[int] = bounded(None, 1)  # conv block width (default: C5 channels / 4)
-    dropout: float = bounded(0.1, 0.0, 1.0)
-    aux: bool = False                   # auxiliary head on C4
-    aux_weight: float = bounded(0.4, 0.0)
-    dice_weight: float = bounded(0.0, 0.0)  # soft Dice term on the main output (0: cross-entropy only)
+    num_classes: Optional[int] = bounded(None, 1, help="classes, background included (null: the dataset's)")
+    in_features: tuple[str, ...] = setting(("c3", "c4", "c5"), "trunk features the head fuses, fine to coarse: "
+                                                              "the last gets the conv block, the others skips")
+    channels: Optional[int] = bounded(None, 1, help="width of the conv block on the coarsest feature "
+                                                    "(null: its channels / 4)")
+    aux: bool = setting(False, "auxiliary head on C4 (training loss only)")
+    aux_weight: float = bounded(0.4, 0.0, help="with aux: the weight of its loss")
 
 
 @dataclass
 class SegmentDataConfig(DenseDataConfig):
     """FashionScenes masks, COCO instances or VOC-style mask folders (set by --train-masks)."""
 
-    train_masks: Optional[str] = None
-    val_masks: Optional[str] = None
+    train_masks: Optional[str] = setting(None, "mask folder of the training set, VOC style (--train-masks)")
+    val_masks: Optional[str] = setting(None, "mask folder of the validation set, VOC style (--val-masks)")
 
 
 @dataclass
@@ -86,8 +86,8 @@ class SegmentConfig:
 # ----------------------------------------------------------------------------- model
 
 def build_head(m: SegmentModelConfig, feature_info, num_classes: int) -> FCNHead:
-    return FCNHead(feature_info, num_classes, in_features=m.in_features, channels=m.channels, dropout=m.dropout,
-                   aux=m.aux, aux_weight=m.aux_weight, dice_weight=m.dice_weight, ignore_index=IGNORE_INDEX)
+    return FCNHead(feature_info, num_classes, in_features=m.in_features, channels=m.channels, aux=m.aux,
+                   aux_weight=m.aux_weight, ignore_index=IGNORE_INDEX)
 
 
 def build_model(cfg: SegmentConfig, meta: Mapping[str, Any]) -> Segmenter:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "random_crop", "random_hflip", "random_erasing", "BatchAugment",
-           "MixBatch"]
+           "CutMix"]
 
 # Per-channel statistics of images in [0, 1] for data that brings none (ImageNet's).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -113,54 +113,41 @@ class BatchAugment:
 
 
 @dataclass
-class MixBatch:
-    """Mixup (Zhang et al. 2018) / CutMix (Yun et al. 2019) of a normalised batch, as timm's
-    ``Mixup`` in its "batch" mode: one mixing factor per batch, each sample paired with the
-    batch reversed; with both on, CutMix with probability ``switch_prob``; applied to a batch
-    with probability ``prob``. Returns the images and soft targets ``[N, K]`` (always soft, also
-    for an unmixed batch: a CUDA-graphed step needs one target dtype and shape).
+class CutMix:
+    """CutMix (Yun et al. 2019) of a normalised batch, as timm's ``Mixup`` in its "batch" mode
+    with CutMix alone: one box per batch, of area ``1 - lam`` with ``lam ~ Beta(alpha, alpha)``,
+    pasted from the batch reversed (sample i takes it from sample N-1-i); the targets are soft,
+    ``[N, K]``, weighted by the box's area after clipping. Applied to a batch with probability
+    ``prob``; an unmixed batch still gets soft (one-hot) targets, since a CUDA-graphed step needs
+    one target dtype and shape.
 
-    The random numbers come from ``rng`` (numpy, one per epoch from the loader): the factor
-    is a host float, so mixing costs no device sync and the graph sees only the mixed tensors.
-    From epoch ``off_epoch`` on (0-based; timm's ``mixup_off_epoch``) no batch is mixed: the
-    model ends on clean images while the learning rate anneals.
+    The random numbers come from ``rng`` (numpy, one per epoch from the loader): the box is drawn
+    on the host, so mixing costs no device sync and the graph sees only the mixed tensors.
     """
 
     num_classes: int
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
+    alpha: float = 1.0
     prob: float = 1.0
-    switch_prob: float = 0.5
-    off_epoch: int | None = None
 
     def __post_init__(self) -> None:
-        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            raise ValueError(f"mixup_alpha={self.mixup_alpha}, cutmix_alpha={self.cutmix_alpha}: expected >= 0")
-        if not (0.0 <= self.prob <= 1.0 and 0.0 <= self.switch_prob <= 1.0):
-            raise ValueError(f"mix prob={self.prob}, switch_prob={self.switch_prob}: probabilities in [0, 1]")
-
-    @property
-    def active(self) -> bool:
-        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+        if not self.alpha > 0:
+            raise ValueError(f"CutMix alpha={self.alpha}: expected > 0")
+        if not 0.0 <= self.prob <= 1.0:
+            raise ValueError(f"CutMix prob={self.prob}: a probability in [0, 1]")
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, rng, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``epoch``: the loader's (every epoch mixes alike)."""
         one_hot = F.one_hot(y, self.num_classes).float()
-        if not self.active or (self.off_epoch is not None and epoch >= self.off_epoch) or rng.random() >= self.prob:
+        if rng.random() >= self.prob:
             return x, one_hot
-        cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or rng.random() < self.switch_prob)
-        lam = float(rng.beta(self.cutmix_alpha, self.cutmix_alpha) if cutmix
-                    else rng.beta(self.mixup_alpha, self.mixup_alpha))
-        other = x.flip(0)
-        if cutmix:  # a box of area (1 - lam) from the paired image; lam then from the clipped box
-            h, w = x.shape[-2:]
-            ratio = math.sqrt(1.0 - lam)
-            ch, cw = int(h * ratio), int(w * ratio)
-            cy, cx = int(rng.integers(h)), int(rng.integers(w))
-            y1, y2 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-            x1, x2 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-            x = x.clone()
-            x[..., y1:y2, x1:x2] = other[..., y1:y2, x1:x2]
-            lam = 1.0 - (y2 - y1) * (x2 - x1) / (h * w)
-        else:
-            x = x * lam + other * (1.0 - lam)
+        lam = float(rng.beta(self.alpha, self.alpha))
+        h, w = x.shape[-2:]
+        ratio = math.sqrt(1.0 - lam)
+        ch, cw = int(h * ratio), int(w * ratio)
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y1, y2 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        x1, x2 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        x = x.clone()
+        x[..., y1:y2, x1:x2] = x.flip(0)[..., y1:y2, x1:x2]
+        lam = 1.0 - (y2 - y1) * (x2 - x1) / (h * w)  # the area actually pasted
         return x, one_hot * lam + one_hot.flip(0) * (1.0 - lam)

@@ -20,8 +20,9 @@ from typing import Any, Optional, Sequence
 import yaml
 
 __all__ = ["ConfigError", "ModelConfig", "DenseDataConfig", "OptimConfig", "TrainConfig", "load_config", "apply_overrides",
-           "config_to_dict", "config_from_dict", "bounded", "one_of", "CONFIG_ROOT", "recipe_root",
-           "locate_recipe"]
+           "config_to_dict", "config_from_dict", "setting", "bounded", "one_of", "CONFIG_ROOT", "recipe_root",
+           "locate_recipe", "REMOVED_KEYS", "SPLIT_FROM", "removed_key_message", "upgrade_saved_config",
+           "config_keys", "format_keys"]
 
 
 def recipe_root(package: Path) -> Path:
@@ -49,7 +50,62 @@ def locate_recipe(path: str | os.PathLike) -> Path:
 
 
 class ConfigError(ValueError):
-    """A config file or override is wrong: unknown key, bad type, value out of range, unreadable file."""
+    """A config file or override is wrong: unknown or removed key, bad type, value out of range, unreadable file."""
+
+
+# ----------------------------------------------------------------------------- keys that are gone
+
+CONFIG_DOC = "docs/CONFIG.md"
+# Keys that existed and were removed, with why. A config file or --set that gives one is an
+# error saying so; a checkpoint's stored config drops them (``upgrade_saved_config``).
+REMOVED_KEYS: dict[str, str] = {
+    "data.mixup_alpha": "Mixup trained to 95.09% against 95.39% without it (Fashion-MNIST, seed 7) and no recipe "
+                        "used it; CutMix stays (data.cutmix_alpha)",
+    "data.mix_prob": "CutMix mixes every batch, as the long recipe was measured; a per-batch probability never was",
+    "data.mix_switch_prob": "it chose between Mixup and CutMix per batch, and Mixup is gone",
+    "data.mix_off_epochs": "training the last epochs unmixed measured no gain (95.97% against 95.95%, 3 seeds)",
+    "model.dice_weight": "the soft Dice loss term was never measured to help, and no recipe used it",
+    "model.dropout": "no recipe set it and no measurement backs another value: the heads keep their built-in "
+                     "dropout (classification none, segmentation 0.1)",
+    "model.cls_dropout": "no recipe set it and no measurement backs another value: the multi-label head has none",
+    "model.seg_dropout": "no recipe set it and no measurement backs another value: the segmentation head keeps 0.1",
+    "optim.betas": "no recipe set it and nothing measured another value: AdamW runs with PyTorch's (0.9, 0.999)",
+    "optim.norm_weight_decay": "no recipe set it and nothing measured another value: norm weights and biases "
+                               "never decay",
+    "optim.final_lr_ratio": "no recipe set it and nothing measured another value: cosine schedules end at 0",
+    "train.cudnn_benchmark_limit": "PyTorch's default (10 algorithms timed per shape) measured as fast as any "
+                                   "other limit (Fashion-MNIST ResNet-18, H200)",
+}
+# Keys added by splitting another: a config saved before the split ran with the old key's value
+# (train.cuda_graph also graphed evaluation until train.graph_eval took that over)
+SPLIT_FROM: dict[str, str] = {"train.graph_eval": "train.cuda_graph"}
+
+
+def removed_key_message(key: str) -> str:
+    """``<key> was removed (<why>); see docs/CONFIG.md``: the one line a config giving it fails with."""
+    return f"{key} was removed ({REMOVED_KEYS[key]}); see {CONFIG_DOC}, \"Removed keys\""
+
+
+def upgrade_saved_config(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """A config a checkpoint stored, in today's schema of ``cls``, changed in place: removed keys
+    dropped (the checkpoint loads as before), keys split from another filled from it."""
+    sections = {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+    for dotted in REMOVED_KEYS:
+        section, _, key = dotted.partition(".")
+        part, tp = data.get(section), sections.get(section)
+        if isinstance(part, dict) and key in part and not (dataclasses.is_dataclass(tp) and key in _names(tp)):
+            del part[key]
+    for dotted, source in SPLIT_FROM.items():
+        section, _, key = dotted.partition(".")
+        src_section, _, src_key = source.partition(".")
+        part, src = data.get(section), data.get(src_section)
+        if isinstance(part, dict) and isinstance(src, dict) and key not in part and src_key in src:
+            part[key] = src[src_key]
+    return data
+
+
+def _names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
 
 
 # ----------------------------------------------------------------------------- YAML, strictly
@@ -149,35 +205,43 @@ def _printable(path: Any) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def bounded(default: Any, low: float, high: float | None = None) -> Any:
+def setting(default: Any, help: str) -> Any:
+    """A config field and its one-line help (what ``--list-keys`` prints)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def bounded(default: Any, low: float, high: float | None = None, *, help: str = "") -> Any:
     """A field whose value must lie in ``[low, high]`` (``None`` passes where the type allows
     it): ``config_from_dict`` names the key when it does not, before anything runs."""
-    return dataclasses.field(default=default, metadata={"min": low, "max": high})
+    return dataclasses.field(default=default, metadata={"min": low, "max": high, "help": help})
 
 
-def one_of(default: str, *choices: str) -> Any:
+def one_of(default: str, *choices: str, help: str = "") -> Any:
     """A string field whose value must be one of ``choices`` (the default first among them)."""
-    return dataclasses.field(default=default, metadata={"choices": (default, *choices)})
+    return dataclasses.field(default=default, metadata={"choices": (default, *choices), "help": help})
 
 
 @dataclass
 class ModelConfig:
     """The trunk (``backbones.resnet`` arguments) shared by every task."""
 
-    depth: int = 18                # ResNet-18/34/50/101/152
-    stem: str = "imagenet"         # imagenet | cifar | deep
-    in_chans: int = 3
-    output_stride: int = 32
-    norm: str = "bn"               # bn | syncbn | frozen_bn | gn
-    freeze_at: int = bounded(0, 0, 5)
-    zero_init_residual: bool = False
-    drop_path_rate: float = bounded(0.0, 0.0, 1.0)
-    grad_checkpointing: bool = False
-    width: int = bounded(64, 1)    # stem channels; stage i has width * 2**i planes (pretrained weights: 64)
-    # trunk weights: a file (torchvision / timm state dict, onetrunk checkpoint) or a name:
-    # torchvision:IMAGENET1K_V1|V2|DEFAULT, timm:<arch.tag>, imagenet (backbones.pretrained)
-    weights: Optional[str] = None
-    trunk: Optional[str] = None    # --trunk CKPT: another run's trunk, loaded with a report (tasks.engine.trunk)
+    depth: int = setting(18, "ResNet depth: 18, 34, 50, 101 or 152")
+    stem: str = setting("imagenet", "imagenet (7x7/2 conv + max-pool) | cifar (3x3/1, no pool: 28-64 px images) | "
+                                    "deep (three 3x3 convs)")
+    in_chans: int = setting(3, "input channels (1: grayscale); pretrained conv1 weights are adapted to it")
+    output_stride: int = setting(32, "32 | 16 | 8: C5 (and C4 at 8) dilated instead of strided")
+    norm: str = setting("bn", "bn | syncbn (statistics across torchrun processes) | frozen_bn | gn")
+    freeze_at: int = bounded(0, 0, 5, help="freeze stem..C(k) (1: the stem): no gradients, frozen norm statistics")
+    zero_init_residual: bool = setting(False, "start the last norm of every residual block at zero weight")
+    drop_path_rate: float = bounded(0.0, 0.0, 1.0, help="stochastic depth of the deepest block (rising linearly to it)")
+    grad_checkpointing: bool = setting(False, "recompute each block's activations in backward: less memory, more time")
+    # the tests build narrow trunks with it; on Fashion-MNIST 48 / 96 measured 95.12% / 95.42% against 95.39% at 64
+    # (docs/CONFIG.md); pretrained weights exist only for 64
+    width: int = bounded(64, 1, help="stem channels; stage i has width * 2**i planes (64: the standard ResNet)")
+    weights: Optional[str] = setting(None, "trunk weights: a file (torchvision / timm state dict, onetrunk checkpoint) "
+                                           "or a name: imagenet, torchvision:<ENUM>, timm:<arch.tag>")
+    trunk: Optional[str] = setting(None, "another run's checkpoint whose trunk starts this one (--trunk), "
+                                         "loaded with a report")
 
     def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """The mean / std the trunk's weights were trained with (``weights`` by name, or an
@@ -201,92 +265,105 @@ class ModelConfig:
 class DenseDataConfig:
     """Data of the dense tasks (detection, segmentation): FashionScenes or COCO files."""
 
-    dataset: str = "scenes"             # scenes | coco (set by --train-ann) | voc (set by --voc-root)
-    train_ann: Optional[str] = None
-    train_images: Optional[str] = None
-    val_ann: Optional[str] = None
-    val_images: Optional[str] = None
-    voc_root: Optional[str] = None      # Pascal VOC: VOCdevkit/ or VOCdevkit/VOC20xx/
-    voc_train: str = "train"            # its ImageSets split lists
-    voc_val: str = "val"
-    data_dir: Optional[str] = None      # Fashion-MNIST, to generate FashionScenes
-    scenes_root: Optional[str] = None   # default: $ONETRUNK_DATA/scenes-<size>-<train>-<val>-s<seed>
-    scenes_train: int = bounded(8000, 1)
-    scenes_val: int = bounded(1000, 1)
-    scenes_size: int = bounded(256, 32)
-    scenes_seed: int = 0
-    scenes_aspect: Optional[tuple[float, float]] = None  # crop scenes to w / h in [lo, hi] (non-square photos)
+    dataset: str = setting("scenes", "scenes (FashionScenes, generated) | coco (set by --train-ann) | "
+                                     "voc (set by --voc-root)")
+    train_ann: Optional[str] = setting(None, "COCO JSON of the training set (--train-ann)")
+    train_images: Optional[str] = setting(None, "image folder of the training set (--train-images)")
+    val_ann: Optional[str] = setting(None, "COCO JSON of the validation set (--val-ann)")
+    val_images: Optional[str] = setting(None, "image folder of the validation set (--val-images)")
+    voc_root: Optional[str] = setting(None, "Pascal VOC: VOCdevkit/ or VOCdevkit/VOC20xx/ (--voc-root)")
+    voc_train: str = setting("train", "the VOC ImageSets split list to train on")
+    voc_val: str = setting("val", "the VOC ImageSets split list to evaluate on")
+    data_dir: Optional[str] = setting(None, "Fashion-MNIST folder, to generate FashionScenes from (--data-dir)")
+    scenes_root: Optional[str] = setting(None, "FashionScenes folder (default: "
+                                               "$ONETRUNK_DATA/scenes-<size>-<train>-<val>-s<seed>)")
+    scenes_train: int = bounded(8000, 1, help="FashionScenes training scenes")
+    scenes_val: int = bounded(1000, 1, help="FashionScenes validation scenes")
+    scenes_size: int = bounded(256, 32, help="FashionScenes scene size in pixels (the longer side)")
+    scenes_seed: int = setting(0, "FashionScenes generator seed (part of the folder name: another seed, other scenes)")
+    scenes_aspect: Optional[tuple[float, float]] = setting(None, "crop scenes to width / height in [lo, hi] "
+                                                                 "(photos that are not square)")
     # square: the longer side to image_size, training crops of image_size x image_size (FashionScenes);
     # aspect: the shorter side to one of min_size (per batch; evaluation: the last), the longer at
     # most max_size, images of similar aspect ratio batched together (a user's photos)
-    resize: str = "square"
-    image_size: int = bounded(256, 32)  # square: longest side after resizing; training crops are square
-    min_size: tuple[int, ...] = (800,)  # aspect: shorter side, one drawn per training batch (scale jitter)
-    max_size: int = bounded(1333, 32)   # aspect: the longer side at most
-    scale_min: float = 0.75             # training scale jitter
-    scale_max: float = 1.25
-    hflip: bool = True
-    limit_train: Optional[int] = bounded(None, 1)  # the first N samples (null: all)
-    limit_val: Optional[int] = bounded(None, 1)
-    num_workers: int = bounded(8, 0)
-    skip_bad: bool = False              # skip (and count) unreadable images instead of stopping
-    eval_batch_size: int = bounded(32, 1)
-    # training samples decoded once and augmented on the GPU (square mode): device (kept in GPU
-    # memory) | host (pinned memory, copied per batch) | none (DataLoader workers, albumentations) |
-    # auto (device on a GPU when the set takes under a quarter of its free memory, else none)
-    cache: str = "auto"
+    resize: str = setting("square", "square (longer side to image_size, square training crops) | "
+                                    "aspect (shorter side to min_size, batches of one aspect ratio)")
+    image_size: int = bounded(256, 32, help="square: the longer side after resizing, and the training crop size")
+    min_size: tuple[int, ...] = setting((800,), "aspect: the shorter side, one drawn per training batch "
+                                                "(evaluation: the last)")
+    max_size: int = bounded(1333, 32, help="aspect: the longer side at most")
+    scale_min: float = setting(0.75, "square: smallest training scale jitter factor")
+    scale_max: float = setting(1.25, "square: largest training scale jitter factor")
+    hflip: bool = setting(True, "random horizontal flips in training")
+    limit_train: Optional[int] = bounded(None, 1, help="train on the first N samples (null: all; --limit-train)")
+    limit_val: Optional[int] = bounded(None, 1, help="evaluate the first N samples (null: all; --limit-val)")
+    num_workers: int = bounded(8, 0, help="DataLoader worker processes")
+    skip_bad: bool = setting(False, "skip (and count) unreadable images instead of stopping")
+    eval_batch_size: int = bounded(32, 1, help="images per evaluation batch")
+    # device (kept in GPU memory) | host (pinned memory, copied per batch) | none (DataLoader workers,
+    # albumentations) | auto (device on a GPU when the set takes under a quarter of its free memory, else none)
+    cache: str = setting("auto", "square mode: training images decoded once, augmented on the GPU: "
+                                 "auto | device | host | none")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"              # sgd (nesterov by default) | adamw
-    lr: float = bounded(0.1, 0.0)
-    momentum: float = 0.9
-    nesterov: bool = True
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = bounded(5e-4, 0.0)
-    norm_weight_decay: float = 0.0  # norm and bias parameters: decay hurts them
-    schedule: str = "cosine"       # cosine | onecycle | constant
-    warmup_epochs: float = bounded(1.0, 0.0)  # linear warm-up (cosine / constant)
-    final_lr_ratio: float = 0.0    # last lr as a fraction of lr
-    label_smoothing: float = bounded(0.0, 0.0, 1.0)
-    clip_grad_norm: Optional[float] = bounded(None, 0.0)
-    trunk_lr_mult: float = bounded(1.0, 0.0)  # the backbone's learning rate, as a fraction of lr (fine-tuning)
-    ema: bool = False              # evaluate and save an exponential moving average of the weights
-    ema_decay: float = bounded(0.999, 0.0, 1.0)
+    name: str = setting("sgd", "sgd | adamw")
+    lr: float = bounded(0.1, 0.0, help="peak learning rate")
+    momentum: float = setting(0.9, "SGD momentum (OneCycle cycles it)")
+    nesterov: bool = setting(True, "SGD with Nesterov momentum")
+    weight_decay: float = bounded(5e-4, 0.0, help="weight decay of conv and linear weights (norm weights and "
+                                                  "biases: none)")
+    schedule: str = setting("cosine", "cosine | onecycle | constant (per step)")
+    warmup_epochs: float = bounded(1.0, 0.0, help="linear warm-up epochs (onecycle: its rising phase)")
+    label_smoothing: float = bounded(0.0, 0.0, 1.0, help="classification: label smoothing of the cross-entropy")
+    clip_grad_norm: Optional[float] = bounded(None, 0.0, help="clip the gradient norm to this (null: no clipping)")
+    trunk_lr_mult: float = bounded(1.0, 0.0, help="the trunk's learning rate as a fraction of lr (fine-tuning)")
+    ema: bool = setting(False, "evaluate and save an exponential moving average of the weights")
+    ema_decay: float = bounded(0.999, 0.0, 1.0, help="with ema: the average's decay per step")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = bounded(10, 1)
-    batch_size: int = bounded(256, 1)  # per GPU: torchrun with N processes steps on N x batch_size images
-    amp: bool = True               # autocast on CUDA (to amp_dtype); fp32 on CPU
+    """How the run trains. The switches marked "resolved" are written to config.yaml (and the
+    checkpoints) as the run used them: a switch this run cannot use is false there, and the
+    console says why when the recipe or a --set asked for it."""
+
+    epochs: int = bounded(10, 1, help="training epochs")
+    batch_size: int = bounded(256, 1, help="images per step and process (torchrun, N processes: N x batch_size)")
+    amp: bool = setting(True, "autocast to amp_dtype on CUDA; resolved: false on the CPU (fp32 there)")
     # the training step's autocast dtype. float16 adds dynamic loss scaling (GradScaler; no host
     # sync with the fused optimizers) and sends BatchNorm to cuDNN, which PyTorch does not use for
     # bf16: ResNet-18 at 28x28, batch 256, BN forward + backward 1.00 ms per step against 1.55
     # (H200, docs/BENCHMARKS.md). Evaluation and inference stay bf16.
-    amp_dtype: str = one_of("bfloat16", "float16")
-    compile: bool = False
-    compile_tune: bool = False     # with compile: inductor's coordinate-descent kernel tuning (minutes more compile)
-    compile_cache: Optional[str] = None  # with compile: a torch.compiler cache-artifacts file, read before compiling;
-                                         # written after the first epoch when it did not load (missing, damaged)
-    cuda_graph: bool = False       # replay forward + backward as one CUDA graph (fixed batch shapes)
-    compile_inference: bool = False  # with cuda_graph: evaluation compiles the network + post-processing it replays
-    channels_last: bool = True
-    seed: int = 0
-    device: str = "auto"           # auto | cpu | cuda | cuda:N
-    eval_every: int = bounded(1, 1)
-    save_every: int = bounded(1, 1)  # epochs between last.pt writes (the final epoch always saves)
-    log_every: int = bounded(50, 1)  # steps between progress-bar loss updates (each costs a device sync)
-    cudnn_benchmark: bool = True
-    # with cudnn_benchmark: how many of cuDNN's candidate algorithms each new convolution shape times
-    # (0: all; PyTorch's default 10). Fashion-MNIST ResNet-18 on an H200: 1 / 2 / 4 / 10 / all took
-    # 4.0 / 2.3 / 1.9 / 2.0 / 4.4 s to capture the step, steady 63.8k / 66.3k / 69.2k / 69.9k / 70.0k img/s
-    cudnn_benchmark_limit: int = bounded(10, 0)
-    tensorboard: bool = False      # also write each epoch's scalars to <output>/tensorboard (extra [tensorboard])
-    # stop a run that is not learning: a diverging loss, a loss term frozen for an epoch, the
-    # validation metric at 0 after the warm-up (tasks/engine/guard.py); non-finite values always stop it
-    guard: bool = True
+    amp_dtype: str = one_of("bfloat16", "float16", help="the training step's autocast dtype (float16: loss "
+                                                        "scaling, cuDNN BatchNorm); evaluation stays bfloat16")
+    compile: bool = setting(False, "torch.compile the training step (--compile)")
+    compile_tune: bool = setting(False, "with compile: inductor's coordinate-descent kernel tuning "
+                                        "(minutes more compiling)")
+    # measured: first epoch 6.2-6.9 s against 28.7 s cold (docs/BENCHMARKS.md)
+    compile_cache: Optional[str] = setting(None, "with compile: a torch.compiler cache-artifacts file, read "
+                                                 "before compiling, written after epoch 1 when it did not load")
+    cuda_graph: bool = setting(False, "replay the training step (forward + loss + backward) as one CUDA graph; "
+                                      "resolved: false off CUDA, for batches of varying shape, for syncbn "
+                                      "under torchrun")
+    graph_eval: bool = setting(False, "evaluate through CUDA graphs of the model (network + device "
+                                      "post-processing); resolved: false off CUDA and for varying shapes")
+    compile_inference: bool = setting(False, "with graph_eval: compile what evaluation replays (about 20 s "
+                                             "more); resolved: false without graph_eval")
+    channels_last: bool = setting(True, "channels_last memory format for the model and its batches")
+    seed: int = setting(0, "seed of the initial weights, the data order and the augmentation")
+    device: str = setting("auto", "auto (CUDA when available) | cpu | cuda | cuda:N; kept as asked, so that a "
+                                  "checkpoint moves between machines (the first line names the device)")
+    eval_every: int = bounded(1, 1, help="epochs between evaluations (the last epoch always evaluates)")
+    save_every: int = bounded(1, 1, help="epochs between last.pt writes (the last epoch always saves)")
+    log_every: int = bounded(50, 1, help="steps between progress-bar loss updates (each costs a device sync)")
+    cudnn_benchmark: bool = setting(True, "cuDNN autotuning of each new convolution shape; resolved: false "
+                                          "off CUDA and for batches of varying shape")
+    tensorboard: bool = setting(False, "also write each epoch's scalars to <output>/tensorboard "
+                                       "(extra [tensorboard])")
+    guard: bool = setting(True, "stop a run that is not learning (diverging loss, frozen loss term, metric at "
+                                "0 after warm-up); non-finite values always stop it")
 
 
 # ----------------------------------------------------------------------------- (de)serialising
@@ -359,6 +436,12 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "config:") ->
     """Build dataclass ``cls`` from ``data``; unknown keys raise ``ConfigError`` naming them."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    for section, part in data.items():  # a removed key: why it went, rather than "unknown"
+        tp = _strip_optional(hints.get(section))[0] if section in names else None
+        if isinstance(part, dict) and dataclasses.is_dataclass(tp):
+            for key in part:
+                if f"{section}.{key}" in REMOVED_KEYS and key not in _names(tp):
+                    raise ConfigError(f"{where.rstrip(':')}: {removed_key_message(f'{section}.{key}')}")
     unknown = [k for k in data if k not in names]
     if unknown:
         raise ConfigError(f"{where.rstrip(':')}: unknown key {_brief(unknown[0])}; valid keys: {', '.join(names)}")
@@ -381,6 +464,28 @@ def _check_bounds(value: Any, meta: Any, where: str) -> Any:
         span = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ConfigError(f"{where}: {_brief(value)} is out of range, expected a value {span}")
     return value
+
+
+def config_keys(cls: type) -> list[tuple[str, Any, str]]:
+    """``(section.key, default, one-line help)`` for every key of the task config ``cls``, in
+    declaration order (the help is each field's ``metadata["help"]``)."""
+    rows = []
+    for section in dataclasses.fields(cls):
+        tp = _strip_optional(typing.get_type_hints(cls)[section.name])[0]
+        defaults = config_to_dict(tp())
+        for f in dataclasses.fields(tp):
+            rows.append((f"{section.name}.{f.name}", defaults[f.name], f.metadata.get("help", "")))
+    return rows
+
+
+def format_keys(cls: type) -> str:
+    """``--list-keys``: one line per key, ``key = default`` then its help, as YAML writes values."""
+    def show(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=1 << 16).strip().removesuffix("\n...").strip()
+
+    rows = [(key, show(default), text) for key, default, text in config_keys(cls)]
+    width = max(len(f"{k} = {d}") for k, d, _ in rows)
+    return "\n".join(f"{f'{k} = {d}':<{width}}  {text}" for k, d, text in rows)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -422,6 +527,8 @@ def _check_path(cls: type, key: str, value: Any, item: str) -> None:
             raise ConfigError(f"--set {item}: {'.'.join(parts[:i])} is a value, not a section")
         names = [f.name for f in dataclasses.fields(tp)]
         if part not in names:
+            if ".".join(parts[:i + 1]) in REMOVED_KEYS:
+                raise ConfigError(f"--set {_brief(item)}: {removed_key_message('.'.join(parts[:i + 1]))}")
             where = ".".join(parts[:i]) or "the config"
             raise ConfigError(f"--set {item}: unknown key {part!r} in {where}; valid keys: {', '.join(names)}")
         tp = typing.get_type_hints(tp)[part]

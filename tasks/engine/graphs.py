@@ -189,10 +189,11 @@ class GraphedInference(nn.Module):
 
 
 def inference_model(model: nn.Module, cfg: Any, device: torch.device) -> nn.Module:
-    """What evaluation runs: with ``train.cuda_graph`` on a GPU, ``GraphedInference(model)`` (the
+    """What evaluation runs: with ``train.graph_eval`` on a GPU, ``GraphedInference(model)`` (the
     network and the device part of post-processing replayed as CUDA graphs, compiled first with
-    ``train.compile_inference``); otherwise ``model``."""
-    if cfg.train.cuda_graph and device.type == "cuda" and hasattr(model, "forward_device"):
+    ``train.compile_inference``); otherwise ``model``. ``train.cuda_graph`` (the training step)
+    has no say here."""
+    if cfg.train.graph_eval and device.type == "cuda" and hasattr(model, "forward_device"):
         return GraphedInference(model, amp=cfg.train.amp, compile=cfg.train.compile_inference)
     return model
 

@@ -188,7 +188,7 @@ class TensorLoader:
             raise ValueError(f"{n} training samples cannot be shared by {self.world} processes")
         self.batch_size = batch_size
         self.augment = augment
-        self.mix = mix  # training only: (images, labels, rng, epoch) -> (images, soft targets), e.g. MixBatch
+        self.mix = mix  # training only: (images, labels, rng, epoch) -> (images, soft targets), e.g. CutMix
         self.train = train
         self.seed = seed
         self.channels_last = channels_last

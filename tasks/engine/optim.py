@@ -17,7 +17,7 @@ __all__ = ["build_optimizer", "build_scheduler", "rebuild_scheduler", "build_gra
 SCHEDULE_GROUP_KEYS = ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum")
 
 
-def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float, lr: float = 0.1,
+def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float = 0.0, lr: float = 0.1,
                  trunk_lr_mult: float = 1.0) -> list[dict]:
     """conv / linear weights decay, norm weights and biases (1-D) do not by default; with
     ``trunk_lr_mult`` != 1 the backbone's parameters (``backbone.*``) get their own groups at
@@ -33,7 +33,7 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.norm_weight_decay, cfg.lr, cfg.trunk_lr_mult)
+    groups = param_groups(model, cfg.weight_decay, lr=cfg.lr, trunk_lr_mult=cfg.trunk_lr_mult)
     if not any(g["params"] for g in groups):
         raise ValueError("no trainable parameters: is every stage frozen (model.freeze_at=5) without a head?")
     # Fused kernels on CUDA: one launch for all parameters instead of several per tensor.
@@ -42,7 +42,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                **fast)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fast)
+        return torch.optim.AdamW(groups, lr=cfg.lr, **fast)  # betas (0.9, 0.999)
     raise ValueError(f"optim.name={cfg.name!r} is not supported; choose sgd or adamw")
 
 
@@ -94,15 +94,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: 
                           cycle_momentum=cfg.name == "sgd" and cfg.momentum > 0)
     if cfg.schedule not in ("cosine", "constant", "onecycle"):
         raise ValueError(f"optim.schedule={cfg.schedule!r} is not supported; choose cosine, onecycle or constant")
-    final = cfg.final_lr_ratio
-
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if cfg.schedule == "constant":
             return 1.0
         t = (step - warmup) / max(1, total - warmup)
-        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
     return LambdaLR(optimizer, factor)
 
@@ -116,7 +114,7 @@ def rebuild_scheduler(optimizer: torch.optim.Optimizer, model: nn.Module, cfg: O
     them would start from the wrong base (or fail: "KeyError: 'max_lr'"); they are reset to the
     config's base values first, as ``build_optimizer`` sets them. Seek it to the step reached
     (``loop.seek_schedule``)."""
-    base = param_groups(model, cfg.weight_decay, cfg.norm_weight_decay, cfg.lr, cfg.trunk_lr_mult)
+    base = param_groups(model, cfg.weight_decay, lr=cfg.lr, trunk_lr_mult=cfg.trunk_lr_mult)
     base = [g for g in base if g["params"]]
     if len(base) != len(optimizer.param_groups):
         raise ValueError(f"the optimizer has {len(optimizer.param_groups)} parameter groups, this model and config "

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from tasks.data.preprocess import Preprocess
+from tasks.engine.config import upgrade_saved_config
 
 __all__ = ["TaskSpec", "TaskData", "TASKS", "get_task", "spec_for_checkpoint", "read_meta"]
 
@@ -38,7 +39,8 @@ class TaskData:
     images skipped as unreadable (``data.skip_bad``), if the data counts them.
     ``targets_checked``: the datasets already guarantee valid targets (labels in range, boxes
     with area, mask ids known), so the models' own per-step checks (a host sync) can go.
-    ``fixed_shapes``: False where batch shapes vary (the aspect mode): no CUDA graph then."""
+    ``fixed_shapes``: False where batch shapes vary (the aspect mode): no CUDA graph then
+    (the runner resolves ``train.cuda_graph`` / ``train.graph_eval`` to false)."""
 
     train: Any
     val: Any
@@ -46,7 +48,7 @@ class TaskData:
     val_set: Any = None
     skipped: Optional[dict[str, int]] = None
     targets_checked: bool = False
-    fixed_shapes: bool = True  # every training batch has one shape (what train.cuda_graph needs)
+    fixed_shapes: bool = True  # every batch has one shape (what train.cuda_graph and train.graph_eval need)
 
     @functools.cached_property
     def preprocess(self) -> Preprocess:
@@ -143,7 +145,9 @@ def get_task(name: Any) -> TaskSpec:
 
 def spec_for_checkpoint(ckpt: Mapping[str, Any], source: Any, expected: str | None = None) -> TaskSpec:
     """The spec of the task that wrote ``ckpt``; with ``expected``, a checkpoint of another
-    task is a ``ValueError`` naming both."""
+    task is a ``ValueError`` naming both. The checkpoint's stored config is brought to today's
+    schema in place (``upgrade_saved_config``: removed keys dropped, split keys filled), so a
+    checkpoint saved before a key went still loads."""
     task = ckpt.get("task")
     if expected is not None and task != expected:
         hint = f": load it with python -m tasks.{task} or tasks.load" if task in TASKS else ""
@@ -158,6 +162,7 @@ def spec_for_checkpoint(ckpt: Mapping[str, Any], source: Any, expected: str | No
             part = config.get(section) if section else config
             if isinstance(part, dict) and key not in part:
                 part[key] = value
+        upgrade_saved_config(spec.config, config)
     return spec
 
 

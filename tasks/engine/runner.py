@@ -3,7 +3,10 @@ eval-only, predict, train and the final line; each task brings only its ``TaskSp
 
 Config precedence, lowest first: dataclass defaults, the checkpoint's config (``--resume`` /
 ``--eval-only``), the YAML recipe (``--config`` or the task's default), ``--set key=value``,
-then the dedicated flags (``--epochs``, ``--batch-size``, ...).
+then the dedicated flags (``--epochs``, ``--batch-size``, ...). Once the data is built, the
+``train`` switches this run cannot use are resolved to false (``resolve_switches``: off CUDA,
+batches of varying shape, syncbn under torchrun), with a console line saying why; config.yaml
+and every checkpoint then hold that resolved config, and nothing changes it afterwards.
 
 Under ``torchrun --nproc_per_node=N`` every process runs the same command: ``setup_run``
 joins the process group, rank 0 chooses the run folder (and tells the others) and alone
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
+import contextvars
 import errno
 import json
 import os
@@ -40,7 +45,8 @@ import yaml
 
 from . import distributed
 from .checkpoint import load_checkpoint, process_alive, seed_everything, write_atomic
-from .config import CONFIG_ROOT, apply_overrides, config_from_dict, config_to_dict, locate_recipe, merge_dicts, read_yaml
+from .config import (CONFIG_ROOT, REMOVED_KEYS, apply_overrides, config_from_dict, config_to_dict, format_keys,
+                     locate_recipe, merge_dicts, read_yaml)
 from .distributed import resolve_device
 from .graphs import inference_model, inference_models
 from .logging import Console, MetricsLog
@@ -50,7 +56,8 @@ from .registry import TaskSpec, spec_for_checkpoint
 from .trunk import load_trunk
 
 __all__ = ["build_parser", "Run", "setup_run", "run", "predict_files", "default_recipe", "find_config", "run_cli",
-           "RunLock", "LOCK_NAME", "RUN_RESULTS"]
+           "RunLock", "LOCK_NAME", "RUN_RESULTS", "resolve_switches", "list_recipes", "recipe_summary", "invoked_as",
+           "prog_name"]
 
 LOCK_NAME = ".lock"
 # What a run leaves in its folder that a new run would overwrite: a folder holding any of them
@@ -73,15 +80,70 @@ FLAG_KEYS = {
 DATA_FLAGS = ("data_dir", "train_ann", "val_ann", "train_images", "val_images", "train_masks", "val_masks", "voc_root")
 
 
+_PROG: contextvars.ContextVar[str | None] = contextvars.ContextVar("onetrunk_prog", default=None)
+
+
+@contextlib.contextmanager
+def invoked_as(prog: str):
+    """Parsers built inside name ``prog`` in their usage line (``onetrunk classify`` when the
+    console script runs the command) instead of their ``python -m`` form."""
+    token = _PROG.set(prog)
+    try:
+        yield
+    finally:
+        _PROG.reset(token)
+
+
+def prog_name(default: str) -> str:
+    """The command as it was invoked: ``invoked_as``'s name, else ``default`` (``python -m ...``)."""
+    return _PROG.get() or default
+
+
+class _PrintAndExit(argparse.Action):
+    """A flag that prints ``text()`` and exits 0, as ``--help`` does (no other flag is needed)."""
+
+    def __init__(self, option_strings, dest, text, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.text = text
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(self.text())
+        parser.exit()
+
+
+def recipe_summary(path: Path) -> str:
+    """A recipe file's first line, when it is a comment (every shipped recipe's: what it is)."""
+    try:
+        first = path.read_text().splitlines()[:1]
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+
+
+def list_recipes(spec: TaskSpec) -> str:
+    """``--list-recipes``: each shipped recipe of ``spec`` with its first comment line."""
+    paths = sorted((CONFIG_ROOT / spec.name).glob("*.yaml"))
+    width = max((len(p.stem) for p in paths), default=0)
+    lines = [f"recipes of {spec.name} (--config configs/{spec.name}/<name>.yaml; without --config: "
+             f"{spec.recipes[0]} where CUDA is available, else {spec.recipes[1]}):"]
+    lines += [f"  {p.stem:<{width}}  {recipe_summary(p)}" for p in paths]
+    return "\n".join(lines)
+
+
 def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
     """The flags every task takes, the data flags of ``spec.data_flags`` and the task's own
     (``spec.add_arguments``)."""
-    p = argparse.ArgumentParser(prog=f"python -m tasks.{spec.name}", description=spec.doc,
+    p = argparse.ArgumentParser(prog=prog_name(f"python -m tasks.{spec.name}"), description=spec.doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--config", metavar="FILE", help="YAML recipe (default: the task's GPU or CPU recipe)")
+    g.add_argument("--config", metavar="FILE", help="YAML recipe (default: the task's GPU or CPU recipe; "
+                                                     "--list-recipes names them)")
     g.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                   help="override a config key, e.g. --set model.depth=50 (repeatable)")
+                   help="override a config key, e.g. --set model.depth=50 (repeatable; --list-keys lists them)")
+    g.add_argument("--list-recipes", action=_PrintAndExit, text=lambda: list_recipes(spec),
+                   help="list this task's recipes, each with its first comment line, and exit")
+    g.add_argument("--list-keys", action=_PrintAndExit, text=lambda: format_keys(spec.config),
+                   help="list every config key with its default and its one-line help, and exit")
     g.add_argument("--output", metavar="DIR", help="run folder (default: runs/<task>/<recipe>[-N])")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--epochs", type=int)
@@ -369,7 +431,9 @@ def _written_by_a_run(path: Path, spec: TaskSpec) -> bool:
     for section, fields in full.items():
         if isinstance(fields, dict):
             theirs = data[section]
-            if not isinstance(theirs, dict) or not set(theirs) <= set(fields):
+            gone = {k.partition(".")[2] for k in REMOVED_KEYS if k.startswith(section + ".")}
+            # a run of an older version may have written keys that are gone since
+            if not isinstance(theirs, dict) or not set(theirs) - gone <= set(fields):
                 return False
             total, have = total + len(fields), have + len(theirs)
     return have >= 0.8 * total  # a config of an older version may lack a few newer keys
@@ -568,16 +632,13 @@ def _finish_setup(spec: TaskSpec, args: argparse.Namespace, cfg: Any, output: Pa
                   checkpoint: dict[str, Any] | None, lock: "RunLock | None") -> Run:
     seed_everything(cfg.train.seed)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
-        torch.backends.cudnn.benchmark_limit = cfg.train.cudnn_benchmark_limit
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark  # until resolve_switches has seen the data
         # TF32 for any fp32 matmul / conv left outside autocast
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    summary = ""
     own_data = any(getattr(cfg.data, k, None) for k in DATA_FLAGS if k != "data_dir")
-    if recipe_path.is_file() and not own_data:  # the recipe's first line describes its own data
-        first = recipe_path.read_text().splitlines()[:1]
-        summary = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+    # the recipe's first line describes its own data
+    summary = recipe_summary(recipe_path) if recipe_path.is_file() and not own_data else ""
     return Run(spec=spec, cfg=cfg, args=args, output=output, device=device, console=console, recipe=recipe_path.stem,
                summary=summary, resume_from=resume_from, checkpoint=checkpoint, lock=lock, resume_epoch=resume_epoch)
 
@@ -644,6 +705,56 @@ def _stop_line(r: Run, stop: BaseException) -> str:
     return f"stopped ({how}){at}: no checkpoint was saved yet: nothing to resume, start again"
 
 
+# train switches that act only on CUDA, and those that need every batch of one shape
+_CUDA_ONLY = ("amp", "cuda_graph", "graph_eval", "cudnn_benchmark")
+_FIXED_SHAPES = ("cuda_graph", "graph_eval", "cudnn_benchmark")
+
+
+def resolve_switches(cfg: Any, device: torch.device, *, fixed_shapes: bool = True, world: int = 1) -> list[str]:
+    """Set each ``train`` switch this run cannot use to false, in ``cfg``, and return one line
+    per reason naming the switches it turned off. What it resolves, and why:
+
+    * off CUDA: ``amp``, ``cuda_graph``, ``graph_eval``, ``cudnn_benchmark`` (CUDA features;
+      the CPU runs fp32, eager, untuned);
+    * batches that vary in shape (``fixed_shapes`` False: ``data.resize=aspect``):
+      ``cuda_graph`` and ``graph_eval`` (a graph replays one shape: eager steps), and
+      ``cudnn_benchmark`` (it autotunes every new shape: on an H200, FCOS R18 on 512 px
+      scenes, 4 epochs, training took 86.3 s with autotuning and 19.7 s without);
+    * ``cuda_graph`` with ``model.norm=syncbn`` under torchrun (its collectives run inside the
+      forward, which a graph cannot capture);
+    * ``compile_inference`` without ``graph_eval`` (it compiles what that replays).
+
+    Called before config.yaml is written, so that it and the checkpoints hold what ran. A line
+    comes back for the CPU only where a value other than the default was asked for (every
+    CPU run has amp and cudnn_benchmark off; the first line names the device)."""
+    t, default = cfg.train, type(cfg.train)()
+    off: dict[str, list[str]] = {}
+    if device.type != "cuda":
+        asked = [k for k in _CUDA_ONLY if getattr(t, k)]
+        if asked:
+            off[f"CUDA only; the device is {device.type}"] = asked
+    else:
+        if not fixed_shapes:
+            asked = [k for k in _FIXED_SHAPES if getattr(t, k)]
+            if asked:
+                off["the batches of data.resize=aspect vary in shape: eager steps, no autotuning"] = asked
+        if t.cuda_graph and world > 1 and getattr(cfg.model, "norm", None) == "syncbn":
+            off["model.norm=syncbn under torchrun runs its collectives inside the forward"] = ["cuda_graph"]
+    for keys in off.values():
+        for k in keys:
+            setattr(t, k, False)
+    if t.compile_inference and not t.graph_eval:
+        off["it compiles what train.graph_eval replays, and that is off"] = ["compile_inference"]
+        t.compile_inference = False
+    lines = []
+    for why, keys in off.items():
+        if why.startswith("CUDA only"):
+            keys = [k for k in keys if getattr(default, k) is False]  # asked for, not the default
+        if keys:
+            lines.append(f"{', '.join('train.' + k for k in keys)}: false ({why})")
+    return lines
+
+
 def _start_run(r: Run, trainer: Trainer) -> None:
     """The run really starts (data and model built, a --resume checkpoint accepted): only now is
     its folder changed. Results of the run it replaces go (there only with --overwrite: a mix of
@@ -692,6 +803,11 @@ def _run(r: Run) -> dict[str, Any]:
     if len(data.val) == 0:  # every metric would be 0 and look like a result
         source = getattr(data.val_set, "ann_file", None) or getattr(data.val_set, "image_dir", None) or "the data"
         raise ValueError(f"the validation set is empty ({source}): there is nothing to evaluate")
+    # cfg as this run will use it (config.yaml and the checkpoints record it): nothing changes it after this
+    for line in resolve_switches(cfg, device, fixed_shapes=data.fixed_shapes, world=distributed.world_size()):
+        say(line)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     if args.eval_only:
         model, meta = _weights_model(r)
         if len(meta["class_names"]) != len(data.meta["class_names"]):
@@ -708,16 +824,6 @@ def _run(r: Run) -> dict[str, Any]:
             print(line)
         return metrics
 
-    if not data.fixed_shapes:
-        if cfg.train.cuda_graph:
-            # one graph replays one shape; this data's batches vary: eager steps (BENCHMARKS.md)
-            say("train.cuda_graph is off: the batches of data.resize=aspect vary in shape (eager steps)")
-            cfg.train.cuda_graph = False
-        if device.type == "cuda" and torch.backends.cudnn.benchmark:
-            # cuDNN autotunes every new input shape, and these are many: on an H200 (FCOS R18,
-            # 512 px scenes, 4 epochs) training took 86.3 s with autotuning, 19.7 s without
-            say("cuDNN autotuning is off: the batches of data.resize=aspect vary in shape")
-            torch.backends.cudnn.benchmark = False
     model = spec.build_model(cfg, data.meta)
     if cfg.model.trunk and r.resume_from is None:  # a resumed run has its trunk in the checkpoint
         load_trunk(model.backbone, cfg.model.trunk, cfg.model)  # printed even with --quiet: it changes the run
@@ -727,9 +833,11 @@ def _run(r: Run) -> dict[str, Any]:
     def evaluate(m, final: bool) -> dict[str, Any]:
         return spec.evaluate(graphed(m), data, device, cfg.train.amp, output=r.output if final else None)
 
+    # The models' per-step target checks sync the host, which a captured step cannot: a graphed
+    # step runs without them (the data's own checks, where it has them, still apply)
     trainer = Trainer(spec.name, cfg, model, data.train, output=r.output, device=device, quiet=args.quiet,
                       console=say, main_metric=spec.main_metric, meta=data.meta, evaluate=evaluate,
-                      targets_checked=data.targets_checked)
+                      targets_checked=data.targets_checked or cfg.train.cuda_graph)
     r.trainer = trainer
     if r.resume_from is not None:
         trainer.resume(r.resume_from)
