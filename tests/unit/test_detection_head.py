@@ -498,7 +498,7 @@ def test_graphed_inference_on_cpu_is_the_model():
 
     class Cfg:
         class train:
-            cuda_graph, amp = True, True
+            graph_eval, amp = True, True
     assert inference_model(model, Cfg, torch.device("cpu")) is model
     # on a GPU one wrapper per model, built once (its graphs are kept between evaluations);
     # building one touches no device
