@@ -4,6 +4,7 @@
     python -m benchmarks.seeds segment  [...]
     python -m benchmarks.seeds classify [...]
         [--first-seed 0] [--variant NAME:KEY=VALUE,KEY=VALUE ...] [--no-peer] [--stop-after K] [--out DIR]
+    python -m benchmarks.seeds merge OUT.json IN.json [IN.json ...]
 
 Trains a short schedule of the task's recipe once per seed (``train.seed``; the data is the same
 for every seed) and reports, per seed, the final metric and whether the run collapsed: its metric
@@ -30,6 +31,11 @@ the data once and trains its seeds one after another): the sweep is about accura
 training times it records are shared-GPU times, not speed measurements. Results:
 ``<out>/seeds_<task>.json`` (the schema of ``benchmarks/schema.py``: ``numbers`` is the per-model
 summary; every run, with its per-epoch losses, under ``runs``) and a Markdown table on stdout.
+
+``merge`` joins the result files of several invocations of one task (a sweep split over calls
+of a time-limited machine: other seeds, or the peer apart) into one file with the summary
+recomputed over all runs; a (model, seed) measured twice keeps the later file's run, and every
+command that produced a run is listed under ``commands``.
 """
 from __future__ import annotations
 
@@ -260,11 +266,57 @@ CLAIM = ("Seed robustness: the task's recipe (and its variants / the torchvision
          "min / median / max of the final metric and the collapsed seeds per model")
 
 
+def merge(out: str | Path, inputs: list[str | Path], command: str) -> dict[str, Any]:
+    """Join seed-sweep result files of one task into ``out`` (see the module docstring)."""
+    from benchmarks.schema import write_result
+
+    if not inputs:
+        raise SystemExit("merge: give the output file and at least one input file")
+    docs = []
+    for path in inputs:
+        try:
+            docs.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"merge: {path} is not a readable result file ({e})") from None
+    tasks = {d.get("task") for d in docs}
+    if len(tasks) != 1 or None in tasks:
+        raise SystemExit(f"merge: the inputs hold different tasks ({', '.join(map(str, sorted(map(str, tasks))))})")
+    metrics = {d.get("metric") for d in docs}
+    if len(metrics) != 1:
+        raise SystemExit(f"merge: the inputs measure different metrics ({', '.join(map(str, metrics))})")
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    models: dict[str, list[str]] = {}
+    commands: list[str] = []
+    for d in docs:
+        models.update(d.get("models", {}))
+        for c in d.get("commands") or [d["command"]]:
+            if c not in commands:
+                commands.append(c)
+        for r in d.get("runs", []):
+            runs[(r["model"], r["seed"])] = r
+    order = list(models)
+    rows = sorted(runs.values(), key=lambda r: (order.index(r["model"]) if r["model"] in order else len(order),
+                                                r["seed"]))
+    summary = summarise(rows)
+    first = docs[0]
+    keep = {k: first[k] for k in ("task", "recipe", "overrides", "epochs", "stop_after", "metric") if k in first}
+    write_result(out, claim=CLAIM, numbers=summary, command=command, env=first.get("env"),
+                 extra={**keep, "models": models, "seeds": sorted({r["seed"] for r in rows}), "commands": commands,
+                        "runs": rows, "summary": summary})
+    print(table(summary, first["metric"]))
+    print(f"{len(rows)} runs of {len(docs)} files -> {out}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from benchmarks.schema import command_line, write_result
 
     argv = sys.argv[1:] if argv is None else list(argv)
     command = command_line("benchmarks.seeds", argv)
+    if argv[:1] == ["merge"]:
+        if len(argv) < 3:
+            raise SystemExit("usage: python -m benchmarks.seeds merge OUT.json IN.json [IN.json ...]")
+        return merge(argv[1], argv[2:], command)
     args = get_args_parser().parse_args(argv)
     task = args.task
     recipe, default_overrides, default_epochs = RECIPES[task]

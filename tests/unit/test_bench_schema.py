@@ -44,3 +44,36 @@ def test_command_line_is_the_repeatable_command():
         "python -m benchmarks.bench detect --set train.epochs=2"
     assert command_line("benchmarks.seeds", ["detect", "--variant", "a b:x=1"]) == \
         "python -m benchmarks.seeds detect --variant 'a b:x=1'"
+
+
+def _sweep(path, task, runs, command):
+    write_result(path, claim="c", numbers={}, command=command, env={"gpu": "x"},
+                 extra={"task": task, "metric": "AP", "models": {"onetrunk": [], "peer": []}, "runs": runs})
+
+
+def test_seed_merge_joins_runs_recomputes_the_summary_and_keeps_the_later_run(tmp_path):
+    from benchmarks.seeds import merge
+
+    row = lambda model, seed, metric: {"model": model, "seed": seed, "metric": metric, "guard": None,  # noqa: E731
+                                       "error": None}
+    _sweep(tmp_path / "a.json", "detect", [row("onetrunk", 0, 0.40), row("onetrunk", 1, 0.10)], "cmd a")
+    _sweep(tmp_path / "b.json", "detect", [row("onetrunk", 1, 0.42), row("peer", 0, 0.38),
+                                           row("onetrunk", 2, 0.44)], "cmd b")
+    merge(tmp_path / "m.json", [tmp_path / "a.json", tmp_path / "b.json"], "merge cmd")
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert doc["schema"] == SCHEMA and doc["command"] == "merge cmd" and doc["commands"] == ["cmd a", "cmd b"]
+    ours = doc["numbers"]["onetrunk"]
+    # seed 1 measured twice: the later file's 0.42, so no collapse and the median of 0.40/0.42/0.44
+    assert ours["n"] == 3 and ours["collapses"] == 0 and ours["median"] == pytest.approx(0.42)
+    assert doc["numbers"]["peer"]["n"] == 1
+    assert [(r["model"], r["seed"]) for r in doc["runs"]] == [("onetrunk", 0), ("onetrunk", 1), ("onetrunk", 2),
+                                                              ("peer", 0)]
+
+
+def test_seed_merge_refuses_files_of_different_tasks(tmp_path):
+    from benchmarks.seeds import merge
+
+    _sweep(tmp_path / "a.json", "detect", [], "a")
+    _sweep(tmp_path / "b.json", "segment", [], "b")
+    with pytest.raises(SystemExit, match="different tasks"):
+        merge(tmp_path / "m.json", [tmp_path / "a.json", tmp_path / "b.json"], "m")
