@@ -728,11 +728,12 @@ def resolve_switches(cfg: Any, device: torch.device, *, fixed_shapes: bool = Tru
     comes back for the CPU only where a value other than the default was asked for (every
     CPU run has amp and cudnn_benchmark off; the first line names the device)."""
     t, default = cfg.train, type(cfg.train)()
-    off: dict[str, list[str]] = {}
+    off: dict[str, list[str]] = {}  # reason -> the switches it turns off
+    no_cuda = f"CUDA only; the device is {device.type}"
     if device.type != "cuda":
         asked = [k for k in _CUDA_ONLY if getattr(t, k)]
         if asked:
-            off[f"CUDA only; the device is {device.type}"] = asked
+            off[no_cuda] = asked
     else:
         if not fixed_shapes:
             asked = [k for k in _FIXED_SHAPES if getattr(t, k)]
@@ -748,7 +749,7 @@ def resolve_switches(cfg: Any, device: torch.device, *, fixed_shapes: bool = Tru
         t.compile_inference = False
     lines = []
     for why, keys in off.items():
-        if why.startswith("CUDA only"):
+        if why == no_cuda:
             keys = [k for k in keys if getattr(default, k) is False]  # asked for, not the default
         if keys:
             lines.append(f"{', '.join('train.' + k for k in keys)}: false ({why})")
@@ -804,8 +805,10 @@ def _run(r: Run) -> dict[str, Any]:
         source = getattr(data.val_set, "ann_file", None) or getattr(data.val_set, "image_dir", None) or "the data"
         raise ValueError(f"the validation set is empty ({source}): there is nothing to evaluate")
     # cfg as this run will use it (config.yaml and the checkpoints record it): nothing changes it after this
-    for line in resolve_switches(cfg, device, fixed_shapes=data.fixed_shapes, world=distributed.world_size()):
-        say(line)
+    resolved = resolve_switches(cfg, device, fixed_shapes=data.fixed_shapes, world=distributed.world_size())
+    if not args.eval_only:  # evaluating a checkpoint elsewhere: its training switches are no news
+        for line in resolved:
+            say(line)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     if args.eval_only:

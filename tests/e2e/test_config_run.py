@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from tasks import classify
-from tasks.engine.checkpoint import load_checkpoint
+from tasks.engine.checkpoint import atomic_save, load_checkpoint
 from tests.fakes import write_fake_fashion_mnist
 
 
@@ -28,7 +28,13 @@ def test_config_yaml_is_what_ran_and_is_never_changed_after(tmp_path, capsys):
     # the checkpoints store that same config: the last one, written after both epochs, equals it
     assert load_checkpoint(out / "last.pt")["config"] == written
     assert load_checkpoint(out / "best.pt")["config"] == written
-    # resumed, the run keeps its resolved config and writes it again unchanged
+    # a checkpoint of a version that still had removed keys, and no train.graph_eval, resumes:
+    # they are dropped as it is read, and the run keeps its resolved config and writes it again
+    ckpt = load_checkpoint(out / "last.pt")
+    ckpt["config"]["data"].update(mixup_alpha=0.0, mix_off_epochs=0)
+    ckpt["config"]["train"]["cudnn_benchmark_limit"] = 10
+    del ckpt["config"]["train"]["graph_eval"]
+    atomic_save(ckpt, out / "last.pt")
     classify.main(["--resume", str(out), "--epochs", "3", "--data-dir", str(fm), "--quiet"])
     again = yaml.safe_load((out / "config.yaml").read_text())
     assert {**again, "train": {**again["train"], "epochs": 2}} == written and again["train"]["epochs"] == 3
