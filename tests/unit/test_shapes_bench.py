@@ -1,0 +1,35 @@
+"""benchmarks.shapes: a COCO detection set that is not FashionScenes (for held-out seed sweeps)."""
+import json
+
+import pytest
+
+from benchmarks.shapes import CLASSES, ensure_shapes, recipe_flags
+from tasks.data.coco import CocoDetection
+
+
+def test_shapes_writes_a_coco_set_the_detection_reader_loads(tmp_path):
+    root = ensure_shapes(tmp_path / "shapes", train=4, val=2, seed=3)
+    ds = CocoDetection(root / "train.json", root / "train")
+    assert len(ds) == 4 and ds.num_classes == len(CLASSES)
+    sizes = {tuple(s) for s in ds.image_sizes()}
+    assert any(w != h for w, h in sizes)  # non-square images
+    image, target = ds[0]
+    assert image.shape[0] == 3 and target["boxes"].shape[-1] == 4
+    flags = recipe_flags(root)
+    assert "data.dataset=coco" in flags and any(f.endswith("val.json") for f in flags)
+
+
+def test_shapes_reuses_its_own_set_and_never_touches_a_foreign_folder(tmp_path):
+    root = ensure_shapes(tmp_path / "s", train=2, val=1)
+    first = (root / "train.json").read_text()
+    assert ensure_shapes(tmp_path / "s", train=2, val=1) == root and (root / "train.json").read_text() == first
+    with pytest.raises(FileExistsError, match="not this generator's set"):
+        ensure_shapes(tmp_path / "s", train=3, val=1)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(FileExistsError):
+        ensure_shapes(user, train=2, val=1)
+    assert (user / "photo.jpg").read_bytes() == b"x"
+    assert json.loads((root / "shapes.json").read_text())["train"] == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
