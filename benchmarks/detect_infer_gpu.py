@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from heads.detection import batched_greedy_nms  # noqa: E402
+from heads.nms import batched_greedy_nms  # noqa: E402
 from tasks.engine.logging import env_info  # noqa: E402
 from tasks.engine.graphs import GraphedInference  # noqa: E402
 from tasks.engine.predict import load_task_model  # noqa: E402
@@ -189,7 +189,7 @@ def main() -> None:
         try:
             with torch.no_grad(), torch.autocast(**amp):
                 row = {"exact": sum(int(head.postprocess_padded(r, size)["exact"].sum()) for r in raws),
-                       "images": sum(int(r["cls_logits"].shape[0]) for r in raws)}
+                       "images": sum(int(r["cls_logits"][0].shape[0]) for r in raws)}
                 if cuda:
                     row["postprocess_padded eager"] = statistics.median(
                         run_round(lambda r: head.postprocess_padded(r, size), raws) for _ in range(3))
@@ -252,7 +252,7 @@ def main() -> None:
                         run_round(fn, held)
                     row[key] = statistics.median(run_round(fn, held) for _ in range(5))
                 row["exact"] = sum(int(head.postprocess_padded(r, size)["exact"].sum()) for r in raws)
-                row["images"] = sum(int(r["cls_logits"].shape[0]) for r in raws)
+                row["images"] = sum(int(r["cls_logits"][0].shape[0]) for r in raws)
         except Exception as e:  # a variant that fails (compile) is reported, not fatal
             row = {"error": f"{type(e).__name__}: {e}"[:500]}
         finally:

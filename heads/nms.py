@@ -1,6 +1,6 @@
-"""Class-wise greedy NMS for a whole batch, with fixed shapes and no host sync (CUDA graphs):
-the post-processing of ``heads.detection.FCOSHead``. ``batched_greedy_nms`` gives exactly
-``torchvision.ops.batched_nms``'s answer (tests/unit/test_detection_head.py checks it) where that
+"""Class-wise greedy NMS for a whole batch, with fixed shapes and no host sync (CUDA graphs), for
+``heads.postprocess`` (the FCOS head's post-processing). ``batched_greedy_nms`` gives exactly
+``torchvision.ops.batched_nms``'s answer (tests/unit/test_postprocess.py checks it) where that
 syncs the host once per image."""
 from __future__ import annotations
 

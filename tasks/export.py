@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from heads import FCOSHead, MultiLabelHead, MultiTaskModel
+from heads.geometry import split_levels
 from tasks.data.preprocess import Preprocess
 from tasks.engine.checkpoint import write_atomic
 from tasks.engine.predict import load_task_model
@@ -143,6 +144,13 @@ def task_heads(model: nn.Module, task: str) -> dict[str, nn.Module]:
     return dict(model.heads) if isinstance(model, MultiTaskModel) else {task: model.head}
 
 
+def detection_outputs(head: FCOSHead, raw: Mapping[str, Any]) -> list[torch.Tensor]:
+    """The exported detector outputs (``DETECTION_OUTPUTS``) of the head's per-level raw outputs:
+    flattened over the levels, with the points and strides of its grid."""
+    cls_logits, bbox_reg, centerness, grid = head.flat_outputs(raw)
+    return [cls_logits, bbox_reg, centerness, grid.points, grid.strides]
+
+
 def head_output_names(head: nn.Module) -> list[str]:
     if isinstance(head, FCOSHead):
         return list(DETECTION_OUTPUTS)
@@ -172,7 +180,7 @@ class ExportModule(nn.Module):
         for head in self.heads.values():
             raw = head(features, image_size)
             if isinstance(head, FCOSHead):
-                outputs += [raw[k] for k in DETECTION_OUTPUTS]
+                outputs += detection_outputs(head, raw)
             else:
                 outputs.append(head.postprocess(raw, image_size))
         return tuple(outputs)
@@ -187,8 +195,7 @@ def pytorch_outputs(model: nn.Module, task: str, images: torch.Tensor) -> list[t
     outputs: list[torch.Tensor] = []
     for name, head in heads.items():
         if isinstance(head, FCOSHead):
-            raw = head(model.backbone(images), (images.shape[-2], images.shape[-1]))
-            outputs += [raw[k] for k in DETECTION_OUTPUTS]
+            outputs += detection_outputs(head, head(model.backbone(images), (images.shape[-2], images.shape[-1])))
         else:
             outputs.append(evaluated[name] if isinstance(model, MultiTaskModel) else evaluated)
     return outputs
@@ -360,9 +367,10 @@ def postprocess_detections(head: FCOSHead, outputs: Mapping[str, Any], image_siz
     through ``head.postprocess``: the same thresholds and steps as the PyTorch ``Detector``.
     ``image_size`` is the network input's ``(height, width)``; ``head`` is the checkpoint's
     (``load_model(ckpt)[1].head``)."""
-    raw: dict[str, Any] = {k.removeprefix("detect_"): torch.as_tensor(np.asarray(v)) for k, v in outputs.items()}
-    raw = {k: raw[k] for k in DETECTION_OUTPUTS}
-    raw["level_sizes"] = _level_sizes(raw["points"], raw["strides"])
+    flat = {k.removeprefix("detect_"): torch.as_tensor(np.asarray(v)) for k, v in outputs.items()}
+    sizes = _level_sizes(flat["points"], flat["strides"])
+    # the head's raw form: per-level outputs (the head's grid gives the same points and strides)
+    raw = {k: split_levels(flat[k], sizes) for k in ("cls_logits", "bbox_reg", "centerness")}
     return head.postprocess(raw, image_size)
 
 

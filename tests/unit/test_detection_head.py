@@ -1,4 +1,5 @@
-"""FCOSHead and Detector: output format, target assignment, losses, bad targets, odd sizes, bf16."""
+"""FCOSHead and Detector: output format, target assignment, losses, bad targets, odd sizes, bf16.
+Post-processing and NMS: test_postprocess.py; the point grid: test_geometry.py."""
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from torchvision.ops import generalized_box_iou_loss
 from backbones import FeatureSpec, build_backbone
 from heads import Detector, FCOSHead
 from heads.detection import _giou_loss, pad_targets
+from heads.geometry import level_sizes
 
 K = 5  # classes in the tiny models
 
@@ -36,6 +38,11 @@ def _raw_for(head: FCOSHead, image_size, n=2):
     return head(feats, image_size)
 
 
+def _flat(head: FCOSHead, raw) -> dict:
+    """The raw outputs flattened over the levels: ``[N, P, ...]``."""
+    return dict(zip(("cls_logits", "bbox_reg", "centerness"), head.flat_outputs(raw)[:3]))
+
+
 def _reference_assignment(head: FCOSHead, raw, targets):
     """FCOS assignment written point by point, independently of the vectorised code."""
     radius = head.center_sampling_radius
@@ -43,7 +50,7 @@ def _reference_assignment(head: FCOSHead, raw, targets):
     for t in targets:
         boxes = t["boxes"].tolist()
         m_img, r_img = [], []
-        for (h, w), s, (lo, hi) in zip(raw["level_sizes"], head.strides, head.size_ranges):
+        for (h, w), s, (lo, hi) in zip(level_sizes(raw["cls_logits"]), head.strides, head.size_ranges):
             for i in range(h):
                 for j in range(w):
                     px, py = (j + 0.5) * s, (i + 0.5) * s
@@ -95,17 +102,26 @@ def test_eval_output_format():
 def test_raw_outputs_and_points():
     head = FCOSHead(SPECS, K, fpn_channels=8)
     raw = _raw_for(head, (97, 131))
-    assert raw["level_sizes"] == [(13, 17), (7, 9), (4, 5), (2, 3), (1, 2)]
-    p = sum(h * w for h, w in raw["level_sizes"])
-    assert raw["cls_logits"].shape == (2, p, K) and raw["bbox_reg"].shape == (2, p, 4)
-    assert raw["centerness"].shape == (2, p) and raw["points"].shape == (p, 2) and raw["strides"].shape == (p,)
-    assert (raw["bbox_reg"] >= 0).all()
+    # network outputs only, one tensor per level
+    assert set(raw) == {"cls_logits", "bbox_reg", "centerness"}
+    sizes = [(13, 17), (7, 9), (4, 5), (2, 3), (1, 2)]
+    assert [tuple(x.shape) for x in raw["cls_logits"]] == [(2, h, w, K) for h, w in sizes]
+    assert [tuple(x.shape) for x in raw["bbox_reg"]] == [(2, h, w, 4) for h, w in sizes]
+    assert [tuple(x.shape) for x in raw["centerness"]] == [(2, h, w) for h, w in sizes]
+    cls_logits, bbox_reg, centerness, grid = head.flat_outputs(raw)
+    assert grid.level_sizes == tuple(sizes) and grid is head.points(raw)
+    p = sum(h * w for h, w in sizes)
+    assert cls_logits.shape == (2, p, K) and bbox_reg.shape == (2, p, 4) and centerness.shape == (2, p)
+    assert grid.points.shape == (p, 2) and grid.strides.shape == (p,)
+    assert (bbox_reg >= 0).all()
+    # flattened level by level, each row-major: level 1, row 2, col 3 is P index 13 * 17 + 2 * 9 + 3
+    assert torch.equal(cls_logits[:, 13 * 17 + 2 * 9 + 3], raw["cls_logits"][1][:, 2, 3])
     # focal-loss prior: every point starts as background with probability ~1 - prior_prob
-    assert abs(torch.sigmoid(raw["cls_logits"]).mean().item() - 0.01) < 2e-3
+    assert abs(torch.sigmoid(cls_logits).mean().item() - 0.01) < 2e-3
     # first level, row-major: point (row 1, col 2) is the cell centre (2.5 * 8, 1.5 * 8)
-    assert raw["points"][1 * 17 + 2].tolist() == [20.0, 12.0] and raw["strides"][0] == 8
-    last = raw["points"][-2:]  # p7: 1x2 cells of stride 128
-    assert last.tolist() == [[64.0, 64.0], [192.0, 64.0]] and raw["strides"][-1] == 128
+    assert grid.points[1 * 17 + 2].tolist() == [20.0, 12.0] and grid.strides[0] == 8
+    last = grid.points[-2:]  # p7: 1x2 cells of stride 128
+    assert last.tolist() == [[64.0, 64.0], [192.0, 64.0]] and grid.strides[-1] == 128
 
 
 def test_assignment_hand_made():
@@ -122,7 +138,7 @@ def test_assignment_hand_made():
     # (34, 82) x (0, 24) holds x in {40, 56, 72}, y = 8, and x = 56 (max 60) is too small.
     targets = [_target([[4, 4, 36, 28]], [1]), _target([[0, 0, 128, 128]], [2]), _target([[0, 0, 116, 24]], [0])]
     a = head.assign_targets(raw, targets)
-    points, strides = raw["points"], raw["strides"]
+    points, strides = head.points(raw).points, head.points(raw).strides
 
     def positives(i):
         idx = a["positive"][i].nonzero().flatten()
@@ -151,7 +167,8 @@ def test_assignment_prefers_smallest_box_then_lowest_index():
     # box (index 2) ties on area and must lose to index 1.
     targets = [_target([[0, 0, 60, 60], [20, 20, 44, 44], [20, 20, 44, 44]], [0, 1, 2])]
     a = head.assign_targets(raw, targets)
-    got = {tuple(raw["points"][j].tolist()): a["matched"][0, j].item() for j in a["positive"][0].nonzero().flatten()}
+    points = head.points(raw).points
+    got = {tuple(points[j].tolist()): a["matched"][0, j].item() for j in a["positive"][0].nonzero().flatten()}
     expected = {(x, y): (1 if x > 20 and y > 20 else 0) for x in (20.0, 28.0, 36.0) for y in (20.0, 28.0, 36.0)}
     assert got == expected
 
@@ -171,7 +188,7 @@ def test_assignment_matches_point_loop_reference(counts, radius):
     assert torch.equal(a["matched"], matched)
     torch.testing.assert_close(a["reg_targets"], reg)
     # the random boxes must exercise the interesting cases, or this test proves little
-    first_level = raw["level_sizes"][0][0] * raw["level_sizes"][0][1]
+    first_level = raw["cls_logits"][0].shape[1] * raw["cls_logits"][0].shape[2]
     assert a["positive"][:, :first_level].any() and a["positive"][:, first_level:].any()
     if counts[1] == 0:
         assert not a["positive"][1].any()
@@ -181,16 +198,17 @@ def test_loss_matches_torchvision_fcos_head():
     """Same matches, outputs and decoding -> torchvision's FCOSHead.compute_loss gives the same numbers."""
     head = FCOSHead(SPECS, K, fpn_channels=8)
     raw = _raw_for(head, (96, 128))
-    raw["bbox_reg"] = raw["bbox_reg"] + torch.rand_like(raw["bbox_reg"]) * 3  # non-trivial boxes
+    raw["bbox_reg"] = [r + torch.rand_like(r) * 3 for r in raw["bbox_reg"]]  # non-trivial boxes
     targets = [TARGETS[0], _target([[5, 40, 70, 95], [60, 10, 120, 50]], [0, 4])]
     losses = head.loss(raw, targets)
     a = head.assign_targets(raw, targets)
     assert a["positive"].sum() > 5
-    half = raw["strides"][:, None] / 2
-    anchors = torch.cat([raw["points"] - half, raw["points"] + half], dim=1)  # size = stride, centre = point
+    flat, grid = _flat(head, raw), head.points(raw)
+    half = grid.strides[:, None] / 2
+    anchors = torch.cat([grid.points - half, grid.points + half], dim=1)  # size = stride, centre = point
     tv = TVFCOSHead(32, 1, K, num_convs=1).compute_loss(
-        targets, {"cls_logits": raw["cls_logits"], "bbox_regression": raw["bbox_reg"],
-                  "bbox_ctrness": raw["centerness"][..., None]}, [anchors, anchors], list(a["matched"]))
+        targets, {"cls_logits": flat["cls_logits"], "bbox_regression": flat["bbox_reg"],
+                  "bbox_ctrness": flat["centerness"][..., None]}, [anchors, anchors], list(a["matched"]))
     assert set(losses) == set(tv) == {"classification", "bbox_regression", "bbox_ctrness"}
     for k in tv:
         torch.testing.assert_close(losses[k], tv[k], rtol=1e-4, atol=1e-5)
@@ -216,7 +234,7 @@ def test_zero_boxes_give_finite_losses_and_all_negative_targets():
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["bbox_regression"] == 0 and losses["bbox_ctrness"] == 0
     # all points are background: focal loss against all-zero targets, divided by max(1, 0)
-    p = torch.sigmoid(raw["cls_logits"].float())
+    p = torch.sigmoid(_flat(head, raw)["cls_logits"].float())
     focal = (0.75 * p ** 2 * -torch.log1p(-p)).sum()
     torch.testing.assert_close(losses["classification"], focal, rtol=1e-4, atol=1e-6)
     sum(losses.values()).backward()  # gradients flow through an all-negative batch
@@ -288,25 +306,6 @@ def test_odd_input_size():
         assert (b[:, :2] >= 0).all() and (b[:, 2] <= 131).all() and (b[:, 3] <= 97).all()
 
 
-def test_postprocess_decodes_thresholds_and_suppresses():
-    head = FCOSHead(SPECS, K, fpn_channels=8, score_thresh=0.3, nms_thresh=0.5)
-    raw = _raw_for(head, (64, 64), n=2)
-    raw["cls_logits"] = torch.full_like(raw["cls_logits"], -20.0)
-    raw["centerness"] = torch.full_like(raw["centerness"], 20.0)
-    raw["centerness"][0, 64] = 0.0  # score = sqrt(sigmoid(cls) * 0.5)
-    # image 0: p3 points 9 and 10 (centres (12, 12) and (20, 12)) predict the same box of
-    # class 3; the weaker one must be suppressed. Point 0 of p4 (index 64) holds class 1.
-    raw["cls_logits"][0, 9, 3], raw["cls_logits"][0, 10, 3], raw["cls_logits"][0, 64, 1] = 4.0, 2.0, 1.0
-    raw["bbox_reg"][0, 9] = torch.tensor([1.0, 1.0, 2.0, 2.0])  # box (4, 4, 28, 28)
-    raw["bbox_reg"][0, 10] = torch.tensor([2.0, 1.0, 1.0, 2.0])  # box (4, 4, 28, 28)
-    raw["bbox_reg"][0, 64] = torch.tensor([0.25, 0.25, 10.0, 1.0])  # (4, 4, 168, 24): clipped to 64
-    out = head.postprocess(raw, (64, 64))
-    assert out[0]["labels"].tolist() == [3, 1]
-    torch.testing.assert_close(out[0]["boxes"], torch.tensor([[4.0, 4, 28, 28], [4, 4, 64, 24]]))
-    torch.testing.assert_close(out[0]["scores"], (torch.sigmoid(torch.tensor([4.0, 1.0])) * torch.tensor([1.0, 0.5])).sqrt(), rtol=1e-4, atol=1e-5)
-    assert len(out[1]["boxes"]) == 0 and out[1]["boxes"].shape == (0, 4) and out[1]["labels"].dtype == torch.int64
-
-
 def test_bf16_autocast_and_channels_last():
     model = _detector().train().to(memory_format=torch.channels_last)
     # 128 px, not 64: at 64 px P6 is 1x1, and PyTorch's CPU bf16 conv backward (torch 2.14) returns
@@ -332,7 +331,8 @@ def test_channels_last_matches_contiguous():
         model.to(memory_format=torch.channels_last)
         got = model.head(model.backbone(images.contiguous(memory_format=torch.channels_last)), (64, 64))
     for k in ("cls_logits", "bbox_reg", "centerness"):
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5)
+        for g, r in zip(got[k], ref[k], strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
 def test_padded_targets_give_the_same_losses_as_per_image_targets():
@@ -358,131 +358,6 @@ def test_invalid_padded_targets_raise_naming_the_image():
         model(torch.randn(2, 3, 64, 64), padded)
     with pytest.raises(ValueError, match=r"labels must be an integer \[N, M\] = \(2, 4\)"):
         model(torch.randn(2, 3, 64, 64), {"boxes": padded["boxes"], "labels": padded["labels"][:, :2]})
-
-
-# ----------------------------------------------------------------------------- NMS on the device
-
-def _grid_boxes(gen, n, m, size=64.0):
-    """Boxes on a 1-px grid: batched_nms's class offset (labels * (max + 1)) is then exact in
-    float32, so its IoUs are bit-identical to ours and the comparison can be strict."""
-    xy = torch.randint(0, int(size) - 8, (n, m, 2), generator=gen).float()
-    wh = torch.randint(4, 24, (n, m, 2), generator=gen).float()
-    return torch.cat([xy, xy + wh], dim=-1)
-
-
-@pytest.mark.parametrize("classes", [1, 3])
-def test_batched_greedy_nms_equals_torchvision(classes):
-    from torchvision.ops import batched_nms
-
-    from heads.detection import batched_greedy_nms
-    gen = torch.Generator().manual_seed(classes)
-    n, m = 6, 60  # 60 boxes in a 64 px square: many overlaps and suppression chains
-    boxes = _grid_boxes(gen, n, m)
-    scores = torch.rand(n, m, generator=gen).sort(dim=1, descending=True).values
-    labels = torch.randint(0, classes, (n, m), generator=gen)
-    valid = torch.rand(n, m, generator=gen) > 0.2
-    keep, converged = batched_greedy_nms(boxes, labels, valid, 0.3, iterations=m)
-    assert converged.all()
-    for i in range(n):
-        idx = valid[i].nonzero().flatten()
-        expected = idx[batched_nms(boxes[i, idx], scores[i, idx], labels[i, idx], 0.3)].sort().values
-        assert keep[i].nonzero().flatten().tolist() == expected.tolist()
-    # Fast NMS (one step) suppresses too much on this data: the iteration is what makes it exact
-    one, _ = batched_greedy_nms(boxes, labels, valid, 0.3, iterations=1)
-    assert (one.sum(1) < keep.sum(1)).any()
-
-
-def test_batched_greedy_nms_reports_unconverged_chains():
-    from heads.detection import batched_greedy_nms
-    # a chain: each box overlaps the next (IoU 0.82) but not the one after (0.67 < 0.7)
-    x = torch.arange(12.0)[None, :, None]
-    boxes = torch.cat([x, torch.zeros_like(x), x + 10, torch.full_like(x, 10)], dim=-1)
-    labels, valid = torch.zeros(1, 12, dtype=torch.long), torch.ones(1, 12, dtype=torch.bool)
-    keep, converged = batched_greedy_nms(boxes, labels, valid, 0.7, iterations=3)
-    assert not converged.item()
-    keep, converged = batched_greedy_nms(boxes, labels, valid, 0.7, iterations=12)
-    assert converged.item() and keep[0].nonzero().flatten().tolist() == [0, 2, 4, 6, 8, 10]
-    # a caller keeping the first 2 detections needs only the prefix up to the 2nd kept box
-    prefix, converged = batched_greedy_nms(boxes, labels, valid, 0.7, iterations=3, top=2)
-    assert converged.item() and prefix[0, :3].tolist() == [True, False, True]
-    _, converged = batched_greedy_nms(boxes, labels, valid, 0.7, iterations=3, top=4)
-    assert not converged.item()
-    # eager rounds of 3 steps until it converges: the same answer
-    again, converged = batched_greedy_nms(boxes, labels, valid, 0.7, iterations=3, until_converged=True)
-    assert converged.item() and torch.equal(again, keep)
-
-
-def _grid_raw(head, n, gen, classes_hot=K):
-    """Raw outputs whose decoded boxes lie on the pixel grid (see _grid_boxes)."""
-    raw = _raw_for(head, (64, 64), n=n)
-    raw["cls_logits"] = torch.randn(raw["cls_logits"].shape, generator=gen) * 3 - 2
-    raw["cls_logits"][..., classes_hot:] = -30.0
-    raw["centerness"] = torch.randn(raw["centerness"].shape, generator=gen)
-    # ltrb in stride units on a 1/8 grid: strides 8, 16, 32 -> whole pixels
-    raw["bbox_reg"] = torch.randint(1, 24, raw["bbox_reg"].shape, generator=gen).float() / 8
-    return raw
-
-
-def _device_path(head, raw, sync=False):
-    """What ``postprocess`` (sync) and ``GraphedInference`` run on a GPU (on the CPU postprocess
-    takes batched_nms directly)."""
-    padded = head.postprocess_padded(raw, (64, 64), sync=sync)
-    return head.postprocess_host({"padded": padded, "raw": raw}, (64, 64))
-
-
-def _assert_same_detections(out, ref):
-    assert len(out) == len(ref)
-    for a, b in zip(out, ref):
-        assert a["labels"].tolist() == b["labels"].tolist()
-        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=0)
-        torch.testing.assert_close(a["scores"], b["scores"], rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("kwargs", [{}, {"detections_per_img": 7}, {"nms_candidates": 20},
-                                    {"nms_iterations": 1}, {"score_thresh": 0.99}])
-def test_postprocess_on_device_equals_batched_nms(kwargs):
-    head = FCOSHead(SPECS, K, fpn_channels=8, nms_thresh=0.5, **kwargs)
-    gen = torch.Generator().manual_seed(len(kwargs))
-    for classes_hot in (1, K):
-        raw = _grid_raw(head, 4, gen, classes_hot)
-        raw["cls_logits"][1] = -30.0  # an empty image
-        ref = head.postprocess_reference(raw, (64, 64))
-        assert len(ref[1]["boxes"]) == 0
-        _assert_same_detections(_device_path(head, raw), ref)
-        _assert_same_detections(_device_path(head, raw, sync=True), ref)
-        padded = head.postprocess_padded(raw, (64, 64))
-        # where it says exact it is exact by itself, without the fallback
-        for i in padded["exact"].nonzero().flatten().tolist():
-            c = int(padded["num"][i])
-            assert padded["labels"][i, :c].tolist() == ref[i]["labels"].tolist()
-            assert (padded["labels"][i, c:] == -1).all() and (padded["scores"][i, c:] == 0).all()
-
-
-def test_postprocess_fallback_paths_are_taken():
-    gen = torch.Generator().manual_seed(0)
-    # detections_per_img reached: more detections than 7 survive -> exact without the fallback
-    head = FCOSHead(SPECS, K, fpn_channels=8, nms_thresh=0.5, detections_per_img=7)
-    padded = head.postprocess_padded(_grid_raw(head, 2, gen), (64, 64))
-    assert padded["exact"].all() and (padded["num"] == 7).all()
-    # few candidates looked at, most of them suppressed, more passing the threshold: not exact
-    head = FCOSHead(SPECS, K, fpn_channels=8, nms_thresh=0.01, nms_candidates=12)
-    raw = _grid_raw(head, 2, gen)
-    padded = head.postprocess_padded(raw, (64, 64))
-    assert not padded["exact"].any()
-    _assert_same_detections(_device_path(head, raw), head.postprocess_reference(raw, (64, 64)))
-
-
-def test_postprocess_padded_has_no_host_sync_and_fixed_shapes():
-    head = FCOSHead(SPECS, K, fpn_channels=8)
-    gen = torch.Generator().manual_seed(3)
-    raw = _grid_raw(head, 3, gen)
-    shapes = {k: tuple(v.shape) for k, v in head.postprocess_padded(raw, (64, 64)).items()}
-    raw["cls_logits"][:] = -30.0  # nothing detected: the same shapes
-    assert {k: tuple(v.shape) for k, v in head.postprocess_padded(raw, (64, 64)).items()} == shapes
-    assert shapes["boxes"] == (3, 100, 4) and shapes["num"] == (3,)
-    # it traces into one graph: no data-dependent control flow or shapes
-    explanation = torch._dynamo.explain(head.postprocess_padded)(raw, (64, 64))
-    assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
 def test_graphed_inference_on_cpu_is_the_model():
