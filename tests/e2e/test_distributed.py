@@ -10,15 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch.utils.data import Dataset
 
 from tasks import classify
 from tasks.data.gpu_augment import BatchAugment
-from tasks.engine.loaders import DeviceLoader, TensorLoader, make_loader
 from tasks.engine.checkpoint import load_checkpoint
-from tasks.engine.config import OptimConfig, config_from_dict
-from tasks.engine.loop import seek_schedule
-from tasks.engine.optim import build_optimizer, build_scheduler
+from tasks.engine.config import config_from_dict
+from tasks.engine.loaders import TensorLoader
 from tests.fakes import tiny_scenes_args, write_fake_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,96 +34,6 @@ def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-# ----------------------------------------------------------------------------- sharding (no processes)
-
-class Indices(Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
-def _tensor_loader(n: int, train: bool, rank: int, batch: int = 16) -> TensorLoader:
-    images = torch.zeros(n, 1, 4, 4, dtype=torch.uint8)
-    return TensorLoader(images, torch.arange(n), batch_size=batch, augment=BatchAugment((0.0,), (1.0,)),
-                        train=train, seed=3, rank=rank, world_size=2)
-
-
-def _seen(loader, epoch: int) -> list[list[int]]:
-    loader.set_epoch(epoch)
-    return [b[1].tolist() if isinstance(b, (tuple, list)) else b.tolist() for b in loader]
-
-
-@pytest.mark.parametrize("n", [96, 101])
-def test_tensor_loader_shards_are_disjoint_and_cover_the_epoch(n):
-    for epoch in (0, 1):
-        r0, r1 = (_seen(_tensor_loader(n, True, r), epoch) for r in (0, 1))
-        assert len(r0) == len(r1) == (n // 2) // 16  # equal steps, same per-rank batch
-        assert all(len(b) == 16 for b in r0 + r1)
-        a, b = sum(r0, []), sum(r1, [])
-        assert not set(a) & set(b)
-        if n == 96:  # divisible: the two ranks together see the whole epoch
-            assert sorted(a + b) == list(range(n))
-    assert _seen(_tensor_loader(n, True, 0), 0) != _seen(_tensor_loader(n, True, 0), 1)  # reshuffled
-    # evaluation: contiguous, unpadded, every sample exactly once
-    v0, v1 = (sum(_seen(_tensor_loader(n, False, r), 0), []) for r in (0, 1))
-    assert v0 + v1 == list(range(n))
-
-
-def test_one_process_tensor_loader_is_unchanged():
-    # world size 1: the same batches as a plain permutation of the whole set
-    loader = TensorLoader(torch.zeros(50, 1, 4, 4, dtype=torch.uint8), torch.arange(50), batch_size=16,
-                          augment=BatchAugment((0.0,), (1.0,)), train=True, seed=3)
-    from tasks.engine.loaders import epoch_seed
-    gen = torch.Generator().manual_seed(epoch_seed(3, 0))
-    order = torch.randperm(50, generator=gen)
-    assert _seen(loader, 0) == [order[i * 16:(i + 1) * 16].tolist() for i in range(3)]
-
-
-@pytest.mark.parametrize("n", [64, 71])
-def test_dataloader_shards_are_disjoint_and_cover_the_epoch(n):
-    def loader(rank, shuffle):
-        dl = make_loader(Indices(n), batch_size=8, shuffle=shuffle, num_workers=0, collate_fn=torch.tensor, seed=5,
-                         device=torch.device("cpu"), rank=rank, world_size=2)
-        return DeviceLoader(dl, torch.device("cpu"), seed=5)
-    for epoch in (0, 1):
-        r0, r1 = (_seen(loader(r, True), epoch) for r in (0, 1))
-        assert len(r0) == len(r1) == (n // 2) // 8 and all(len(b) == 8 for b in r0 + r1)
-        a, b = sum(r0, []), sum(r1, [])
-        assert not set(a) & set(b)
-        if n == 64:
-            assert sorted(a + b) == list(range(n))
-    assert _seen(loader(0, True), 0) != _seen(loader(0, True), 1)
-    v0, v1 = (sum(_seen(loader(r, False), 0), []) for r in (0, 1))
-    assert v0 + v1 == list(range(n))  # no padding by repetition (DistributedSampler would pad 71 to 72)
-
-
-@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
-def test_seek_schedule_equals_stepping(schedule):
-    """Resuming with another world size rebuilds the schedule and moves it to the step."""
-    cfg = config_from_dict(OptimConfig, {"schedule": schedule, "warmup_epochs": 1.0})
-
-    def build():
-        opt = build_optimizer(torch.nn.Linear(2, 2), cfg, torch.device("cpu"))
-        return opt, build_scheduler(opt, cfg, epochs=4, steps_per_epoch=5)
-    opt, sched = build()
-    for _ in range(13):
-        opt.step()
-        sched.step()
-    opt2, sched2 = build()
-    seek_schedule(sched2, 13)
-    assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())
-    for g, g2 in zip(opt.param_groups, opt2.param_groups):
-        assert g2["lr"] == pytest.approx(g["lr"]) and g2["momentum"] == pytest.approx(g["momentum"])
-    opt.step(), sched.step()
-    opt2.step(), sched2.step()
-    assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())
 
 
 # ----------------------------------------------------------------------------- 2 processes, gloo
@@ -199,7 +106,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         torch.testing.assert_close(conv.weight.grad, (per_rank[0] + per_rank[1]) / 2, rtol=0, atol=0)
         assert conv.weight.grad.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(conv.bias.grad, torch.zeros(4))
-        loader = _tensor_loader(64, True, rank=None, batch=8)  # rank and world from the group
+        loader = TensorLoader(torch.zeros(64, 1, 4, 4, dtype=torch.uint8), torch.arange(64), batch_size=8,
+                              augment=BatchAugment((0.0,), (1.0,)), train=True, seed=3)  # rank and world from the group
         assert (loader.rank, loader.world, len(loader)) == (rank, 2, 4)
 
         # one DDP step, each rank half of the batch (the parent compares with the full batch)

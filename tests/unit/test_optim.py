@@ -1,8 +1,10 @@
-"""Optimizer helpers: zero momentum buffers for SGD under loss scaling."""
+"""Optimizer helpers: zero momentum buffers for SGD under loss scaling; seeking a schedule on resume."""
 import pytest
 import torch
 
-from tasks.engine.optim import zero_momentum_buffers
+from tasks.engine.config import OptimConfig, config_from_dict
+from tasks.engine.loop import seek_schedule
+from tasks.engine.optim import build_optimizer, build_scheduler, zero_momentum_buffers
 
 
 def _params():
@@ -51,3 +53,25 @@ def test_grad_scaler_only_for_float16_on_cuda():
     assert build_grad_scaler(opt, torch.float16, torch.device("cpu")) is None  # no autocast on the CPU
     assert build_grad_scaler(opt, torch.bfloat16, torch.device("cuda")) is None  # bf16's range needs no scaling
     assert not opt.state  # nothing built: the buffers stay PyTorch's own
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_seek_schedule_equals_stepping(schedule):
+    """Resuming with another world size rebuilds the schedule and moves it to the step."""
+    cfg = config_from_dict(OptimConfig, {"schedule": schedule, "warmup_epochs": 1.0})
+
+    def build():
+        opt = build_optimizer(torch.nn.Linear(2, 2), cfg, torch.device("cpu"))
+        return opt, build_scheduler(opt, cfg, epochs=4, steps_per_epoch=5)
+    opt, sched = build()
+    for _ in range(13):
+        opt.step()
+        sched.step()
+    opt2, sched2 = build()
+    seek_schedule(sched2, 13)
+    assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())
+    for g, g2 in zip(opt.param_groups, opt2.param_groups):
+        assert g2["lr"] == pytest.approx(g["lr"]) and g2["momentum"] == pytest.approx(g["momentum"])
+    opt.step(), sched.step()
+    opt2.step(), sched2.step()
+    assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())
