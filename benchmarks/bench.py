@@ -53,7 +53,7 @@ from tasks.engine.graphs import GraphedInference, inference_models
 from tasks.engine.logging import env_info
 from tasks.engine.loop import Trainer, autocast
 from tasks.engine.registry import TASKS
-from tasks.engine.runner import run, run_cli
+from tasks.engine.runner import prog_name, run, run_cli
 
 __all__ = ["peer_fashion_mnist", "ours_classify", "bench_dense", "bench_multitask_inference", "main"]
 
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from benchmarks import backbone
         return backbone.main(argv[1:])
     command = command_line("benchmarks.bench", argv)
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog_name("python -m benchmarks.bench"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["classify", "detect", "segment", "multitask"])
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",

@@ -265,7 +265,7 @@ def main() -> None:
     # COCO AP through the task's evaluation: the device path, then batched_nms
     metrics = {}
     if not a.untrained:
-        metrics["GraphedInference (evaluation with train.cuda_graph)"] = spec.evaluate(
+        metrics["GraphedInference (evaluation with train.graph_eval)"] = spec.evaluate(
             GraphedInference(model, amp=True), data, device, cuda)
         if cuda:
             metrics["GraphedInference(compile=True)"] = spec.evaluate(

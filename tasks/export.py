@@ -69,7 +69,7 @@ from heads.geometry import split_levels
 from tasks.data.preprocess import Preprocess
 from tasks.engine.checkpoint import write_atomic
 from tasks.engine.predict import load_task_model
-from tasks.engine.runner import run_cli
+from tasks.engine.runner import prog_name, run_cli
 
 __all__ = ["ExportModule", "load_model", "export_onnx", "check_onnx", "check_output_path", "nonfinite_weights",
            "postprocess_detections", "main"]
@@ -377,7 +377,7 @@ def postprocess_detections(head: FCOSHead, outputs: Mapping[str, Any], image_siz
 # ----------------------------------------------------------------------------- entry points
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tasks.export", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog_name("python -m tasks.export"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, metavar="CKPT", help="a checkpoint of any task (best.pt, last.pt)")
     p.add_argument("--format", default="onnx", choices=["onnx"])
