@@ -51,8 +51,7 @@ __all__ = ["NonFiniteLossError", "TrainingGuardError", "Trainer", "autocast", "u
 
 # optimizer settings the saved optimizer / schedule state carries: a resume with other values
 # would silently keep the saved ones (or fail to load), so a difference is refused
-OPTIM_STATE_KEYS = ("name", "lr", "momentum", "nesterov", "betas", "weight_decay", "norm_weight_decay",
-                    "trunk_lr_mult", "schedule", "warmup_epochs", "final_lr_ratio")
+OPTIM_STATE_KEYS = ("name", "lr", "momentum", "nesterov", "weight_decay", "trunk_lr_mult", "schedule", "warmup_epochs")
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any], section: str,
