@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -28,10 +29,21 @@ from .logging import Console, MetricsLog, TensorBoardLog, format_metrics
 from .step import unwrap
 from .viz import plot_curves
 
-if TYPE_CHECKING:  # the loop imports this module
-    from .loop import EpochResult, Trainer
+# The hooks receive the loop's ``Trainer`` (loop.py), which imports this module: typed loosely
+# here so that the import runs one way only.
+Trainer = Any
 
-__all__ = ["Callback", "Evaluation", "GuardChecks", "CompileCache", "Checkpoints", "Curves", "Logging"]
+__all__ = ["EpochResult", "Callback", "Evaluation", "GuardChecks", "CompileCache", "Checkpoints", "Curves", "Logging"]
+
+
+@dataclass
+class EpochResult:
+    losses: dict[str, float]
+    images: int
+    seconds: float
+    # what the step records about the epoch: the one that captured the CUDA-graph step gives
+    # capture_s and capture_steps (warm-up, compile, capture included)
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Callback:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .callbacks import Callback, Checkpoints, CompileCache, Curves, Evaluation, GuardChecks, Logging
+from .callbacks import Callback, Checkpoints, CompileCache, Curves, EpochResult, Evaluation, GuardChecks, Logging
 from .checkpoint import CKPT_FORMAT, CheckpointWriter, load_checkpoint, rng_state, seed_everything, set_rng_state
 from .config import config_to_dict
 from .ema import ModelEMA
@@ -68,16 +67,6 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any], section: str,
         if json.dumps(a[k], sort_keys=True, default=str) != json.dumps(b[k], sort_keys=True, default=str):
             out.append(f"{section}.{k} {a[k]!r} in the checkpoint, {b[k]!r} in this command")
     return out
-
-
-@dataclass
-class EpochResult:
-    losses: dict[str, float]
-    images: int
-    seconds: float
-    # what the step records about the epoch: the one that captured the CUDA-graph step gives
-    # capture_s and capture_steps (warm-up, compile, capture included)
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class EpochLosses:
