@@ -358,6 +358,8 @@ class TrainConfig:
     eval_every: int = bounded(1, 1, help="epochs between evaluations (the last epoch always evaluates)")
     save_every: int = bounded(1, 1, help="epochs between last.pt writes (the last epoch always saves)")
     log_every: int = bounded(50, 1, help="steps between progress-bar loss updates (each costs a device sync)")
+    log_seconds: float = bounded(30.0, 0.0, help="without a terminal (output to a file or a CI log): a progress line "
+                                 "(epoch, step, loss, img/s, ETA) at least every N seconds, at log points; 0: off")
     cudnn_benchmark: bool = setting(True, "cuDNN autotuning of each new convolution shape; resolved: false "
                                           "off CUDA and for batches of varying shape")
     tensorboard: bool = setting(False, "also write each epoch's scalars to <output>/tensorboard "

@@ -8,7 +8,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from tqdm import tqdm
 
@@ -107,6 +107,37 @@ def progress(iterable: Iterable, *, total: int | None = None, desc: str = "", qu
     """A tqdm bar, off with ``quiet`` or when stderr is not a terminal (logs stay clean)."""
     return tqdm(iterable, total=total, desc=desc, disable=quiet or not sys.stderr.isatty(),
                 dynamic_ncols=True, leave=False)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(max(0.0, seconds)))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class PlainProgress:
+    """The progress bar's numbers as a line every ``interval`` seconds, for output that is not
+    a terminal (a file, a CI log), where the bar is off: a long epoch would otherwise print
+    nothing until it ends. Called at the loop's log points only (already a host sync)."""
+
+    def __init__(self, console: Callable[[str], None], interval: float, epochs: int, steps_per_epoch: int) -> None:
+        self.console, self.interval = console, interval
+        self.epochs, self.steps = epochs, steps_per_epoch
+        self.last = time.perf_counter()
+
+    def update(self, epoch: int, step: int, start: float, images: int, loss: Callable[[], float]) -> bool:
+        """``step`` (1-based) steps of epoch ``epoch`` (0-based) done since ``start``; ``images``
+        seen; ``loss()`` the mean loss so far (read only when a line is due). True if printed."""
+        now = time.perf_counter()
+        if self.interval <= 0 or now - self.last < self.interval or step >= self.steps:
+            return False  # the epoch's own line follows its last step
+        self.last = now
+        elapsed = now - start
+        left = (self.steps - step) + self.steps * (self.epochs - epoch - 1)
+        self.console(f"epoch {epoch + 1}/{self.epochs}  step {step}/{self.steps}  loss {loss():.4g}  "
+                     f"{images / max(elapsed, 1e-9):,.0f} img/s  ETA {_duration(elapsed / step * left)} "
+                     "(training steps; evaluation not included)")
+        return True
 
 
 def format_metrics(metrics: dict[str, Any], keys: Iterable[str] | None = None) -> str:

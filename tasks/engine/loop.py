@@ -38,7 +38,7 @@ from .checkpoint import CKPT_FORMAT, CheckpointWriter, load_checkpoint, rng_stat
 from .config import config_to_dict
 from .ema import ModelEMA
 from .guard import NonFiniteLossError, TrainingGuard, TrainingGuardError
-from .logging import Console, MetricsLog, TensorBoardLog, progress
+from .logging import Console, MetricsLog, PlainProgress, TensorBoardLog, progress
 from .optim import build_grad_scaler, build_optimizer, build_scheduler, rebuild_scheduler
 from .registry import TASKS, spec_for_checkpoint
 from .signals import Terminated, hold_signals, stop_on_sigterm
@@ -276,6 +276,9 @@ class Trainer:
         losses = EpochLosses(self.guard, self.device, self.world, epoch)
         bar = progress(self.train_loader, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}",
                        quiet=self.quiet)
+        # without a terminal the bar is off: a line every train.log_seconds instead
+        plain = PlainProgress(self.console, self.cfg.train.log_seconds, self.epochs, self.steps_per_epoch) \
+            if bar.disable and not self.quiet else None
         start = time.perf_counter()
         self.step.begin_epoch(start)
         for i, (images, targets) in enumerate(bar):
@@ -287,6 +290,8 @@ class Trainer:
                 losses.log_point()  # the sync (torchrun: one all-reduce); the guard raises here
                 if not bar.disable:
                     bar.set_postfix(loss=f"{losses.mean_loss(i + 1):.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.3g}")
+                elif plain is not None:
+                    plain.update(epoch, i + 1, start, losses.images * self.world, lambda: losses.mean_loss(i + 1))
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -183,3 +183,21 @@ def test_a_finished_run_resumed_evaluates_and_reports(tmp_path):
     again.resume(tmp_path / "last.pt")
     record = again.fit()
     assert record == {"epoch": 1, "val_acc": 0.75, "best_acc": 0.25} and evaluate.calls == [True, True]
+
+
+@pytest.mark.parametrize("seconds, expected", [(1e-9, [2, 4, 6]), (0.0, [])])
+def test_without_a_terminal_a_progress_line_comes_at_log_points_every_log_seconds(tmp_path, seconds, expected):
+    """Output to a file: the bar is off, so a line (step, loss, img/s, ETA) at the log points
+    once train.log_seconds have passed; never after the epoch's last step (its own line follows)."""
+    from tasks.engine.loop import Trainer
+    from tests.engine_fakes import Tiny
+
+    lines = []
+    cfg = toy_config(train={"log_every": 2, "log_seconds": seconds, "epochs": 2})
+    trainer = Trainer("toy", cfg, Tiny(), Batches(n=8), evaluate=metric_sequence(0.5), main_metric="acc",
+                      output=tmp_path, device=torch.device("cpu"), console=lines.append, quiet=False)
+    trainer.train_one_epoch(0)  # pytest's stderr is not a terminal: the bar is off
+    progress = [line for line in lines if " step " in line]
+    assert [int(line.split("step ")[1].split("/")[0]) for line in progress] == expected
+    for line in progress:
+        assert line.startswith("epoch 1/2  step ") and "/8  loss " in line and " img/s  ETA " in line
