@@ -538,11 +538,16 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
         del resumed  # the weights are read again by Trainer.resume, once the model is built
     elif args.eval_only or args.predict:
         if args.predict and not args.weights:
-            # predicting with the newest trained model of this recipe is what a user means
-            folder = Path(args.output) if args.output else _latest_run(runs_root)
-            if folder is None or not (folder / "best.pt").is_file():
-                raise FileNotFoundError(f"--predict needs --weights CKPT (no trained run under {runs_root.parent})")
-            args.weights = str(folder / "best.pt")
+            # Never a model picked silently (the newest run may be of other data): --output naming
+            # a run folder means its best.pt, said on the console; otherwise --weights is needed.
+            if args.output and (Path(args.output) / "best.pt").is_file():
+                args.weights = str(Path(args.output) / "best.pt")
+                Console(args.quiet)(f"--predict: the run folder's model, {args.weights}")
+            else:
+                latest = _latest_run(runs_root)
+                hint = (f" (the newest run of this recipe: --weights {latest / 'best.pt'})"
+                        if latest is not None and (latest / "best.pt").is_file() else "")
+                raise ValueError(f"--predict needs --weights CKPT, or --output naming a run folder with a best.pt{hint}")
         if args.weights:
             checkpoint = load_checkpoint(args.weights)
             spec_for_checkpoint(checkpoint, f"--weights {args.weights}", expected=task)

@@ -440,3 +440,34 @@ def test_file_names_that_are_not_utf8_are_predicted(ckpts, task, tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     # the name as Python's os.fsdecode gives it: os.fsencode of it opens the file again
     assert len(summary) == 1 and os.fsencode(summary[0]["image"]) == name
+
+
+def test_predict_without_weights_never_picks_a_model_silently(tmp_path, ckpts, capfd, monkeypatch):
+    """No --weights: refused with one line (naming the newest run as a hint), unless --output
+    names a run folder, whose best.pt is used and named on the console."""
+    import shutil
+
+    from tasks import classify
+
+    monkeypatch.setenv("ONETRUNK_RUNS", str(tmp_path / "runs"))
+    image = _image(tmp_path / "in" / "a.png", 90, gray=True)
+    newest = tmp_path / "runs" / "classify" / "fashion_mnist_quick"  # a trained run of the default recipe
+    newest.mkdir(parents=True)
+    for name in ("best.pt", "last.pt"):
+        shutil.copy(ckpts["classify"], newest / name)
+
+    def predict(*extra):
+        code = 0
+        try:
+            run_cli(lambda: classify.main(["--predict", image, "--device", "cpu", *extra]))
+        except SystemExit as e:
+            code = e.code
+        return code, capfd.readouterr()
+    code, out = predict()
+    assert code == 2 and "--predict needs --weights CKPT" in out.err and len(out.err.strip().splitlines()) == 1
+    assert f"--weights {newest / 'best.pt'}" in out.err and not (newest / "predictions").exists()
+    run = tmp_path / "myrun"
+    run.mkdir()
+    shutil.copy(ckpts["classify"], run / "best.pt")
+    code, out = predict("--output", str(run))
+    assert code == 0 and f"the run folder's model, {run / 'best.pt'}" in out.out
