@@ -474,8 +474,9 @@ class _Outputs:
 
 def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: Path, batch_size: int = 32) -> list[dict]:
     """``--predict``: every readable file through ``predictor``, then the task's
-    ``write_prediction`` (files under ``out_dir``, one printed line each); where the task wrote
-    files, ``out_dir/summary.json`` lists every entry, each with the ``files`` written for it.
+    ``write_prediction`` (files under ``out_dir``, one printed line each); ``out_dir/summary.json``
+    lists every entry (the task's result: classify's top classes, detection's boxes...), each
+    with the ``files`` written for it.
     Files are read, predicted and written ``batch_size`` at a time (memory stays bounded for a
     folder of any size). An input inside ``out_dir`` (an earlier run's output) is skipped and
     named, never read nor written over; a file that cannot be read is reported (stderr) and the
@@ -500,6 +501,7 @@ def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: Path, bat
     spec, meta, in_chans = predictor.spec, predictor.meta, predictor.preprocess.in_chans
     entries: list[dict] = []
     done = False
+    out_dir.mkdir(parents=True, exist_ok=True)  # summary.json for every task (classify writes nothing else)
     try:
         for start in range(0, len(todo), batch_size):
             images, good = [], []
