@@ -50,6 +50,7 @@ from .config import (CONFIG_ROOT, REMOVED_KEYS, apply_overrides, config_from_dic
 from .distributed import resolve_device
 from .graphs import inference_model, inference_models
 from .logging import Console, MetricsLog
+from .viz import write_json
 from .loop import Terminated, Trainer, TrainingGuardError, hold_signals, stop_on_sigterm
 from .predict import Predictor, load_task_model, predict_files
 from .registry import TaskSpec, spec_for_checkpoint
@@ -63,8 +64,8 @@ LOCK_NAME = ".lock"
 # What a run leaves in its folder that a new run would overwrite: a folder holding any of them
 # holds a previous run's results (config.yaml alone does not: a run stopped before its first
 # checkpoint starts afresh). metrics.jsonl counts once it holds a line.
-RUN_RESULTS = ("last.pt", "best.pt", "metrics.jsonl", "curves.png", "confusion.png", "detections.png",
-               "predictions.json", "segmentation.png", "multitask.png", "tensorboard")
+RUN_RESULTS = ("last.pt", "best.pt", "metrics.jsonl", "metrics.json", "curves.png", "confusion.png",
+               "detections.png", "predictions.json", "segmentation.png", "multitask.png", "tensorboard")
 
 # flag (argparse dest) -> config key
 FLAG_KEYS = {
@@ -826,6 +827,8 @@ def _run(r: Run) -> dict[str, Any]:
             model = model.to(memory_format=torch.channels_last)
         metrics = spec.evaluate(inference_model(model, cfg, device), data, device, cfg.train.amp,
                                 output=r.output if distributed.is_main() else None, quiet=args.quiet)
+        if distributed.is_main():  # the numbers as a file too, beside the pictures
+            write_json(r.output / "metrics.json", {"weights": str(args.weights), **metrics})
         lines = spec.report(metrics, meta)
         print(f"{lines[0]}  ({args.weights})")
         for line in lines[1:]:

@@ -76,6 +76,8 @@ def test_eval_only_reproduces_recorded_accuracy(two_epoch_run, fm_dir, tmp_path,
     assert metrics["acc"] == pytest.approx(best["metrics"]["val_acc"], abs=1e-9)
     assert (tmp_path / "confusion.png").is_file()
     assert "Ankle boot" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "metrics.json").read_text())  # the numbers as a file too
+    assert saved["acc"] == metrics["acc"] and saved["weights"] == str(out / "best.pt")
 
 
 def test_predict_prints_top3(two_epoch_run, tmp_path, capsys):

@@ -50,6 +50,7 @@ def test_eval_only_reproduces_recorded_ap(run, scenes_args, tmp_path):
     metrics = detect.main(args + ["--eval-only", "--weights", str(out / "best.pt"), "--output", str(tmp_path)])
     assert metrics["AP"] == pytest.approx(best["metrics"]["val_AP"], abs=1e-6)
     assert (tmp_path / "predictions.json").is_file() and (tmp_path / "detections.png").is_file()
+    assert json.loads((tmp_path / "metrics.json").read_text())["AP"] == metrics["AP"]
 
 
 def test_predict_writes_json_and_picture(run, tmp_path, capsys):

@@ -50,6 +50,7 @@ def test_checkpoint_round_trip(joint_run, data_args, tmp_path):
     metrics = multitask.main(["--device", "cpu", "--eval-only", "--weights", str(out / "best.pt"), "--output",
                               str(tmp_path)] + data_args)
     assert metrics["mean"] == pytest.approx(best["metrics"]["val_mean"], abs=1e-9)
+    assert json.loads((tmp_path / "metrics.json").read_text())["mean"] == metrics["mean"]
     image = tmp_path / "scene.png"
     cv2.imwrite(str(image), np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8))
     result = multitask.main(["--device", "cpu", "--predict", str(image), "--weights", str(out / "best.pt"),

@@ -42,6 +42,7 @@ def test_eval_only_reproduces_recorded_miou(run, scenes_args, tmp_path):
     metrics = segment.main(scenes_args + ["--eval-only", "--weights", str(out / "best.pt"), "--output", str(tmp_path)])
     assert metrics["miou"] == pytest.approx(best["metrics"]["val_miou"], abs=1e-9)
     assert (tmp_path / "segmentation.png").is_file()
+    assert json.loads((tmp_path / "metrics.json").read_text())["miou"] == metrics["miou"]
 
 
 def test_predict_writes_palette_mask_at_file_size(run, tmp_path):
