@@ -12,3 +12,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """An empty, offline torch hub cache: where named weights files are looked for."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("ONETRUNK_OFFLINE", "1")
+    return tmp_path / "torch" / "hub" / "checkpoints"

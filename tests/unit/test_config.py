@@ -1,5 +1,6 @@
 """Typed configs: YAML and --set override dataclass defaults; mistakes are named; removed keys
-say why; every key has its one-line help; recipes state only what differs from the defaults."""
+say why; recipes state only what differs from the defaults. (Every key's one-line help, as the
+commands list it: tests/e2e/test_config_cli.py.)"""
 import dataclasses
 import re
 from pathlib import Path
@@ -138,57 +139,6 @@ def test_removed_keys_are_not_keys_of_any_task():
     assert not set(REMOVED_KEYS) & current
 
 
-# ----------------------------------------------------------------------------- --list-keys / --list-recipes
-
-@pytest.mark.parametrize("task", list(TASKS))
-def test_list_keys_names_every_key_with_its_default_and_help(task, capsys):
-    keys = config_keys(TASKS[task].config)
-    assert len(keys) > 40 and all(text.strip() and "\n" not in text for _, _, text in keys), \
-        [k for k, _, text in keys if not text.strip()]
-    parser = TASKS[task]  # through the task's own CLI
-    import importlib
-    module = importlib.import_module(f"tasks.{task}")
-    with pytest.raises(SystemExit) as e:
-        module.main(["--list-keys"])
-    assert e.value.code == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == len(keys)
-    for line, (key, default, text) in zip(lines, keys):
-        assert line.startswith(f"{key} = ") and line.endswith(text)
-        shown = line[len(key) + 3:-len(text)].strip()
-        assert yaml.safe_load(shown) == default, (key, shown)
-    assert parser.name == task
-
-
-@pytest.mark.parametrize("task", list(TASKS))
-def test_list_recipes_names_each_recipe_with_its_first_comment(task, capsys):
-    import importlib
-    module = importlib.import_module(f"tasks.{task}")
-    with pytest.raises(SystemExit) as e:
-        module.main(["--list-recipes"])
-    assert e.value.code == 0
-    out = capsys.readouterr().out
-    paths = sorted(CONFIG_ROOT.glob(f"{task}/*.yaml"))
-    assert len(paths) >= 2
-    for path in paths:
-        first = path.read_text().splitlines()[0].lstrip("# ").strip()
-        assert re.search(rf"^  {path.stem} +{re.escape(first)}$", out, re.M), (path.stem, out)
-    assert all(name in out.splitlines()[0] for name in TASKS[task].recipes)  # the defaults named
-
-
-def test_onetrunk_help_names_the_command_as_typed(capsys):
-    from tasks import cli
-    with pytest.raises(SystemExit) as e:
-        cli.main(["classify", "--help"])
-    assert e.value.code == 0
-    assert capsys.readouterr().out.startswith("usage: onetrunk classify ")
-    from tasks import classify
-    assert classify.get_args_parser().prog == "python -m tasks.classify"  # the module form, outside it
-    with pytest.raises(SystemExit):
-        cli.main(["segment", "--list-keys"])
-    assert "model.aux_weight = 0.4" in capsys.readouterr().out
-
-
 # ----------------------------------------------------------------------------- resolved switches
 
 def test_switches_this_run_cannot_use_resolve_to_false_with_a_reason():
@@ -223,15 +173,6 @@ def test_switches_this_run_cannot_use_resolve_to_false_with_a_reason():
     c = cfg(cuda_graph=True, graph_eval=True, compile_inference=True)
     assert resolve_switches(c, cuda) == [] and c.train == cfg(cuda_graph=True, graph_eval=True,
                                                              compile_inference=True).train
-
-
-def test_cli_errors_are_one_line(tmp_path):
-    import subprocess
-    import sys
-    proc = subprocess.run([sys.executable, "-m", "tasks.classify", "--device", "cpu", "--set", "model.depht=50",
-                           "--output", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error:") and "depht" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_evaluation_graphs_follow_graph_eval_not_cuda_graph():

@@ -1,5 +1,6 @@
 """The training guard (tasks/engine/guard.py): each condition stops a run with one line, a
-non-zero exit, and leaves no checkpoint holding a non-finite tensor; normal runs pass."""
+non-zero exit, and leaves no checkpoint holding a non-finite tensor; normal runs pass. (Through
+the commands: tests/e2e/test_guard_runs.py.)"""
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from tasks.engine.checkpoint import load_checkpoint
 from tasks.engine.config import ConfigError, config_from_dict, load_config
 from tasks.engine.guard import FROZEN_MIN_STEPS, ZERO_MIN_STEPS, NonFiniteLossError, TrainingGuardError, first_nonfinite
 from tasks.engine.loop import Trainer
-from tests.fakes import write_fake_fashion_mnist
+from tests.fakes import checkpoints_finite
 
 
 class Toy(nn.Module):
@@ -51,16 +52,10 @@ def _trainer(tmp_path, cfg=None, model=None, batches=None, metric=0.5):
                    evaluate=metrics, main_metric="acc", output=tmp_path, device=torch.device("cpu"), quiet=True)
 
 
-def _checkpoints_finite(folder) -> None:
-    for name in ("last.pt", "best.pt"):
-        if (folder / name).exists():
-            assert first_nonfinite(load_checkpoint(folder / name)) is None, name
-
-
 def test_normal_run_passes_and_saves(tmp_path):
     record = _trainer(tmp_path).fit()
     assert record["epoch"] == 3 and (tmp_path / "last.pt").exists()
-    _checkpoints_finite(tmp_path)
+    checkpoints_finite(tmp_path)
 
 
 def test_diverging_loss_stops(tmp_path):
@@ -79,7 +74,7 @@ def test_diverging_loss_stops(tmp_path):
     with pytest.raises(TrainingGuardError, match=r"diverged: mean .* over steps 5-8 of epoch 2.*optim.lr \(now 0.05\)"):
         trainer.fit()
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1  # epoch 2 was not saved
-    _checkpoints_finite(tmp_path)
+    checkpoints_finite(tmp_path)
 
 
 def test_frozen_loss_term_stops(tmp_path):
@@ -132,7 +127,7 @@ def test_nonfinite_batchnorm_statistics_stop_before_saving(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"model.bn.running_var holds NaN or inf values after epoch 2"):
         _trainer(tmp_path, model=model, batches=Poisoning(batches)).fit()
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
-    _checkpoints_finite(tmp_path)
+    checkpoints_finite(tmp_path)
 
 
 def test_nonfinite_gradient_is_named(tmp_path):
@@ -175,42 +170,3 @@ def test_first_nonfinite_names_the_tensor():
     state = {"model": {"a": torch.ones(3), "b": torch.tensor([1.0, math.nan])}, "steps": torch.tensor(3)}
     assert first_nonfinite(state) == "model.b"
     assert first_nonfinite({"model": {"a": torch.ones(2)}, "optimizer": {0: {"exp_avg": torch.zeros(2)}}}) is None
-
-
-def test_cli_diverging_run_exits_3_with_one_line(tmp_path, capsys):
-    """SGD at lr 1e4 on a small set: stopped by the guard (not a chance-level best.pt and exit 0)."""
-    from tasks.engine.runner import run_cli
-
-    fm = write_fake_fashion_mnist(tmp_path / "fm", n_train=256, n_test=64)
-    out = tmp_path / "run"
-    argv = ["--device", "cpu", "--quiet", "--data-dir", str(fm), "--epochs", "2", "--batch-size", "16",
-            "--output", str(out), "--set", "optim.lr=1e4", "--set", "train.log_every=4"]
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: classify.main(argv))
-    assert exit_info.value.code == 3
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("training stopped: ")
-    assert "optim.lr (now 1e+04)" in err[0]
-    _checkpoints_finite(out)
-
-
-def test_detection_with_dead_box_regression_stops(tmp_path, monkeypatch, capsys):
-    """The detection collapse the guard exists for: every predicted box degenerate (l = t = r = b =
-    0, a dead ReLU), so the GIoU loss is exactly 1 at every step: exit 3 after the first epoch,
-    naming the term, and no checkpoint."""
-    from heads.detection import FCOSHead
-    from tasks import detect
-    from tasks.engine.runner import run_cli
-    from tests.fakes import tiny_scenes_args
-
-    monkeypatch.setattr(FCOSHead, "_distances", lambda self, x, level: x.float() * 0)
-    out = tmp_path / "run"
-    argv = ["--device", "cpu", "--quiet", "--batch-size", "2", "--config", "configs/detect/scenes_quick.yaml",
-            "--set", "model.fpn_channels=16", "--set", "model.num_convs=1", "--epochs", "2", "--output", str(out),
-            *tiny_scenes_args(tmp_path / "data")]
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: detect.main(argv))
-    assert exit_info.value.code == 3
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "loss term 'bbox_regression' stayed at 1 " in err[0] and "epoch 1" in err[0], err
-    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()

@@ -1,9 +1,7 @@
 """FashionScenes generator: determinism, COCO/mask validity, splits, caching, argument checks.
 
-Runs on a tiny fake Fashion-MNIST (IDX files written here), never the real one."""
-import gzip
+Runs on a tiny fake Fashion-MNIST (IDX files written by tests/fakes.py), never the real one."""
 import json
-import struct
 
 import numpy as np
 import pytest
@@ -11,37 +9,19 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from tasks.data import scenes
+from tests.fakes import BLOB_TEST_LABELS as TEST_LABELS
+from tests.fakes import BLOB_TRAIN_LABELS as TRAIN_LABELS
+from tests.fakes import write_blob_fashion_mnist
 
-# Fake train items carry labels 0..4 and test items 5..9, so the category ids of a scene tell
-# which Fashion-MNIST split it was drawn from.
-TRAIN_LABELS, TEST_LABELS = range(0, 5), range(5, 10)
 SMALL = dict(train=6, val=4, size=64)
 # pycocotools' decode trips numpy 2's __array__ copy-keyword deprecation; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
-def _write_idx(path, array):
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0))
-
-
-def _blobs(rng, n):
-    """uint8 [n, 28, 28] filled ellipses with soft edges, like a Fashion-MNIST item's."""
-    yy, xx = np.mgrid[:28, :28]
-    cy, cx = rng.uniform(10, 18, (2, n, 1, 1))
-    ry, rx = rng.uniform(5, 12, (2, n, 1, 1))
-    d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2  # [n, 28, 28], 1 on the ellipse
-    return (np.clip(1.5 - d, 0, 1) * rng.uniform(120, 255, (n, 1, 1))).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def fake_fmnist(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fmnist")
-    rng = np.random.default_rng(0)
-    for stem, n, labels in (("train", 50, TRAIN_LABELS), ("t10k", 20, TEST_LABELS)):
-        _write_idx(root / f"{stem}-images-idx3-ubyte.gz", _blobs(rng, n))
-        _write_idx(root / f"{stem}-labels-idx1-ubyte.gz", rng.choice(list(labels), n))
-    return root
+    # train items carry labels 0..4 and test items 5..9: a scene's category ids tell its split
+    return write_blob_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
 
 
 @pytest.fixture(scope="module")
@@ -192,19 +172,6 @@ def test_bad_arguments_name_the_argument(fake_fmnist, tmp_path, kwargs, name):
     if "workers" not in kwargs and "min_items" not in kwargs:
         with pytest.raises(ValueError, match=rf"\b{name}="):
             scenes.ensure_scenes(tmp_path / "e", **{**SMALL, **kwargs}, data_dir=fake_fmnist, progress=False)
-
-
-def test_cli_writes_dataset_and_preview(fake_fmnist, tmp_path, capsys):
-    out, preview = tmp_path / "ds", tmp_path / "preview.png"
-    scenes.main(["--out", str(out), "--train", "2", "--val", "4", "--size", "64", "--seed", "1",
-                 "--data-dir", str(fake_fmnist), "--workers", "1", "--quiet", "--preview", str(preview)])
-    assert json.loads((out / "DONE.json").read_text())["args"]["val"] == 4
-    with Image.open(preview) as img:
-        # 4 scenes -> a 2 x 2 grid of scenes beside a 2 x 2 grid of label maps (4 px padding)
-        assert img.mode == "RGB" and img.size == (2 * (2 * 64 + 3 * 4), 2 * 64 + 3 * 4)
-    with pytest.raises(SystemExit):
-        scenes.main(["--out", str(tmp_path / "bad"), "--size", "16", "--data-dir", str(fake_fmnist), "--quiet"])
-    assert "size=16" in capsys.readouterr().err
 
 
 def test_scenes_cropped_to_other_aspect_ratios(tmp_path):
