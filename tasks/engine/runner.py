@@ -844,11 +844,10 @@ def _run(r: Run) -> dict[str, Any]:
     def evaluate(m, final: bool) -> dict[str, Any]:
         return spec.evaluate(graphed(m), data, device, cfg.train.amp, output=r.output if final else None)
 
-    # The models' per-step target checks sync the host, which a captured step cannot: a graphed
-    # step runs without them (the data's own checks, where it has them, still apply)
+    # (a graphed step turns the models' per-step target checks off in the Trainer: they sync the host)
     trainer = Trainer(spec.name, cfg, model, data.train, output=r.output, device=device, quiet=args.quiet,
                       console=say, main_metric=spec.main_metric, meta=data.meta, evaluate=evaluate,
-                      targets_checked=data.targets_checked or cfg.train.cuda_graph)
+                      targets_checked=data.targets_checked)
     r.trainer = trainer
     if r.resume_from is not None:
         trainer.resume(r.resume_from)
