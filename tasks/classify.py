@@ -60,8 +60,10 @@ class ClassifyDataConfig:
     train_images: Optional[str] = setting(None, "training images as <root>/<class>/*.png (--train-images)")
     val_images: Optional[str] = setting(None, "validation images as <root>/<class>/*.png (--val-images)")
     image_size: Optional[int] = bounded(None, 8, help="folders: the crop size (null: 224); Fashion-MNIST: 28")
-    limit_train: Optional[int] = bounded(None, 1, help="train on the first N samples (null: all; --limit-train)")
-    limit_val: Optional[int] = bounded(None, 1, help="evaluate the first N samples (null: all; --limit-val)")
+    limit_train: Optional[int] = bounded(None, 1, help="train on a random subset of N samples drawn with "
+                                                       "train.seed (classify: class-balanced; null: all; --limit-train)")
+    limit_val: Optional[int] = bounded(None, 1, help="evaluate a random subset of N samples, as limit_train "
+                                                     "(null: all; --limit-val)")
     crop_padding: int = bounded(2, 0, help="Fashion-MNIST: random crop after zero padding by this many pixels "
                                            "(0: off)")
     hflip: bool = setting(True, "random horizontal flips in training")
@@ -137,12 +139,12 @@ def _fashion_mnist(cfg: ClassifyConfig, device: torch.device, pre: Preprocess, t
     aug = BatchAugment(pre.mean, pre.std, crop_padding=d.crop_padding, hflip=0.5 if d.hflip else 0.0,
                        erasing=d.random_erasing)
     cl = cfg.train.channels_last
-    val_x, val_y = fashion_mnist.load_fashion_mnist("test", d.data_dir, d.limit_val)
+    val_x, val_y = fashion_mnist.load_fashion_mnist("test", d.data_dir, d.limit_val, cfg.train.seed)
     val = TensorLoader(val_x.to(where), val_y.to(where), batch_size=d.eval_batch_size, augment=aug, train=False,
                        channels_last=cl)
     train_loader = None
     if train:
-        train_x, train_y = fashion_mnist.load_fashion_mnist("train", d.data_dir, d.limit_train)
+        train_x, train_y = fashion_mnist.load_fashion_mnist("train", d.data_dir, d.limit_train, cfg.train.seed)
         mix = CutMix(len(fashion_mnist.CLASSES), d.cutmix_alpha) if d.cutmix_alpha > 0 else None
         train_loader = TensorLoader(train_x.to(where), train_y.to(where), batch_size=cfg.train.batch_size,
                                     augment=aug, train=True, seed=cfg.train.seed, channels_last=cl, mix=mix)
@@ -162,10 +164,11 @@ def _folders(cfg: ClassifyConfig, device: torch.device, pre: Preprocess, train: 
     chans = cfg.model.in_chans
     # the training folder fixes the classes and their order, also when only evaluating
     train_ds = ImageFolderDataset(d.train_images, channels=chans, skip_bad=d.skip_bad, limit=d.limit_train,
+                                  seed=cfg.train.seed,
                                   transforms=classification_train_transforms(pre.size, hflip=d.hflip,
                                                                              seed=cfg.train.seed))
     val_ds = ImageFolderDataset(d.val_images, channels=chans, classes=train_ds.classes, skip_bad=d.skip_bad,
-                                limit=d.limit_val, transforms=pre.albumentations())
+                                limit=d.limit_val, seed=cfg.train.seed, transforms=pre.albumentations())
     aug = BatchAugment(pre.mean, pre.std, erasing=d.random_erasing)  # crop / flip already done by albumentations
 
     def finish(training: bool):

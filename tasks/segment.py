@@ -109,7 +109,7 @@ def _datasets(cfg: SegmentConfig, pre: Preprocess, train: bool, quiet: bool):
     train_tf = dense_train_transforms(cfg, boxes=False) or segmentation_train_transforms(
         size, (d.scale_min, d.scale_max), 0.5 if d.hflip else 0.0, seed=cfg.train.seed, base_size=size)
     val_tf = pre.albumentations()
-    common = dict(skip_bad=d.skip_bad)
+    common = dict(skip_bad=d.skip_bad, seed=cfg.train.seed)
     if d.voc_root or d.dataset == "voc":
         if not d.voc_root:
             raise ValueError("data.dataset=voc needs --voc-root DIR")

@@ -50,6 +50,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
 from .images import ImageReadError, display_path, load_skipping_bad, pad_batch, read_image, read_mask
+from .subset import subset_indices
 
 __all__ = ["CocoDetection", "CocoEvaluator", "load_coco_json", "check_categories", "check_images", "is_int",
            "checked_annotations", "segmentation_problem", "keep_existing_images", "collate_detection",
@@ -342,7 +343,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     ``transforms``: an ``A.Compose`` with ``tasks.data.transforms.detection_bbox_params``-style
     boxes (``pascal_voc``, ``label_fields=["labels"]``), e.g. ``detection_val_transforms``.
-    ``limit``: only the first ``limit`` images by id (before dropping missing files).
+    ``limit``: a random subset of ``limit`` images drawn with ``seed`` (before dropping missing files).
     ``coco`` holds the same images and annotations as served (crowd regions included, boxes
     clipped, degenerate and malformed ones removed), so ``coco_evaluate(ds.coco, ...)``
     scores exactly what the dataset serves.
@@ -350,7 +351,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, ann_file: str | os.PathLike | Mapping[str, Any], image_dir: str | os.PathLike,
                  transforms: A.Compose | None = None, *, skip_bad: bool = False,
-                 limit: int | None = None, mask_dir: str | os.PathLike | None = None, evaluation: bool = False):
+                 limit: int | None = None, mask_dir: str | os.PathLike | None = None, evaluation: bool = False,
+                 seed: int = 0):
         # a COCO file, or its contents in memory (named by their "source": Pascal VOC's XML)
         self._ann = ann_file if isinstance(ann_file, Mapping) else None
         self.ann_file = Path(str(ann_file["source"])) if isinstance(ann_file, Mapping) else Path(ann_file)
@@ -374,7 +376,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.num_classes = len(self.cat_ids)
         self._cat_to_label = {c: i for i, c in enumerate(self.cat_ids)}
 
-        kept_ids = sorted(images)[:limit] if limit is not None else sorted(images)
+        ids = sorted(images)
+        kept_ids = [ids[i] for i in subset_indices(len(ids), limit, seed)]
         kept_ids = self._drop_missing_files(images, kept_ids)
         anns_by_image = self._sanitize_annotations(data["annotations"], images, set(kept_ids))
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .subset import subset_indices
+
 __all__ = ["CLASSES", "MEAN", "STD", "IDXError", "read_idx", "find_data_dir", "load_fashion_mnist", "download"]
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -121,8 +123,9 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = None,
-                       limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images uint8 [N, 28, 28], labels int64 [N])`` of ``split`` ("train" or "test")."""
+                       limit: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images uint8 [N, 28, 28], labels int64 [N])`` of ``split`` ("train" or "test");
+    ``limit``: a class-balanced random subset of that many, drawn with ``seed``."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: expected one of {list(SPLITS)}")
     folder = find_data_dir(data_dir)
@@ -135,7 +138,8 @@ def load_fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None 
     if labels.size and labels.max() >= len(CLASSES):
         raise IDXError(f"{lbl_path}: label {labels.max()} out of range 0..{len(CLASSES) - 1}")
     if limit is not None:
-        images, labels = images[:limit], labels[:limit]
+        keep = subset_indices(len(labels), limit, seed, labels)
+        images, labels = images[keep], labels[keep]
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 

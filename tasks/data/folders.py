@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .images import IMAGE_EXTENSIONS, ImageReadError, display_path, read_image
+from .subset import subset_indices
 
 __all__ = ["ImageFolderDataset", "collate_skip_bad", "list_images", "warn_skipped_files"]
 
@@ -60,10 +61,12 @@ def warn_skipped_files(root: Path, skipped: Sequence[Path], extensions: Sequence
 
 
 class ImageFolderDataset(Dataset):
-    """``root/<class>/<image>``; ``classes`` fixes the label order (the train set's for val)."""
+    """``root/<class>/<image>``; ``classes`` fixes the label order (the train set's for val);
+    ``limit``: a class-balanced random subset of that many images, drawn with ``seed``."""
 
     def __init__(self, root: str | os.PathLike, *, transforms: A.Compose | None = None, channels: int = 3,
-                 classes: Sequence[str] | None = None, skip_bad: bool = False, limit: int | None = None) -> None:
+                 classes: Sequence[str] | None = None, skip_bad: bool = False, limit: int | None = None,
+                 seed: int = 0) -> None:
         self.root = Path(root)
         name = display_path(self.root)
         if not self.root.is_dir():
@@ -93,7 +96,8 @@ class ImageFolderDataset(Dataset):
         if not self.samples:
             raise ValueError(f"{name}: no images with extensions {IMAGE_EXTENSIONS}")
         if limit is not None:
-            self.samples = self.samples[:limit]
+            keep = subset_indices(len(self.samples), limit, seed, [label for _, label in self.samples])
+            self.samples = [self.samples[i] for i in keep]
         self.transforms = transforms
         self.channels = channels
         self.skip_bad = skip_bad

@@ -42,6 +42,7 @@ from pycocotools import mask as mask_utils
 from .coco import (check_categories, check_images, checked_annotations, is_int, keep_existing_images, load_coco_json,
                    segmentation_problem)
 from .folders import list_images, warn_skipped_files
+from .subset import subset_indices
 from .images import (ImageReadError, MaskError, display_path, load_skipping_bad, pad_batch, read_image, read_image_size,
                      read_mask)
 
@@ -142,7 +143,8 @@ def _check_num_classes(num_classes: Any, class_names: Sequence[str] | None) -> l
 
 class MaskFolderDataset(_SegmentationDataset):
     """Images ``image_dir/*.{png,jpg,jpeg}`` with masks ``mask_dir/<image stem>.png``, sorted
-    by file name; ``limit``: the first ``limit`` of them (before dropping unpaired images).
+    by file name; ``limit``: a random subset of that many drawn with ``seed`` (before dropping
+    unpaired images).
 
     ``num_classes``: K, background included; mask values must be in ``[0, K)`` or 255.
     ``class_names``: default ``"0"``, ``"1"``, ... ``transforms``: a joint albumentations
@@ -154,7 +156,7 @@ class MaskFolderDataset(_SegmentationDataset):
     def __init__(self, image_dir: str | os.PathLike, mask_dir: str | os.PathLike, *, num_classes: int,
                  transforms: Callable | None = None, class_names: Sequence[str] | None = None,
                  skip_bad: bool = False, limit: int | None = None, evaluation: bool = False,
-                 stems: Sequence[str] | None = None) -> None:
+                 stems: Sequence[str] | None = None, seed: int = 0) -> None:
         super().__init__(transforms, skip_bad, limit, evaluation)
         self.image_dir = Path(image_dir)
         self.mask_dir = Path(mask_dir)
@@ -188,7 +190,7 @@ class MaskFolderDataset(_SegmentationDataset):
                                  f"{display_path(self.mask_dir / (p.stem + '.png'))}")
             by_stem[p.stem] = p
         if limit is not None:
-            images = images[:limit]
+            images = [images[i] for i in subset_indices(len(images), limit, seed)]
         self._pairs: list[tuple[Path, Path]] = []
         for image in images:
             mask = self.mask_dir / f"{image.stem}.png"
@@ -271,12 +273,13 @@ class CocoSemanticDataset(_SegmentationDataset):
     (``cat_ids[i]``), so ``num_classes = len(categories) + 1`` and ``class_names[0]`` is
     ``"background"``. Instances are painted in annotation-file order (later ones on top);
     crowd regions (``iscrowd=1``) are painted ``ignore_index`` after all of them. Images
-    without annotations are all background. ``limit``: the first ``limit`` images by id.
+    without annotations are all background. ``limit``: a random subset of that many images
+    (by ``seed``).
     """
 
     def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike, *,
                  transforms: Callable | None = None, skip_bad: bool = False, limit: int | None = None,
-                 evaluation: bool = False) -> None:
+                 evaluation: bool = False, seed: int = 0) -> None:
         super().__init__(transforms, skip_bad, limit, evaluation)
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
@@ -293,7 +296,8 @@ class CocoSemanticDataset(_SegmentationDataset):
         self.num_classes = len(self.cat_ids) + 1
         self._cat_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
 
-        kept_ids = sorted(images)[:limit] if limit is not None else sorted(images)
+        ids = sorted(images)
+        kept_ids = [ids[i] for i in subset_indices(len(ids), limit, seed)]
         kept_ids = keep_existing_images(self.image_dir, images, kept_ids, ann_file=self.ann_file,
                                         skip_bad=self.skip_bad, stats=self.stats)
         anns = self._sanitize_annotations(data["annotations"], images, set(kept_ids))

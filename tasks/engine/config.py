@@ -295,8 +295,10 @@ class DenseDataConfig:
     scale_min: float = setting(0.75, "square: smallest training scale jitter factor")
     scale_max: float = setting(1.25, "square: largest training scale jitter factor")
     hflip: bool = setting(True, "random horizontal flips in training")
-    limit_train: Optional[int] = bounded(None, 1, help="train on the first N samples (null: all; --limit-train)")
-    limit_val: Optional[int] = bounded(None, 1, help="evaluate the first N samples (null: all; --limit-val)")
+    limit_train: Optional[int] = bounded(None, 1, help="train on a random subset of N samples drawn with "
+                                                       "train.seed (classify: class-balanced; null: all; --limit-train)")
+    limit_val: Optional[int] = bounded(None, 1, help="evaluate a random subset of N samples, as limit_train "
+                                                     "(null: all; --limit-val)")
     num_workers: int = bounded(8, 0, help="DataLoader worker processes")
     skip_bad: bool = setting(False, "skip (and count) unreadable images instead of stopping")
     eval_batch_size: int = bounded(32, 1, help="images per evaluation batch")

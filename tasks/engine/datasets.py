@@ -97,16 +97,18 @@ def coco_sets(cfg: Any, paths: Mapping[str, str], pre: Any, *, train: bool = Tru
         d.image_size, (d.scale_min, d.scale_max), 0.5 if d.hflip else 0.0, seed=cfg.train.seed)
     if "voc_root" in paths:
         val_set = voc_detection(paths["voc_root"], d.voc_val, pre.albumentations(boxes=True), skip_bad=d.skip_bad,
-                                limit=d.limit_val, evaluation=True)
+                                limit=d.limit_val, evaluation=True, seed=cfg.train.seed)
         train_set = voc_detection(paths["voc_root"], d.voc_train, train_tf, skip_bad=d.skip_bad,
-                                  limit=d.limit_train) if train else None
+                                  limit=d.limit_train, seed=cfg.train.seed) if train else None
         return val_set, train_set
     val_set = CocoDetection(paths["val_ann"], paths["val_images"], pre.albumentations(boxes=True),
-                            skip_bad=d.skip_bad, limit=d.limit_val, mask_dir=paths.get("val_masks"), evaluation=True)
+                            skip_bad=d.skip_bad, limit=d.limit_val, mask_dir=paths.get("val_masks"), evaluation=True,
+                            seed=cfg.train.seed)
     if not train:
         return val_set, None
     train_set = CocoDetection(paths["train_ann"], paths["train_images"], train_tf,
-                              skip_bad=d.skip_bad, limit=d.limit_train, mask_dir=paths.get("train_masks"))
+                              skip_bad=d.skip_bad, limit=d.limit_train, mask_dir=paths.get("train_masks"),
+                              seed=cfg.train.seed)
     if train_set.cat_ids != val_set.cat_ids:
         raise ValueError(f"{paths['train_ann']} and {paths['val_ann']} have different categories "
                          f"({train_set.cat_ids} vs {val_set.cat_ids})")

@@ -90,8 +90,11 @@ def test_negative_image_kept_and_order_and_limit(coco_dir):
     _, t = ds[2]
     assert t["boxes"].shape == (0, 4) and t["boxes"].dtype == torch.float32
     assert t["labels"].shape == (0,) and t["labels"].dtype == torch.int64
-    small = _dataset(coco_dir, limit=2)
-    assert len(small) == 2 and sorted(small.coco.getImgIds()) == [2, 5]
+    # --limit: a seeded random subset (not the first N ids), the same for the same seed
+    picks = {seed: sorted(_dataset(coco_dir, limit=2, seed=seed).coco.getImgIds()) for seed in range(6)}
+    assert all(len(ids) == 2 and set(ids) <= {2, 5, 7, 10} for ids in picks.values())
+    assert len({tuple(ids) for ids in picks.values()}) > 1
+    assert sorted(_dataset(coco_dir, limit=2, seed=3).coco.getImgIds()) == picks[3]
 
 
 def test_crowd_clipping_and_degenerate_boxes(coco_dir):
