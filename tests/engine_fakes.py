@@ -68,10 +68,18 @@ def metric_sequence(*values: float) -> Callable[[nn.Module, bool], dict[str, flo
 
 
 def make_trainer(output: Path, cfg: ToyConfig | None = None, batches: list | None = None,
-                 evaluate: Callable | None = None, model: nn.Module | None = None):
+                 evaluate: Callable | None = None, model: nn.Module | None = None,
+                 console: Callable[[str], None] | None = None):
+    """A CPU Trainer of ``Tiny`` (seeded: the same initial weights each time); ``console``: where
+    its lines go (e.g. ``list.append``), else nowhere."""
     from tasks.engine.loop import Trainer
 
     torch.manual_seed(0)
     return Trainer("toy", cfg or toy_config(), model or Tiny(), Batches() if batches is None else batches,
                    evaluate=evaluate or metric_sequence(0.5), main_metric="acc", output=output,
-                   device=torch.device("cpu"), quiet=True)
+                   device=torch.device("cpu"), quiet=True, console=console)
+
+
+def merged(batches: list, k: int) -> list:
+    """``batches`` with each run of ``k`` concatenated into one batch (the last run may be shorter)."""
+    return [tuple(torch.cat(parts) for parts in zip(*batches[i:i + k])) for i in range(0, len(batches), k)]

@@ -10,9 +10,11 @@ The ``Trainer`` calls each callback's hooks in list order, passing itself:
 * ``close``: the run ends, however it ends (signals held).
 
 The Trainer's list: ``Evaluation``, ``GuardChecks``, ``CompileCache`` (with ``train.compile_cache``),
-``Checkpoints``, ``Curves`` (rank 0), ``Logging``. The order matters where one callback reads
-what an earlier one did: the guard checks the metric the evaluation added; ``Checkpoints``
-decides ``best.pt`` from it; ``Curves`` draws the records ``Checkpoints`` keeps.
+``EarlyStopping``, ``Checkpoints``, ``Curves`` (rank 0), ``Logging``. The order matters where one
+callback reads what an earlier one did: the guard checks the metric the evaluation added;
+``EarlyStopping`` decides from it whether this epoch is the run's last, which ``Checkpoints``
+(``last.pt``) and ``Curves`` (the final picture) then follow; ``Checkpoints`` decides ``best.pt``
+from the metric; ``Curves`` draws the records ``Checkpoints`` keeps.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import CheckpointWriter, remove_stale_temps, write_atomic
+from .checkpoint import CheckpointWriter, remove_stale_temps, rng_state, set_rng_state, write_atomic
 from .logging import Console, MetricsLog, TensorBoardLog, format_metrics
 from .step import unwrap
 from .viz import plot_curves
@@ -33,7 +35,8 @@ from .viz import plot_curves
 # here so that the import runs one way only.
 Trainer = Any
 
-__all__ = ["EpochResult", "Callback", "Evaluation", "GuardChecks", "CompileCache", "Checkpoints", "Curves", "Logging"]
+__all__ = ["EpochResult", "Callback", "Evaluation", "GuardChecks", "CompileCache", "EarlyStopping", "Checkpoints",
+           "Curves", "Logging"]
 
 
 @dataclass
@@ -66,7 +69,14 @@ class Callback:
 
 
 def _last(trainer: Trainer, epoch: int) -> bool:
-    return epoch + 1 == trainer.epochs
+    """``epoch`` (0-based) ends the run: the configured last, or the one early stopping chose."""
+    return epoch + 1 == trainer.epochs or trainer.stopped_early == epoch + 1
+
+
+def _improves(trainer: Trainer, value: Any) -> bool:
+    """``value`` of the main validation metric is a new best (higher is better): what writes
+    ``best.pt`` and what early stopping waits for."""
+    return value is not None and (trainer.best is None or value > trainer.best)
 
 
 class Evaluation(Callback):
@@ -101,6 +111,79 @@ class GuardChecks(Callback):
         key = f"val_{trainer.main_metric}"
         if key in record:  # reduced: the same on every rank
             trainer.guard.check_metric(epoch, trainer.main_metric, record[key], (epoch + 1) * trainer.steps_per_epoch)
+
+
+def _epochs_n(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
+class EarlyStopping(Callback):
+    """``train.patience`` N (None: off): the run ends after the first evaluation at which the main
+    validation metric (the one ``best.pt`` follows) has not improved for N epochs or more since
+    the epoch that scored the best. Epochs count and evaluations check: with ``train.eval_every``
+    k the run ends within N + k - 1 epochs of its best. The metric is reduced over ranks, so every
+    rank stops at the same epoch.
+
+    Placed before ``Checkpoints``: the stopping epoch becomes the run's last (``trainer.stopped_early``,
+    read by ``_last``), so it writes ``last.pt`` and the final curves, and best.pt stays the best
+    epoch's. A run's last evaluation writes the task's pictures, and this epoch's evaluated before
+    the stop was known: it evaluates once more with ``final`` (the same weights; the global RNG
+    state is put back, so a resume trains on as if that evaluation had not run). ``Trainer.fit``
+    prints ``trainer.stop_reason`` after the epoch's line and leaves the loop; the run then ends
+    as any other (the returned record has ``stopped_early``).
+
+    ``--resume`` of a run that stopped early (its ``last.pt`` has ``stopped_early``): with a patience
+    that would stop it again it trains nothing and reports, as a finished run does, so a job
+    resubmitted with ``--resume`` ends at once; with a larger patience, or none, it trains on,
+    counting from the best epoch the checkpoint names. One line says which."""
+
+    def __init__(self, patience: int | None) -> None:
+        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 1):
+            raise ValueError(f"train.patience={patience!r}: epochs without improvement before the run ends, "
+                             "1 or more (null: off)")
+        self.patience = patience
+
+    @staticmethod
+    def _since(trainer: Trainer) -> tuple[int, str]:
+        """The epoch (1-based) that scored ``trainer.best``, and how to name it. A checkpoint from
+        before ``best_epoch`` was stored: the epoch it was resumed at (counting from there)."""
+        if trainer.best_epoch is not None:
+            return trainer.best_epoch, f"epoch {trainer.best_epoch}"
+        return trainer.start_epoch, f"epoch {trainer.start_epoch} or earlier"
+
+    def before_fit(self, trainer: Trainer) -> None:
+        stopped = trainer.stopped_early  # restored by Trainer.resume
+        if stopped is None:
+            return
+        best_epoch, where = self._since(trainer)
+        stale = trainer.start_epoch - best_epoch
+        if self.patience is not None and stale >= self.patience:
+            trainer.stop_reason = (f"the run stopped early after epoch {stopped} (val_{trainer.main_metric} "
+                                   f"{trainer.best:.4g} at {where}, {_epochs_n(stale)} before; train.patience="
+                                   f"{self.patience}): nothing to train; a larger train.patience, or null, trains on")
+            trainer.console(trainer.stop_reason)
+            return
+        now = "off" if self.patience is None else f"{self.patience}"
+        trainer.console(f"the run stopped early after epoch {stopped}; train.patience is {now} now: training on "
+                        f"({_epochs_n(stale)} since the best, {where})")
+        trainer.stopped_early = None
+
+    def after_epoch(self, trainer: Trainer, epoch: int, record: dict[str, Any]) -> None:
+        value = record.get(f"val_{trainer.main_metric}")  # reduced: the same on every rank
+        if self.patience is None or value is None or _improves(trainer, value) or _last(trainer, epoch):
+            return
+        best_epoch, where = self._since(trainer)
+        stale = epoch + 1 - best_epoch
+        if stale < self.patience:
+            return
+        trainer.stopped_early = epoch + 1
+        trainer.stop_reason = (f"early stop at epoch {epoch + 1}: val_{trainer.main_metric} has not improved on "
+                               f"{trainer.best:.4g} ({where}) for {_epochs_n(stale)} (train.patience={self.patience})")
+        t0 = time.perf_counter()
+        rng = rng_state()
+        trainer.evaluate(final=True)  # the pictures of the run's last epoch
+        set_rng_state(rng)
+        record["eval_time_s"] = record.get("eval_time_s", 0.0) + time.perf_counter() - t0
 
 
 def _file_kind(path: Path) -> str | None:
@@ -167,7 +250,7 @@ class CompileCache(Callback):
 class Checkpoints(Callback):
     """``best.pt``, ``last.pt`` and the epoch's ``metrics.jsonl`` line, in that order, written on
     the writer's background thread (rank 0): the log is never ahead of the checkpoints a resume
-    can start from. Keeps ``trainer.best``, ``trainer.records`` (the log's records),
+    can start from. Keeps ``trainer.best`` and ``best_epoch``, ``trainer.records`` (the log's records),
     ``trainer.saved_epoch`` (the epoch ``last.pt`` and its line hold) and ``best_saved_epoch``."""
 
     def __init__(self, writer: CheckpointWriter, log: MetricsLog, output: str | Path, *, save_every: int = 1,
@@ -187,9 +270,9 @@ class Checkpoints(Callback):
 
     def after_epoch(self, trainer: Trainer, epoch: int, record: dict[str, Any]) -> None:
         value = record.get(f"val_{trainer.main_metric}")  # reduced: the same on every rank
-        is_best = value is not None and (trainer.best is None or value > trainer.best)
+        is_best = _improves(trainer, value)
         if is_best:
-            trainer.best = value
+            trainer.best, trainer.best_epoch = value, epoch + 1
         # best.pt before last.pt: a kill between them leaves a last.pt whose best is on disk
         paths = [self.output / "best.pt"] if is_best else []
         saves_last = _last(trainer, epoch) or (epoch + 1) % self.save_every == 0

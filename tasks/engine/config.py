@@ -333,6 +333,9 @@ class TrainConfig:
 
     epochs: int = bounded(10, 1, help="training epochs")
     batch_size: int = bounded(256, 1, help="images per step and process (torchrun, N processes: N x batch_size)")
+    accumulate: int = bounded(1, 1, help="gradient accumulation: one optimizer step per K batches (effective batch "
+                                         "K x batch_size per process; the schedule, guard and log_every count "
+                                         "optimizer steps; an epoch's last group may be shorter)")
     amp: bool = setting(True, "autocast to amp_dtype on CUDA; resolved: false on the CPU (fp32 there)")
     # the training step's autocast dtype. float16 adds dynamic loss scaling (GradScaler; no host
     # sync with the fused optimizers) and sends BatchNorm to cuDNN, which PyTorch does not use for
@@ -348,7 +351,7 @@ class TrainConfig:
                                                  "before compiling, written after epoch 1 when it did not load")
     cuda_graph: bool = setting(False, "replay the training step (forward + loss + backward) as one CUDA graph; "
                                       "resolved: false off CUDA, for batches of varying shape, for syncbn "
-                                      "under torchrun")
+                                      "under torchrun, with accumulate > 1")
     graph_eval: bool = setting(False, "evaluate through CUDA graphs of the model (network + device "
                                       "post-processing); resolved: false off CUDA and for varying shapes")
     compile_inference: bool = setting(False, "with graph_eval: compile what evaluation replays (about 20 s "
@@ -359,6 +362,9 @@ class TrainConfig:
                                   "checkpoint moves between machines (the first line names the device)")
     eval_every: int = bounded(1, 1, help="epochs between evaluations (the last epoch always evaluates)")
     save_every: int = bounded(1, 1, help="epochs between last.pt writes (the last epoch always saves)")
+    patience: Optional[int] = bounded(None, 1, help="early stopping: end the run once the validation metric best.pt "
+                                      "follows has not improved for N epochs (checked at evaluations, so with "
+                                      "eval_every k after up to N + k - 1); null: off")
     log_every: int = bounded(50, 1, help="steps between progress-bar loss updates (each costs a device sync)")
     log_seconds: float = bounded(30.0, 0.0, help="without a terminal (output to a file or a CI log): a progress line "
                                  "(epoch, step, loss, img/s, ETA) at least every N seconds, at log points; 0: off")

@@ -6,9 +6,17 @@ key, and resumes exactly. The pieces, each in one place:
 * ``step.py``: forward + backward per mode (eager, ``torch.compile``, CUDA graph; under
   ``torchrun`` the DDP module, or the graphed step and one flat gradient all-reduce);
 * ``updater.py``: clipping, optimizer step (GradScaler under float16), per-step schedule, EMA;
-* ``callbacks.py``: evaluation, the guard's end-of-epoch checks, ``best.pt`` / ``last.pt`` and
-  the ``metrics.jsonl`` line after them, ``curves.png``, console / TensorBoard, the compile cache;
+* ``callbacks.py``: evaluation, the guard's end-of-epoch checks, early stopping
+  (``train.patience``), ``best.pt`` / ``last.pt`` and the ``metrics.jsonl`` line after them,
+  ``curves.png``, console / TensorBoard, the compile cache;
 * here: the ``Trainer`` that builds them, the epoch loop, ``fit``, checkpoint state and ``resume``.
+
+``train.accumulate`` K: the step runs on K batches (micro-batches) per optimizer step, each
+backpropagating its loss / K (DDP: all-reducing on the last only); the updater then steps once.
+An epoch of B batches makes ceil(B / K) optimizer steps: its last group may be shorter and
+steps too (its losses / its size), so no batch is dropped. Everything after the step counts
+optimizer steps: the schedule's length, the guard, ``train.log_every``, the progress line, the
+loss a step logs (the mean of its group's), ``steps_per_epoch`` in checkpoints.
 
 Host syncs are kept out of the step: losses are accumulated on the device, and the training
 guard (``guard.py``: non-finite values, a diverging loss, a frozen loss term, non-finite
@@ -33,7 +41,8 @@ import torch
 from torch import nn
 
 from . import distributed
-from .callbacks import Callback, Checkpoints, CompileCache, Curves, EpochResult, Evaluation, GuardChecks, Logging
+from .callbacks import (Callback, Checkpoints, CompileCache, Curves, EarlyStopping, EpochResult, Evaluation,
+                        GuardChecks, Logging)
 from .checkpoint import CKPT_FORMAT, CheckpointWriter, load_checkpoint, rng_state, seed_everything, set_rng_state
 from .config import config_to_dict
 from .ema import ModelEMA
@@ -83,13 +92,15 @@ class EpochLosses:
         self.images = 0
         self.totals: torch.Tensor | None = None  # [loss sums..., images] of all ranks, at the last log point
 
-    def add(self, step: int, loss: torch.Tensor, loss_dict: dict[str, torch.Tensor], images: int,
-            grad_norm: torch.Tensor | None, lr: float) -> None:
-        """Device work only."""
+    def values(self, loss: torch.Tensor, loss_dict: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[loss, *terms]`` of one batch, float32 on the device (no sync)."""
         if not self.keys:
             self.keys = list(loss_dict)
             self.sums = torch.zeros(len(self.keys) + 1, device=self.device)
-        values = torch.stack([loss.detach().float()] + [loss_dict[k].detach().float() for k in self.keys])
+        return torch.stack([loss.detach().float()] + [loss_dict[k].detach().float() for k in self.keys])
+
+    def add(self, step: int, values: torch.Tensor, images: int, grad_norm: torch.Tensor | None, lr: float) -> None:
+        """One optimizer step's ``values`` (its group's mean under ``train.accumulate``). Device work only."""
         self.sums += values
         self.guard.step(self.epoch, step, values, self.keys, grad_norm, float(lr))
         self.images += images
@@ -138,14 +149,15 @@ class Trainer:
         task: task name stored in checkpoints.
         cfg: the task's config dataclass (``.optim``, ``.train`` used here; stored whole).
         model: a task model (train mode with targets returns a loss dict).
-        train_loader: iterable of ``(images, targets)`` already on ``device``; ``len()`` steps;
-            optional ``set_epoch(epoch)``.
+        train_loader: iterable of ``(images, targets)`` already on ``device``; ``len()`` batches
+            (``train.accumulate`` of them per optimizer step); optional ``set_epoch(epoch)``.
         evaluate: ``evaluate(model, final)`` with the model to evaluate (the EMA model when
             enabled; never the DDP wrapper) in eval mode under ``torch.no_grad`` and autocast;
-            returns metrics. ``final``: write pictures / predictions (the last epoch, on rank 0
-            only). Under ``torchrun`` every rank calls it on its validation shard and it must
-            return metrics reduced across ranks (the same on every rank), making the same
-            collective calls whatever ``final`` is.
+            returns metrics. ``final``: write pictures / predictions (the last epoch, or the one
+            ``train.patience`` ends the run at, evaluated once more; on rank 0 only). Under
+            ``torchrun`` every rank calls it on its validation shard and it must return metrics
+            reduced across ranks (the same on every rank), making the same collective calls
+            whatever ``final`` is.
         main_metric: key of ``evaluate``'s result that decides ``best.pt`` (higher is better).
         meta: stored in every checkpoint (class names, input normalisation, image size).
         targets_checked: the data already guarantees valid targets: the model's own target
@@ -173,6 +185,9 @@ class Trainer:
         self.meta = meta or {}
         tcfg, ocfg = cfg.train, cfg.optim
         self.epochs = tcfg.epochs
+        if tcfg.accumulate < 1:  # the config refuses it too; a Trainer built in Python is told here
+            raise ValueError(f"train.accumulate={tcfg.accumulate}: batches per optimizer step, 1 or more")
+        self.accumulate = tcfg.accumulate
         self.amp = tcfg.amp and device.type == "cuda"
         self.amp_dtype = getattr(torch, tcfg.amp_dtype)
 
@@ -191,9 +206,10 @@ class Trainer:
         self.step = build_step(self.model, optimizer, tcfg, device, amp=self.amp, dtype=self.amp_dtype, scaler=scaler,
                                world=self.world, sync_bn=sync_bn, console=self.console)
         self._seed_rank_rngs(0)
-        self.steps_per_epoch = len(train_loader)
-        if self.steps_per_epoch == 0:
+        if len(train_loader) == 0:
             raise ValueError("the training set gives no batch: is it empty, or smaller than the batch size?")
+        # optimizer steps: the schedule, the guard, log points and checkpoints count these
+        self.steps_per_epoch = math.ceil(len(train_loader) / self.accumulate)
         self.guard = TrainingGuard(enabled=tcfg.guard, device=device, steps_per_epoch=self.steps_per_epoch,
                                    warmup_steps=int(round(ocfg.warmup_epochs * self.steps_per_epoch)), lr=ocfg.lr,
                                    output=self.output, check_grad_norm=scaler is None)
@@ -206,10 +222,15 @@ class Trainer:
         tensorboard = TensorBoardLog(self.output / "tensorboard") if tcfg.tensorboard and self.main else None
         self.callbacks: list[Callback] = [
             Evaluation(tcfg.eval_every), GuardChecks(), *([compile_cache] if compile_cache is not None else []),
+            EarlyStopping(tcfg.patience),  # off at None, but it still reads a resumed early-stopped run
             Checkpoints(self.writer, self.log, self.output, save_every=tcfg.save_every, main=self.main),
             *([Curves(self.output / "curves.png", main_metric)] if self.main else []), Logging(tensorboard)]
         self.start_epoch = 0
         self.best: float | None = None
+        self.best_epoch: int | None = None  # the epoch (1-based) that scored self.best
+        # early stopping (train.patience): the epoch it ended the run after, and its console line
+        self.stopped_early: int | None = None
+        self.stop_reason: str | None = None
         self.records: list[dict[str, Any]] = []  # metrics.jsonl's records (rank 0)
         # what an interrupted run can be resumed from: the epoch <output>/last.pt holds (set once
         # a checkpoint and its log line are on disk, or by resume() from that file), and the
@@ -243,12 +264,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, Any]:
-        """Train the remaining epochs; returns the last epoch's record (plus ``best_*``)."""
+        """Train the remaining epochs; returns the last epoch's record (plus ``best_*``, and
+        ``stopped_early``: the epoch ``train.patience`` ended the run after)."""
         self._emit("before_fit")  # the run folder; self.records from its log
         self._train_s = sum(r.get("train_time_s", 0.0) for r in self.records)
         record: dict[str, Any] = {}
+        # a resumed run that train.patience had ended (and would end again): nothing to train
+        epochs = range(self.start_epoch, self.epochs) if self.stopped_early is None else range(0)
         try:
-            for epoch in range(self.start_epoch, self.epochs):
+            for epoch in epochs:
                 self.current_epoch = epoch + 1
                 if hasattr(self.train_loader, "set_epoch"):
                     self.train_loader.set_epoch(epoch)
@@ -256,6 +280,9 @@ class Trainer:
                 self._emit("after_train_epoch", epoch, result)  # finite state (the guard), the compile cache
                 record = self._record(epoch, result)
                 self._emit("after_epoch", epoch, record)  # evaluate, guard, best.pt / last.pt + log line, curves
+                if self.stopped_early is not None:  # EarlyStopping: this epoch was the run's last
+                    self.console(self.stop_reason)
+                    break
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated)
             with hold_signals():  # a second Ctrl-C waits: the files being written are finished
                 self._emit("on_interrupt")  # then the log drops epochs no checkpoint holds
@@ -267,36 +294,54 @@ class Trainer:
             record = {"epoch": self.start_epoch, **{f"val_{k}": v for k, v in self.evaluate(final=True).items()}}
         if self.best is not None:
             record[f"best_{self.main_metric}"] = self.best
+        if self.stopped_early is not None:
+            record["stopped_early"] = self.stopped_early
         return record
 
     def train_one_epoch(self, epoch: int) -> EpochResult:
-        """One pass over ``train_loader``; the host syncs at log points (``train.log_every``) only."""
+        """One pass over ``train_loader``; the host syncs at log points (``train.log_every``
+        optimizer steps) only. ``train.accumulate`` K: one optimizer step per K batches."""
         self.step.module.train()
         log_every = max(1, self.cfg.train.log_every)
+        k, batches = self.accumulate, len(self.train_loader)
         losses = EpochLosses(self.guard, self.device, self.world, epoch)
-        bar = progress(self.train_loader, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}",
-                       quiet=self.quiet)
+        bar = progress(self.train_loader, total=batches, desc=f"epoch {epoch + 1}/{self.epochs}", quiet=self.quiet)
         # without a terminal the bar is off: a line every train.log_seconds instead
         plain = PlainProgress(self.console, self.cfg.train.log_seconds, self.epochs, self.steps_per_epoch) \
             if bar.disable and not self.quiet else None
         start = time.perf_counter()
         self.step.begin_epoch(start)
+        step = 0  # optimizer steps of this epoch
+        group, group_images = None, 0  # K > 1: the group's mean [loss, *terms] so far (device), its images
         for i, (images, targets) in enumerate(bar):
+            first, last = i % k == 0, (i + 1) % k == 0 or i + 1 == batches
+            size = min(k, batches - (i - i % k))  # batches in this group: the epoch's last may be short
             with one_image_batches(self.model, self.world, epoch, i, images):
-                loss, loss_dict = self.step(images, targets)  # forward + backward (+ the graphed all-reduce)
+                # forward + backward (+ the graphed all-reduce); the gradient ends as the group's mean
+                loss, loss_dict = self.step(images, targets, first=first, last=last, scale=1.0 / size)
+            values = losses.values(loss, loss_dict)  # device work only
+            if k > 1:
+                group = values / size if group is None else group + values / size
+                group_images += images.shape[0]
+                if not last:
+                    continue
+                values, n, group, group_images = group, group_images, None, 0
+            else:
+                n = images.shape[0]
             grad_norm, lr = self.updater.step()  # clip, optimizer, schedule, EMA
-            losses.add(i, loss, loss_dict, images.shape[0], grad_norm, lr)  # device work only
-            if (i + 1) % log_every == 0 or i + 1 == self.steps_per_epoch:
+            losses.add(step, values, n, grad_norm, lr)  # device work only
+            step += 1
+            if step % log_every == 0 or i + 1 == batches:
                 losses.log_point()  # the sync (torchrun: one all-reduce); the guard raises here
                 if not bar.disable:
-                    bar.set_postfix(loss=f"{losses.mean_loss(i + 1):.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.3g}")
+                    bar.set_postfix(loss=f"{losses.mean_loss(step):.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.3g}")
                 elif plain is not None:
-                    plain.update(epoch, i + 1, start, losses.images * self.world, lambda: losses.mean_loss(i + 1))
+                    plain.update(epoch, step, start, losses.images * self.world, lambda: losses.mean_loss(step))
         bar.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        means, images = losses.end_epoch(self.steps_per_epoch)
+        means, images = losses.end_epoch(step)
         return EpochResult(means, images, seconds, dict(self.step.extra))
 
     def _record(self, epoch: int, result: EpochResult) -> dict[str, Any]:
@@ -337,6 +382,8 @@ class Trainer:
             "world_size": self.world,
             "metrics": metrics,
             "best": self.best,
+            "best_epoch": self.best_epoch,
+            "stopped_early": self.stopped_early,  # train.patience ended the run after this epoch
             "rng": rng_state(),  # rank 0's
             "meta": self.meta,  # what inference needs without the data: class names, normalisation
         }
@@ -344,12 +391,14 @@ class Trainer:
     def resume(self, path: str | Path) -> None:
         """Continue from a checkpoint: weights, optimizer, schedule, EMA, epoch and RNG.
 
-        Every rank reads the same file. A checkpoint written with N processes resumes with M:
-        weights and optimizer state do not depend on the world size; the schedule is moved to
-        the step this world size would have reached. Only rank 0's RNG state is stored, so a
-        resumed run is bit-identical to an uninterrupted one in one process; with several
-        processes the other ranks' global RNG streams are reseeded (data order and on-device
-        augmentation are reseeded from (seed, epoch, rank) anyway).
+        Every rank reads the same file. A checkpoint written with N processes resumes with M
+        (or with another ``train.accumulate``): weights and optimizer state do not depend on the
+        world size; the schedule is moved to the optimizer step this run would have reached.
+        Only rank 0's RNG state is stored, so a resumed run is bit-identical to an uninterrupted
+        one in one process; with several processes the other ranks' global RNG streams are
+        reseeded (data order and on-device augmentation are reseeded from (seed, epoch, rank)
+        anyway). ``best_epoch`` and ``stopped_early`` come back too: ``EarlyStopping`` decides
+        whether a run that ``train.patience`` ended trains on (``callbacks.py``).
 
         More ``train.epochs`` than the checkpoint's run had: the schedule is rebuilt for the new
         length and continues at the step reached (said in one line). Fewer epochs than it has
@@ -398,12 +447,16 @@ class Trainer:
             where = (f"the schedule continues at step {start * self.steps_per_epoch} of "
                      f"{self.epochs * self.steps_per_epoch}")
             if saved_steps != self.steps_per_epoch:
-                self.console(f"{path}: {saved_steps} steps per epoch with {ckpt.get('world_size', 1)} process(es), "
-                             f"now {self.steps_per_epoch} with {self.world}: {where}")
+                saved_k = (saved_cfg.get("train") or {}).get("accumulate", 1)
+                self.console(f"{path}: {saved_steps} optimizer steps per epoch with {ckpt.get('world_size', 1)} "
+                             f"process(es) and train.accumulate {saved_k}, now {self.steps_per_epoch} with "
+                             f"{self.world} and {self.accumulate}: {where}")
             if saved_epochs != self.epochs:
                 self.console(f"{path}: train.epochs {saved_epochs} in the checkpoint, {self.epochs} now: the "
                              f"learning-rate schedule is rebuilt for {self.epochs} epochs and {where}")
         self.best = ckpt.get("best")
+        self.best_epoch = ckpt.get("best_epoch")  # None in older checkpoints: patience counts from here
+        self.stopped_early = ckpt.get("stopped_early")  # EarlyStopping.before_fit decides what it means now
         set_rng_state(ckpt["rng"])
         self._seed_rank_rngs(self.start_epoch)
         if Path(path).resolve() == (self.output / "last.pt").resolve():

@@ -728,6 +728,8 @@ def resolve_switches(cfg: Any, device: torch.device, *, fixed_shapes: bool = Tru
       scenes, 4 epochs, training took 86.3 s with autotuning and 19.7 s without);
     * ``cuda_graph`` with ``model.norm=syncbn`` under torchrun (its collectives run inside the
       forward, which a graph cannot capture);
+    * ``cuda_graph`` with ``train.accumulate`` > 1 (each replay of the captured backward writes
+      the gradients afresh: micro-batches cannot add up in them);
     * ``compile_inference`` without ``graph_eval`` (it compiles what that replays).
 
     Called before config.yaml is written, so that it and the checkpoints hold what ran. A line
@@ -747,6 +749,9 @@ def resolve_switches(cfg: Any, device: torch.device, *, fixed_shapes: bool = Tru
                 off["the batches of data.resize=aspect vary in shape: eager steps, no autotuning"] = asked
         if t.cuda_graph and world > 1 and getattr(cfg.model, "norm", None) == "syncbn":
             off["model.norm=syncbn under torchrun runs its collectives inside the forward"] = ["cuda_graph"]
+        if t.cuda_graph and t.accumulate > 1 and not any("cuda_graph" in keys for keys in off.values()):
+            off[f"train.accumulate={t.accumulate}: a replayed graph writes the gradients afresh, it cannot add "
+                "micro-batches up"] = ["cuda_graph"]
     for keys in off.values():
         for k in keys:
             setattr(t, k, False)

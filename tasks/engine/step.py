@@ -1,18 +1,26 @@
 """The training step: forward, the loss terms summed, backward; one object per mode.
 
 ``step(images, targets) -> (loss, loss_dict)`` leaves the gradients in ``.grad``; the updater
-(``updater.py``) then clips them and steps the optimizer. The modes:
+(``updater.py``) then clips them and steps the optimizer. With ``train.accumulate`` K the loop
+calls the step on K micro-batches per optimizer step (``first``: the gradients start from zero;
+``scale``: the loss is backpropagated times 1 / the group's size, so the gradient is the mean over
+the group, as one batch of all its images would give; ``last``: under DDP, the one that
+all-reduces). The modes:
 
 * ``EagerStep``: the module under autocast, backward on the (float16: scaled) loss.
 * ``CompiledStep``: the same over ``torch.compile(module)`` (``train.compile``).
 * ``GraphedStep``: forward + backward captured once and replayed as a CUDA graph
   (``train.cuda_graph``, ``graphs.GraphedForwardBackward``; compiled first with ``train.compile``).
+  Each replay writes the gradients afresh (they are outputs of the captured backward), so it
+  cannot accumulate: ``train.accumulate`` > 1 and ``train.cuda_graph`` are not combined (the
+  runner resolves the graph off; ``build_step`` refuses the pair).
 
 Under ``torchrun`` the eager and compiled steps run the ``DistributedDataParallel`` module
-(``wrap_ddp``: its all-reduce overlaps backward); the graphed step cannot (DDP's hooks are not
-capturable), so every rank starts from rank 0's weights and the gradients are averaged in one
-flat all-reduce after each replay. ``build_step`` picks the mode from the config, the device and
-the world size.
+(``wrap_ddp``: its all-reduce overlaps backward; the micro-batches before an accumulation
+group's last run under its ``no_sync``: one all-reduce per optimizer step); the graphed step
+cannot (DDP's hooks are not capturable), so every rank starts from rank 0's weights and the
+gradients are averaged in one flat all-reduce after each replay. ``build_step`` picks the mode
+from the config, the device and the world size.
 """
 from __future__ import annotations
 
@@ -55,7 +63,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- the steps
 
 class TrainStep:
-    """``step(images, targets) -> (loss, loss_dict)``, gradients left in ``.grad``.
+    """``step(images, targets, *, first=True, last=True, scale=1.0) -> (loss, loss_dict)``,
+    gradients left in ``.grad`` (added to those there unless ``first``; ``scale`` multiplies the
+    backpropagated loss, not the returned one; ``last`` False: DDP keeps the gradients local).
 
     ``module``: what the step calls (the DDP / compiled wrapper, or the model); ``graphed``: the
     ``GraphedForwardBackward`` of a graphed step, else None; ``extra``: what the epoch since
@@ -68,13 +78,15 @@ class TrainStep:
     def begin_epoch(self, start: float) -> None:
         """The epoch's clock started at ``start`` (``time.perf_counter()``)."""
 
-    def __call__(self, images: torch.Tensor, targets: Any) -> Losses:
+    def __call__(self, images: torch.Tensor, targets: Any, *, first: bool = True, last: bool = True,
+                 scale: float = 1.0) -> Losses:
         raise NotImplementedError
 
 
 class EagerStep(TrainStep):
     """Forward under autocast, the loss dict summed, backward (on the scaled loss under float16).
-    ``world``: the number of processes (``module`` is the DDP module when it is more than one)."""
+    ``world``: the number of processes (``module`` is the DDP module when it is more than one,
+    or ``torch.compile`` of it)."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device, amp: bool,
                  dtype: torch.dtype = torch.bfloat16, scaler: torch.amp.GradScaler | None = None,
@@ -83,15 +95,26 @@ class EagerStep(TrainStep):
         self.device, self.amp, self.dtype, self.scaler = device, amp, dtype, scaler
         self.world = world
         self.extra = {}
+        # DDP's no_sync for the micro-batches before a group's last. Under torch.compile too:
+        # dynamo compiles the module DDP wraps, while DDP's forward (which reads the flag no_sync
+        # sets, and arms the reducer) runs eagerly around it.
+        ddp = getattr(module, "_orig_mod", module)
+        self.ddp = ddp if isinstance(ddp, DistributedDataParallel) else None
 
-    def __call__(self, images: torch.Tensor, targets: Any) -> Losses:
-        with autocast(self.device, self.amp, self.dtype):
-            loss_dict = self.module(images, targets)
-        loss = sum(loss_dict.values())
-        # DDP: the gradients are views into its all-reduce buckets; zeroing them in place
-        # keeps them so (set to None, each step would allocate and copy them again)
-        self.optimizer.zero_grad(set_to_none=self.world == 1)
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+    def __call__(self, images: torch.Tensor, targets: Any, *, first: bool = True, last: bool = True,
+                 scale: float = 1.0) -> Losses:
+        # forward and backward both inside no_sync: DDP decides in its forward whether the
+        # backward all-reduces
+        with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+            with autocast(self.device, self.amp, self.dtype):
+                loss_dict = self.module(images, targets)
+            loss = sum(loss_dict.values())
+            if first:
+                # DDP: the gradients are views into its all-reduce buckets; zeroing them in place
+                # keeps them so (set to None, each step would allocate and copy them again)
+                self.optimizer.zero_grad(set_to_none=self.world == 1)
+            scaled = loss * scale if scale != 1.0 else loss
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss, loss_dict
 
 
@@ -128,7 +151,11 @@ class GraphedStep(TrainStep):
         self._start, self._steps, self.extra = start, 0, {}
         self._capturing = self.graphed.graph is None
 
-    def __call__(self, images: torch.Tensor, targets: Any) -> Losses:
+    def __call__(self, images: torch.Tensor, targets: Any, *, first: bool = True, last: bool = True,
+                 scale: float = 1.0) -> Losses:
+        if not (first and last and scale == 1.0):  # build_step refuses the pair; a direct caller is told
+            raise ValueError("the CUDA-graphed step cannot accumulate gradients (each replay writes them afresh): "
+                             "train.accumulate > 1 needs train.cuda_graph=false")
         self._steps += 1
         loss, loss_dict = self.graphed(images, targets)
         if self.grad_sync is not None:
@@ -177,10 +204,15 @@ def build_step(model: nn.Module, optimizer: torch.optim.Optimizer, train_cfg: An
                world: int = 1, sync_bn: bool = False, console: Callable[[str], None] = print) -> TrainStep:
     """The step ``train_cfg`` (``train.cuda_graph``, ``train.compile``, ``train.compile_tune``)
     asks for on ``device`` with ``world`` processes: CUDA graphs only on CUDA (eager elsewhere),
-    and not with SyncBatchNorm under torchrun."""
+    and not with SyncBatchNorm under torchrun. A graphed step does not accumulate gradients:
+    ``train.accumulate`` > 1 with ``train.cuda_graph`` on CUDA is refused (the runner's
+    ``resolve_switches`` turns the graph off first, and says so)."""
     if train_cfg.compile_tune and not train_cfg.compile:
         raise ValueError("train.compile_tune tunes torch.compile's kernels: it needs train.compile=true")
     cuda_graph = train_cfg.cuda_graph and device.type == "cuda"
+    if cuda_graph and train_cfg.accumulate > 1:
+        raise ValueError(f"train.accumulate={train_cfg.accumulate} needs train.cuda_graph=false: a replayed "
+                         "CUDA graph writes the gradients afresh, it cannot add micro-batches up")
     if cuda_graph and world > 1 and sync_bn:
         console("train.cuda_graph is off with model.norm=syncbn (its collectives run inside the forward)")
         cuda_graph = False

@@ -43,7 +43,9 @@ def seek_schedule(scheduler: LRScheduler, step: int) -> None:
 
 
 class Updater:
-    """``updater.step() -> (grad_norm, lr)`` after each backward.
+    """``updater.step() -> (grad_norm, lr)`` once the gradients of an optimizer step are in:
+    after each backward, or after the last of a ``train.accumulate`` group's (the step left
+    their mean in ``.grad``: clipping, the loss scale's update and the EMA see one step).
 
     Args:
         model: the plain module (its trainable parameters are clipped; the EMA follows it).

@@ -1,7 +1,7 @@
 """The callbacks around the loop (tasks/engine/callbacks.py), each against a fake trainer:
 best.pt before last.pt and the log line after both, an interrupt leaves the log no ahead of the
-checkpoints, evaluation every N epochs, the guard's checks, curves at most every 15 s, the
-compile cache, the console / TensorBoard line."""
+checkpoints, evaluation every N epochs, the guard's checks, early stopping, curves at most every
+15 s, the compile cache, the console / TensorBoard line."""
 import json
 import math
 from pathlib import Path
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tasks.engine import callbacks, checkpoint
-from tasks.engine.callbacks import Checkpoints, CompileCache, Curves, Evaluation, GuardChecks, Logging
+from tasks.engine.callbacks import Checkpoints, CompileCache, Curves, EarlyStopping, Evaluation, GuardChecks, Logging
 from tasks.engine.checkpoint import CheckpointWriter
 from tasks.engine.logging import MetricsLog
 from tests.engine_fakes import Tiny, toy_config
@@ -20,6 +20,7 @@ class FakeTrainer:
     def __init__(self, epochs: int = 3, start_epoch: int = 0) -> None:
         self.epochs, self.start_epoch, self.main, self.main_metric = epochs, start_epoch, True, "acc"
         self.best, self.records, self.saved_epoch, self.best_saved_epoch = None, [], None, None
+        self.best_epoch, self.stopped_early, self.stop_reason = None, None, None
         self.lines: list[str] = []
         self.console = self.lines.append
         self.evaluated: list[bool] = []
@@ -132,6 +133,47 @@ def test_guard_checks_the_state_after_training_and_the_metric_when_there_is_one(
     cb.after_epoch(t, 0, {"epoch": 1})  # not evaluated: nothing to check
     cb.after_epoch(t, 1, {"epoch": 2, "val_acc": 0.0})
     assert Guard.calls == [("state", ["ema", "model", "optimizer"], 0), ("metric", 1, "acc", 0.0, 8)]
+
+
+def test_early_stopping_makes_its_epoch_the_last_for_the_checkpoints_and_the_pictures(tmp_path, saves):
+    """Patience 2 before Checkpoints (save_every 5): best at epoch 1; epoch 2 one epoch old, epoch 3
+    two: the stop. Epoch 3 then writes last.pt as a last epoch does; its extra evaluation (the
+    pictures) leaves the global RNG as it found it."""
+    class Drawing(FakeTrainer):
+        def evaluate(self, final=False):
+            torch.rand(3)  # an evaluation that draws from the global RNG
+            return super().evaluate(final)
+
+    t, stop, cb = Drawing(epochs=10), EarlyStopping(2), _checkpoints(tmp_path, save_every=5)
+    cb.before_fit(t)
+    for epoch, acc in enumerate([0.5, 0.5, 0.4]):  # equal is no improvement (as for best.pt)
+        record = {"epoch": epoch + 1, "val_acc": acc, "eval_time_s": 1.0}
+        rng = torch.get_rng_state()
+        stop.after_epoch(t, epoch, record)
+        assert callbacks._last(t, epoch) == (epoch == 2)
+        cb.after_epoch(t, epoch, record)
+    cb.close(t)
+    assert torch.equal(torch.get_rng_state(), rng) and t.evaluated == [True]
+    assert (t.stopped_early, t.best, t.best_epoch) == (3, 0.5, 1) and record["eval_time_s"] > 1.0
+    assert t.stop_reason == "early stop at epoch 3: val_acc has not improved on 0.5 (epoch 1) for 2 epochs " \
+                           "(train.patience=2)"
+    assert [name for name, _ in saves] == ["best.pt", "last.pt"] and _logged(tmp_path) == [1, 2, 3]
+    assert t.saved_epoch == 3 and t.best_saved_epoch == 1
+
+
+def test_early_stopping_waits_for_an_evaluation_and_is_off_at_none():
+    t, stop = FakeTrainer(epochs=10), EarlyStopping(1)
+    t.best, t.best_epoch = 0.5, 1
+    stop.after_epoch(t, 1, {"epoch": 2})  # not evaluated: nothing to judge
+    assert t.stopped_early is None
+    EarlyStopping(None).after_epoch(t, 1, {"epoch": 2, "val_acc": 0.1})
+    assert t.stopped_early is None and t.evaluated == []
+    t.start_epoch, t.best_epoch = 4, None  # resumed from a checkpoint that predates best_epoch: count from it
+    stop.after_epoch(t, 4, {"epoch": 5, "val_acc": 0.1})
+    assert t.stopped_early == 5 and "on 0.5 (epoch 4 or earlier) for 1 epoch" in t.stop_reason
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match=r"^train.patience=.*1 or more \(null: off\)"):
+            EarlyStopping(bad)
 
 
 def test_curves_at_most_every_15_s_at_the_end_and_after_an_interrupt(tmp_path, monkeypatch):

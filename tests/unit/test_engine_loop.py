@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from tasks.engine import callbacks
-from tasks.engine.callbacks import Callback, Checkpoints, Curves, Evaluation, GuardChecks, Logging
+from tasks.engine.callbacks import Callback, Checkpoints, Curves, EarlyStopping, Evaluation, GuardChecks, Logging
 from tasks.engine.checkpoint import load_checkpoint
+from tasks.engine.loop import NonFiniteLossError
 from tasks.engine.step import EagerStep
-from tests.engine_fakes import Batches, make_trainer, metric_sequence, toy_config
+from tests.engine_fakes import Batches, make_trainer, merged, metric_sequence, toy_config
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +58,8 @@ def _epochs(folder):
 def test_fit_runs_each_epoch_through_the_callbacks_and_records_it(tmp_path):
     batches = Batches(n=4, batch=3)
     trainer = make_trainer(tmp_path, cfg=toy_config(train={"eval_every": 2}), batches=batches)
-    assert [type(c) for c in trainer.callbacks] == [Evaluation, GuardChecks, Checkpoints, Curves, Logging]
+    assert [type(c) for c in trainer.callbacks] == [Evaluation, GuardChecks, EarlyStopping, Checkpoints, Curves,
+                                                    Logging]
     rec = Recorder()
     trainer.callbacks.append(rec)
     final = trainer.fit()
@@ -201,3 +203,148 @@ def test_without_a_terminal_a_progress_line_comes_at_log_points_every_log_second
     assert [int(line.split("step ")[1].split("/")[0]) for line in progress] == expected
     for line in progress:
         assert line.startswith("epoch 1/2  step ") and "/8  loss " in line and " img/s  ETA " in line
+
+
+# ----------------------------------------------------------------------------- train.accumulate
+
+@pytest.mark.parametrize("optim", [{}, {"clip_grad_norm": 0.05, "ema": True, "ema_decay": 0.9},
+                                   {"name": "adamw", "lr": 0.01, "schedule": "cosine", "warmup_epochs": 0.5}],
+                         ids=["sgd-momentum", "clip-ema", "adamw-cosine-warmup"])
+def test_accumulating_k_batches_is_one_step_on_a_k_times_larger_batch(tmp_path, optim):
+    """Tiny (a linear layer, no BatchNorm): 5 batches of 3 with train.accumulate 2 train as 3 batches
+    of 6, 6 and 3 do; the epoch's last group is the one batch left, and steps too."""
+    micro = Batches(n=5, batch=3)
+    cfg = toy_config(optim=optim, train={"epochs": 2, "accumulate": 2})
+    acc = make_trainer(tmp_path / "acc", cfg=cfg, batches=micro)
+    big = make_trainer(tmp_path / "big", cfg=toy_config(optim=optim, train={"epochs": 2}), batches=merged(micro, 2))
+    steps = []
+    acc.optimizer.register_step_post_hook(lambda *a: steps.append(1))
+    assert acc.steps_per_epoch == big.steps_per_epoch == 3  # ceil(5 / 2)
+    acc.fit()
+    big.fit()
+    assert len(steps) == 6 and acc.scheduler.last_epoch == big.scheduler.last_epoch == 6  # 10 batches / 2, rounded up
+    for k, v in big.model.state_dict().items():
+        torch.testing.assert_close(acc.model.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
+    if acc.ema is not None:
+        assert acc.ema.updates == big.ema.updates == 6
+        for k, v in big.ema.state_dict().items():
+            torch.testing.assert_close(acc.ema.state_dict()[k], v, rtol=0, atol=1e-6, msg=k)
+    for a, b in zip(acc.records, big.records):  # the logged loss is the group's: the large batch's
+        assert a["lr"] == pytest.approx(b["lr"]) and a["train_images"] == b["train_images"] == 15
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    assert load_checkpoint(tmp_path / "acc" / "last.pt")["steps_per_epoch"] == 3
+
+
+def test_accumulation_counts_optimizer_steps_for_the_guard_and_the_log_points(tmp_path):
+    """log_every 2 with 5 batches in groups of 2: log points after optimizer steps 2 and 3 (the
+    epoch's end), not after batches 2, 4 and 5; the guard is fed once per optimizer step."""
+    trainer = make_trainer(tmp_path, cfg=toy_config(train={"accumulate": 2, "log_every": 2}),
+                           batches=Batches(n=5))
+    guard_steps, log_points = [], []
+    real_step, real_log = trainer.guard.step, trainer.guard.log_point
+    trainer.guard.step = lambda epoch, step, *a, **kw: guard_steps.append(step) or real_step(epoch, step, *a, **kw)
+    trainer.guard.log_point = lambda *a, **kw: log_points.append(len(guard_steps)) or real_log(*a, **kw)
+    trainer.train_one_epoch(0)
+    assert guard_steps == [0, 1, 2] and log_points == [2, 3]
+
+
+def test_a_nan_in_an_accumulated_batch_stops_the_run_naming_its_optimizer_step(tmp_path):
+    batches = Batches(n=4)
+    batches[2] = (batches[2][0] * float("nan"), batches[2][1])  # batch 3: optimizer step 2
+    trainer = make_trainer(tmp_path, cfg=toy_config(train={"accumulate": 2}), batches=batches)
+    with pytest.raises(NonFiniteLossError, match=r"at epoch 1, step 2 \(global step 2\)"):
+        trainer.fit()
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_resume_with_another_accumulate_moves_the_schedule_to_the_optimizer_step_reached(tmp_path):
+    cfg = {"schedule": "cosine"}
+    make_trainer(tmp_path, cfg=toy_config(optim=cfg, train={"epochs": 1})).fit()  # 4 batches: 4 steps
+    lines = []
+    again = make_trainer(tmp_path, cfg=toy_config(optim=cfg, train={"epochs": 2, "accumulate": 2}),
+                         console=lines.append)
+    again.resume(tmp_path / "last.pt")
+    assert again.steps_per_epoch == 2 and again.scheduler.last_epoch == 2  # epoch 1 done: 2 steps of 2 batches
+    assert f"{tmp_path / 'last.pt'}: 4 optimizer steps per epoch with 1 process(es) and train.accumulate 1, now 2 " \
+           "with 1 and 2: the schedule continues at step 2 of 4" in lines
+    again.fit()
+    assert again.scheduler.last_epoch == 4
+
+
+@pytest.mark.parametrize("train, match", [({"accumulate": 0}, r"^train.accumulate=0: batches per optimizer step"),
+                                          ({"patience": 0}, r"^train.patience=0: epochs without improvement"),
+                                          ({"patience": -2}, r"^train.patience=-2: epochs without improvement")])
+def test_a_trainer_built_in_python_refuses_what_the_config_refuses(tmp_path, train, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, cfg=toy_config(train=train))
+
+
+# ----------------------------------------------------------------------------- train.patience
+
+def test_patience_ends_the_run_keeping_best_pt_and_saying_why(tmp_path):
+    """Best at epoch 2; epochs 3 and 4 do not beat it: patience 2 ends the run after epoch 4, with
+    last.pt of epoch 4, best.pt of epoch 2, the final pictures (one more evaluation) and the line."""
+    evaluate = metric_sequence(0.3, 0.5, 0.5, 0.4, 0.9)
+    lines = []
+    trainer = make_trainer(tmp_path, cfg=toy_config(train={"epochs": 10, "patience": 2, "save_every": 3}),
+                           evaluate=evaluate, console=lines.append)
+    record = trainer.fit()
+    assert [r["epoch"] for r in trainer.records] == _epochs(tmp_path) == [1, 2, 3, 4]
+    assert evaluate.calls == [False, False, False, False, True]  # epoch 4 once more, as the run's last
+    assert record["epoch"] == 4 and record["stopped_early"] == 4 and record["best_acc"] == 0.5
+    assert record["val_acc"] == 0.4
+    stop = "early stop at epoch 4: val_acc has not improved on 0.5 (epoch 2) for 2 epochs (train.patience=2)"
+    assert lines[-2].startswith("epoch 4/10  ") and lines[-1] == stop
+    last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
+    assert (last["epoch"], last["stopped_early"], last["best_epoch"], last["best"]) == (4, 4, 2, 0.5)
+    assert (best["epoch"], best["stopped_early"], best["metrics"]["val_acc"]) == (2, None, 0.5)
+    assert trainer.saved_epoch == 4  # save_every 3: the stopping epoch saves as a last one does
+
+
+def test_patience_counts_epochs_and_checks_at_evaluations(tmp_path):
+    """eval_every 2, patience 3: evaluations at epochs 2, 4, 6; the best is epoch 2's; at epoch 4
+    it is 2 epochs old (on), at epoch 6 4 epochs (stop)."""
+    evaluate = metric_sequence(0.5, 0.4, 0.4, 0.9)
+    lines = []
+    trainer = make_trainer(tmp_path, cfg=toy_config(train={"epochs": 10, "eval_every": 2, "patience": 3}),
+                           evaluate=evaluate, console=lines.append)
+    record = trainer.fit()
+    assert record["stopped_early"] == 6 and evaluate.calls == [False, False, False, True]
+    assert lines[-1] == "early stop at epoch 6: val_acc has not improved on 0.5 (epoch 2) for 4 epochs " \
+                        "(train.patience=3)"
+
+
+def test_patience_reached_at_the_last_epoch_is_a_normal_end(tmp_path):
+    evaluate = metric_sequence(0.5, 0.4)
+    trainer = make_trainer(tmp_path, cfg=toy_config(train={"epochs": 2, "patience": 1}), evaluate=evaluate)
+    record = trainer.fit()
+    assert "stopped_early" not in record and evaluate.calls == [False, True]
+    assert load_checkpoint(tmp_path / "last.pt")["stopped_early"] is None
+
+
+@pytest.mark.parametrize("patience", [2, 1, 5, None])
+def test_resuming_an_early_stopped_run(tmp_path, patience):
+    """The patience that stopped it (or a smaller one): nothing to train, the report as for a
+    finished run. A larger one, or none: it trains on, counting from the best epoch (2)."""
+    cfg = toy_config(train={"epochs": 10, "patience": 2})
+    make_trainer(tmp_path, cfg=cfg, evaluate=metric_sequence(0.3, 0.5, 0.5, 0.4)).fit()  # stops after epoch 4
+    evaluate, lines, batches = metric_sequence(0.45), [], Batches()
+    again = make_trainer(tmp_path, cfg=toy_config(train={"epochs": 10, "patience": patience}), batches=batches,
+                         evaluate=evaluate, console=lines.append)
+    again.resume(tmp_path / "last.pt")
+    record = again.fit()
+    if patience in (1, 2):
+        assert batches.epochs == [] and evaluate.calls == [True]
+        assert record == {"epoch": 4, "val_acc": 0.45, "best_acc": 0.5, "stopped_early": 4}
+        assert lines[-1] == (f"the run stopped early after epoch 4 (val_acc 0.5 at epoch 2, 2 epochs before; "
+                             f"train.patience={patience}): nothing to train; a larger train.patience, or null, "
+                             "trains on")
+        return
+    now = "off" if patience is None else str(patience)
+    assert f"the run stopped early after epoch 4; train.patience is {now} now: training on (2 epochs since the " \
+           f"best, epoch 2)" in lines
+    if patience == 5:  # 0.45 never beats 0.5: stops 5 epochs after epoch 2
+        assert batches.epochs == [4, 5, 6] and record["stopped_early"] == 7
+    else:
+        assert batches.epochs == list(range(4, 10)) and "stopped_early" not in record
+    assert _epochs(tmp_path) == list(range(1, record["epoch"] + 1))

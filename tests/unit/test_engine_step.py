@@ -118,3 +118,94 @@ def test_unwrap_and_autocast():
     model.eval()
     with autocast(CPU, enabled=True):  # no autocast on the CPU: fp32
         assert model(torch.zeros(1, 4)).dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- train.accumulate
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_eager_step_adds_scaled_gradients_after_the_first_of_a_group():
+    (x1, y1), (x2, y2) = Batches(2)
+    step, model, _ = _build(toy_config())
+    step(x2, y2)  # gradients of an earlier step: the group's first batch starts from zero
+    loss, _ = step(x1, y1, first=True, last=False, scale=0.5)
+    step(x2, y2, first=False, last=True, scale=0.5)
+    got = _grads(model)
+    model.zero_grad()
+    (sum(model(x1, y1).values()) * 0.5 + sum(model(x2, y2).values()) * 0.5).backward()
+    for a, b in zip(got, model.parameters()):
+        torch.testing.assert_close(a, b.grad)
+    assert torch.equal(loss, sum(model(x1, y1).values()).detach())  # the returned loss is not scaled
+
+
+def test_under_ddp_the_batches_before_a_groups_last_keep_their_gradients_local(tmp_path, monkeypatch):
+    """A real DDP module (a one-process gloo group): DDP's forward runs under no_sync for every
+    batch of a group but its last (where the backward all-reduces), compiled or not."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        model = Tiny()
+        ddp = DistributedDataParallel(model)
+        syncs = []
+        model.register_forward_pre_hook(lambda m, args: syncs.append(ddp.require_backward_grad_sync))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        step = EagerStep(ddp, opt, device=CPU, amp=False, world=2)
+        (x1, y1), (x2, y2) = Batches(2)
+        for first, last, (x, y) in [(True, False, (x1, y1)), (False, False, (x2, y2)), (False, True, (x1, y1))]:
+            step(x, y, first=first, last=last, scale=1 / 3)
+        assert syncs == [False, False, True] and ddp.require_backward_grad_sync
+        got = _grads(model)
+        model.zero_grad()
+        (sum(sum(model(x, y).values()) for x, y in [(x1, y1), (x2, y2), (x1, y1)]) / 3).backward()
+        for a, b in zip(got, model.parameters()):
+            torch.testing.assert_close(a, b.grad)
+
+        class Compiled(nn.Module):  # what torch.compile returns: the DDP module as _orig_mod
+            def __init__(self, inner):
+                super().__init__()
+                self._orig_mod = inner
+
+            def forward(self, *args):
+                return self._orig_mod(*args)
+        monkeypatch.setattr(torch, "compile", lambda module, **kw: Compiled(module))
+        compiled = CompiledStep(ddp, opt, device=CPU, amp=False, world=2)
+        assert compiled.ddp is ddp and step.ddp is ddp and EagerStep(model, opt, device=CPU, amp=False).ddp is None
+        syncs.clear()
+        compiled(x1, y1, first=True, last=False, scale=0.5)
+        assert syncs == [False]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_graphed_step_does_not_accumulate():
+    """Each replay writes the gradients afresh: the runner resolves train.cuda_graph off (one
+    line, config.yaml records it), build_step refuses the pair, the step refuses a group."""
+    from tasks.classify import ClassifyConfig
+    from tasks.engine.config import config_from_dict
+    from tasks.engine.runner import resolve_switches
+
+    cuda = torch.device("cuda")  # resolve_switches reads the type; build_step refuses before touching it
+    cfg = config_from_dict(ClassifyConfig, {"train": {"cuda_graph": True, "graph_eval": True, "accumulate": 4}})
+    assert resolve_switches(cfg, cuda) == ["train.cuda_graph: false (train.accumulate=4: a replayed graph writes the "
+                                           "gradients afresh, it cannot add micro-batches up)"]
+    assert not cfg.train.cuda_graph and cfg.train.graph_eval  # evaluation graphs are not concerned
+    varying = config_from_dict(ClassifyConfig, {"train": {"cuda_graph": True, "accumulate": 4}})
+    assert resolve_switches(varying, cuda, fixed_shapes=False) == [  # one reason per switch
+        "train.cuda_graph, train.cudnn_benchmark: false (the batches of data.resize=aspect vary in shape: eager "
+        "steps, no autotuning)"]
+    one = config_from_dict(ClassifyConfig, {"train": {"cuda_graph": True}})
+    assert resolve_switches(one, cuda) == [] and one.train.cuda_graph
+
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"^train.accumulate=2 needs train.cuda_graph=false"):
+        build_step(model, opt, toy_config(train={"cuda_graph": True, "accumulate": 2}).train, cuda, amp=False)
+    step = GraphedStep(FakeGraph(model), device=CPU)
+    x, y = Batches(1)[0]
+    step(x, y)
+    with pytest.raises(ValueError, match="cannot accumulate gradients"):
+        step(x, y, first=True, last=False, scale=0.5)
