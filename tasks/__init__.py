@@ -3,6 +3,8 @@
     from tasks import load
     model = load("runs/detect/<run>/best.pt", device="cuda")   # any task's checkpoint
     results = model.predict(["a.jpg", pil_image, rgb_uint8_array, chw_uint8_tensor], batch_size=32)
+    for name, result in model.stream(["photos/", "photos/**/*.jpg", "todo.txt", "clip.mp4"]):
+        ...  # folders, glob patterns, .txt lists, videos (frame by frame): one result per image
 
 ``TASKS`` is the task registry (``tasks.engine.registry``): ``TASKS["detect"]`` is the
 detection task's ``TaskSpec``. Names are resolved on first use, so importing ``tasks`` (or
@@ -28,11 +30,15 @@ def load(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], device: st
     once for both). ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
     ``task``: refuse a checkpoint of another task. ``amp``: bf16 autocast on CUDA.
 
-    ``predict(inputs, batch_size=32, **options)`` takes file paths, PIL images, uint8 numpy
-    arrays (``H x W`` or ``H x W x C``, RGB) or uint8 tensors (``C x H x W``), one or a list,
-    any sizes, and returns one result per image in its original pixel coordinates:
-    classification ``{"top": [(name, prob), ...], "probs"}``; detection ``{"boxes", "scores",
-    "labels", "names"}``; segmentation ``{"mask", "class_fractions"}``; multitask one of each.
+    ``predict(inputs, batch_size=32, *, video_stride=1, progress=False, **options)`` takes
+    file paths, folders (recursive), glob patterns, ``.txt`` lists of paths, video files (each
+    frame an image; every ``video_stride``-th), PIL images, uint8 numpy arrays (``H x W`` or
+    ``H x W x C``, RGB) or uint8 tensors (``C x H x W``), one or a list mixing them, any sizes,
+    and returns one result per image in its original pixel coordinates: classification
+    ``{"top": [(name, prob), ...], "probs"}``; detection ``{"boxes", "scores", "labels",
+    "names"}``; segmentation ``{"mask", "class_fractions"}``; multitask one of each.
+    ``stream(...)`` (the same arguments) yields ``(name, result)`` as each batch is done: memory
+    holds one batch of decoded images, for a folder or a video of any length.
     """
     from tasks.engine.predict import Predictor, check_load_arguments
 

@@ -1,22 +1,31 @@
 """A trained model for raw images: ``Predictor.predict(inputs)`` -> per-image results.
 
 ``tasks.load(ckpt)`` returns one; ``--predict`` is a thin layer over it. Inputs are file
-paths (EXIF orientation applied), PIL images, ``H x W`` / ``H x W x C`` uint8 numpy arrays
-(RGB) or ``C x H x W`` uint8 tensors, any sizes mixed. Every input is checked before any
-device work (a file: that it exists and is an image format, by its header); files are then
-decoded ``batch_size`` at a time, so memory stays bounded for a folder of any size. Each image
-goes through the checkpoint's ``Preprocess`` (the one evaluation used), images whose padded
-inputs have one shape are batched together (so an image's result never depends on which
-other images came with it), the model runs in eval mode without gradients (bf16 autocast and
-channels_last on CUDA), and the task's ``decode`` maps outputs back to the original pixels.
-A model (or checkpoint) holding NaN / inf is refused, and so is a batch whose outputs do.
+paths (EXIF orientation applied), folders, glob patterns, ``.txt`` lists of paths and video
+files (expanded by ``tasks.engine.inputs``: a folder or a video is one argument, many images),
+PIL images, ``H x W`` / ``H x W x C`` uint8 numpy arrays (RGB) or ``C x H x W`` uint8
+tensors, any sizes mixed. Every input is checked before any device work (a file: that it
+exists and is an image format, by its header; a video: that OpenCV reads a frame of it);
+files and frames are then decoded ``batch_size`` at a time, so memory stays bounded for a
+folder or a video of any size (``stream`` hands each result on as its chunk is done). Each
+image goes through the checkpoint's ``Preprocess`` (the one evaluation used), images whose
+padded inputs have one shape are batched together (so an image's result never depends on
+which other images came with it), the model runs in eval mode without gradients (bf16
+autocast and channels_last on CUDA), and the task's ``decode`` maps outputs back to the
+original pixels. A model (or checkpoint) holding NaN / inf is refused, and so is a batch
+whose outputs do.
 
 ``predict_files`` (``--predict``) writes each input's files through a staging step: they
 appear together or not at all, under names that no other input's files and no input file
-have, as new files (a link in the output folder is replaced, never written through).
+have, as new files (a link in the output folder is replaced, never written through); then
+``summary.json`` for the whole call and, for detection, the detections in COCO's results
+format with their image table (``coco_results.json``, ``coco_images.json``).
 """
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import math
 import numbers
 import os
@@ -30,6 +39,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from tasks.data.images import image_from_input, read_image_size
 from tasks.data.preprocess import Preprocess
@@ -38,11 +48,14 @@ from .checkpoint import load_checkpoint, model_state, new_temp, remove_stale_tem
 from .config import config_from_dict
 from .distributed import resolve_device
 from .guard import first_nonfinite
+from .inputs import Source, Video, decode_inputs, expand, expected_images, item_path
+from .logging import progress as progress_bar
 from .loop import autocast
 from .registry import TASKS, TaskSpec, read_meta, spec_for_checkpoint
-from .viz import WRITE_HOOK, write_json
+from .viz import WRITE_HOOK, write_file, write_json
 
-__all__ = ["Predictor", "predict_images", "load_task_model", "predict_files", "unique_stems", "check_load_arguments"]
+__all__ = ["Predictor", "predict_images", "load_task_model", "predict_files", "unique_stems", "check_load_arguments",
+           "SUMMARY", "COCO_RESULTS", "COCO_IMAGES"]
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -202,9 +215,11 @@ class Predictor:
 
     # ------------------------------------------------------------------ inputs
 
-    def _items(self, inputs: Any) -> list[Any]:
-        """The inputs, checked, as a list of file paths (decoded later, a chunk at a time) and
-        ``H x W x in_chans`` arrays (inputs already in memory, converted once)."""
+    def _items(self, inputs: Any, video_stride: int = 1) -> list[Any]:
+        """The inputs, expanded (``inputs.expand``: folders, patterns, ``.txt`` lists, videos)
+        and checked, as a list of image file paths and ``Video``s (decoded later, a chunk at a
+        time) and ``H x W x in_chans`` arrays (inputs already in memory, converted once).
+        Errors name an input by its position in this list ("input 3"; a video counts once)."""
         if inputs is None:
             raise ValueError("predict(None): expected file paths, PIL images, uint8 arrays or uint8 tensors "
                              "(one, or a list)")
@@ -218,8 +233,10 @@ class Predictor:
         if len(inputs) == 0:
             raise ValueError("predict() got no inputs (an empty list, or an iterator already used up): pass file "
                              "paths, PIL images, uint8 arrays or uint8 tensors")
+        items = expand(inputs, video_stride=video_stride)
         return [self._check_path(x, f"input {i}") if isinstance(x, (str, os.PathLike))
-                else image_from_input(x, self.preprocess.in_chans, f"input {i}") for i, x in enumerate(inputs)]
+                else x if isinstance(x, Video)
+                else image_from_input(x, self.preprocess.in_chans, f"input {i}") for i, x in enumerate(items)]
 
     def _check_path(self, item: str | os.PathLike, name: str) -> str | os.PathLike:
         """A file input, checked without decoding it: it exists and its header is one of an
@@ -238,14 +255,16 @@ class Predictor:
             image_from_input(item, self.preprocess.in_chans, name)  # raises the reader's own error
         return item
 
-    def _decode(self, item: Any, index: int) -> np.ndarray:
-        if isinstance(item, (str, os.PathLike)):
-            return image_from_input(item, self.preprocess.in_chans, f"input {index}")
-        return item
-
-    def read(self, inputs: Any) -> list[np.ndarray]:
-        """Every input as ``H x W x in_chans`` uint8 (checked before anything runs)."""
-        return [self._decode(x, i) for i, x in enumerate(self._items(inputs))]
+    def read(self, inputs: Any, *, video_stride: int = 1) -> list[np.ndarray]:
+        """Every input as ``H x W x in_chans`` uint8 (checked before anything runs; a video:
+        each of its frames, all in memory: ``stream`` is the way through a long one)."""
+        items = self._items(inputs, _positive_int("video_stride", video_stride))
+        images = []
+        for _, image in decode_inputs(enumerate(items), self.preprocess.in_chans):
+            if isinstance(image, Exception):
+                raise image
+            images.append(image)
+        return images
 
     # ------------------------------------------------------------------ running
 
@@ -278,29 +297,71 @@ class Predictor:
                              f"(options: {valid})")
         return {k: OPTION_CHECKS[k](k, v) if k in OPTION_CHECKS else v for k, v in options.items()}
 
-    def predict(self, inputs: Any = _NO_INPUTS, batch_size: int = 32, **options: Any) -> list[dict[str, Any]]:
-        if inputs is _NO_INPUTS:
-            raise ValueError("predict() needs inputs: file paths, PIL images, uint8 arrays or uint8 tensors "
-                             "(one, or a list)")
-        batch_size = _positive_int("batch_size", batch_size)
-        options = self.check_options(options)
-        return self.predict_items(self._items(inputs), batch_size, options)
+    def predict(self, inputs: Any = _NO_INPUTS, batch_size: int = 32, *, video_stride: int = 1,
+                progress: bool = False, **options: Any) -> list[dict[str, Any]]:
+        """One result per image, in order (a video: one per frame it gives). ``video_stride``:
+        every how many-th frame of a video is predicted; ``progress``: a tqdm bar on stderr
+        (on a terminal). A long video's results all stay in the list: ``stream`` hands each
+        on instead."""
+        return [result for _, result in self.stream(inputs, batch_size, video_stride=video_stride,
+                                                     progress=progress, **options)]
 
     __call__ = predict
 
-    def predict_items(self, items: Sequence[Any], batch_size: int, options: Mapping[str, Any]
-                      ) -> list[dict[str, Any]]:
-        """Checked inputs (``_items``) -> results, ``batch_size`` inputs at a time: files are
-        decoded only for their chunk, so memory holds one chunk of decoded images, not all.
-        The task's ``predict`` batches each chunk by padded shape as before: an image's result
-        does not depend on its batch (inputs of one padded shape in order even get the very
-        batches, and bits, of one call for all)."""
+    def stream(self, inputs: Any = _NO_INPUTS, batch_size: int = 32, *, video_stride: int = 1,
+               progress: bool = False, **options: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(name, result)`` for each image of ``inputs`` (as ``predict`` takes them), each
+        handed on as soon as its chunk of ``batch_size`` is predicted: memory holds one chunk
+        of decoded images and what the caller keeps, for a folder or a video of any length.
+        ``name``: the file's path, ``"input <i>"`` for an image in memory, ``"<video>#frame<N>"``
+        for a video's frame. The inputs are checked here, before the first result is asked for."""
+        if inputs is _NO_INPUTS:
+            raise ValueError("predict() needs inputs: file paths, folders, glob patterns, .txt lists, videos, PIL "
+                             "images, uint8 arrays or uint8 tensors (one, or a list)")
+        batch_size = _positive_int("batch_size", batch_size)
+        video_stride = _positive_int("video_stride", video_stride)
+        progress = _flag("progress", progress)
+        options = self.check_options(options)
+        items = self._items(inputs, video_stride)
+        return ((source.name, result) for source, _, result in
+                self.predict_items(list(enumerate(items)), batch_size, options, progress=progress))
+
+    def predict_items(self, items: Sequence[tuple[int, Any]], batch_size: int, options: Mapping[str, Any], *,
+                      progress: bool = False, raise_errors: bool = True
+                      ) -> Iterator[tuple[Source, np.ndarray | None, dict[str, Any] | Exception]]:
+        """``(source, image, result)`` for each image of checked ``(index, item)`` pairs
+        (``_items``), in order: ``batch_size`` images are decoded, predicted and handed on
+        before the next are decoded, so memory holds one chunk of decoded images, not all (a
+        video is decoded as it goes). The task's ``predict`` batches each chunk by padded shape
+        as before: an image's result does not depend on its batch (inputs of one padded shape in
+        order even get the very batches, and bits, of one call for all). A file that does not
+        decode is raised, or with ``raise_errors=False`` handed on as ``(source, None, error)``.
+        ``progress``: a tqdm bar over the images (total: the files plus the videos' frame counts)."""
         run = self.spec.predict or predict_images
-        results: list[dict[str, Any]] = []
-        for start in range(0, len(items), batch_size):
-            images = [self._decode(x, start + j) for j, x in enumerate(items[start:start + batch_size])]
-            results.extend(run(self, images, batch_size, **options))
-        return results
+        with progress_bar(None, total=expected_images([item for _, item in items]), desc="predict",
+                          quiet=not progress) as bar:
+            chunk: list[tuple[Source, np.ndarray]] = []
+            for source, image in decode_inputs(items, self.preprocess.in_chans):
+                if isinstance(image, Exception):
+                    if raise_errors:
+                        raise image
+                    yield source, None, image
+                    bar.update()
+                    continue
+                chunk.append((source, image))
+                if len(chunk) == batch_size:
+                    yield from self._run_chunk(run, chunk, batch_size, options, bar)
+                    chunk = []  # the chunk's images go before the next chunk is decoded
+            if chunk:
+                yield from self._run_chunk(run, chunk, batch_size, options, bar)
+
+    def _run_chunk(self, run: Callable[..., list[dict[str, Any]]], chunk: list[tuple[Source, np.ndarray]],
+                   batch_size: int, options: Mapping[str, Any], bar: Any
+                   ) -> Iterator[tuple[Source, np.ndarray, dict[str, Any]]]:
+        results = run(self, [image for _, image in chunk], batch_size, **options)
+        for (source, image), result in zip(chunk, results, strict=True):
+            yield source, image, result
+            bar.update()
 
 
 def predict_images(predictor: Predictor, images: Sequence[np.ndarray], batch_size: int,
@@ -323,6 +384,8 @@ def predict_images(predictor: Predictor, images: Sequence[np.ndarray], batch_siz
 
 
 _STEM_BYTES = 100  # a stem plus "_overlay.png" and a temp name's ".tmp<pid>" stays far below NAME_MAX (255)
+SUMMARY, COCO_RESULTS, COCO_IMAGES = "summary.json", "coco_results.json", "coco_images.json"  # the call's own files
+_OWN = (SUMMARY, COCO_RESULTS, COCO_IMAGES)
 
 
 def _name_key(name: str) -> str:
@@ -331,21 +394,30 @@ def _name_key(name: str) -> str:
     return unicodedata.normalize("NFC", name).casefold()
 
 
-def unique_stems(paths: Sequence[str]) -> list[str]:
-    """File stems for outputs, made distinct (``a/img.png`` and ``b/img.png`` -> ``img``, ``img-2``;
-    ``summary`` is taken by ``summary.json``). Distinct also where a disk ignores case (``IMG``
-    and ``img``); leading dots dropped (outputs are not hidden files, nor look like temp files);
-    cut to 100 bytes (a file name has at most 255)."""
-    stems, seen = [], {"summary"}
-    for path in paths:
-        stem = Path(path).stem.lstrip(".")
+class _Stems:
+    """Output stems, each distinct from those given before (``a/img.png`` and ``b/img.png``
+    -> ``img``, ``img-2``; ``summary`` and the COCO files' stems are taken). Distinct also
+    where a disk ignores case (``IMG`` and ``img``); leading dots dropped (outputs are not
+    hidden files, nor look like temp files); cut to 100 bytes (a file name has at most 255).
+    ``taken``: the name keys in use."""
+
+    def __init__(self) -> None:
+        self.taken = {_name_key(Path(name).stem) for name in _OWN}
+
+    def add(self, stem: str) -> str:
+        stem = stem.lstrip(".")
         stem = stem.encode("utf-8", "surrogateescape")[:_STEM_BYTES].decode("utf-8", "ignore") or "image"
         candidate, i = stem, 2
-        while _name_key(candidate) in seen:
+        while _name_key(candidate) in self.taken:
             candidate, i = f"{stem}-{i}", i + 1
-        seen.add(_name_key(candidate))
-        stems.append(candidate)
-    return stems
+        self.taken.add(_name_key(candidate))
+        return candidate
+
+
+def unique_stems(paths: Sequence[str]) -> list[str]:
+    """Distinct output stems for ``paths`` (``_Stems``)."""
+    stems = _Stems()
+    return [stems.add(Path(path).stem) for path in paths]
 
 
 class _NameTaken(Exception):
@@ -358,12 +430,15 @@ class _Outputs:
     when it returns, so they appear together or not at all. A name is refused (the input gets
     the next free stem) when another input's files already have it (``a/img.png``'s mask
     ``img_mask.png`` and ``c/img_mask.png``'s picture), or when it is an input file. Writes
-    go only into ``folder`` (the folder itself may be a link: the user's choice)."""
+    go only into ``folder`` (the folder itself may be a link: the user's choice). Without
+    ``images`` only the files an input's entry names are kept (a segmentation mask: the
+    result itself); its pictures and its own JSON are not (``summary.json`` holds the entry)."""
 
-    def __init__(self, folder: Path, inputs: Sequence[str]) -> None:
+    def __init__(self, folder: Path, inputs: Sequence[str], images: bool = True) -> None:
         self.folder = folder
         self.root = folder.resolve()
-        self.owner: dict[str, int] = {_name_key("summary.json"): -1}  # name key -> input index
+        self.images = images
+        self.owner: dict[str, int] = {_name_key(name): -1 for name in _OWN}  # name key -> input index
         self.inputs: set[Path] = set()
         self.input_ids: set[tuple[int, int]] = set()
         for path in inputs:
@@ -377,7 +452,8 @@ class _Outputs:
         self.current = -1
 
     def outside(self, index: int, path: str) -> str | None:
-        """Why input ``path`` must not be predicted into this folder, or None."""
+        """Why input ``path`` must not be predicted into this folder, or None. (A folder that
+        holds this one is read without it: ``inputs.expand`` leaves it out.)"""
         try:
             resolved = Path(path).resolve()
         except (OSError, RuntimeError, ValueError):
@@ -385,8 +461,6 @@ class _Outputs:
         if resolved == self.root or self.root in resolved.parents:
             return (f"input {index} ({path}): it is inside the output folder {self.folder} (an earlier prediction?): "
                     f"it is not read, so that no output is predicted from outputs or written over an input")
-        if resolved in self.root.parents and resolved.is_dir():
-            return f"input {index} ({path}): it is a folder, and holds the output folder {self.folder}"
         return None
 
     def _is_input(self, path: Path) -> bool:
@@ -448,6 +522,10 @@ class _Outputs:
                 raise
             finally:
                 WRITE_HOOK.reset(token)
+            if not self.images:  # (drawn and encoded all the same: the task's writer draws as it writes)
+                named = {v for v in entry.values() if isinstance(v, str)}
+                for key in [k for k, (_, path) in self.staged.items() if str(path) not in named]:
+                    self.staged.pop(key)[0].unlink(missing_ok=True)
             return {**entry, "files": self._commit()}
         raise AssertionError("unreachable")
 
@@ -472,64 +550,152 @@ class _Outputs:
         self.staged = {}
 
 
-def predict_files(predictor: Predictor, paths: Sequence[str], out_dir: Path, batch_size: int = 32) -> list[dict]:
-    """``--predict``: every readable file through ``predictor``, then the task's
+def _detections(result: Any) -> Mapping[str, Any] | None:
+    """A result's detections: a detection result, or a multitask one's ``detect``; else None."""
+    for candidate in (result, result.get("detect") if isinstance(result, Mapping) else None):
+        if isinstance(candidate, Mapping) and {"boxes", "scores", "labels"} <= candidate.keys():
+            return candidate
+    return None
+
+
+class _CocoResults:
+    """Detections in COCO's results format, ``[{"image_id", "category_id", "bbox": [x, y, w,
+    h], "score"}]`` (the dataset's own category ids, from the checkpoint's ``category_ids``),
+    and the image table they refer to, as a COCO dataset without annotations: pycocotools
+    reads them as ``COCO("coco_images.json").loadRes("coco_results.json")``. Image ids count
+    the predicted images from 1, in order; ``file_name`` is the input's name (a frame's
+    ``<video>#frame<N>``, with ``video`` and ``frame`` beside it)."""
+
+    def __init__(self, meta: Mapping[str, Any]) -> None:
+        names = list(meta["class_names"])
+        self.category_ids = [int(c) for c in meta.get("category_ids") or range(1, len(names) + 1)]
+        self.categories = [{"id": c, "name": n} for c, n in zip(self.category_ids, names)]
+        self.images: list[dict[str, Any]] = []
+        self.results: list[dict[str, Any]] = []
+
+    def add(self, result: Any, source: Source, size: tuple[int, int]) -> None:
+        detections = _detections(result)
+        if detections is None:
+            return
+        image_id = len(self.images) + 1
+        h, w = size
+        where = {"video": source.video, "frame": source.frame} if source.video is not None else {}
+        self.images.append({"id": image_id, "file_name": source.name, "width": w, "height": h, **where})
+        # tolist() once per image: float() on tensor elements costs a microsecond or more each
+        for (x1, y1, x2, y2), score, label in zip(detections["boxes"].tolist(), detections["scores"].tolist(),
+                                                  detections["labels"].tolist()):
+            self.results.append({"image_id": image_id, "category_id": self.category_ids[label],
+                                 "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                                 "score": round(score, 4)})
+
+    def write(self, folder: Path) -> None:
+        if not self.images:
+            return
+        # an image, a detection a line: results run to millions of them, indented JSON to ten lines each
+        table = (f'{{"images": {_json_lines(self.images)},\n"annotations": [],\n'
+                 f'"categories": {json.dumps(self.categories)}}}\n')
+        results = _json_lines(self.results) + "\n"
+        write_file(folder / COCO_IMAGES, lambda tmp: tmp.write_text(table))
+        write_file(folder / COCO_RESULTS, lambda tmp: tmp.write_text(results))
+
+
+def _json_lines(items: Sequence[Any]) -> str:
+    """A JSON list, an item a line."""
+    return "[\n" + ",\n".join(json.dumps(item) for item in items) + "\n]" if items else "[]"
+
+
+@contextlib.contextmanager
+def _lines(shown: bool):
+    """What a task's ``write_prediction`` prints: past the progress bar (it is cleared and
+    drawn again), or nowhere."""
+    if not shown:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+        return
+    with tqdm.external_write_mode(file=sys.stdout):
+        yield
+
+
+def _report(line: str) -> None:
+    with tqdm.external_write_mode(file=sys.stderr):
+        sys.stderr.write(line + "\n")
+
+
+def predict_files(predictor: Predictor, inputs: Sequence[Any], out_dir: Path, batch_size: int = 32, *,
+                  images: bool = True, video_stride: int = 1, progress: bool = False) -> list[dict]:
+    """``--predict``: every image of ``inputs`` (files, folders, glob patterns, ``.txt``
+    lists, videos: ``inputs.expand``) through ``predictor``, then the task's
     ``write_prediction`` (files under ``out_dir``, one printed line each); ``out_dir/summary.json``
     lists every entry (the task's result: classify's top classes, detection's boxes...), each
-    with the ``files`` written for it.
-    Files are read, predicted and written ``batch_size`` at a time (memory stays bounded for a
-    folder of any size). An input inside ``out_dir`` (an earlier run's output) is skipped and
-    named, never read nor written over; a file that cannot be read is reported (stderr) and the
-    others are still predicted; then a ``ValueError`` names what failed."""
+    with the ``files`` written for it (a video frame's with its ``video`` and ``frame``); for
+    detection (and multitask) ``coco_results.json`` and ``coco_images.json`` hold the boxes in
+    COCO's results format (``_CocoResults``). ``images=False``: only the files an entry names
+    (segmentation masks) are written, no pictures and no per-image JSON or line.
+    Files are read, predicted and written ``batch_size`` at a time, video frames decoded as
+    they go (memory stays bounded for a folder or a video of any size); ``progress``: a tqdm
+    bar. Files inside ``out_dir`` (an earlier run's outputs) are never read nor written over:
+    folders and patterns leave them out (a warning says how many), a file named on its own is
+    skipped and named. A file that cannot be read is reported (stderr) and the others are still
+    predicted; then a ``ValueError`` names what failed. An argument that names nothing usable
+    (a pattern matching nothing, an empty folder, a missing list entry, an unreadable video) is
+    an error before anything is predicted."""
     out_dir = Path(out_dir)
     batch_size = _positive_int("batch_size", batch_size)
-    outputs = _Outputs(out_dir, [str(p) for p in paths])
+    video_stride = _positive_int("video_stride", video_stride)
+    images = _flag("images", images)
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    items = expand(inputs, video_stride=video_stride, exclude=out_dir)
+    if not items or any(item_path(item) is None for item in items):
+        raise ValueError("predict_files() takes paths: image files, folders, glob patterns, .txt lists or videos "
+                         "(images in memory: Predictor.predict)")
+    paths = [item_path(item) for item in items]
+    outputs = _Outputs(out_dir, paths, images)
     # temp files of a --predict that was killed (its process gone); a live one's are kept
     remove_stale_temps(outputs.folder, keep=outputs.inputs)
     failed: list[tuple[int, str]] = []  # (input index, why)
     todo = []
     for i, path in enumerate(paths):
-        why = outputs.outside(i, str(path))
+        why = outputs.outside(i, path)
         if why is None:
-            todo.append(i)
+            todo.append((i, items[i]))
         else:
             failed.append((i, why))
-            sys.stderr.write(f"skipped {why}\n")
+            _report(f"skipped {why}")
     skipped = len(failed)
-    stems = unique_stems([str(p) for p in paths])
-    taken = {_name_key(s) for s in stems} | {"summary"}
-    spec, meta, in_chans = predictor.spec, predictor.meta, predictor.preprocess.in_chans
+    stems = _Stems()
+    spec, meta = predictor.spec, predictor.meta
     entries: list[dict] = []
+    coco = _CocoResults(meta)
     done = False
     out_dir.mkdir(parents=True, exist_ok=True)  # summary.json for every task (classify writes nothing else)
     try:
-        for start in range(0, len(todo), batch_size):
-            images, good = [], []
-            for i in todo[start:start + batch_size]:
-                try:
-                    images.append(image_from_input(paths[i], in_chans, f"input {i}"))
-                    good.append(i)
-                except (ValueError, FileNotFoundError) as e:  # the message names the input and its file
-                    failed.append((i, str(e)))
-                    sys.stderr.write(f"skipped {e}\n")
-            results = predictor.predict_items(images, batch_size, {}) if images else []
-            for result, image, i in zip(results, images, good, strict=True):
-                entries.append(outputs.write(i, stems[i], lambda stem: spec.write_prediction(
-                    result, image, str(paths[i]), out_dir, stem, meta), taken))
-            del images, results  # one chunk of decoded images at a time
+        for source, image, result in predictor.predict_items(todo, batch_size, {}, progress=progress,
+                                                             raise_errors=False):
+            if isinstance(result, Exception):  # the message names the input and its file
+                failed.append((source.index, str(result)))
+                _report(f"skipped {result}")
+                continue
+            where = {"video": source.video, "frame": source.frame} if source.video is not None else {}
+            with _lines(shown=images):
+                entries.append(outputs.write(source.index, stems.add(source.stem), lambda stem: {
+                    **spec.write_prediction(result, image, source.name, out_dir, stem, meta), **where}, stems.taken))
+            coco.add(result, source, image.shape[:2])
         done = True
     finally:
         if out_dir.is_dir():  # what is on disk, also when a write or the model failed half-way
-            errors = [{"image": str(paths[i]), "error": why} for i, why in sorted(failed)]
+            errors = [{"image": paths[i], "error": why} for i, why in sorted(failed)]
             try:
-                write_json(out_dir / "summary.json", entries + errors)
+                write_json(out_dir / SUMMARY, entries + errors)
+                coco.write(out_dir)
             except OSError:
                 if done:
                     raise
     if failed:
         what = "could not be read" if not skipped else \
             "were skipped" if skipped == len(failed) else "were skipped or could not be read"
-        raise ValueError(f"{len(failed)} of {len(paths)} inputs {what}"
-                         + (f" (the other {len(entries)} were predicted)" if entries else "")
+        n = len(entries)  # a video is one input and gives many images
+        predicted = f"the other {n} were predicted" if n == len(paths) - len(failed) else f"{n} images were predicted"
+        raise ValueError(f"{len(failed)} of {len(paths)} inputs {what}" + (f" ({predicted})" if entries else "")
                          + f": {min(failed)[1]}")
     return entries

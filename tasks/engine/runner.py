@@ -52,13 +52,14 @@ from .graphs import inference_model, inference_models
 from .logging import Console, MetricsLog
 from .viz import write_json
 from .loop import Terminated, Trainer, TrainingGuardError, hold_signals, stop_on_sigterm
+from .inputs import expand as expand_inputs
 from .predict import Predictor, load_task_model, predict_files
 from .registry import TaskSpec, spec_for_checkpoint
 from .trunk import load_trunk
 
-__all__ = ["build_parser", "Run", "setup_run", "run", "predict_files", "default_recipe", "find_config", "run_cli",
-           "RunLock", "LOCK_NAME", "RUN_RESULTS", "resolve_switches", "list_recipes", "recipe_summary", "invoked_as",
-           "prog_name"]
+__all__ = ["build_parser", "Run", "setup_run", "run", "predict_files", "predict_arguments", "default_recipe",
+           "find_config", "run_cli", "RunLock", "LOCK_NAME", "RUN_RESULTS", "resolve_switches", "list_recipes",
+           "recipe_summary", "invoked_as", "prog_name"]
 
 LOCK_NAME = ".lock"
 # What a run leaves in its folder that a new run would overwrite: a folder holding any of them
@@ -164,7 +165,14 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
     g.add_argument("--limit-train", type=int, metavar="N", help="train on a seeded random subset of N samples (class-balanced for classify)")
     g.add_argument("--limit-val", type=int, metavar="N", help="evaluate a seeded random subset of N samples")
     g.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
-    g.add_argument("--predict", nargs="+", metavar="IMG", help="predict these images and exit")
+    g.add_argument("--predict", nargs="+", metavar="INPUT",
+                   help="predict and exit: image files, folders (recursive), quoted glob patterns ('photos/**/*.jpg'), "
+                        ".txt lists of paths, videos; summary.json and the task's files in <output>/predictions")
+    g.add_argument("--video-stride", type=int, metavar="N",
+                   help="with --predict: every N-th frame of a video (default 1)")
+    g.add_argument("--images", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --predict: each image's pictures and own JSON (default); --no-images: only summary.json, "
+                        "the COCO results and segmentation masks, and no line per image")
     d = p.add_argument_group("data")
     helps = {"data_dir": "Fashion-MNIST folder (the four IDX .gz files)", "train_ann": "COCO JSON (train)",
              "val_ann": "COCO JSON (val)", "train_images": "image folder (train)", "val_images": "image folder (val)",
@@ -482,6 +490,7 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
     if args.weights and not (args.eval_only or args.predict):
         raise ValueError("--weights goes with --eval-only or --predict; to train from a checkpoint's trunk pass "
                          "--trunk CKPT, to continue a run --resume CKPT")
+    predict_arguments(args)  # --video-stride / --no-images without --predict: refused before any work
     if distributed.env_world_size() > 1:
         if args.predict:
             raise ValueError("--predict runs in one process: python -m tasks.<task> --predict ... (not torchrun)")
@@ -649,6 +658,17 @@ def _finish_setup(spec: TaskSpec, args: argparse.Namespace, cfg: Any, output: Pa
                summary=summary, resume_from=resume_from, checkpoint=checkpoint, lock=lock, resume_epoch=resume_epoch)
 
 
+def predict_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """``predict_files``' keywords from ``--video-stride``, ``--images/--no-images`` and
+    ``--quiet`` (no progress bar); those two flags without ``--predict`` are refused."""
+    stride, images = getattr(args, "video_stride", None), getattr(args, "images", None)
+    if not args.predict and (stride is not None or images is not None):
+        raise ValueError("--video-stride and --images / --no-images go with --predict")
+    if stride is not None and stride < 1:
+        raise ValueError(f"--video-stride {stride}: expected a positive number of frames (1: every frame)")
+    return {"images": images is not False, "video_stride": stride or 1, "progress": not args.quiet}
+
+
 def _weights_model(run: Run) -> tuple[Any, dict[str, Any]]:
     """The ``--weights`` model (CPU, eval mode) and its metadata, built under the run's config:
     the checkpoint's, with ``--set`` overrides such as post-processing thresholds."""
@@ -808,8 +828,11 @@ def _run(r: Run) -> dict[str, Any]:
     say(f"{spec.name}: {source} on {device} -> {r.output}")
 
     if args.predict:
+        options, out = predict_arguments(args), r.output / "predictions"
+        # the inputs before the model: a pattern matching nothing is named before any model work
+        inputs = expand_inputs(args.predict, video_stride=options["video_stride"], exclude=out)
         predictor = Predictor(spec, *_weights_model(r), device, amp=cfg.train.amp)
-        return {"predictions": predict_files(predictor, args.predict, r.output / "predictions")}
+        return {"predictions": predict_files(predictor, inputs, out, **options)}
 
     data = spec.build_data(cfg, device, train=not args.eval_only, quiet=args.quiet)
     if len(data.val) == 0:  # every metric would be 0 and look like a result

@@ -133,7 +133,8 @@ def test_predict_keeps_outputs_of_same_named_files_apart(run, tmp_path):
     result = detect.main(["--predict", *paths, "--weights", str(out / "best.pt"), "--device", "cpu",
                           "--output", str(tmp_path / "o")])
     folder = tmp_path / "o" / "predictions"
-    assert {p.name for p in folder.iterdir()} == {"img0.json", "img0.png", "img0-2.json", "img0-2.png", "summary.json"}
+    assert {p.name for p in folder.iterdir()} == {"img0.json", "img0.png", "img0-2.json", "img0-2.png", "summary.json",
+                                                  "coco_images.json", "coco_results.json"}
     assert [json.loads((folder / f).read_text())["image"] for f in ("img0.json", "img0-2.json")] == paths
     assert json.loads((folder / "summary.json").read_text()) == result["predictions"]
 

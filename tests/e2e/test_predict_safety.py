@@ -102,17 +102,29 @@ def test_inputs_inside_the_output_folder_are_skipped_the_others_predicted(ckpts,
     assert not (folder / "old.json").exists() and not (folder / "link.json").exists()
 
 
-def test_a_folder_holding_the_output_folder_is_named_not_read(ckpts, tmp_path, capfd):
-    out = tmp_path / "run"
-    good = _image(tmp_path / "x.png", 120)
-    code, err = _predict("segment", ckpts["segment"], [str(out), good], out, capfd)
-    assert code == 2 and "holds the output folder" in err and (out / "predictions" / "x_mask.png").is_file()
+def test_a_folder_holding_the_output_folder_is_read_without_it(ckpts, tmp_path, capfd):
+    """``--predict photos --output photos/run`` twice: the second run reads the photos, never
+    the first run's outputs; the output folder named as an input is named, not read."""
+    photos = tmp_path / "photos"
+    wanted = sorted([_image(photos / "x.png", 120), _image(photos / "sub" / "y.png", 60, size=(30, 50))])
+    out = photos / "run"
+    assert _predict("segment", ckpts["segment"], [str(photos)], out, capfd)[0] == 0
+    folder = out / "predictions"
+    before = _tree(folder)
+    assert {"x_mask.png", "y_mask.png", "x_overlay.png", "y_overlay.png"} <= set(before)
+    with pytest.warns(UserWarning, match="leaving out 4 files inside the output folder"):
+        code, _ = _predict("segment", ckpts["segment"], [str(photos)], out, capfd)
+    assert code == 0 and set(_tree(folder)) == set(before)  # no x_mask_mask.png ...
+    assert sorted(e["image"] for e in json.loads((folder / "summary.json").read_text())) == wanted
+    code, err = _predict("segment", ckpts["segment"], [str(folder)], out, capfd)
+    assert code == 2 and "inside the output folder" in err and set(_tree(folder)) == set(before)
 
 
 # ----------------------------------------------------------------------------- 2. one name, two inputs
 
 NAMES = [("a", "img.png"), ("b", "img.png"), ("c", "img_mask.png"), ("d", "IMG.png"), ("e", "img.jpg"),
-         ("f", "summary.png"), ("g", "img_overlay.png"), ("h", "img-2.png"), ("i", ".img.png")]
+         ("f", "summary.png"), ("g", "img_overlay.png"), ("h", "img-2.png"), ("i", ".img.png"),
+         ("j", "coco_results.png")]
 
 
 @pytest.mark.parametrize("task", ALL)
@@ -135,7 +147,8 @@ def test_inputs_of_one_name_each_get_their_own_files(ckpts, task, tmp_path, capf
             assert _mask(entry["mask"]).shape == (30 + i, 40 + 2 * i), entry
     files = [os.path.basename(f) for e in summary for f in e["files"]]
     assert len(files) == len(set(files)) == len({f.casefold() for f in files})  # also on a case-blind disk
-    assert sorted(files + ["summary.json"]) == written
+    own = ["summary.json"] + (["coco_images.json", "coco_results.json"] if task in ("detect", "multitask") else [])
+    assert sorted(files + own) == written
     for i, entry in enumerate(summary):
         for f in entry["files"]:
             assert os.path.dirname(f) == str(folder)
