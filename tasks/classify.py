@@ -39,7 +39,7 @@ from tasks.engine import distributed
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig, bounded, setting
 from tasks.engine.loaders import DeviceLoader, TensorLoader, make_loader
 from tasks.engine.loop import autocast
-from tasks.engine.metrics import ConfusionMatrix
+from tasks.engine.metrics import ConfusionMatrix, by_name
 from tasks.engine.registry import TaskData, TaskSpec
 from tasks.engine.runner import build_parser, run, run_cli
 from tasks.engine.viz import plot_confusion
@@ -208,8 +208,9 @@ def build_data(cfg: ClassifyConfig, device: torch.device, *, train: bool = True,
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: TaskData, device: torch.device, amp: bool = True, *,
              output: Path | None = None, quiet: bool = True) -> dict[str, Any]:
-    """Top-1 accuracy and per-class accuracy over every rank's validation shard; with
-    ``output``, ``confusion.png`` (rows: true class)."""
+    """Top-1 accuracy, per-class accuracy (a list in class order) and per-class precision and
+    recall (``{class name: value}``; recall = per-class accuracy) over every rank's validation
+    shard; with ``output``, ``confusion.png`` (rows: true class)."""
     names = data.meta["class_names"]
     was_training = model.training
     model.eval()
@@ -219,14 +220,20 @@ def evaluate(model: torch.nn.Module, data: TaskData, device: torch.device, amp: 
             cm.update(model(images).argmax(1), labels)
     model.train(was_training)
     m = cm.all_reduce().compute()
-    if output is not None:
+    if output is not None and distributed.is_main():
         plot_confusion(cm.mat.cpu().numpy(), names, Path(output) / "confusion.png",
                        title=f"accuracy {m['acc']:.2%} on {int(cm.mat.sum())} images")
-    return {"acc": m["acc"], "per_class_acc": m["per_class_acc"]}
+    return {"acc": m["acc"], "per_class_acc": m["per_class_acc"],
+            "per_class_precision": by_name(names, m["precision"]), "per_class_recall": by_name(names, m["recall"])}
 
 
 def report(metrics: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
-    per_class = "  ".join(f"{n} {a:.4f}" for n, a in zip(meta["class_names"], metrics["per_class_acc"]))
+    names = meta["class_names"]
+    p, r = metrics.get("per_class_precision"), metrics.get("per_class_recall")
+    if p and r:
+        per_class = "precision/recall per class: " + "  ".join(f"{n} {p[n]:.3f}/{r[n]:.3f}" for n in names)
+    else:  # metrics recorded before precision and recall were
+        per_class = "accuracy per class: " + "  ".join(f"{n} {a:.3f}" for n, a in zip(names, metrics["per_class_acc"]))
     return [f"accuracy {metrics['acc']:.4f}", f"  {per_class}"]
 
 

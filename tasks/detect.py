@@ -12,9 +12,10 @@ Usage:
 Images are decoded and augmented (scale jitter, flip, crop; albumentations, box-aware) in
 DataLoader workers and normalised on the device. Evaluation and ``--predict`` resize the
 longer side to ``data.image_size`` (aspect kept, padded to a multiple of 32) and map boxes
-back to the file's pixels. Evaluation is pycocotools' COCOeval: AP, AP50, AP75, APs/m/l go
-into metrics.jsonl, the final predictions into predictions.json (COCO results format), and
-detections.png shows predicted (coloured) and true (white) boxes.
+back to the file's pixels. Evaluation is pycocotools' COCOeval: AP, AP50, AP75, APs/m/l and
+per-class AP and AP50 go into metrics.jsonl, the final predictions into predictions.json (COCO
+results format); detections.png shows predicted (coloured) and true (white) boxes, and
+pr_curve.png each class's precision-recall curve at IoU 0.5.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
 from tasks.engine.registry import TaskData, TaskSpec
 from tasks.engine.runner import build_parser, run, run_cli
-from tasks.engine.viz import draw_detection_grid
+from tasks.engine.metrics import by_name, coco_gt_present, coco_per_class
+from tasks.engine.viz import draw_detection_grid, plot_pr_curves, write_file
 
 COCO_FILES = ("train_ann", "train_images", "val_ann", "val_images")
 
@@ -158,9 +160,11 @@ def build_data(cfg: DetectConfig, device: torch.device, *, train: bool = True, q
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: TaskData, device: torch.device, amp: bool = True, *,
-             output: Path | None = None, quiet: bool = True) -> dict[str, float]:
-    """COCO box AP of ``model`` on the validation set (pycocotools); with ``output``, the
-    predictions (``predictions.json``, COCO results) and ``detections.png`` (first 8 images)."""
+             output: Path | None = None, quiet: bool = True) -> dict[str, Any]:
+    """COCO box AP of ``model`` on the validation set (pycocotools), overall and per class
+    (``per_class_AP`` / ``per_class_AP50``: ``{class name: AP}``, -1 for a class without
+    ground truth); with ``output``, the predictions (``predictions.json``, COCO results),
+    ``detections.png`` (first 8 images) and ``pr_curve.png``."""
     was_training = model.training
     model.eval()
     evaluator = CocoEvaluator(data.val_set)
@@ -177,17 +181,37 @@ def evaluate(model: torch.nn.Module, data: TaskData, device: torch.device, amp: 
     # torchrun: each rank saw its shard of the validation set; COCOeval needs them all
     evaluator.results = distributed.gather_lists(evaluator.results)
     evaluator.image_ids = distributed.gather_lists(evaluator.image_ids)
-    metrics = distributed.on_main(evaluator.compute)  # COCOeval on rank 0, its metrics on every rank
+    names = data.meta["class_names"]
+
+    def score() -> dict[str, Any]:
+        metrics: dict[str, Any] = evaluator.compute()
+        ids, ev = data.val_set.cat_ids, evaluator.cocoeval
+        # no detections at all: no COCOeval; a class with ground truth then has AP 0
+        has_gt = None if ev is not None else coco_gt_present(data.val_set.coco, ids, set(evaluator.image_ids))
+        per_class = coco_per_class(ev, ids, has_gt=has_gt)
+        metrics["per_class_AP"] = by_name(names, per_class["AP"])
+        metrics["per_class_AP50"] = by_name(names, per_class["AP50"])
+        if output is not None:
+            plot_pr_curves(per_class["recall"], per_class["precision50"], names, Path(output) / "pr_curve.png",
+                           ap=per_class["AP50"], title=f"precision-recall at IoU 0.5 (AP50 {metrics['AP50']:.3f})")
+        return metrics
+
+    metrics = distributed.on_main(score)  # COCOeval on rank 0, its metrics on every rank
     if output is not None and distributed.is_main():
-        (Path(output) / "predictions.json").write_text(json.dumps(evaluator.results))
+        results = json.dumps(evaluator.results)
+        write_file(Path(output) / "predictions.json", lambda tmp: tmp.write_text(results))
         if shown[0]:
-            draw_detection_grid(shown[0], shown[1], data.meta["class_names"], Path(output) / "detections.png",
-                                targets=shown[2])
+            draw_detection_grid(shown[0], shown[1], names, Path(output) / "detections.png", targets=shown[2])
     return metrics
 
 
 def report(metrics: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
-    return ["COCO box " + "  ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_NAMES)]
+    lines = ["COCO box " + "  ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_NAMES)]
+    ap, ap50 = metrics.get("per_class_AP"), metrics.get("per_class_AP50")
+    if ap and ap50:  # -1: no ground truth of the class
+        lines.append("  AP (AP50) per class: " + "  ".join(
+            f"{n} " + ("-" if ap[n] < 0 else f"{ap[n]:.3f} ({ap50[n]:.3f})") for n in ap))
+    return lines
 
 
 # ----------------------------------------------------------------------------- prediction

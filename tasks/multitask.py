@@ -41,7 +41,8 @@ from tasks.engine.predict import Predictor, load_task_model
 from tasks.engine.registry import TASKS, TaskData, TaskSpec
 from tasks.engine.predict import predict_files
 from tasks.engine.runner import build_parser, run, run_cli
-from tasks.engine.viz import class_colors, draw_detection_grid, draw_segmentation_grid, overlay_mask, save_palette_mask
+from tasks.engine.viz import (class_colors, detection_tile, draw_segmentation_grid, overlay_mask, save_grid,
+                               save_palette_mask)
 
 DETECT, SEGMENT = TASKS["detect"], TASKS["segment"]
 FILES = ("train_ann", "train_images", "train_masks", "val_ann", "val_images", "val_masks")
@@ -148,7 +149,7 @@ def evaluate(model: MultiTaskModel, data: TaskData, device: torch.device, amp: b
     det_eval = CocoEvaluator(data.val_set)
     cm = ConfusionMatrix(len(names) + 1, device, ignore_index=IGNORE_INDEX)
     scores, hot = [], []
-    shown: tuple[list, list, list] = ([], [], [])
+    shown: tuple[list, list, list, list] = ([], [], [], [])
     with autocast(device, amp):
         for images, targets in progress(data.val, total=len(data.val), desc="eval", quiet=quiet):
             out = model(images)
@@ -162,6 +163,9 @@ def evaluate(model: MultiTaskModel, data: TaskData, device: torch.device, amp: b
                 shown[0].extend(data.preprocess.to_uint8(images[:take]).cpu())
                 shown[1].extend(dets[:take])
                 shown[2].extend(masks[:take].cpu())
+                # the truth too: early in training few boxes pass the picture's threshold
+                shown[3].extend({"boxes": t["boxes"].cpu(), "labels": t["labels"].cpu(), "mask": m.cpu()}
+                                for t, m in zip(targets["_meta"][:take], targets["segment"][:take]))
     model.train(was_training)
     # every rank's shard: multi-label scores (small) and COCO results gathered, counts summed
     scores, hot = distributed.gather_lists(scores), distributed.gather_lists(hot)
@@ -173,8 +177,8 @@ def evaluate(model: MultiTaskModel, data: TaskData, device: torch.device, amp: b
     metrics = {"cls_mAP": cls["mAP"], "cls_F1": cls["F1"], **det, "miou": seg["miou"],
                "pixel_acc": seg["pixel_acc"]}
     metrics["mean"] = (metrics["cls_mAP"] + metrics["AP"] + metrics["miou"]) / 3
-    if output is not None and shown[0]:
-        _draw(shown[0], shown[1], shown[2], names, Path(output) / "multitask.png")
+    if output is not None and shown[0] and distributed.is_main():
+        _draw(shown[0], shown[1], shown[2], names, Path(output) / "multitask.png", truth=shown[3])
     return metrics
 
 
@@ -184,11 +188,30 @@ def report(m: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
             "  detection " + "  ".join(f"{k} {m[k]:.4f}" for k in METRIC_NAMES[1:])]
 
 
-def _draw(images, detections, masks, class_names, path: Path) -> None:
-    """Masks painted first, boxes over them: one tile per image."""
-    colors = class_colors(len(class_names) + 1)
-    painted = [overlay_mask(img, m, colors, IGNORE_INDEX) for img, m in zip(images, masks)]
-    draw_detection_grid(painted, detections, class_names, path, nrow=2)
+def _draw(images, detections, masks, class_names, path: Path, *, truth: Sequence[dict] | None = None,
+          score_thresh: float = 0.4, gray: bool = True) -> None:
+    """One row per image: with ``truth`` (``boxes``, ``labels``, ``mask``), the true mask and
+    boxes (white), then the prediction: the predicted mask, the boxes above ``score_thresh``
+    over it; the image in grey levels under them (``gray``). A class's boxes take its mask
+    colour; a legend names the classes shown."""
+    colors = class_colors(len(class_names) + 1)  # [0]: background, never painted
+    box_colors = colors[1:]  # mask value = label + 1
+    tiles, shown = [], set()
+    for i, (img, det, mask) in enumerate(zip(images, detections, masks)):
+        layers = [(truth[i]["mask"], None, truth[i]["boxes"])] if truth is not None else []
+        for m, d, boxes in layers + [(mask, det, None)]:  # (mask, predicted boxes, true boxes) per tile
+            tile, labels = detection_tile(overlay_mask(img, m, colors, IGNORE_INDEX, gray=gray), d, class_names,
+                                          box_colors, score_thresh=score_thresh, target_boxes=boxes)
+            tiles.append(tile)
+            shown |= labels | {c - 1 for c in torch.unique(m).tolist() if 0 < c <= len(class_names)}
+        if truth is not None:
+            shown |= set(truth[i]["labels"].tolist())
+    boxes_drawn = any(len(d["scores"]) and bool((d["scores"] >= score_thresh).any()) for d in detections)
+    note = f"boxes: score >= {score_thresh:.2f}" + ("" if boxes_drawn else " (none)")
+    if truth is not None:
+        note = f"left: truth (mask, white boxes); right: prediction (mask, {note})"
+    save_grid(tiles, path, nrow=2 if truth is not None else 1, legend=[(class_names[c], box_colors[c])
+                                                                       for c in sorted(shown)], note=note)
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -235,7 +258,7 @@ def write_prediction(result: Mapping[str, Any], image: np.ndarray, source: str, 
             {"box_xyxy": [round(v, 2) for v in b.tolist()], "score": round(float(s), 4), "class": c}
             for b, s, c in zip(result["detect"]["boxes"], result["detect"]["scores"], result["detect"]["names"])]
         _draw([picture], [result["detect"]], [mask if mask is not None else torch.zeros(image.shape[:2], dtype=torch.long)],
-              names, out_dir / f"{stem}.png")
+              names, out_dir / f"{stem}.png", gray=mask is not None)
     else:
         draw_segmentation_grid([picture], [mask], ["background", *names], out_dir / f"{stem}.png")
     write_json(out_dir / f"{stem}.json", entry)

@@ -40,12 +40,13 @@ from tasks.data.segmentation import (IGNORE_INDEX, CocoSemanticDataset, MaskFold
                                      scenes_segmentation)
 from tasks.data.transforms import segmentation_train_transforms
 from tasks.data.voc import voc_segmentation
+from tasks.engine import distributed
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded, setting
 from tasks.engine.datasets import (cached_train_loader, data_files, dense_preprocess, dense_train_transforms,
                                    file_loaders)
 from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
-from tasks.engine.metrics import ConfusionMatrix
+from tasks.engine.metrics import ConfusionMatrix, by_name
 from tasks.engine.predict import predict_images
 from tasks.engine.registry import TaskData, TaskSpec
 from tasks.engine.runner import build_parser, run, run_cli
@@ -168,8 +169,9 @@ def build_data(cfg: SegmentConfig, device: torch.device, *, train: bool = True, 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: TaskData, device: torch.device, amp: bool = True, *,
              output: Path | None = None, quiet: bool = True) -> dict[str, Any]:
-    """mIoU, per-class IoU and pixel accuracy over the validation set (ignore index skipped);
-    under torchrun each rank scores its shard and the confusion matrices are summed. With
+    """mIoU, per-class IoU (``iou``, a list in class order, and ``per_class_iou``, ``{class
+    name: IoU}``) and pixel accuracy over the validation set (ignore index skipped); under
+    torchrun each rank scores its shard and the confusion matrices are summed. With
     ``output``, ``segmentation.png`` (the first 4 images)."""
     names = data.meta["class_names"]
     was_training = model.training
@@ -186,14 +188,16 @@ def evaluate(model: torch.nn.Module, data: TaskData, device: torch.device, amp: 
                 shown[1].extend(pred[:take].cpu())
                 shown[2].extend(masks[:take].cpu())
     model.train(was_training)
-    if output is not None and shown[0]:
+    if output is not None and shown[0] and distributed.is_main():
         draw_segmentation_grid(shown[0], shown[1], names, Path(output) / "segmentation.png", targets=shown[2])
-    return cm.all_reduce().segmentation()
+    metrics = cm.all_reduce().segmentation()
+    return {**metrics, "per_class_iou": by_name(names, metrics["iou"])}
 
 
 def report(metrics: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
+    iou = metrics.get("per_class_iou") or by_name(meta["class_names"], metrics["iou"])
     return [f"mIoU {metrics['miou']:.4f}  pixel accuracy {metrics['pixel_acc']:.4f}",
-            "  " + "  ".join(f"{n} {iou:.3f}" for n, iou in zip(meta["class_names"], metrics["iou"]))]
+            "  IoU per class: " + "  ".join(f"{n} {v:.3f}" for n, v in iou.items())]
 
 
 # ----------------------------------------------------------------------------- prediction

@@ -54,7 +54,7 @@ from .subset import subset_indices
 
 __all__ = ["CocoDetection", "CocoEvaluator", "load_coco_json", "check_categories", "check_images", "is_int",
            "checked_annotations", "segmentation_problem", "keep_existing_images", "collate_detection",
-           "detections_to_coco", "coco_evaluate",
+           "detections_to_coco", "coco_evaluate", "run_cocoeval", "coco_stats",
            "METRIC_NAMES"]
 
 # COCOeval.stats[:6], in its order.
@@ -608,17 +608,13 @@ def detections_to_coco(outputs: Sequence[dict], targets: Sequence[dict],
     return results
 
 
-def coco_evaluate(coco_gt: COCO, predictions: Sequence[dict], *,
-                  img_ids: Sequence[int] | None = None, verbose: bool = False) -> dict[str, float]:
-    """Box mAP of COCO-format ``predictions`` with pycocotools' COCOeval.
-
-    Returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` on COCOeval's 0..1 scale (-1 where
-    COCOeval has no ground truth for an area range). No predictions gives all zeros.
-    ``img_ids`` restricts evaluation (default: every image of ``coco_gt``); ``verbose`` lets
-    COCOeval print its table.
-    """
+def run_cocoeval(coco_gt: COCO, predictions: Sequence[dict], *, img_ids: Sequence[int] | None = None,
+                 verbose: bool = False) -> COCOeval | None:
+    """pycocotools' box COCOeval of COCO-format ``predictions``, evaluated, accumulated and
+    summarised (``stats``, ``eval["precision"]``); ``None`` without predictions (``loadRes``
+    cannot take none). ``img_ids`` / ``verbose``: as ``coco_evaluate``."""
     if not predictions:
-        return dict.fromkeys(METRIC_NAMES, 0.0)
+        return None
     # loadRes adds keys to every result dict: give it copies.
     preds = [dict(p) for p in predictions]
     unknown = {p["image_id"] for p in preds} - set(coco_gt.getImgIds())
@@ -633,7 +629,26 @@ def coco_evaluate(coco_gt: COCO, predictions: Sequence[dict], *,
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
+    return evaluator
+
+
+def coco_stats(evaluator: COCOeval | None) -> dict[str, float]:
+    """``run_cocoeval``'s result as ``{"AP", "AP50", ...}``: all zeros for ``None``."""
+    if evaluator is None:
+        return dict.fromkeys(METRIC_NAMES, 0.0)
     return {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])}
+
+
+def coco_evaluate(coco_gt: COCO, predictions: Sequence[dict], *,
+                  img_ids: Sequence[int] | None = None, verbose: bool = False) -> dict[str, float]:
+    """Box mAP of COCO-format ``predictions`` with pycocotools' COCOeval.
+
+    Returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` on COCOeval's 0..1 scale (-1 where
+    COCOeval has no ground truth for an area range). No predictions gives all zeros.
+    ``img_ids`` restricts evaluation (default: every image of ``coco_gt``); ``verbose`` lets
+    COCOeval print its table.
+    """
+    return coco_stats(run_cocoeval(coco_gt, predictions, img_ids=img_ids, verbose=verbose))
 
 
 class CocoEvaluator:
@@ -641,12 +656,14 @@ class CocoEvaluator:
 
     ``update(outputs, targets)`` takes a batch of model outputs (network-input pixels) and the
     dataset's targets (``image_id``, ``scale``, ``offset``, ``orig_size``); ``compute()`` gives
-    ``coco_evaluate``'s metrics over everything added."""
+    ``coco_evaluate``'s metrics over everything added and keeps its COCOeval in ``cocoeval``
+    (``None`` without predictions) for per-class numbers."""
 
     def __init__(self, dataset: CocoDetection) -> None:
         self.dataset = dataset
         self.results: list[dict] = []
         self.image_ids: list[int] = []  # the images evaluated: ground truth of no other counts
+        self.cocoeval: COCOeval | None = None
 
     def update(self, outputs: Sequence[dict[str, torch.Tensor]], targets: Sequence[dict]) -> list[dict[str, torch.Tensor]]:
         """Add a batch; returns the outputs moved to the CPU (float32)."""
@@ -662,4 +679,5 @@ class CocoEvaluator:
         if missing > 0:
             warnings.warn(f"{self.dataset.ann_file}: {missing} validation image(s) could not be read and are left "
                           f"out of the evaluation (their ground truth too)")
-        return coco_evaluate(self.dataset.coco, self.results, img_ids=sorted(set(self.image_ids)))
+        self.cocoeval = run_cocoeval(self.dataset.coco, self.results, img_ids=sorted(set(self.image_ids)))
+        return coco_stats(self.cocoeval)

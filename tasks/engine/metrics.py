@@ -1,12 +1,16 @@
 """Metrics accumulated on the device (no per-batch host syncs), reduced across ranks under
-``torchrun`` (each rank evaluates its shard of the validation set)."""
+``torchrun`` (each rank evaluates its shard of the validation set); per-class numbers from
+pycocotools' COCOeval."""
 from __future__ import annotations
 
+from typing import Any, Sequence
+
+import numpy as np
 import torch
 
 from . import distributed
 
-__all__ = ["ConfusionMatrix", "multilabel_metrics"]
+__all__ = ["ConfusionMatrix", "multilabel_metrics", "coco_per_class", "coco_gt_present", "by_name"]
 
 
 class ConfusionMatrix:
@@ -48,13 +52,16 @@ class ConfusionMatrix:
         total = m.sum()
         correct = m.diag()
         per_class_total = m.sum(1)
-        per_class_acc = correct / per_class_total.clamp(min=1)
+        per_class_acc = correct / per_class_total.clamp(min=1)  # = recall
+        precision = correct / m.sum(0).clamp(min=1)  # 0 for a class never predicted
         union = m.sum(0) + m.sum(1) - correct
         iou = correct / union.clamp(min=1)
         present = union > 0  # classes that never occur in targets nor predictions do not count
         return {
             "acc": float(correct.sum() / total.clamp(min=1)),
             "per_class_acc": per_class_acc.tolist(),
+            "precision": precision.tolist(),
+            "recall": per_class_acc.tolist(),
             "iou": iou.tolist(),
             "miou": float(iou[present].mean()) if present.any() else 0.0,
         }
@@ -82,3 +89,46 @@ def multilabel_metrics(scores: torch.Tensor, targets: torch.Tensor, threshold: f
     fn = (~pred & (targets > 0)).sum().item()
     return {"mAP": float(ap[positives > 0].mean()) if (positives > 0).any() else 0.0,
             "F1": 2 * tp / max(2 * tp + fp + fn, 1)}
+
+
+def by_name(names: Sequence[str], values: Sequence[float]) -> dict[str, float]:
+    """``{class name: value}``: how per-class metrics are stored (metrics.jsonl, metrics.json)."""
+    return {str(n): float(v) for n, v in zip(names, values, strict=True)}
+
+
+def coco_gt_present(coco_gt, cat_ids: Sequence[int], img_ids: Sequence[int]) -> list[bool]:
+    """Per category of ``cat_ids``: has it a ground-truth box COCOeval counts (not crowd) in
+    ``img_ids``?"""
+    counted = {a["category_id"] for i in img_ids for a in coco_gt.imgToAnns.get(i, ()) if not a.get("iscrowd", 0)}
+    return [c in counted for c in cat_ids]
+
+
+def coco_per_class(cocoeval, cat_ids: Sequence[int], *, has_gt: Sequence[bool] | None = None) -> dict[str, Any]:
+    """Per category of ``cat_ids`` (in that order) from ``COCOeval.eval["precision"]``
+    ``[T, R, K, A, M]`` at area "all" and the most detections per image, averaged as
+    ``COCOeval.summarize`` does (entries > -1): ``AP`` (IoU .50:.95) and ``AP50``, -1 for a
+    class without ground truth; ``recall`` ``[R]`` (COCO's 101 points) and ``precision50``
+    ``[K, R]`` (NaN without ground truth), the precision-recall curves at IoU 0.5.
+    ``cocoeval=None`` (no detections at all): AP 0 where ``has_gt``, else -1."""
+    recall = np.linspace(0.0, 1.0, 101)
+    if cocoeval is None:
+        if has_gt is None:
+            raise ValueError("coco_per_class without a COCOeval needs has_gt")
+        ap = [0.0 if g else -1.0 for g in has_gt]
+        curves = np.array([np.zeros_like(recall) if g else np.full_like(recall, np.nan) for g in has_gt])
+        return {"AP": ap, "AP50": list(ap), "recall": recall, "precision50": curves.reshape(len(ap), -1)}
+    params = cocoeval.params
+    k = [list(params.catIds).index(c) for c in cat_ids]
+    t50 = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
+    p = np.asarray(cocoeval.eval["precision"])[:, :, k, 0, -1]  # [T, R, K]: area all, most detections
+
+    def mean_valid(x: np.ndarray) -> list[float]:  # [.., K] -> [K]: summarize's mean of entries > -1
+        x = x.reshape(-1, x.shape[-1])
+        valid = x > -1
+        sums, counts = np.where(valid, x, 0.0).sum(0), valid.sum(0)
+        return [float(s / c) if c else -1.0 for s, c in zip(sums, counts)]
+
+    curves = p[t50].T.astype(np.float64)  # [K, R]
+    curves[curves < 0] = np.nan
+    return {"AP": mean_valid(p), "AP50": mean_valid(p[t50]), "recall": np.asarray(params.recThrs),
+            "precision50": curves}

@@ -65,7 +65,7 @@ LOCK_NAME = ".lock"
 # What a run leaves in its folder that a new run would overwrite: a folder holding any of them
 # holds a previous run's results (config.yaml alone does not: a run stopped before its first
 # checkpoint starts afresh). metrics.jsonl counts once it holds a line.
-RUN_RESULTS = ("last.pt", "best.pt", "metrics.jsonl", "metrics.json", "curves.png", "confusion.png",
+RUN_RESULTS = ("last.pt", "best.pt", "metrics.jsonl", "metrics.json", "curves.png", "confusion.png", "pr_curve.png",
                "detections.png", "predictions.json", "segmentation.png", "multitask.png", "tensorboard")
 
 # flag (argparse dest) -> config key
