@@ -7,6 +7,11 @@ schedule). ``"meta"`` is what inference needs without the data (``read_meta``): 
 ``category_ids`` (detection), ``in_chans``, ``mean``, ``std``, ``preprocess``. Writing happens on a background thread from a CPU copy of the state, so a save
 costs the training loop only the device-to-host copy; a crash mid-write leaves the previous
 file intact (temp + replace). Under torchrun only rank 0 writes, with its own RNG state.
+
+A predict-only checkpoint (``python -m tasks.export --format predict``) has the same format with
+``"model"`` in float16, ``"ema": None``, no optimizer / schedule / RNG state, and
+``"predict_only"`` set: it loads for inference like any other, ``--resume`` refuses it
+(``check_resumable``).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import torch
 
 from backbones.weights import CKPT_FORMAT, read_checkpoint, state_checksum
 
-__all__ = ["CKPT_FORMAT", "write_atomic", "new_temp", "remove_stale_temps", "process_alive", "write_error", "atomic_save", "load_checkpoint", "model_state", "CheckpointWriter",
+__all__ = ["CKPT_FORMAT", "PREDICT_ONLY", "check_resumable", "write_atomic", "new_temp", "remove_stale_temps", "process_alive", "write_error", "atomic_save", "load_checkpoint", "model_state", "CheckpointWriter",
            "rng_state", "set_rng_state", "seed_everything", "to_cpu"]
 
 
@@ -148,6 +153,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not an onetrunk checkpoint (no format={CKPT_FORMAT!r}); "
                          f"for plain trunk weights use --set model.weights={path}")
     return ckpt
+
+
+PREDICT_ONLY = "predict_only"  # the key that marks a predict-only checkpoint
+
+
+def check_resumable(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
+    """A ``ValueError`` (one line) for a checkpoint that training cannot continue from."""
+    if ckpt.get(PREDICT_ONLY):
+        raise ValueError(f"--resume {path}: predict-only checkpoint: no optimizer state, schedule or RNG state to "
+                         f"continue from (tasks.export --format predict wrote it for inference); resume from the "
+                         f"run's last.pt, or start a new run from its weights with --trunk {path}")
 
 
 def model_state(ckpt: dict[str, Any]) -> dict[str, Any]:
