@@ -44,7 +44,7 @@ import torch
 import yaml
 
 from . import distributed
-from .checkpoint import load_checkpoint, process_alive, seed_everything, write_atomic
+from .checkpoint import check_resumable, load_checkpoint, process_alive, seed_everything, write_atomic
 from .config import (CONFIG_ROOT, REMOVED_KEYS, apply_overrides, config_from_dict, config_to_dict, format_keys,
                      locate_recipe, merge_dicts, read_yaml)
 from .distributed import resolve_device
@@ -542,6 +542,7 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
         if not resume_from.is_file():
             raise FileNotFoundError(f"--resume: {resume_from} does not exist")
         resumed = load_checkpoint(resume_from)
+        check_resumable(resumed, resume_from)  # a predict-only checkpoint: one line, not a KeyError later
         spec_for_checkpoint(resumed, f"--resume {resume_from}", expected=task)
         base = resumed["config"]
         resume_epoch = int(resumed.get("epoch", 0))
