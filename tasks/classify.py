@@ -37,6 +37,8 @@ from tasks.data.preprocess import Geometry, Preprocess
 from tasks.data.transforms import classification_train_transforms
 from tasks.engine import distributed
 from tasks.engine.config import ModelConfig, OptimConfig, TrainConfig, bounded, setting
+from tasks.engine.derive import DataFacts
+from tasks.engine.describe import describe_folders
 from tasks.engine.loaders import DeviceLoader, TensorLoader, make_loader
 from tasks.engine.loop import autocast
 from tasks.engine.metrics import ConfusionMatrix, by_name
@@ -193,6 +195,17 @@ def _folders(cfg: ClassifyConfig, device: torch.device, pre: Preprocess, train: 
     return train_loader, val, train_ds.classes
 
 
+def describe_data(cfg: ClassifyConfig) -> DataFacts | None:
+    """Image folders described for the settings made for them; None for Fashion-MNIST."""
+    if not _uses_folders(cfg):
+        return None
+    d = cfg.data
+    if not d.train_images or not d.val_images:
+        raise ValueError("image-folder data needs both --train-images DIR and --val-images DIR")
+    return describe_folders(d.train_images, d.val_images, limit_train=d.limit_train, limit_val=d.limit_val,
+                            seed=cfg.train.seed)
+
+
 def build_data(cfg: ClassifyConfig, device: torch.device, *, train: bool = True, quiet: bool = False) -> TaskData:
     pre = make_preprocess(cfg)
     skipped = {"n": 0}
@@ -270,7 +283,7 @@ SPEC = TaskSpec(
     main_metric="acc", doc=__doc__, data_flags=("data_dir", "train_images", "val_images"),
     build_model=build_model, build_data=build_data, evaluate=evaluate, make_preprocess=make_preprocess,
     decode=decode, write_prediction=write_prediction, report=report, predict_options=("topk",),
-    add_arguments=_add_arguments)
+    add_arguments=_add_arguments, describe_data=describe_data)
 
 
 def get_args_parser():

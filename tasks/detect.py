@@ -38,6 +38,8 @@ from tasks.data.transforms import DETECTION_MIN_VISIBILITY
 from tasks.engine import distributed
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded, setting
 from tasks.engine.datasets import cached_train_loader, coco_sets, data_files, dense_preprocess, file_loaders
+from tasks.engine.derive import DataFacts
+from tasks.engine.describe import describe_coco, describe_voc
 from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
 from tasks.engine.registry import TaskData, TaskSpec
@@ -76,6 +78,8 @@ class DetectModelConfig(ModelConfig):
 @dataclass
 class DetectDataConfig(DenseDataConfig):
     """FashionScenes or a COCO detection dataset (see ``DenseDataConfig``)."""
+    classes: Optional[tuple[str, ...]] = setting(None, "VOC layout: the object class names (--classes; null: "
+                                                       "classes.txt, else the XML files' names)")
     # training targets are padded to a multiple of this many boxes per image: equal shapes from
     # batch to batch (what train.cuda_graph needs) unless an image has more boxes than that
     box_multiple: int = bounded(16, 1, help="training targets padded to a multiple of this many boxes per "
@@ -124,6 +128,21 @@ def collate_detection_padded(batch: Sequence[tuple[torch.Tensor, dict]], size_di
         return None
     images, targets = collated
     return images, pad_targets(targets, multiple=box_multiple)
+
+
+def describe_data(cfg: DetectConfig) -> DataFacts | None:
+    """A COCO or VOC-layout set described for the settings made for it; None for FashionScenes."""
+    d = cfg.data
+    limits = dict(limit_train=d.limit_train, limit_val=d.limit_val)
+    if d.voc_root or d.dataset == "voc":
+        if not d.voc_root:
+            raise ValueError("data.dataset=voc needs --voc-root DIR")
+        return describe_voc(d.voc_root, d.voc_train, d.voc_val, segmentation=False, classes=d.classes,
+                            seed=cfg.train.seed, **limits)
+    if any(getattr(d, k) for k in COCO_FILES) or d.dataset == "coco":
+        return describe_coco(data_files(d, COCO_FILES, "COCO data", files=True), background=False,
+                             classes=d.classes, **limits)
+    return None
 
 
 def build_data(cfg: DetectConfig, device: torch.device, *, train: bool = True, quiet: bool = False) -> TaskData:
@@ -262,7 +281,7 @@ SPEC = TaskSpec(
     doc=__doc__, data_flags=("data_dir", "train_ann", "train_images", "val_ann", "val_images", "voc_root"),
     build_model=build_model, build_data=build_data, evaluate=evaluate, make_preprocess=dense_preprocess,
     decode=decode, write_prediction=write_prediction, report=report, predict_options=("score_thresh",),
-    build_head=build_head, saved_defaults={"model.reg_activation": "relu"})
+    build_head=build_head, saved_defaults={"model.reg_activation": "relu"}, describe_data=describe_data)
 
 
 def get_args_parser():

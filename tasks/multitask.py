@@ -40,7 +40,7 @@ from tasks.engine.metrics import ConfusionMatrix, multilabel_metrics
 from tasks.engine.predict import Predictor, load_task_model
 from tasks.engine.registry import TASKS, TaskData, TaskSpec
 from tasks.engine.predict import predict_files
-from tasks.engine.runner import build_parser, run, run_cli
+from tasks.engine.runner import build_parser, predict_arguments, run, run_cli
 from tasks.engine.viz import (class_colors, detection_tile, draw_segmentation_grid, overlay_mask, save_grid,
                                save_palette_mask)
 
@@ -116,6 +116,9 @@ def _collate(batch):
 
 def build_data(cfg: MultiTaskConfig, device: torch.device, *, train: bool = True, quiet: bool = False) -> TaskData:
     d = cfg.data
+    if d.classes or d.voc_root:
+        raise ValueError("multitask reads FashionScenes or COCO files with masks: its classes are the COCO categories "
+                         "(no --classes, no --voc-root)")
     pre = dense_preprocess(cfg)
     paths = data_files(d, FILES, "multi-task data from files (COCO boxes plus semantic masks with value = "
                                  "category index + 1, 0 = background, 255 = ignore)",
@@ -325,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  amp=args.amp if args.amp is not None else True)
     out = Path(args.output) if args.output else Path(args.from_checkpoints[0]).parent
     print(f"multitask: one trunk, heads {list(predictor.model.heads)} from {', '.join(args.from_checkpoints)}")
-    return {"predictions": predict_files(predictor, args.predict, out / "predictions")}
+    return {"predictions": predict_files(predictor, args.predict, out / "predictions", **predict_arguments(args))}
 
 
 if __name__ == "__main__":

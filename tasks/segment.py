@@ -44,6 +44,8 @@ from tasks.engine import distributed
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded, setting
 from tasks.engine.datasets import (cached_train_loader, data_files, dense_preprocess, dense_train_transforms,
                                    file_loaders)
+from tasks.engine.derive import DataFacts
+from tasks.engine.describe import describe_coco, describe_masks, describe_voc
 from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
 from tasks.engine.metrics import ConfusionMatrix, by_name
@@ -72,6 +74,9 @@ class SegmentModelConfig(ModelConfig):
 class SegmentDataConfig(DenseDataConfig):
     """FashionScenes masks, COCO instances or VOC-style mask folders (set by --train-masks)."""
 
+    classes: Optional[tuple[str, ...]] = setting(None, "VOC layout / mask folders: the names of class ids 0, 1, "
+                                                       "..., background first (--classes; null: classes.txt, else "
+                                                       "from the masks)")
     train_masks: Optional[str] = setting(None, "mask folder of the training set, VOC style (--train-masks)")
     val_masks: Optional[str] = setting(None, "mask folder of the validation set, VOC style (--val-masks)")
 
@@ -114,6 +119,7 @@ def _datasets(cfg: SegmentConfig, pre: Preprocess, train: bool, quiet: bool):
     if d.voc_root or d.dataset == "voc":
         if not d.voc_root:
             raise ValueError("data.dataset=voc needs --voc-root DIR")
+        common["classes"] = d.classes
         val = voc_segmentation(d.voc_root, d.voc_val, transforms=val_tf, limit=d.limit_val, evaluation=True, **common)
         tr = voc_segmentation(d.voc_root, d.voc_train, transforms=train_tf, limit=d.limit_train,
                               **common) if train else None
@@ -128,9 +134,13 @@ def _datasets(cfg: SegmentConfig, pre: Preprocess, train: bool, quiet: bool):
         return tr, val
     if d.train_masks or d.val_masks or d.dataset == "folders":
         p = data_files(d, ("train_images", "train_masks", "val_images", "val_masks"), "mask-folder data", files=True)
-        if not cfg.model.num_classes:
-            raise ValueError("mask-folder data needs --set model.num_classes=K (background included)")
-        k = cfg.model.num_classes
+        k = cfg.model.num_classes or (len(d.classes) if d.classes else None)
+        if not k:
+            raise ValueError("mask-folder data needs its classes: --classes NAMES|FILE or --set model.num_classes=K "
+                             "(background included)")
+        if d.classes and len(d.classes) != k:
+            raise ValueError(f"data.classes names {len(d.classes)} classes but model.num_classes={k}")
+        common["class_names"] = d.classes
         val = MaskFolderDataset(p["val_images"], p["val_masks"], num_classes=k, transforms=val_tf,
                                 limit=d.limit_val, evaluation=True, **common)
         tr = MaskFolderDataset(p["train_images"], p["train_masks"], num_classes=k, transforms=train_tf,
@@ -141,6 +151,27 @@ def _datasets(cfg: SegmentConfig, pre: Preprocess, train: bool, quiet: bool):
     val = scenes_segmentation(root, "val", transforms=val_tf, limit=d.limit_val, evaluation=True, **common)
     tr = scenes_segmentation(root, "train", transforms=train_tf, limit=d.limit_train, **common) if train else None
     return tr, val
+
+
+def describe_data(cfg: SegmentConfig) -> DataFacts | None:
+    """A COCO, VOC-layout or mask-folder set described for the settings made for it; None for
+    FashionScenes."""
+    d = cfg.data
+    limits = dict(limit_train=d.limit_train, limit_val=d.limit_val)
+    if d.voc_root or d.dataset == "voc":
+        if not d.voc_root:
+            raise ValueError("data.dataset=voc needs --voc-root DIR")
+        return describe_voc(d.voc_root, d.voc_train, d.voc_val, segmentation=True, classes=d.classes,
+                            seed=cfg.train.seed, **limits)
+    if d.train_ann or d.val_ann or d.dataset == "coco":
+        files = data_files(d, ("train_ann", "train_images", "val_ann", "val_images"), "COCO segmentation data",
+                           files=True)
+        return describe_coco(files, background=True, classes=d.classes, **limits)
+    if d.train_masks or d.val_masks or d.dataset == "folders":
+        files = data_files(d, ("train_images", "train_masks", "val_images", "val_masks"), "mask-folder data",
+                           files=True)
+        return describe_masks(files, classes=d.classes, seed=cfg.train.seed, **limits)
+    return None
 
 
 def build_data(cfg: SegmentConfig, device: torch.device, *, train: bool = True, quiet: bool = False) -> TaskData:
@@ -318,7 +349,7 @@ SPEC = TaskSpec(
                              "val_masks", "voc_root"),
     build_model=build_model, build_data=build_data, evaluate=evaluate, make_preprocess=dense_preprocess,
     decode=decode, write_prediction=write_prediction, report=report, predict_options=("tile", "overlap"),
-    build_head=build_head, predict=predict)
+    build_head=build_head, predict=predict, describe_data=describe_data)
 
 
 def get_args_parser():

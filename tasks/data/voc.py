@@ -8,6 +8,10 @@ memory and go through ``CocoDetection`` (so COCO mAP evaluates them): ``difficul
 crowd regions (ignored by COCOeval, never training targets), and VOC's 1-based inclusive pixel
 corners become 0-based COCO boxes (detectron2's conversion). Segmentation goes through
 ``MaskFolderDataset``: 21 classes, background first.
+
+A VOC-layout set of other classes: pass them as ``classes`` (detection: the object names;
+segmentation: the mask ids' names, background first); ``voc_classes`` finds them for a set
+the way the tasks do (a ``classes.txt``, else the object names of the XML files, else VOC's).
 """
 from __future__ import annotations
 
@@ -15,13 +19,14 @@ import math
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .coco import CocoDetection
 from .images import display_path
 from .segmentation import MaskFolderDataset
 
-__all__ = ["VOC_CLASSES", "find_voc", "voc_ids", "voc_coco", "voc_detection", "voc_segmentation"]
+__all__ = ["VOC_CLASSES", "find_voc", "voc_ids", "voc_coco", "voc_detection", "voc_segmentation", "voc_classes",
+           "read_class_list"]
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -76,35 +81,84 @@ def _number(obj: dict, key: str, path: Path) -> float:
     return value
 
 
-def voc_coco(voc: Path, split: str) -> dict[str, Any]:
-    """COCO annotations (a dict ``CocoDetection`` takes) from the XML files of a split."""
+def read_class_list(path: str | os.PathLike) -> list[str]:
+    """Class names, one per line (blank lines and ``#`` comments skipped), e.g. a ``classes.txt``."""
+    name = display_path(path)
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: not a UTF-8 text file of class names (one per line)") from None
+    names = [line.split("#")[0].strip() for line in text.splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError(f"{name}: lists no class names (expected one per line)")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{name}: class names {dup} appear more than once")
+    return names
+
+
+def _parse(path: Path, stem: str, split: str) -> dict[str, Any]:
     from torchvision.datasets import VOCDetection
 
+    name = display_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: annotation file not found (image {stem} of ImageSets/Main/{split}.txt)")
+    try:
+        ann = VOCDetection.parse_voc_xml(ET.parse(path).getroot())["annotation"]
+    except (ET.ParseError, KeyError) as e:
+        raise ValueError(f"{name}: not a VOC annotation ({e})") from None
+    except RecursionError:  # parse_voc_xml recurses once per element level
+        raise ValueError(f"{name}: not a VOC annotation (XML nested too deeply)") from None
+    if not isinstance(ann, dict):
+        raise ValueError(f"{name}: not a VOC annotation (<annotation> holds no elements)")
+    return ann
+
+
+def _objects(ann: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+    objects = ann.get("object") or []
+    objects = objects if isinstance(objects, list) else [objects]
+    for obj in objects:
+        if not isinstance(obj, dict):
+            raise ValueError(f"{display_path(path)}: an <object> without elements, expected <name> and <bndbox>")
+    return objects
+
+
+def voc_classes(voc: Path, splits: tuple[str, ...] = ("train", "val")) -> tuple[list[str], str]:
+    """``(class names, where they came from)`` of a VOC-layout detection set: ``classes.txt`` in
+    the VOC20xx folder or the VOCdevkit above it; else the object names of the ``splits``' XML
+    files: VOC's 20 (in VOC's order) when they are all VOC classes, else the names found, sorted."""
+    for path in (voc / "classes.txt", voc.parent / "classes.txt"):
+        if path.is_file():
+            return read_class_list(path), display_path(path)
+    found: set[str] = set()
+    for split in splits:
+        for stem in voc_ids(voc, "Main", split):
+            path = voc / "Annotations" / f"{stem}.xml"
+            found.update(str(obj.get("name")) for obj in _objects(_parse(path, stem, split), path))
+    if found <= set(VOC_CLASSES):
+        return list(VOC_CLASSES), "Pascal VOC's 20 classes (every object name is one of them)"
+    return sorted(found), f"the object names of the XML files of {', '.join(splits)}"
+
+
+def voc_coco(voc: Path, split: str, classes: Sequence[str] | None = None) -> dict[str, Any]:
+    """COCO annotations (a dict ``CocoDetection`` takes) from the XML files of a split; ``classes``:
+    the object names (default: VOC's 20)."""
     images, annotations = [], []
-    cat_id = {name: i + 1 for i, name in enumerate(VOC_CLASSES)}
+    classes = list(classes) if classes else list(VOC_CLASSES)
+    cat_id = {name: i + 1 for i, name in enumerate(classes)}
     for image_id, stem in enumerate(voc_ids(voc, "Main", split)):
         path = voc / "Annotations" / f"{stem}.xml"
-        name = display_path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{name}: annotation file not found (image {stem} of ImageSets/Main/{split}.txt)")
-        try:
-            ann = VOCDetection.parse_voc_xml(ET.parse(path).getroot())["annotation"]
-        except (ET.ParseError, KeyError) as e:
-            raise ValueError(f"{name}: not a VOC annotation ({e})") from None
-        except RecursionError:  # parse_voc_xml recurses once per element level
-            raise ValueError(f"{name}: not a VOC annotation (XML nested too deeply)") from None
-        if not isinstance(ann, dict):
-            raise ValueError(f"{name}: not a VOC annotation (<annotation> holds no elements)")
+        ann = _parse(path, stem, split)
         size = ann.get("size") or {}
         images.append({"id": image_id, "file_name": ann.get("filename") or f"{stem}.jpg",
                        "width": int(_number(size, "width", path)), "height": int(_number(size, "height", path))})
-        objects = ann.get("object") or []
-        for obj in objects if isinstance(objects, list) else [objects]:
-            if not isinstance(obj, dict):
-                raise ValueError(f"{display_path(path)}: an <object> without elements, expected <name> and <bndbox>")
+        for obj in _objects(ann, path):
             cls = obj.get("name")
             if cls not in cat_id:
-                raise ValueError(f"{display_path(path)}: object class {cls!r} is not one of the 20 VOC classes")
+                which = "the 20 VOC classes" if classes == list(VOC_CLASSES) else f"the classes {classes}"
+                raise ValueError(f"{display_path(path)}: object class {cls!r} is not one of {which} (a set of "
+                                 f"other classes: list them in classes.txt or --classes)")
             box = obj.get("bndbox") or {}
             x1, y1, x2, y2 = (_number(box, k, path) for k in ("xmin", "ymin", "xmax", "ymax"))
             x1, y1 = x1 - 1, y1 - 1  # 1-based inclusive corners -> 0-based edges
@@ -115,13 +169,16 @@ def voc_coco(voc: Path, split: str) -> dict[str, Any]:
             "categories": [{"id": i, "name": n} for n, i in cat_id.items()]}
 
 
-def voc_detection(root: str | os.PathLike, split: str, transforms: Any = None, **kwargs) -> CocoDetection:
+def voc_detection(root: str | os.PathLike, split: str, transforms: Any = None, *,
+                  classes: Sequence[str] | None = None, **kwargs) -> CocoDetection:
     voc = find_voc(root)
-    return CocoDetection(voc_coco(voc, split), voc / "JPEGImages", transforms, **kwargs)
+    return CocoDetection(voc_coco(voc, split, classes), voc / "JPEGImages", transforms, **kwargs)
 
 
-def voc_segmentation(root: str | os.PathLike, split: str, **kwargs) -> MaskFolderDataset:
+def voc_segmentation(root: str | os.PathLike, split: str, *, classes: Sequence[str] | None = None,
+                     **kwargs) -> MaskFolderDataset:
+    """``classes``: the names of mask ids 0, 1, ... (background first; default: VOC's 21)."""
     voc = find_voc(root)
-    return MaskFolderDataset(voc / "JPEGImages", voc / "SegmentationClass", num_classes=len(VOC_CLASSES) + 1,
-                             class_names=["background", *VOC_CLASSES], stems=voc_ids(voc, "Segmentation", split),
-                             **kwargs)
+    names = list(classes) if classes else ["background", *VOC_CLASSES]
+    return MaskFolderDataset(voc / "JPEGImages", voc / "SegmentationClass", num_classes=len(names),
+                             class_names=names, stems=voc_ids(voc, "Segmentation", split), **kwargs)

@@ -96,9 +96,11 @@ def coco_sets(cfg: Any, paths: Mapping[str, str], pre: Any, *, train: bool = Tru
     train_tf = dense_train_transforms(cfg, boxes=True) or detection_train_transforms(
         d.image_size, (d.scale_min, d.scale_max), 0.5 if d.hflip else 0.0, seed=cfg.train.seed)
     if "voc_root" in paths:
+        classes = getattr(d, "classes", None)
         val_set = voc_detection(paths["voc_root"], d.voc_val, pre.albumentations(boxes=True), skip_bad=d.skip_bad,
+                                classes=classes,
                                 limit=d.limit_val, evaluation=True, seed=cfg.train.seed)
-        train_set = voc_detection(paths["voc_root"], d.voc_train, train_tf, skip_bad=d.skip_bad,
+        train_set = voc_detection(paths["voc_root"], d.voc_train, train_tf, skip_bad=d.skip_bad, classes=classes,
                                   limit=d.limit_train, seed=cfg.train.seed) if train else None
         return val_set, train_set
     val_set = CocoDetection(paths["val_ann"], paths["val_images"], pre.albumentations(boxes=True),

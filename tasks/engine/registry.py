@@ -77,6 +77,9 @@ class TaskSpec:
     * ``predict(predictor, images, batch_size, **options)`` (optional): replaces the default
       batching of ``Predictor.predict`` (segmentation's sliding window).
     * ``add_arguments(parser)`` (optional): the task's own command-line flags.
+    * ``describe_data(cfg) -> DataFacts | None`` (optional): the user's own data of ``cfg``
+      described without decoding it (``tasks.engine.derive``); None for the built-in data. A
+      task with it gets settings made for the user's data (``derive``) instead of its recipe.
     """
 
     name: str
@@ -96,6 +99,7 @@ class TaskSpec:
     build_head: Optional[Callable[..., Any]] = None
     predict: Optional[Callable[..., list[dict[str, Any]]]] = None
     add_arguments: Optional[Callable[[Any], None]] = None
+    describe_data: Optional[Callable[[Any], Any]] = None
     # ``{"section.key": value}``: what a checkpoint saved before the key existed ran with (its
     # config lacks the key, and today's default differs); filled in when a checkpoint is read
     saved_defaults: Mapping[str, Any] = field(default_factory=dict)

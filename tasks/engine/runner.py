@@ -27,6 +27,7 @@ import argparse
 import atexit
 import contextlib
 import contextvars
+import dataclasses
 import errno
 import json
 import os
@@ -43,10 +44,13 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from tasks.data.voc import read_class_list
+
 from . import distributed
 from .checkpoint import check_resumable, load_checkpoint, process_alive, seed_everything, write_atomic
 from .config import (CONFIG_ROOT, REMOVED_KEYS, apply_overrides, config_from_dict, config_to_dict, format_keys,
                      locate_recipe, merge_dicts, read_yaml)
+from .derive import DataFacts, derivation_lines, derive
 from .distributed import resolve_device
 from .graphs import inference_model, inference_models
 from .logging import Console, MetricsLog
@@ -182,6 +186,9 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
         if name not in DATA_FLAGS:
             raise ValueError(f"unknown data flag {name}")
         d.add_argument("--" + name.replace("_", "-"), metavar="PATH", help=helps[name])
+    if "classes" in {f.name for f in dataclasses.fields(spec.data_config)}:
+        d.add_argument("--classes", metavar="NAMES|FILE", help="class names, comma-separated or one per line in a "
+                       "file (VOC layout, mask folders; segmentation: background first); default: from the data")
     if spec.add_arguments is not None:
         spec.add_arguments(p)
     return p
@@ -214,6 +221,7 @@ class Run:
     resume_epoch: int | None = None  # the epoch the --resume checkpoint holds
     trainer: Any = None  # set once built: what an interrupted run can be resumed from
     created: list[Path] = field(default_factory=list)  # folders made for it: removed again while empty
+    derivation: list[str] = field(default_factory=list)  # the settings made for the user's data, and why
 
 
 # ----------------------------------------------------------------------------- the run folder's lock
@@ -569,15 +577,16 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
     data: dict[str, Any] = dict(base)
     if args.config or not base:
         data = merge_dicts(data, read_yaml(recipe_path))
-    data = apply_overrides(data, args.overrides, spec.config)
-    flags: dict[str, Any] = {}
-    for dest, key in FLAG_KEYS.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            section, name = key.split(".")
-            flags.setdefault(section, {})[name] = value
-    data = merge_dicts(data, flags)
+    user = merge_dicts(apply_overrides({}, args.overrides, spec.config), _flag_values(args))
+    data = merge_dicts(data, user)
     cfg = config_from_dict(spec.config, data, where=f"{recipe_path} (with --set / flags):")
+    derivation: list[str] = []
+    if training and resume_from is None and spec.describe_data is not None:
+        facts = spec.describe_data(cfg)  # None: the built-in data, which the recipe is for
+        if facts is not None:
+            cfg, derivation = _made_for_data(spec, facts, args, recipe_path, user, cfg)
+            recipe = facts.name
+            runs_root = Path(os.environ.get("ONETRUNK_RUNS", "runs")) / task / recipe
     device = distributed.init(resolve_device(cfg.train.device))  # no-op without torchrun
 
     # Rank 0 picks the folder (runs/<task>/<recipe>-N must not race) and creates it; the
@@ -615,12 +624,68 @@ def setup_run(spec: TaskSpec, args: argparse.Namespace) -> Run:
         r = _finish_setup(spec, args, cfg, output, device, console, recipe_path, resume_from, resume_epoch,
                           checkpoint, lock)
         r.created = created
+        r.derivation = derivation
+        if derivation:
+            r.recipe = recipe  # the data's name
         return r
     except BaseException:
         if lock is not None:
             lock.release()
         _remove_empty(created)  # a refused command leaves no empty run folder behind
         raise
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config sections the flags set (``--epochs 3`` -> ``{"train": {"epochs": 3}}``)."""
+    flags: dict[str, Any] = {}
+    for dest, key in FLAG_KEYS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            section, name = key.split(".")
+            flags.setdefault(section, {})[name] = value
+    classes = getattr(args, "classes", None)
+    if classes is not None:  # names, comma-separated, or a file of one name per line
+        names = read_class_list(classes) if Path(classes).is_file() else [c.strip() for c in classes.split(",")]
+        if not all(names) or len(set(names)) != len(names):
+            raise ValueError(f"--classes {classes!r}: expected distinct names separated by commas, or a file of one "
+                             f"name per line")
+        flags.setdefault("data", {})["classes"] = names
+    return flags
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def _made_for_data(spec: TaskSpec, facts: DataFacts, args: argparse.Namespace, recipe_path: Path,
+                   user: dict[str, Any], cfg: Any) -> tuple[Any, list[str]]:
+    """The config of a run on the user's own data: the settings ``derive`` makes for it (only
+    its facts under a ``--config`` recipe), the user's ``--set`` / flags over them; and the
+    lines that say what was chosen and why."""
+    named = bool(args.config)
+    given = _flatten(user)
+    derived = derive(spec.name, facts, device=resolve_device(cfg.train.device).type, given=given,
+                     named_recipe=named, pretrained=bool(cfg.model.weights or cfg.model.trunk))
+    base = read_yaml(recipe_path) if named else {}
+    made = _nest({d.key: d.value for d in derived if not d.yours})
+    data = merge_dicts(merge_dicts(base, made), user)
+    where = recipe_path if named else f"the settings made for {facts.where}"
+    cfg = config_from_dict(spec.config, data, where=f"{where} (with --set / flags):")
+    return cfg, derivation_lines(facts, derived, _flatten(config_to_dict(cfg)))
 
 
 def _missing_folders(folder: Path) -> list[Path]:
@@ -814,8 +879,9 @@ def _start_run(r: Run, trainer: Trainer) -> None:
         if kept:
             write_atomic(out / "metrics.jsonl", lambda tmp: tmp.write_text(
                 "".join(json.dumps(rec) + "\n" for rec in kept)))
-    write_atomic(out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(config_to_dict(r.cfg),
-                                                                                 sort_keys=False)))
+    header = "".join(f"# {line}\n" for line in r.derivation)  # the settings made for the data, and why
+    write_atomic(out / "config.yaml", lambda tmp: tmp.write_text(header + yaml.safe_dump(config_to_dict(r.cfg),
+                                                                                          sort_keys=False)))
 
 
 def _run(r: Run) -> dict[str, Any]:
@@ -823,8 +889,11 @@ def _run(r: Run) -> dict[str, Any]:
     cfg, device, say = r.cfg, r.device, r.console
     if r.summary and not (args.eval_only or args.predict):
         say(r.summary)
+    for line in r.derivation:
+        say(line)
     # a run from a checkpoint carries that checkpoint's config, not the default recipe's
     source = (f"checkpoint {r.resume_from or args.weights}" if (r.resume_from or r.checkpoint) and not args.config
+              else f"settings made for the data ({r.recipe})" if r.derivation and not args.config
               else f"recipe {r.recipe}")
     say(f"{spec.name}: {source} on {device} -> {r.output}")
 

@@ -1,5 +1,6 @@
 """python -m tasks.classify on a user's image folders end to end, bad files skipped or named, on CPU."""
 import pytest
+import yaml
 
 from tasks import classify
 from tasks.data.images import ImageReadError
@@ -17,5 +18,7 @@ def test_classify_on_folders_with_skip_bad(tmp_path):
     assert 0.0 <= metrics["acc"] <= 1.0 and (tmp_path / "run" / "confusion.png").is_file()
     with pytest.raises(ImageReadError, match="broken.png"):  # without skip_bad: stops, naming the file
         classify.main(base + ["--output", str(tmp_path / "run2"), "--set", "model.num_classes=3"])
-    with pytest.raises(ValueError, match="num_classes=10"):
-        classify.main(base + ["--output", str(tmp_path / "run3")])
+    # without model.num_classes / in_chans the run takes them from the data (not the recipe's 10 / 1)
+    classify.main(base + ["--output", str(tmp_path / "run3"), "--set", "data.skip_bad=true"])
+    cfg = yaml.safe_load((tmp_path / "run3" / "config.yaml").read_text())
+    assert (cfg["model"]["num_classes"], cfg["model"]["in_chans"], cfg["data"]["dataset"]) == (3, 3, "folders")

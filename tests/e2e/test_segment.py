@@ -57,8 +57,9 @@ def test_predict_writes_palette_mask_at_file_size(run, tmp_path):
     assert (tmp_path / "predictions" / "odd_overlay.png").is_file()
 
 
-def test_mask_folders_need_num_classes(tmp_path):
-    with pytest.raises(ValueError, match="num_classes"):
+def test_mask_folders_that_do_not_exist_are_named(tmp_path):
+    # (their classes come from the data: tests/e2e/test_made_for_data_runs.py)
+    with pytest.raises(FileNotFoundError, match="--train-images a: folder not found"):
         segment.main(["--device", "cpu", "--train-images", "a", "--train-masks", "b", "--val-images", "c",
                       "--val-masks", "d", "--output", str(tmp_path)])
 

@@ -42,3 +42,22 @@ def test_readme_example_runs(i, capsys, tmp_path, monkeypatch):
         assert "c5        2048     32  (1, 2048, 7, 7)" in out
     if i == API:
         assert "['detect', 'segment']" in out and re.search(r"\[\('\w+', 0\.\d+\)", out)
+
+
+COMMANDS = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+            for line in block.splitlines() if line.strip().startswith("python -m tasks.")]
+
+
+def test_readme_commands_exist():
+    assert len(COMMANDS) >= 8
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_commands_parse(command):
+    """Every ``python -m tasks.<task> ...`` line of the README names flags its parser takes."""
+    import importlib
+    import shlex
+
+    words = shlex.split(command)
+    parser = importlib.import_module(words[2]).get_args_parser()  # a wrong flag exits (SystemExit: fails)
+    parser.parse_args(words[3:])

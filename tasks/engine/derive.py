@@ -1,0 +1,237 @@
+"""Settings made for the user's own data.
+
+A run on the built-in data (Fashion-MNIST, FashionScenes) takes the task's recipe. A run on the
+user's own data (``--train-images``, ``--train-ann``, ``--voc-root``, ...) takes no built-in
+recipe unless ``--config`` names one: the task describes the data (``TaskSpec.describe_data``
+-> ``DataFacts``: counts, classes, channels, median size, read from headers and annotation
+files without decoding images) and ``derive`` turns that into settings, each with the reason it
+was chosen, printed at the start and recorded in config.yaml. Whatever the user sets
+(``--set``, ``--epochs``, ``--batch-size``, ...) is kept as given and marked "yours".
+
+With ``--config`` naming a recipe only the facts of the data are derived (channels, classes,
+the dataset kind): the recipe's training settings apply as written.
+
+The rules (what ultralytics and timm's train script fix or derive, made explicit):
+
+* channels: 1 when every sampled training image is grayscale, else 3 (classification; the
+  dense tasks read RGB);
+* classes: the data's (class folders, COCO categories, ``classes.txt`` / ``--classes``, VOC
+  object names, mask values);
+* image size: classification the median shorter side, detection / segmentation the median
+  longer side, rounded to a multiple of 32 and kept within what trains in reasonable time
+  (224 / 640 on a GPU, 128 / 320 on the CPU; 224 for an ImageNet-pretrained classifier);
+* batch: what the device holds at that size (the GPU recipes' batch at their size, scaled
+  by the pixel count; a small one on the CPU), at most an eighth of the training images, so
+  that an epoch is at least 8 steps, but at least 8 (BatchNorm) where there are 8 images;
+* learning rate: AdamW at the recipes' measured rate for batch 64 (1e-3 classification, 2e-3
+  dense), scaled by sqrt(batch / 64), the rule for Adam-type optimisers; a pretrained trunk
+  trains at a tenth of it;
+* epochs: enough for a number of optimizer steps that trains a ResNet-18 from scratch on
+  small data (2,000 on a GPU, 600 on the CPU), between 5 and 300 epochs; warm-up 5% of the
+  steps (at least 50, at most 1,000), given in epochs;
+* evaluation: every epoch up to 30 epochs, else about 30 times in the run;
+* workers: the CPUs this process may use, 8 at most, one left for the main process when
+  training on the CPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["DataFacts", "Derived", "derive", "derivation_lines", "image_sample_stats", "data_name", "cpu_count",
+           "FACT_KEYS"]
+
+# The settings that state facts of the data: derived also under a named recipe
+FACT_KEYS = ("model.in_chans", "model.num_classes", "data.dataset", "data.classes")
+_SPLIT_WORDS = {"train", "training", "trainval", "val", "valid", "validation", "test", "images", "imgs", "jpegimages",
+                "annotations", "masks", "labels", "data", "dataset", "images_train", "train_images"}
+
+
+@dataclass
+class DataFacts:
+    """What a task reads off the user's data before building anything."""
+
+    kind: str                 # folders | coco | masks | voc (data.dataset)
+    name: str                 # the run folder's name (runs/<task>/<name>-N)
+    where: str                # the training data, as the user named it
+    train: int                # training images
+    val: int                  # validation images
+    class_names: list[str]    # as the model predicts them (segmentation: background first)
+    classes_from: str         # where the names came from
+    median_size: tuple[int, int]  # (width, height) over a sample of training images
+    channels: int = 3         # 1: every sampled image is grayscale
+    record_classes: bool = False  # the datasets need data.classes (VOC layout, mask folders)
+    numbered: bool = False    # the names are only numbers (mask ids): a user's model.num_classes decides the count
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Derived:
+    key: str
+    value: Any
+    why: str
+    yours: bool = False  # the user set it: kept as given
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (a container's limit, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def data_name(path: str | os.PathLike) -> str:
+    """A run-folder name for the data at ``path``: its folder's name, or the first folder above
+    it whose name is not a split or role word (``data/pets/train`` -> ``pets``,
+    ``shapes/train.json`` -> ``shapes``)."""
+    p = Path(path).expanduser().resolve()
+    for part in (p.stem if p.is_file() else p.name, *(q.name for q in p.parents)):
+        word = part.lower()
+        if not word or word in _SPLIT_WORDS or word.startswith("instances_"):
+            continue
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in part)
+    return "data"
+
+
+def image_sample_stats(paths: Sequence[str | os.PathLike], k: int = 200, seed: int = 0
+                       ) -> tuple[tuple[int, int], int]:
+    """``((median width, median height), channels)`` of up to ``k`` of ``paths`` drawn with
+    ``seed``, from the file headers (nothing is decoded); channels 1 when every sampled image
+    is grayscale. Unreadable files are left out here (the datasets name them)."""
+    from PIL import Image
+
+    from tasks.data.images import read_image_size
+
+    rng = np.random.default_rng(seed)
+    pick = [paths[i] for i in sorted(rng.choice(len(paths), size=min(k, len(paths)), replace=False))]
+    widths, heights, gray = [], [], True
+    for path in pick:
+        try:
+            h, w = read_image_size(path)
+            if gray:
+                with Image.open(path) as im:  # opens the header only
+                    gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+        except Exception:  # noqa: BLE001 - any reader error: the dataset reports the file later
+            continue
+        widths.append(w)
+        heights.append(h)
+    if not widths:
+        return (0, 0), 3
+    return (int(statistics.median(widths)), int(statistics.median(heights))), 1 if gray else 3
+
+
+def _round32(x: float, lo: int, hi: int) -> int:
+    return int(min(hi, max(lo, 32 * round(x / 32))))
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
+
+
+def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any], named_recipe: bool = False,
+           pretrained: bool = False, cpus: int | None = None) -> list[Derived]:
+    """The settings for ``facts`` on ``device`` ("cuda" or "cpu"). ``given``: the user's own
+    settings (``{"train.batch_size": 16}``), listed as theirs and used by the rules after them
+    (the learning rate of the user's batch). Only ``FACT_KEYS`` under ``named_recipe``."""
+    cpus = cpus or cpu_count()
+    gpu = device == "cuda"
+    dense = task != "classify"
+    k = len(facts.class_names)
+    out: list[Derived] = []
+
+    def add(key: str, value: Any, why: str) -> None:
+        out.append(Derived(key, given.get(key, value), why, yours=key in given))
+
+    add("data.dataset", facts.kind, f"{facts.where}")
+    if not dense:
+        add("model.in_chans", facts.channels, "every sampled image is grayscale" if facts.channels == 1 else
+            "colour images")
+    names = list(facts.class_names)
+    if facts.numbered and "model.num_classes" in given:  # the user's count over the largest id seen
+        names = ["background", *(f"class_{i}" for i in range(1, int(given["model.num_classes"])))]
+    add("model.num_classes", k, f"{facts.classes_from}: {_names(facts.class_names)}")
+    if facts.record_classes:
+        add("data.classes", names, "the class names the datasets read the labels with")
+    if named_recipe:
+        return out
+
+    w, h = facts.median_size
+    if dense:
+        hi = 640 if gpu else 320
+        size = _round32(max(w, h), 128, hi) if w else 256
+        add("data.image_size", size, f"median longer side {max(w, h)} px, as a multiple of 32 in 128..{hi}"
+            f"{'' if gpu else ' (CPU)'}")
+        per_device = 64 * (256 / size) ** 2 if gpu else 8 * (256 / size) ** 2
+        ref = "64 at 256 px on a GPU (the FashionScenes recipe)" if gpu else "8 at 256 px on the CPU"
+    else:
+        hi = 224 if gpu or pretrained else 128
+        if pretrained:
+            size = 224
+            why = "the ImageNet size of the pretrained trunk"
+        else:
+            size = _round32(min(w, h), 32, hi) if w else 64
+            why = f"median shorter side {min(w, h)} px, as a multiple of 32 in 32..{hi}{'' if gpu else ' (CPU)'}"
+        add("data.image_size", size, why)
+        per_device = 256 * (64 / size) ** 2 * (4 if gpu else 1) if size > 64 else (256 if gpu else 64)
+        per_device = min(per_device, 256)
+        ref = "256 at 64 px on a GPU" if gpu else "64 at 64 px on the CPU"
+    # at least 8 steps per epoch where the data allows it, but never under 8 images per batch
+    # (BatchNorm statistics of fewer are noise), nor more images than there are
+    batch = min(_pow2_floor(per_device), max(8, _pow2_floor(facts.train / 8)), _pow2_floor(max(facts.train, 1)))
+    add("train.batch_size", batch, f"{ref}, scaled by pixels; at most 1/8 of {facts.train} images, at least 8")
+    batch = int(given.get("train.batch_size", batch))
+    add("data.eval_batch_size", batch * 2, "twice the training batch (no gradients)")
+
+    base = 2e-3 if dense else 1e-3
+    lr = float(f"{base * math.sqrt(batch / 64):.3g}")
+    add("optim.name", "adamw", "AdamW: the optimizer of the measured dense recipes, robust to the batch size")
+    add("optim.lr", lr, f"{base:g} at batch 64 scaled by sqrt({batch}/64)")
+    add("optim.weight_decay", 0.05, "AdamW's usual 0.05")
+    add("optim.schedule", "cosine", "cosine decay after the warm-up")
+    if pretrained:
+        add("optim.trunk_lr_mult", 0.1, "a pretrained trunk trains at a tenth of the head's rate")
+    if dense:
+        add("optim.clip_grad_norm", 10.0, "the dense recipes' gradient clipping")
+
+    steps_per_epoch = max(1, math.ceil(facts.train / batch))
+    target = 2000 if gpu else 600
+    epochs = int(min(300, max(5, math.ceil(target / steps_per_epoch))))
+    add("train.epochs", epochs, f"about {target:,} steps{' (CPU)' if not gpu else ''} at {steps_per_epoch} "
+        f"steps per epoch, within 5..300")
+    epochs = int(given.get("train.epochs", epochs))
+    total = epochs * steps_per_epoch
+    warm = min(1000, max(50, round(0.05 * total)), total)
+    add("optim.warmup_epochs", round(warm / steps_per_epoch, 2), f"{warm} warm-up steps: 5% of {total} (50..1000)")
+    add("train.eval_every", max(1, math.ceil(epochs / 30)), "about 30 evaluations in the run")
+    workers = min(8, cpus if gpu else max(cpus - 1, 0))
+    add("data.num_workers", workers, f"{cpus} CPUs{'' if gpu else ', one kept for training on the CPU'}, 8 at most")
+    return out
+
+
+def _names(names: Sequence[str], show: int = 8) -> str:
+    head = ", ".join(names[:show])
+    return head + (f", ... ({len(names)})" if len(names) > show else "")
+
+
+def derivation_lines(facts: DataFacts, derived: Sequence[Derived], values: dict[str, Any]) -> list[str]:
+    """What the run prints at the start (and config.yaml keeps as comments): the data in one
+    line, then each derived key with its value and why."""
+    w, h = facts.median_size
+    chans = "grayscale" if facts.channels == 1 else "RGB"
+    lines = [f"data: {facts.train} train / {facts.val} val images in {len(facts.class_names)} classes, {chans}, "
+             f"median {w}x{h} ({facts.where}); settings made for it:"]
+    width = max(len(d.key) for d in derived)
+    for d in derived:
+        value = values.get(d.key, d.value)
+        shown = _names(value) if isinstance(value, (list, tuple)) else value
+        why = "yours" if d.yours else d.why
+        lines.append(f"  {d.key:<{width}}  {shown}  ({why})")
+    lines.extend(f"  note: {n}" for n in facts.notes)
+    return lines

@@ -1,0 +1,129 @@
+"""Settings made for the user's data: the rules of tasks.engine.derive, and the describers that
+read the facts off folders, COCO files, VOC trees and mask folders without decoding them."""
+import json
+
+import numpy as np
+import pytest
+
+from tasks.engine.derive import DataFacts, data_name, derivation_lines, derive
+from tasks.engine.describe import describe_coco, describe_folders, describe_masks, describe_voc
+from tests.fakes import write_image_folders, write_voc_tree
+
+
+def _facts(**kw):
+    base = dict(kind="folders", name="pets", where="pets/train", train=412, val=100, class_names=list("abcd"),
+                classes_from="the class folders", median_size=(640, 480), channels=3)
+    return DataFacts(**{**base, **kw})
+
+
+def _values(derived):
+    return {d.key: d.value for d in derived}
+
+
+def test_classification_settings_follow_the_data_and_the_device():
+    gpu, cpu = (_values(derive("classify", _facts(), device=dev, given={}, cpus=2)) for dev in ("cuda", "cpu"))
+    assert gpu["model.num_classes"] == cpu["model.num_classes"] == 4 and gpu["model.in_chans"] == 3
+    assert gpu["data.image_size"] == 224 and cpu["data.image_size"] == 128  # median shorter side 480, capped
+    assert cpu["train.batch_size"] <= 412 // 8 and cpu["data.num_workers"] == 1  # one CPU left for training
+    assert gpu["optim.name"] == "adamw" and gpu["optim.lr"] == pytest.approx(1e-3 * (gpu["train.batch_size"] / 64) ** 0.5,
+                                                                            rel=1e-2)
+    small = _values(derive("classify", _facts(median_size=(28, 28), channels=1, train=180), device="cpu", given={}))
+    assert small["data.image_size"] == 32 and small["model.in_chans"] == 1 and small["train.batch_size"] == 16
+    steps = -(-180 // 16)
+    assert 5 <= small["train.epochs"] and small["train.epochs"] * steps >= 600  # about 600 steps on the CPU
+
+
+def test_the_users_settings_are_kept_and_used_by_the_rules_after_them():
+    derived = derive("detect", _facts(kind="coco", median_size=(416, 320), train=3000), device="cuda",
+                     given={"train.batch_size": 8, "train.epochs": 4})
+    values, yours = _values(derived), {d.key for d in derived if d.yours}
+    assert yours == {"train.batch_size", "train.epochs"} and values["train.batch_size"] == 8
+    assert values["optim.lr"] == pytest.approx(2e-3 * (8 / 64) ** 0.5, rel=1e-2)  # from the user's batch
+    assert values["data.image_size"] == 416 and "model.in_chans" not in values  # dense tasks read RGB
+    lines = derivation_lines(_facts(), derived, values)
+    assert lines[0].startswith("data: 412 train / 100 val images in 4 classes, RGB, median 640x480")
+    assert any("train.epochs" in line and "(yours)" in line for line in lines)
+
+
+def test_a_named_recipe_gets_only_the_facts():
+    keys = {d.key for d in derive("classify", _facts(), device="cuda", given={}, named_recipe=True)}
+    assert keys == {"data.dataset", "model.in_chans", "model.num_classes"}
+
+
+@pytest.mark.parametrize("path,name", [("data/pets/train", "pets"), ("shapes/train.json", "shapes"),
+                                       ("x/VOCdevkit/VOC2012", "VOC2012"), ("coco/annotations/instances_train.json",
+                                                                             "coco"), ("my set/images/train", "my_set")])
+def test_the_run_folder_is_named_after_the_data(tmp_path, path, name):
+    target = tmp_path / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.suffix:
+        target.write_text("{}")
+    else:
+        target.mkdir()
+    assert data_name(target) == name
+
+
+def test_folders_are_described_from_listings_and_headers(tmp_path):
+    root = write_image_folders(tmp_path / "pets", n_per_class=4, size=40)
+    facts = describe_folders(str(root / "train"), str(root / "val"), limit_train=6)
+    assert (facts.name, facts.train, facts.val, facts.class_names) == ("pets", 6, 12, ["cat", "dog", "owl"])
+    assert facts.median_size == (40, 40) and facts.channels == 3
+    import cv2
+    gray = tmp_path / "gray"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (gray / split / c).mkdir(parents=True)
+            cv2.imwrite(str(gray / split / c / "0.png"), np.zeros((28, 30), np.uint8))
+    assert describe_folders(str(gray / "train"), str(gray / "val")).channels == 1
+
+
+def test_coco_classes_are_its_categories_and_sizes_come_from_the_file(tmp_path):
+    for split, n in (("train", 3), ("val", 2)):
+        (tmp_path / split).mkdir()
+        json.dump({"images": [{"id": i, "file_name": f"{i}.jpg", "width": 300 + 100 * i, "height": 200}
+                              for i in range(n)], "annotations": [],
+                   "categories": [{"id": 7, "name": "cup"}, {"id": 2, "name": "fork"}]},
+                  open(tmp_path / f"{split}.json", "w"))
+    paths = {"train_ann": str(tmp_path / "train.json"), "val_ann": str(tmp_path / "val.json"),
+             "train_images": str(tmp_path / "train"), "val_images": str(tmp_path / "val")}
+    facts = describe_coco(paths, background=False)
+    assert facts.class_names == ["fork", "cup"] and (facts.train, facts.val) == (3, 2) and facts.median_size == (400, 200)
+    assert describe_coco(paths, background=True).class_names == ["background", "fork", "cup"]
+    with pytest.raises(ValueError, match="COCO data names its classes"):
+        describe_coco(paths, background=False, classes=["a", "b"])
+
+
+def test_voc_layout_with_other_classes_reads_them_from_the_xml_or_classes_txt(tmp_path):
+    root = write_voc_tree(tmp_path)
+    facts = describe_voc(str(root), "train", "val", segmentation=False)
+    assert len(facts.class_names) == 20 and facts.record_classes  # every name is a VOC class: VOC's 20
+    voc = root / "VOC2012"
+    for xml in (voc / "Annotations").glob("*.xml"):
+        xml.write_text(xml.read_text().replace("aeroplane", "kite").replace("bicycle", "drone"))
+    assert describe_voc(str(root), "train", "val", segmentation=False).class_names == ["drone", "kite"]
+    (voc / "classes.txt").write_text("# mine\nkite\ndrone\nballoon\n")
+    assert describe_voc(str(root), "train", "val", segmentation=False).class_names == ["kite", "drone", "balloon"]
+    seg = describe_voc(str(root), "train", "val", segmentation=True, classes=["background", "kite"])
+    assert seg.class_names == ["background", "kite"] and seg.classes_from == "--classes"
+
+
+def test_mask_folders_count_classes_from_the_masks_or_read_classes_txt(tmp_path):
+    import cv2
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "masks" / split).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(tmp_path / "images" / split / f"{i}.png"), np.zeros((20, 30, 3), np.uint8))
+            mask = np.zeros((20, 30), np.uint8)
+            mask[:5, :5] = i + 1 if split == "train" else 1
+            mask[10, :] = 255  # ignored
+            cv2.imwrite(str(tmp_path / "masks" / split / f"{i}.png"), mask)
+    paths = {k: str(tmp_path / kind / split) for k, kind, split in (
+        ("train_images", "images", "train"), ("val_images", "images", "val"), ("train_masks", "masks", "train"),
+        ("val_masks", "masks", "val"))}
+    facts = describe_masks(paths)
+    assert facts.class_names == ["background", "class_1", "class_2", "class_3"] and facts.notes
+    (tmp_path / "masks" / "classes.txt").write_text("background\nsky\nroad\ncar\n")
+    facts = describe_masks(paths)
+    assert facts.class_names == ["background", "sky", "road", "car"] and not facts.notes
+    assert facts.median_size == (30, 20) and facts.record_classes
