@@ -39,7 +39,7 @@ from tasks.engine import distributed
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded, setting
 from tasks.engine.datasets import cached_train_loader, coco_sets, data_files, dense_preprocess, file_loaders
 from tasks.engine.derive import DataFacts
-from tasks.engine.describe import describe_coco, describe_voc
+from tasks.engine.describe import describe_coco, describe_voc_config
 from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
 from tasks.engine.registry import TaskData, TaskSpec
@@ -133,15 +133,12 @@ def collate_detection_padded(batch: Sequence[tuple[torch.Tensor, dict]], size_di
 def describe_data(cfg: DetectConfig) -> DataFacts | None:
     """A COCO or VOC-layout set described for the settings made for it; None for FashionScenes."""
     d = cfg.data
-    limits = dict(limit_train=d.limit_train, limit_val=d.limit_val)
-    if d.voc_root or d.dataset == "voc":
-        if not d.voc_root:
-            raise ValueError("data.dataset=voc needs --voc-root DIR")
-        return describe_voc(d.voc_root, d.voc_train, d.voc_val, segmentation=False, classes=d.classes,
-                            seed=cfg.train.seed, **limits)
+    voc = describe_voc_config(d, cfg.train.seed, segmentation=False)
+    if voc is not None:
+        return voc
     if any(getattr(d, k) for k in COCO_FILES) or d.dataset == "coco":
         return describe_coco(data_files(d, COCO_FILES, "COCO data", files=True), background=False,
-                             classes=d.classes, **limits)
+                             classes=d.classes, limit_train=d.limit_train, limit_val=d.limit_val)
     return None
 
 

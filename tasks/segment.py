@@ -45,7 +45,7 @@ from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, Train
 from tasks.engine.datasets import (cached_train_loader, data_files, dense_preprocess, dense_train_transforms,
                                    file_loaders)
 from tasks.engine.derive import DataFacts
-from tasks.engine.describe import describe_coco, describe_masks, describe_voc
+from tasks.engine.describe import describe_coco, describe_masks, describe_voc_config
 from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
 from tasks.engine.metrics import ConfusionMatrix, by_name
@@ -158,11 +158,9 @@ def describe_data(cfg: SegmentConfig) -> DataFacts | None:
     FashionScenes."""
     d = cfg.data
     limits = dict(limit_train=d.limit_train, limit_val=d.limit_val)
-    if d.voc_root or d.dataset == "voc":
-        if not d.voc_root:
-            raise ValueError("data.dataset=voc needs --voc-root DIR")
-        return describe_voc(d.voc_root, d.voc_train, d.voc_val, segmentation=True, classes=d.classes,
-                            seed=cfg.train.seed, **limits)
+    voc = describe_voc_config(d, cfg.train.seed, segmentation=True)
+    if voc is not None:
+        return voc
     if d.train_ann or d.val_ann or d.dataset == "coco":
         files = data_files(d, ("train_ann", "train_images", "val_ann", "val_images"), "COCO segmentation data",
                            files=True)

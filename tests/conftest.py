@@ -14,6 +14,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """An untrained checkpoint of every task: ``{task: path}``."""
+    from tasks.engine.registry import TASKS
+    from tests.fakes import write_task_checkpoint
+    root = tmp_path_factory.mktemp("ckpts")
+    return {task: write_task_checkpoint(root / f"{task}.pt", task) for task in TASKS}
+
+
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch):
     """An empty, offline torch hub cache: where named weights files are looked for."""

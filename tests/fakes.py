@@ -245,3 +245,13 @@ def write_blob_fashion_mnist(root: Path) -> Path:
         write_idx(root / f"{stem}-images-idx3-ubyte.gz", _blobs(rng, n))
         write_idx(root / f"{stem}-labels-idx1-ubyte.gz", rng.choice(list(labels), n))
     return root
+
+
+def write_flat_image(path: Path, value: int, size: tuple[int, int] = (40, 40), gray: bool = False) -> str:
+    """An image of one value (``size`` = (h, w)), its folders made; returns the path as a string."""
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    cv2.imwrite(str(path), np.full((h, w) if gray else (h, w, 3), value, np.uint8))
+    return str(path)

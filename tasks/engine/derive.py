@@ -45,10 +45,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 __all__ = ["DataFacts", "Derived", "derive", "derivation_lines", "image_sample_stats", "data_name", "cpu_count",
-           "FACT_KEYS"]
+           ]
 
-# The settings that state facts of the data: derived also under a named recipe
-FACT_KEYS = ("model.in_chans", "model.num_classes", "data.dataset", "data.classes")
 _SPLIT_WORDS = {"train", "training", "trainval", "val", "valid", "validation", "test", "images", "imgs", "jpegimages",
                 "annotations", "masks", "labels", "data", "dataset", "images_train", "train_images"}
 
@@ -139,7 +137,8 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
            pretrained: bool = False, cpus: int | None = None) -> list[Derived]:
     """The settings for ``facts`` on ``device`` ("cuda" or "cpu"). ``given``: the user's own
     settings (``{"train.batch_size": 16}``), listed as theirs and used by the rules after them
-    (the learning rate of the user's batch). Only ``FACT_KEYS`` under ``named_recipe``."""
+    (the learning rate of the user's batch). Under ``named_recipe`` only the facts: the dataset
+    kind, channels, class count and names."""
     cpus = cpus or cpu_count()
     gpu = device == "cuda"
     dense = task != "classify"

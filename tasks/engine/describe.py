@@ -17,7 +17,7 @@ from tasks.data.voc import VOC_CLASSES, find_voc, read_class_list, voc_classes, 
 
 from .derive import DataFacts, data_name, image_sample_stats
 
-__all__ = ["describe_folders", "describe_coco", "describe_voc", "describe_masks", "MASK_SCAN"]
+__all__ = ["describe_folders", "describe_coco", "describe_voc", "describe_voc_config", "describe_masks", "MASK_SCAN"]
 
 MASK_SCAN = 2000  # masks read to find the class count when no class list is given
 
@@ -83,6 +83,16 @@ def describe_voc(root: str, train_split: str, val_split: str, *, segmentation: b
     return DataFacts(kind="voc", name=data_name(voc), where=display_path(voc), train=_limited(len(train_ids), limit_train),
                      val=_limited(len(val_ids), limit_val), class_names=names, classes_from=where, median_size=size,
                      record_classes=True)
+
+
+def describe_voc_config(d, seed: int, *, segmentation: bool) -> DataFacts | None:
+    """``describe_voc`` for a dense task's data config ``d``, or None when it names no VOC tree."""
+    if not (d.voc_root or d.dataset == "voc"):
+        return None
+    if not d.voc_root:
+        raise ValueError("data.dataset=voc needs --voc-root DIR")
+    return describe_voc(d.voc_root, d.voc_train, d.voc_val, segmentation=segmentation, classes=d.classes,
+                        limit_train=d.limit_train, limit_val=d.limit_val, seed=seed)
 
 
 def describe_masks(paths: dict[str, str], *, classes: Sequence[str] | None = None, limit_train: int | None = None,

@@ -16,12 +16,6 @@ from tasks.engine.predict import Predictor
 from tests.fakes import CLASS_NAMES, write_task_checkpoint
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpts")
-    return {task: write_task_checkpoint(root / f"{task}.pt", task) for task in TASKS}
-
-
 # ----------------------------------------------------------------------------- registry
 
 def test_registry_lists_the_four_tasks_and_each_spec_is_complete():

@@ -14,27 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from tasks import TASKS, load
+from tasks import load
 from tasks.engine import predict as predict_module
 from tasks.engine.inputs import Video, expand
 from tasks.engine.predict import predict_files
 from tasks.engine.runner import run_cli
-from tests.fakes import write_task_checkpoint
+from tests.fakes import write_flat_image
 
 ALL = ["classify", "detect", "segment", "multitask"]
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpts")
-    return {task: write_task_checkpoint(root / f"{task}.pt", task) for task in TASKS}
-
-
-def _image(path, value, size=(40, 40), gray=False):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = size
-    cv2.imwrite(str(path), np.full((h, w) if gray else (h, w, 3), value, np.uint8))
-    return str(path)
+_image = write_flat_image
 
 
 def _video(path, frames=5, size=(32, 48)):

@@ -18,23 +18,13 @@ from tasks import TASKS, load
 from tasks.data.images import image_from_input
 from tasks.engine.predict import Predictor, predict_files, predict_images
 from tasks.engine.runner import run_cli
-from tests.fakes import write_task_checkpoint
+from tests.fakes import write_flat_image
 
 ALL = ["classify", "detect", "segment", "multitask"]
 WRITERS = ["detect", "segment", "multitask"]  # the tasks whose --predict writes files
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpts")
-    return {task: write_task_checkpoint(root / f"{task}.pt", task) for task in TASKS}
-
-
-def _image(path, value, size=(40, 40), gray=False):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = size
-    cv2.imwrite(str(path), np.full((h, w) if gray else (h, w, 3), value, np.uint8))
-    return str(path)
+_image = write_flat_image
 
 
 def _predict(task, ckpt, paths, out, capfd=None):
