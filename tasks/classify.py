@@ -266,7 +266,7 @@ def decode(logits: torch.Tensor, geometries: list[Geometry], meta: Mapping[str, 
 
 
 def write_prediction(result: Mapping[str, Any], image: np.ndarray, source: str, out_dir: Path, stem: str,
-                     meta: Mapping[str, Any]) -> dict[str, Any]:
+                     meta: Mapping[str, Any], *, images: bool = True) -> dict[str, Any]:
     """Prints the three best classes; nothing is written."""
     top3 = result["top"][:3]
     print(f"{source}: " + ", ".join(f"{c} {p:.1%}" for c, p in top3))

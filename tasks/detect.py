@@ -258,18 +258,21 @@ def detections_json(result: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def write_prediction(result: Mapping[str, Any], image: np.ndarray, source: str, out_dir: Path, stem: str,
-                     meta: Mapping[str, Any]) -> dict[str, Any]:
-    """``<out_dir>/<stem>.json`` (boxes in the file's pixels) and ``<stem>.png`` (boxes drawn)."""
+                     meta: Mapping[str, Any], *, images: bool = True) -> dict[str, Any]:
+    """``<out_dir>/<stem>.json`` (boxes in the file's pixels) and ``<stem>.png`` (boxes drawn);
+    without ``images`` no file (the entry goes into summary.json)."""
     from tasks.engine.viz import write_json  # every file through one writer: no link is written through
 
     out_dir.mkdir(parents=True, exist_ok=True)
     h, w = image.shape[:2]
     entry = {"image": source, "width": w, "height": h, "detections": detections_json(result)}
-    write_json(out_dir / f"{stem}.json", entry)
-    draw_detection_grid([torch.from_numpy(image).permute(2, 0, 1)], [result], meta["class_names"],
-                        out_dir / f"{stem}.png", nrow=1)
+    if images:
+        write_json(out_dir / f"{stem}.json", entry)
+        draw_detection_grid([torch.from_numpy(image).permute(2, 0, 1)], [result], meta["class_names"],
+                            out_dir / f"{stem}.png", nrow=1)
     shown = [f"{d['class']} {d['score']:.2f}" for d in entry["detections"] if d["score"] >= 0.3]
-    print(f"{source}: {len(shown)} objects (score >= 0.3): {', '.join(shown) or '-'} -> {out_dir / stem}.json/.png")
+    print(f"{source}: {len(shown)} objects (score >= 0.3): {', '.join(shown) or '-'}"
+          + (f" -> {out_dir / stem}.json/.png" if images else ""))
     return entry
 
 

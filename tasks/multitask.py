@@ -41,8 +41,8 @@ from tasks.engine.predict import Predictor, load_task_model
 from tasks.engine.registry import TASKS, TaskData, TaskSpec
 from tasks.engine.predict import predict_files
 from tasks.engine.runner import build_parser, predict_arguments, run, run_cli
-from tasks.engine.viz import (class_colors, detection_tile, draw_segmentation_grid, overlay_mask, save_grid,
-                               save_palette_mask)
+from tasks.engine.viz import (class_colors, detection_tile, draw_segmentation_grid, object_colors, overlay_mask,
+                               save_grid, save_palette_mask)
 
 DETECT, SEGMENT = TASKS["detect"], TASKS["segment"]
 FILES = ("train_ann", "train_images", "train_masks", "val_ann", "val_images", "val_masks")
@@ -198,7 +198,7 @@ def _draw(images, detections, masks, class_names, path: Path, *, truth: Sequence
     over it; the image in grey levels under them (``gray``). A class's boxes take its mask
     colour; a legend names the classes shown."""
     colors = class_colors(len(class_names) + 1)  # [0]: background, never painted
-    box_colors = colors[1:]  # mask value = label + 1
+    box_colors = object_colors(len(class_names))  # mask value = label + 1: its colour
     tiles, shown = [], set()
     for i, (img, det, mask) in enumerate(zip(images, detections, masks)):
         layers = [(truth[i]["mask"], None, truth[i]["boxes"])] if truth is not None else []
@@ -240,9 +240,10 @@ def decode(outputs: Mapping[str, Any], geometries: list[Geometry], meta: Mapping
 
 
 def write_prediction(result: Mapping[str, Any], image: np.ndarray, source: str, out_dir: Path, stem: str,
-                     meta: Mapping[str, Any]) -> dict[str, Any]:
+                     meta: Mapping[str, Any], *, images: bool = True) -> dict[str, Any]:
     """``<stem>.json`` (classes, boxes in file pixels, mask file), ``<stem>_mask.png`` (palette,
-    value = class index + 1) and ``<stem>.png`` (mask and boxes over the image)."""
+    value = class index + 1) and ``<stem>.png`` (mask and boxes over the image); without ``images``
+    only the mask (the entry goes into summary.json)."""
     from tasks.engine.viz import write_json  # every file through one writer: no link is written through
 
     names = list(meta["class_names"])
@@ -260,14 +261,17 @@ def write_prediction(result: Mapping[str, Any], image: np.ndarray, source: str, 
         entry["detections"] = [
             {"box_xyxy": [round(v, 2) for v in b.tolist()], "score": round(float(s), 4), "class": c}
             for b, s, c in zip(result["detect"]["boxes"], result["detect"]["scores"], result["detect"]["names"])]
-        _draw([picture], [result["detect"]], [mask if mask is not None else torch.zeros(image.shape[:2], dtype=torch.long)],
-              names, out_dir / f"{stem}.png", gray=mask is not None)
-    else:
+        if images:
+            _draw([picture], [result["detect"]],
+                  [mask if mask is not None else torch.zeros(image.shape[:2], dtype=torch.long)],
+                  names, out_dir / f"{stem}.png", gray=mask is not None)
+    elif images:
         draw_segmentation_grid([picture], [mask], ["background", *names], out_dir / f"{stem}.png")
-    write_json(out_dir / f"{stem}.json", entry)
+    if images:
+        write_json(out_dir / f"{stem}.json", entry)
     found = ", ".join(c["class"] for c in entry.get("classes", [])) or "-"
     print(f"{source}: classes {found}; {sum(1 for d in entry.get('detections', []) if d['score'] >= 0.3)} boxes "
-          f"(score >= 0.3) -> {out_dir / stem}.json/.png")
+          f"(score >= 0.3)" + (f" -> {out_dir / stem}.json/.png" if images else ""))
     return entry
 
 

@@ -328,13 +328,15 @@ def predict(predictor, images: Sequence[np.ndarray], batch_size: int, tile: bool
 
 
 def write_prediction(result: Mapping[str, Any], image: np.ndarray, source: str, out_dir: Path, stem: str,
-                     meta: Mapping[str, Any]) -> dict[str, Any]:
-    """``<stem>_mask.png`` (palette PNG, pixel = class id) and ``<stem>_overlay.png``."""
+                     meta: Mapping[str, Any], *, images: bool = True) -> dict[str, Any]:
+    """``<stem>_mask.png`` (palette PNG, pixel = class id) and, with ``images``, ``<stem>_overlay.png``."""
     names = meta["class_names"]
     out_dir.mkdir(parents=True, exist_ok=True)
     mask = result["mask"]
     save_palette_mask(mask.numpy(), out_dir / f"{stem}_mask.png", len(names))
-    draw_segmentation_grid([torch.from_numpy(image).permute(2, 0, 1)], [mask], names, out_dir / f"{stem}_overlay.png")
+    if images:
+        draw_segmentation_grid([torch.from_numpy(image).permute(2, 0, 1)], [mask], names,
+                               out_dir / f"{stem}_overlay.png")
     present = {k: round(v, 4) for k, v in result["class_fractions"].items() if k != names[0]}
     print(f"{source}: " + (", ".join(f"{k} {v:.1%}" for k, v in present.items()) or f"{names[0]} only")
           + f" -> {out_dir / stem}_mask.png")

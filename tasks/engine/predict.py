@@ -679,7 +679,7 @@ def predict_files(predictor: Predictor, inputs: Sequence[Any], out_dir: Path, ba
             where = {"video": source.video, "frame": source.frame} if source.video is not None else {}
             with _lines(shown=images):
                 entries.append(outputs.write(source.index, stems.add(source.stem), lambda stem: {
-                    **spec.write_prediction(result, image, source.name, out_dir, stem, meta), **where}, stems.taken))
+                    **spec.write_prediction(result, image, source.name, out_dir, stem, meta, images=images), **where}, stems.taken))
             coco.add(result, source, image.shape[:2])
         done = True
     finally:

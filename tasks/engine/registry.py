@@ -69,8 +69,9 @@ class TaskSpec:
       ``meta["preprocess"]`` get theirs this way).
     * ``decode(outputs, geometries, meta, **options) -> [result]``: one batch of eval-mode
       model outputs -> per-image results in original image coordinates (the Python API).
-    * ``write_prediction(result, image, source, out_dir, stem, meta) -> entry``: what
-      ``--predict`` writes and prints for one image; ``entry`` is JSON-friendly.
+    * ``write_prediction(result, image, source, out_dir, stem, meta, *, images) -> entry``: what
+      ``--predict`` writes and prints for one image; ``entry`` is JSON-friendly. Without
+      ``images`` (``--no-images``) nothing is drawn: only the files the entry names (a mask).
     * ``report(metrics, meta) -> [lines]``: the metrics for a person, first line the summary.
     * ``build_head(model_cfg, feature_info, num_classes)`` (optional): the task head alone,
       for models that compose heads on one trunk.

@@ -153,7 +153,7 @@ def build_parser(spec: TaskSpec) -> argparse.ArgumentParser:
     g.add_argument("--output", metavar="DIR", help="run folder (default: runs/<task>/<recipe>[-N])")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int, help="per GPU (per process under torchrun)")
+    g.add_argument("--batch-size", type=int, help="per GPU (per process under torchrun); --predict: images per batch (32)")
     g.add_argument("--seed", type=int)
     g.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                    help="continue a run (default CKPT: <output>/last.pt)")
@@ -725,14 +725,16 @@ def _finish_setup(spec: TaskSpec, args: argparse.Namespace, cfg: Any, output: Pa
 
 
 def predict_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """``predict_files``' keywords from ``--video-stride``, ``--images/--no-images`` and
-    ``--quiet`` (no progress bar); those two flags without ``--predict`` are refused."""
+    """``predict_files``' keywords from ``--video-stride``, ``--images/--no-images``,
+    ``--batch-size`` and ``--quiet`` (no progress bar); the first two without ``--predict`` are refused."""
     stride, images = getattr(args, "video_stride", None), getattr(args, "images", None)
     if not args.predict and (stride is not None or images is not None):
         raise ValueError("--video-stride and --images / --no-images go with --predict")
     if stride is not None and stride < 1:
         raise ValueError(f"--video-stride {stride}: expected a positive number of frames (1: every frame)")
-    return {"images": images is not False, "video_stride": stride or 1, "progress": not args.quiet}
+    batch = getattr(args, "batch_size", None)  # --predict: --batch-size images at a time (the config refuses < 1)
+    return {"images": images is not False, "video_stride": stride or 1, "progress": not args.quiet,
+            "batch_size": batch or 32}
 
 
 def _weights_model(run: Run) -> tuple[Any, dict[str, Any]]:

@@ -17,9 +17,9 @@ import numpy as np  # noqa: E402
 
 from .checkpoint import write_atomic  # noqa: E402
 
-__all__ = ["plot_curves", "plot_confusion", "plot_pr_curves", "save_figure", "class_colors", "draw_detection_grid",
-           "detection_tile", "save_grid", "draw_segmentation_grid", "overlay_mask", "save_palette_mask", "write_file",
-           "write_json"]
+__all__ = ["plot_curves", "plot_confusion", "plot_pr_curves", "save_figure", "class_colors", "object_colors",
+           "draw_detection_grid", "detection_tile", "save_grid", "draw_segmentation_grid", "overlay_mask",
+           "save_palette_mask", "write_file", "write_json"]
 
 # While ``--predict`` writes one input's files, ``predict_files`` routes ``write_file`` here
 # (tasks/engine/predict.py): the files are staged and appear together, under names no other
@@ -109,7 +109,7 @@ def plot_pr_curves(recall: np.ndarray, precision: np.ndarray, class_names: Seque
     legend names each class with ``ap`` (its area); past 20 classes they are drawn thin and grey
     without names."""
     precision = np.asarray(precision, dtype=np.float64).reshape(len(class_names), -1)
-    colors = colors or class_colors(len(class_names))
+    colors = colors or object_colors(len(class_names))
     valid = ~np.isnan(precision).any(1)
     many = valid.sum() > 20
     fig, ax = plt.subplots(figsize=(7.5, 5))
@@ -138,8 +138,15 @@ def plot_pr_curves(recall: np.ndarray, precision: np.ndarray, class_names: Seque
 
 # Class colours shared by the detection and segmentation pictures (matplotlib's tab20).
 def class_colors(n: int) -> list[tuple[int, int, int]]:
+    """The colours of ``n`` segmentation classes, background (index 0) first."""
     cmap = matplotlib.colormaps["tab20"]
     return [tuple(int(255 * c) for c in cmap(i % 20)[:3]) for i in range(n)]
+
+
+def object_colors(n: int) -> list[tuple[int, int, int]]:
+    """The colours of ``n`` object classes (detection labels, no background): label ``c`` takes
+    segmentation index ``c + 1``'s colour, so a class looks the same in every picture."""
+    return class_colors(n + 1)[1:]
 
 
 def draw_detection_grid(images: Sequence, predictions: Sequence[dict], class_names: Sequence[str],
@@ -150,7 +157,7 @@ def draw_detection_grid(images: Sequence, predictions: Sequence[dict], class_nam
     ``score_thresh``) over uint8 ``[3, H, W]`` images, ground truth (if given) as thin white
     boxes; small images are upscaled to ``min_side`` so labels stay legible. One grid PNG with
     a legend of the classes drawn."""
-    colors = colors or class_colors(len(class_names))
+    colors = colors or object_colors(len(class_names))
     tiles, shown = [], set()
     for i, (img, pred) in enumerate(zip(images, predictions)):
         tile, classes = detection_tile(img, pred, class_names, colors, score_thresh=score_thresh, max_boxes=max_boxes,

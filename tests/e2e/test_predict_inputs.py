@@ -277,8 +277,17 @@ def test_the_real_bar_stays_off_when_stderr_is_not_a_terminal(ckpts, tmp_path, c
 
 @pytest.mark.parametrize("task, kept", [
     ("classify", []), ("detect", []), ("segment", ["a_mask.png"]), ("multitask", ["a_mask.png"])])
-def test_no_images_writes_the_json_and_the_masks_only(ckpts, task, kept, tmp_path, capfd):
+def test_no_images_writes_the_json_and_the_masks_only(ckpts, task, kept, tmp_path, capfd, monkeypatch):
     image = _image(tmp_path / "a.png", 90, gray=task == "classify")
+
+    def drawn(*args, **kwargs):
+        raise AssertionError("--no-images drew a picture")
+
+    for name in ("tasks.detect", "tasks.segment", "tasks.multitask"):  # nothing is drawn to be deleted later
+        module = importlib.import_module(name)
+        for attr in ("draw_detection_grid", "draw_segmentation_grid", "_draw"):
+            if hasattr(module, attr):
+                monkeypatch.setattr(module, attr, drawn)
     code, out, err = _cli(task, [image], tmp_path / "out", capfd, "--no-images", ckpts=ckpts)
     assert code == 0, err
     folder = tmp_path / "out" / "predictions"
@@ -358,3 +367,19 @@ def test_expanding_decodes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(cv2, "imdecode", lambda *a, **k: pytest.fail("an image was decoded while expanding"))
     items = expand([tmp_path / "many"], video_stride=3)
     assert len(items) == 21 and isinstance(items[-1], Video) and items[-1].expected() == 2
+
+
+def test_predict_reads_batch_size_images_at_a_time(ckpts, tmp_path, capfd, monkeypatch):
+    from tasks.engine.predict import Predictor
+
+    seen, real = [], Predictor.predict_items
+
+    def recording(self, items, batch_size, *args, **kwargs):
+        seen.append(batch_size)
+        return real(self, items, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict_items", recording)
+    images = [_image(tmp_path / f"{i}.png", 60 + i) for i in range(5)]
+    code, _, err = _cli("detect", images, tmp_path / "out", capfd, "--batch-size", "2", ckpts=ckpts)
+    assert code == 0, err
+    assert seen == [2] and len(_summary(tmp_path / "out")) == 5

@@ -45,6 +45,18 @@ def test_the_users_settings_are_kept_and_used_by_the_rules_after_them():
     assert any("train.epochs" in line and "(yours)" in line for line in lines)
 
 
+def test_a_classifier_from_scratch_on_few_images_is_pointed_to_pretrained_weights():
+    few, many, pretrained, dense = (_facts(train=n) for n in (200, 5000, 200, 200))
+    derive("classify", few, device="cpu", given={})
+    derive("classify", many, device="cpu", given={})
+    derive("classify", pretrained, device="cpu", given={}, pretrained=True)
+    derive("detect", dense, device="cpu", given={})
+    assert len(few.notes) == 1 and "200 training images" in few.notes[0] and "model.weights=imagenet" in few.notes[0]
+    assert many.notes == pretrained.notes == dense.notes == []
+    lines = derivation_lines(few, derive("classify", _facts(train=200), device="cpu", given={}), {})
+    assert lines[-1].startswith("  note: 200 training images")
+
+
 def test_a_named_recipe_gets_only_the_facts():
     keys = {d.key for d in derive("classify", _facts(), device="cuda", given={}, named_recipe=True)}
     assert keys == {"data.dataset", "model.in_chans", "model.num_classes"}

@@ -17,7 +17,7 @@ from tasks.data.coco import CocoDetection, collate_detection, run_cocoeval
 from tasks.data.preprocess import Preprocess
 from tasks.engine.metrics import ConfusionMatrix, coco_gt_present, coco_per_class
 from tasks.engine.registry import TaskData
-from tasks.engine.viz import class_colors, draw_detection_grid, draw_segmentation_grid
+from tasks.engine.viz import class_colors, draw_detection_grid, draw_segmentation_grid, object_colors
 
 # Five classes with non-contiguous ids, two 100 x 100 images. COCO's AP is the mean of the
 # interpolated precision at 101 recall points (0, 0.01, ..., 1) and 10 IoU thresholds (.50:.95).
@@ -176,7 +176,8 @@ def _legend_colours(path, grid_height):
 
 def test_detection_picture_labels_boxes_and_has_a_legend(tmp_path):
     names = ["shirt", "boot", "bag"]
-    colors = class_colors(3)
+    colors = class_colors(4)[1:]  # label c: segmentation index c + 1's colour (the same class, the same colour)
+    assert object_colors(3) == colors
     image = torch.full((3, 64, 64), 90, dtype=torch.uint8)
     pred = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0], [30.0, 30.0, 60.0, 60.0]]),
             "scores": torch.tensor([0.9, 0.1]), "labels": torch.tensor([1, 2])}
