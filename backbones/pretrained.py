@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
-__all__ = ["NamedWeights", "is_named", "weights_info", "resolve", "weights_normalization"]
+__all__ = ["NamedWeights", "is_named", "weights_info", "resolve", "available", "weights_normalization"]
 
 _PROBE_TIMEOUT_S = 3.0
 
@@ -187,6 +187,29 @@ def resolve(spec: str, arch: str) -> tuple[NamedWeights, str | Mapping[str, Any]
     except Exception as e:  # noqa: BLE001 - HTTP / repository errors: one line naming the weights
         raise _download_failed(info, f"{info.hf_repo}/{names[0]}", cache, e) from None
     return info, _read_hub_file(downloaded)
+
+
+def available(spec: str, arch: str) -> bool:
+    """Whether ``resolve(spec, arch)`` would find the weights: in the cache, or downloadable (not
+    offline and the host answering, a probe of a few seconds at most). Nothing is downloaded."""
+    import torch
+
+    info = weights_info(spec, arch)
+    if info.hf_repo is None:
+        if os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", info.filename)):
+            return True
+        return not _offline() and _reachable(info.url)
+    try:
+        import huggingface_hub
+    except ImportError:
+        return False
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        try:
+            huggingface_hub.hf_hub_download(info.hf_repo, filename, cache_dir=_hf_cache(), local_files_only=True)
+            return True
+        except Exception:  # noqa: BLE001 - not cached (the error class differs between versions)
+            continue
+    return not _offline() and _reachable("https://huggingface.co")
 
 
 def _missing_hub_package(package: str, what: str) -> ValueError:

@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +9,13 @@ import torch
 # Two CPU cores on CI: more threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Tests never download: named weights resolve from an empty cache of this session (a test that
+# needs a file puts it there, or points TORCH_HOME / HF_HOME elsewhere), offline. The settings
+# made for a small classification set then take no ImageNet weights, whatever this host caches.
+os.environ["ONETRUNK_OFFLINE"] = "1"
+for _var, _prefix in (("TORCH_HOME", "onetrunk-tests-torch-"), ("HF_HOME", "onetrunk-tests-hf-")):
+    os.environ[_var] = tempfile.mkdtemp(prefix=_prefix)
+    atexit.register(shutil.rmtree, os.environ[_var], True)
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,9 @@ The rules (what ultralytics and timm's train script fix or derive, made explicit
   dense tasks read RGB);
 * classes: the data's (class folders, COCO categories, ``classes.txt`` / ``--classes``, VOC
   object names, mask values);
+* weights: a classifier on fewer than 1,000 images starts from torchvision's ImageNet weights
+  when they are cached or can be downloaded (from scratch, so few images are often learnt by
+  heart: see ``FEW_IMAGES``); otherwise it trains from scratch and a note says so;
 * image size: classification the median shorter side, detection / segmentation the median
   longer side, rounded to a multiple of 32 and kept within what trains in reasonable time
   (224 / 640 on a GPU, 128 / 320 on the CPU; 224 for an ImageNet-pretrained classifier);
@@ -40,7 +43,7 @@ import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -133,20 +136,24 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
 
 
-# A classifier trained from scratch on fewer images than this gets a note pointing to pretrained
-# weights: on 200 images of coloured shapes (4 classes) every setting tried (AdamW / SGD, 64 / 128
+# A classifier on fewer images than this starts from ImageNet weights when they can be had (else a
+# note says why it may not learn): from scratch, on 200 images of coloured shapes (4 classes) every
+# setting tried (AdamW / SGD, 64 / 128
 # px, weight decay 0.05 / 0.5, 600 / 2,000 steps) stayed at chance (25-33%) while the
 # training accuracy reached 98%; 200 Fashion-MNIST images reached 90-96% (H200 and 2 CPU cores).
 FEW_IMAGES = 1000
 
 
 def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any], named_recipe: bool = False,
-           pretrained: bool = False, cpus: int | None = None) -> list[Derived]:
+           pretrained: bool = False, cpus: int | None = None,
+           imagenet_available: Callable[[], bool] | None = None) -> list[Derived]:
     """The settings for ``facts`` on ``device`` ("cuda" or "cpu"). ``given``: the user's own
     settings (``{"train.batch_size": 16}``), listed as theirs and used by the rules after them
     (the learning rate of the user's batch). Under ``named_recipe`` only the facts: the dataset
-    kind, channels, class count and names. A classifier from scratch on few images adds a
-    note to ``facts.notes`` (printed with the derivation)."""
+    kind, channels, class count and names. A classifier on fewer than ``FEW_IMAGES`` images
+    without weights of the user's starts from ImageNet weights when ``imagenet_available()``
+    says they can be had (cached, or a download); otherwise it gets a note in ``facts.notes``
+    (printed with the derivation)."""
     cpus = cpus or cpu_count()
     gpu = device == "cuda"
     dense = task != "classify"
@@ -168,6 +175,16 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
         add("data.classes", names, "the class names the datasets read the labels with")
     if named_recipe:
         return out
+
+    if not dense and not pretrained and facts.train < FEW_IMAGES and "model.weights" not in given:
+        if imagenet_available is not None and imagenet_available():
+            add("model.weights", "imagenet", f"{facts.train} images are few to train a ResNet from scratch: "
+                "torchvision's ImageNet weights (from the cache, or downloaded once)")
+            pretrained = True
+        else:
+            facts.notes.append(f"{facts.train} training images and a trunk from scratch: a ResNet may learn this "
+                               "few by heart and stay near chance on new images; ImageNet weights "
+                               "(--set model.weights=imagenet) are not in the cache and cannot be downloaded here")
 
     w, h = facts.median_size
     if dense:
@@ -219,10 +236,6 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
     add("train.eval_every", max(1, math.ceil(epochs / 30)), "about 30 evaluations in the run")
     workers = min(8, cpus if gpu else max(cpus - 1, 0))
     add("data.num_workers", workers, f"{cpus} CPUs{'' if gpu else ', one kept for training on the CPU'}, 8 at most")
-    if not dense and not pretrained and facts.train < FEW_IMAGES:
-        facts.notes.append(f"{facts.train} training images and a trunk from scratch: a ResNet may learn this few by "
-                           "heart and stay near chance on new images; --set model.weights=imagenet starts from "
-                           "ImageNet weights (downloaded on first use)")
     return out
 
 

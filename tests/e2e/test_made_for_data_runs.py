@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from tasks import classify, detect, load, segment
-from tests.fakes import write_image_folders, write_voc_tree
+from tests.fakes import write_image_folders, write_torchvision_resnet18, write_voc_tree
 
 FAST = ["--device", "cpu", "--epochs", "1"]  # the rest is derived; epochs is "yours"
 
@@ -33,6 +33,23 @@ def test_folders_given_only_their_paths(tmp_path, runs, capsys):
     assert cfg["data"]["image_size"] == 32 and cfg["train"]["batch_size"] == 8 and cfg["optim"]["name"] == "adamw"
     assert cfg["data"]["num_workers"] == 0 and cfg["train"]["epochs"] == 1  # the user's own, kept
     assert load(folder / "best.pt", device="cpu").class_names == ["cat", "dog", "owl"]
+
+
+def test_a_small_set_starts_from_imagenet_weights_when_they_can_be_had(tmp_path, runs, capsys, torch_home):
+    root = write_image_folders(tmp_path / "pets", n_per_class=4, size=24)
+    args = FAST + ["--train-images", str(root / "train"), "--val-images", str(root / "val"),
+                   "--set", "data.num_workers=0", "--set", "data.image_size=32", "--batch-size", "4"]
+    classify.main(args)  # offline, empty cache: from scratch, and a note says why it may not learn
+    out = capsys.readouterr().out
+    assert "  model.weights " not in out and "note: 12 training images and a trunk from scratch" in out
+    assert yaml.safe_load((runs / "classify" / "pets" / "config.yaml").read_text())["model"]["weights"] is None
+    write_torchvision_resnet18(torch_home)  # the weights in the cache: taken, and said so
+    classify.main(args + ["--output", str(tmp_path / "pretrained")])
+    out = capsys.readouterr().out
+    assert "model.weights         imagenet  (12 images are few to train a ResNet from scratch" in out
+    assert "optim.trunk_lr_mult   0.1" in out and "note:" not in out
+    cfg = yaml.safe_load((tmp_path / "pretrained" / "config.yaml").read_text())
+    assert cfg["model"]["weights"] == "imagenet" and cfg["optim"]["trunk_lr_mult"] == 0.1
 
 
 def test_a_named_recipe_keeps_its_settings_but_takes_the_datas_facts(tmp_path, runs):

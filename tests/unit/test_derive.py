@@ -45,14 +45,20 @@ def test_the_users_settings_are_kept_and_used_by_the_rules_after_them():
     assert any("train.epochs" in line and "(yours)" in line for line in lines)
 
 
-def test_a_classifier_from_scratch_on_few_images_is_pointed_to_pretrained_weights():
-    few, many, pretrained, dense = (_facts(train=n) for n in (200, 5000, 200, 200))
-    derive("classify", few, device="cpu", given={})
-    derive("classify", many, device="cpu", given={})
-    derive("classify", pretrained, device="cpu", given={}, pretrained=True)
-    derive("detect", dense, device="cpu", given={})
+def test_a_classifier_on_few_images_starts_from_imagenet_weights_when_they_can_be_had():
+    def never():
+        raise AssertionError("asked whether ImageNet weights can be had where no rule needs them")
+
+    with_weights = _values(derive("classify", _facts(train=200), device="cpu", given={}, imagenet_available=lambda: True))
+    assert with_weights["model.weights"] == "imagenet" and with_weights["data.image_size"] == 224
+    assert with_weights["optim.trunk_lr_mult"] == 0.1
+    few, many, yours, dense = (_facts(train=n) for n in (200, 5000, 200, 200))
+    derive("classify", few, device="cpu", given={}, imagenet_available=lambda: False)
+    for facts, task, given in ((many, "classify", {}), (yours, "classify", {"model.weights": None}),
+                               (dense, "detect", {})):
+        assert "model.weights" not in _values(derive(task, facts, device="cpu", given=given, imagenet_available=never))
     assert len(few.notes) == 1 and "200 training images" in few.notes[0] and "model.weights=imagenet" in few.notes[0]
-    assert many.notes == pretrained.notes == dense.notes == []
+    assert many.notes == yours.notes == dense.notes == []
     lines = derivation_lines(few, derive("classify", _facts(train=200), device="cpu", given={}), {})
     assert lines[-1].startswith("  note: 200 training images")
 
