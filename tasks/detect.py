@@ -44,7 +44,7 @@ from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
 from tasks.engine.registry import TaskData, TaskSpec
 from tasks.engine.runner import build_parser, run, run_cli
-from tasks.engine.metrics import by_name, coco_gt_present, coco_per_class
+from tasks.engine.metrics import coco_scores
 from tasks.engine.viz import draw_detection_grid, plot_pr_curves, write_file
 
 COCO_FILES = ("train_ann", "train_images", "val_ann", "val_images")
@@ -200,13 +200,7 @@ def evaluate(model: torch.nn.Module, data: TaskData, device: torch.device, amp: 
     names = data.meta["class_names"]
 
     def score() -> dict[str, Any]:
-        metrics: dict[str, Any] = evaluator.compute()
-        ids, ev = data.val_set.cat_ids, evaluator.cocoeval
-        # no detections at all: no COCOeval; a class with ground truth then has AP 0
-        has_gt = None if ev is not None else coco_gt_present(data.val_set.coco, ids, set(evaluator.image_ids))
-        per_class = coco_per_class(ev, ids, has_gt=has_gt)
-        metrics["per_class_AP"] = by_name(names, per_class["AP"])
-        metrics["per_class_AP50"] = by_name(names, per_class["AP50"])
+        metrics, per_class = coco_scores(evaluator, data.val_set, names)
         if output is not None:
             plot_pr_curves(per_class["recall"], per_class["precision50"], names, Path(output) / "pr_curve.png",
                            ap=per_class["AP50"], title=f"precision-recall at IoU 0.5 (AP50 {metrics['AP50']:.3f})")

@@ -36,7 +36,7 @@ from tasks.engine.config import OptimConfig, TrainConfig, bounded, setting
 from tasks.engine.datasets import coco_sets, data_files, dense_preprocess, file_loaders
 from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
-from tasks.engine.metrics import ConfusionMatrix, multilabel_metrics
+from tasks.engine.metrics import ConfusionMatrix, by_name, coco_scores, multilabel_metrics
 from tasks.engine.predict import Predictor, load_task_model
 from tasks.engine.registry import TASKS, TaskData, TaskSpec
 from tasks.engine.predict import predict_files
@@ -175,10 +175,10 @@ def evaluate(model: MultiTaskModel, data: TaskData, device: torch.device, amp: b
     cls = multilabel_metrics(torch.cat(scores), torch.cat(hot))
     det_eval.results = distributed.gather_lists(det_eval.results)
     det_eval.image_ids = distributed.gather_lists(det_eval.image_ids)
-    det = distributed.on_main(det_eval.compute)
+    det = distributed.on_main(lambda: coco_scores(det_eval, data.val_set, names)[0])
     seg = cm.all_reduce().segmentation()
     metrics = {"cls_mAP": cls["mAP"], "cls_F1": cls["F1"], **det, "miou": seg["miou"],
-               "pixel_acc": seg["pixel_acc"]}
+               "pixel_acc": seg["pixel_acc"], "per_class_iou": by_name(["background", *names], seg["iou"])}
     metrics["mean"] = (metrics["cls_mAP"] + metrics["AP"] + metrics["miou"]) / 3
     if output is not None and shown[0] and distributed.is_main():
         _draw(shown[0], shown[1], shown[2], names, Path(output) / "multitask.png", truth=shown[3])
@@ -186,9 +186,16 @@ def evaluate(model: MultiTaskModel, data: TaskData, device: torch.device, amp: b
 
 
 def report(m: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
-    return [f"classification mAP {m['cls_mAP']:.4f} F1 {m['cls_F1']:.4f} | detection AP {m['AP']:.4f} "
-            f"AP50 {m['AP50']:.4f} | segmentation mIoU {m['miou']:.4f} pixel acc {m['pixel_acc']:.4f}",
-            "  detection " + "  ".join(f"{k} {m[k]:.4f}" for k in METRIC_NAMES[1:])]
+    lines = [f"classification mAP {m['cls_mAP']:.4f} F1 {m['cls_F1']:.4f} | detection AP {m['AP']:.4f} "
+             f"AP50 {m['AP50']:.4f} | segmentation mIoU {m['miou']:.4f} pixel acc {m['pixel_acc']:.4f}",
+             "  detection " + "  ".join(f"{k} {m[k]:.4f}" for k in METRIC_NAMES[1:])]
+    ap, ap50 = m.get("per_class_AP"), m.get("per_class_AP50")
+    if ap and ap50:  # -1: no ground truth of the class
+        lines.append("  AP (AP50) per class: " + "  ".join(
+            f"{n} " + ("-" if ap[n] < 0 else f"{ap[n]:.3f} ({ap50[n]:.3f})") for n in ap))
+    if "per_class_iou" in m:
+        lines.append("  IoU per class: " + "  ".join(f"{n} {v:.3f}" for n, v in m["per_class_iou"].items()))
+    return lines
 
 
 def _draw(images, detections, masks, class_names, path: Path, *, truth: Sequence[dict] | None = None,

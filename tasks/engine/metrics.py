@@ -132,3 +132,17 @@ def coco_per_class(cocoeval, cat_ids: Sequence[int], *, has_gt: Sequence[bool] |
     curves[curves < 0] = np.nan
     return {"AP": mean_valid(p), "AP50": mean_valid(p[t50]), "recall": np.asarray(params.recThrs),
             "precision50": curves}
+
+
+def coco_scores(evaluator, val_set, names: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``CocoEvaluator.compute()``'s metrics with ``per_class_AP`` / ``per_class_AP50``
+    (``{class name: AP}``, -1 for a class without ground truth), and ``coco_per_class``' result
+    (its precision-recall curves for a picture). Run it where COCOeval runs (rank 0)."""
+    metrics: dict[str, Any] = evaluator.compute()
+    ids, ev = val_set.cat_ids, evaluator.cocoeval
+    # no detections at all: no COCOeval; a class with ground truth then has AP 0
+    has_gt = None if ev is not None else coco_gt_present(val_set.coco, ids, set(evaluator.image_ids))
+    per_class = coco_per_class(ev, ids, has_gt=has_gt)
+    metrics["per_class_AP"] = by_name(names, per_class["AP"])
+    metrics["per_class_AP50"] = by_name(names, per_class["AP50"])
+    return metrics, per_class

@@ -41,6 +41,13 @@ def test_joint_training_learns_all_three_tasks(joint_run):
             "train_loss_segment_seg", "val_cls_mAP", "val_cls_F1", "val_AP", "val_miou", "val_mean"}
     assert keys <= set(records[-1])
     assert metrics["mean"] == pytest.approx((metrics["cls_mAP"] + metrics["AP"] + metrics["miou"]) / 3)
+    # per class, as the single-task runs report them: detection AP / AP50, segmentation IoU
+    names = load_checkpoint(out / "best.pt")["meta"]["class_names"]
+    assert list(metrics["per_class_AP"]) == list(metrics["per_class_AP50"]) == names
+    assert list(metrics["per_class_iou"]) == ["background", *names]
+    assert records[-1]["val_per_class_AP"] == metrics["per_class_AP"]
+    lines = multitask.report(metrics, {"class_names": names})
+    assert lines[2].startswith("  AP (AP50) per class: ") and lines[3].startswith("  IoU per class: background ")
 
 
 def test_checkpoint_round_trip(joint_run, data_args, tmp_path):
