@@ -25,7 +25,7 @@ The rules (what ultralytics and timm's train script fix or derive, made explicit
   (224 / 640 on a GPU, 128 / 320 on the CPU; 224 for an ImageNet-pretrained classifier);
 * batch: what the device holds at that size (the GPU recipes' batch at their size, scaled
   by the pixel count; a small one on the CPU), at most an eighth of the training images, so
-  that an epoch is at least 8 steps, but at least 8 (BatchNorm) where there are 8 images;
+  that an epoch is at least 8 steps (a cap never under 8 images: BatchNorm);
 * learning rate: AdamW at the recipes' measured rate for batch 64 (1e-3 classification, 2e-3
   dense), scaled by sqrt(batch / 64), the rule for Adam-type optimisers; a pretrained trunk
   trains at a tenth of it;
@@ -206,10 +206,11 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
         per_device = 256 * (64 / size) ** 2 * (4 if gpu else 1) if size > 64 else (256 if gpu else 64)
         per_device = min(per_device, 256)
         ref = "256 at 64 px on a GPU" if gpu else "64 at 64 px on the CPU"
-    # at least 8 steps per epoch where the data allows it, but never under 8 images per batch
-    # (BatchNorm statistics of fewer are noise), nor more images than there are
+    # at least 8 steps per epoch where the data allows it, a cap that never takes the batch under
+    # 8 images (BatchNorm statistics of fewer are noise; the device's own batch may be smaller,
+    # 4 at 320 px on the CPU), nor over the images there are
     batch = min(_pow2_floor(per_device), max(8, _pow2_floor(facts.train / 8)), _pow2_floor(max(facts.train, 1)))
-    add("train.batch_size", batch, f"{ref}, scaled by pixels; at most 1/8 of {facts.train} images, at least 8")
+    add("train.batch_size", batch, f"{ref}, scaled by pixels; at most 1/8 of {facts.train} images (a cap never under 8)")
     batch = int(given.get("train.batch_size", batch))
     add("data.eval_batch_size", batch * 2, "twice the training batch (no gradients)")
 
