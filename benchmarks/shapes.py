@@ -1,7 +1,8 @@
 """Shapes: a COCO detection set that is not FashionScenes, for checking that a recipe holds on
-other data (the seed sweep of ``benchmarks.seeds`` on it, say).
+other data (the seed sweep of ``benchmarks.seeds`` on it, say); with ``--masks``, a segmentation
+set of mask folders of the same kind of images (a user's own layout).
 
-    python -m benchmarks.shapes --out DIR [--train 3000] [--val 500] [--seed 0]
+    python -m benchmarks.shapes --out DIR [--train 3000] [--val 500] [--seed 0] [--masks]
 
 Writes ``DIR/train/*.jpg``, ``DIR/val/*.jpg``, ``DIR/train.json`` and ``DIR/val.json`` (COCO
 instances, boxes only) and prints the ``--set`` flags that point a detection recipe at them.
@@ -9,6 +10,10 @@ The images differ from FashionScenes where a recipe could have been tuned to it:
 (width 320-512, height 240-400), RGB colour everywhere, textured backgrounds (gradients, noise,
 clutter lines), four classes (circle, square, triangle, cross) of 14-140 px drawn in any
 colour, overlapping each other, 1-10 per image, a few images with none. JPEG, quality 90.
+
+``--masks``: ``DIR/{train,val}/images/*.jpg``, ``DIR/{train,val}/masks/*.png`` (pixel = class id,
+0 background, 1-4 the shapes, 1-5 per image of radius 10-60 px) and ``DIR/classes.txt``; it
+prints the ``python -m tasks.segment`` flags for them.
 
 The set is written into a temporary folder beside ``DIR`` and renamed into place when complete;
 an existing ``DIR`` is used as it is when it holds this generator's marker for the same
@@ -106,10 +111,39 @@ def _write_split(root: Path, split: str, n: int, rng: np.random.Generator) -> No
     (root / f"{split}.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
 
 
-def ensure_shapes(out: str | Path, train: int = 3000, val: int = 500, seed: int = 0) -> Path:
-    """The set in ``out``: generated when missing, reused when ``out`` holds the same set."""
+def _write_mask_split(root: Path, split: str, n: int, rng: np.random.Generator) -> None:
+    import cv2
+
+    (root / split / "images").mkdir(parents=True)
+    (root / split / "masks").mkdir()
+    for i in range(n):
+        w, h = int(rng.integers(320, 512)), int(rng.integers(240, 400))
+        img, mask = _background(rng, w, h), np.zeros((h, w), np.uint8)
+        for _ in range(int(rng.integers(1, 6))):
+            k = int(rng.integers(len(CLASSES)))
+            r = rng.uniform(10, 60)
+            cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+            color = tuple(int(v) for v in rng.integers(0, 256, 3))
+            poly = _polygon(CLASSES[k], cx, cy, r, rng.uniform(0, 2 * math.pi))
+            if poly is None:
+                cv2.circle(img, (int(cx), int(cy)), int(r), color, -1)
+                cv2.circle(mask, (int(cx), int(cy)), int(r), k + 1, -1)
+            else:
+                points = np.array(poly, np.int32)
+                cv2.fillPoly(img, [points], color)
+                cv2.fillPoly(mask, [points], k + 1)
+        cv2.imwrite(str(root / split / "images" / f"{i:04d}.jpg"), img)
+        cv2.imwrite(str(root / split / "masks" / f"{i:04d}.png"), mask)
+    (root / "classes.txt").write_text("background\n" + "\n".join(CLASSES) + "\n")
+
+
+def ensure_shapes(out: str | Path, train: int = 3000, val: int = 500, seed: int = 0, masks: bool = False) -> Path:
+    """The set in ``out`` (``masks``: the mask-folder layout): generated when missing, reused
+    when ``out`` holds the same set."""
     out = Path(out)
     spec: dict[str, Any] = {"generator": "benchmarks.shapes", "train": train, "val": val, "seed": seed}
+    if masks:
+        spec["layout"] = "masks"
     if out.exists():
         marker = out / MARKER
         if out.is_dir() and marker.is_file() and json.loads(marker.read_text()) == spec:
@@ -123,8 +157,9 @@ def ensure_shapes(out: str | Path, train: int = 3000, val: int = 500, seed: int 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         rng = np.random.default_rng(seed)
-        _write_split(tmp, "train", train, rng)
-        _write_split(tmp, "val", val, rng)
+        write = _write_mask_split if masks else _write_split
+        write(tmp, "train", train, rng)
+        write(tmp, "val", val, rng)
         (tmp / MARKER).write_text(json.dumps(spec))
         os.rename(tmp, out)
     except BaseException:
@@ -140,6 +175,14 @@ def recipe_flags(root: str | Path) -> list[str]:
             f"data.val_ann={root / 'val.json'}", f"data.val_images={root / 'val'}"]
 
 
+def segment_flags(root: str | Path) -> list[str]:
+    """The ``python -m tasks.segment`` flags for the mask-folder set in ``root``."""
+    root = Path(root).resolve()
+    return ["--train-images", str(root / "train" / "images"), "--train-masks", str(root / "train" / "masks"),
+            "--val-images", str(root / "val" / "images"), "--val-masks", str(root / "val" / "masks"),
+            "--classes", str(root / "classes.txt")]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.shapes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,14 +190,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train", type=int, default=3000)
     p.add_argument("--val", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--masks", action="store_true", help="mask folders for segmentation instead of COCO boxes")
     args = p.parse_args(argv)
     if args.train < 1 or args.val < 1:
         p.error("--train and --val: expected at least 1 image each")
     try:
-        root = ensure_shapes(args.out, args.train, args.val, args.seed)
+        root = ensure_shapes(args.out, args.train, args.val, args.seed, masks=args.masks)
     except OSError as e:
         p.exit(2, f"error: {e}\n")
-    print(" ".join(f"--set {f}" for f in recipe_flags(root)))
+    print(" ".join(segment_flags(root)) if args.masks else " ".join(f"--set {f}" for f in recipe_flags(root)))
 
 
 if __name__ == "__main__":

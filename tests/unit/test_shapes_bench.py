@@ -1,10 +1,11 @@
-"""benchmarks.shapes: a COCO detection set that is not FashionScenes (for held-out seed sweeps)."""
+"""benchmarks.shapes: a COCO detection set that is not FashionScenes, and its mask-folder layout."""
 import json
 
 import pytest
 
-from benchmarks.shapes import CLASSES, ensure_shapes, recipe_flags
+from benchmarks.shapes import CLASSES, ensure_shapes, recipe_flags, segment_flags
 from tasks.data.coco import CocoDetection
+from tasks.data.segmentation import MaskFolderDataset
 
 
 def test_shapes_writes_a_coco_set_the_detection_reader_loads(tmp_path):
@@ -33,3 +34,17 @@ def test_shapes_reuses_its_own_set_and_never_touches_a_foreign_folder(tmp_path):
     assert (user / "photo.jpg").read_bytes() == b"x"
     assert json.loads((root / "shapes.json").read_text())["train"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_shapes_masks_layout_is_a_mask_folder_set_the_segmentation_reader_loads(tmp_path):
+    root = ensure_shapes(tmp_path / "m", train=3, val=2, seed=7, masks=True)
+    assert (root / "classes.txt").read_text().split() == ["background", *CLASSES]
+    ds = MaskFolderDataset(root / "train" / "images", root / "train" / "masks", num_classes=len(CLASSES) + 1)
+    assert len(ds) == 3
+    image, mask = ds[0]
+    assert image.shape[0] == 3 and mask.max() <= len(CLASSES) and (mask > 0).any()  # shapes painted with ids 1..4
+    flags = segment_flags(root)
+    assert flags[flags.index("--classes") + 1] == str((root / "classes.txt").resolve())
+    assert json.loads((root / "shapes.json").read_text())["layout"] == "masks"
+    with pytest.raises(FileExistsError):  # the COCO set is another set
+        ensure_shapes(root, train=3, val=2, seed=7)
