@@ -27,7 +27,7 @@ def test_every_result_file_and_benchmark_the_benchmarks_table_cites_exists():
     text = (ROOT / "docs" / "BENCHMARKS.md").read_text()
     # result files by name (in benchmarks/results/) or by path
     files = {f if "/" in f else f"benchmarks/results/{f}"
-             for f in re.findall(r"`((?:benchmarks/results/)?[\w.\-]+\.(?:json|jsonl|txt))`", text)}
+             for f in re.findall(r"`((?:benchmarks/results/)?[\w.\-]+\.(?:json|jsonl|txt|log))`", text)}
     modules = set(re.findall(r"python3? -m (benchmarks\.\w+)", text))
     files.discard("benchmarks/results/metrics.jsonl")  # a run folder's log, named in the prose
     assert len(files) > 10 and modules, (files, modules)
