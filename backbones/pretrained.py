@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
-__all__ = ["NamedWeights", "is_named", "weights_info", "resolve", "available", "weights_normalization"]
+__all__ = ["NamedWeights", "is_named", "weights_info", "resolve", "is_cached", "weights_normalization"]
 
 _PROBE_TIMEOUT_S = 3.0
 
@@ -146,6 +146,40 @@ def _hf_cache() -> str:
     return os.path.join(home, "hub")
 
 
+_HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _hub_file(info: NamedWeights) -> tuple[str, str]:
+    """(the torch.hub checkpoints folder, the file's path in it), for weights without a hub repo."""
+    import torch
+
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    return folder, os.path.join(folder, info.filename)
+
+
+def _cached(info: NamedWeights) -> str | None:
+    """The cached file of ``info``, or None: torch.hub's checkpoints folder, or the Hugging Face
+    hub cache (either of ``_HUB_FILES``; None without huggingface_hub)."""
+    if info.hf_repo is None:
+        path = _hub_file(info)[1]
+        return path if os.path.isfile(path) else None
+    try:
+        import huggingface_hub
+    except ImportError:
+        return None
+    for filename in _HUB_FILES:
+        try:
+            return huggingface_hub.hf_hub_download(info.hf_repo, filename, cache_dir=_hf_cache(), local_files_only=True)
+        except Exception:  # noqa: BLE001 - huggingface_hub's "not cached" errors differ between versions
+            continue
+    return None
+
+
+def _downloadable(info: NamedWeights) -> bool:
+    """Not offline, and the host of ``info`` answers (a probe of a few seconds at most)."""
+    return not _offline() and _reachable(info.url if info.hf_repo is None else "https://huggingface.co")
+
+
 def resolve(spec: str, arch: str) -> tuple[NamedWeights, str | Mapping[str, Any]]:
     """``(info, weights)`` of a name: ``weights`` is the cached file's path (torch.hub) or the
     state dict read from the hub cache (timm's safetensors), downloading first where allowed."""
@@ -153,11 +187,10 @@ def resolve(spec: str, arch: str) -> tuple[NamedWeights, str | Mapping[str, Any]
 
     info = weights_info(spec, arch)
     if info.hf_repo is None:  # a torch.hub file (torchvision's, or a timm tag without a hub repo)
-        folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-        path = os.path.join(folder, info.filename)
-        if os.path.isfile(path):
+        folder, path = _hub_file(info)
+        if _cached(info):
             return info, path
-        if _offline() or not _reachable(info.url):
+        if not _downloadable(info):
             raise _not_available(info, info.filename, folder)
         os.makedirs(folder, exist_ok=True)
         match = torch.hub.HASH_REGEX.search(info.filename)
@@ -173,43 +206,22 @@ def resolve(spec: str, arch: str) -> tuple[NamedWeights, str | Mapping[str, Any]
         raise _missing_hub_package("huggingface_hub", info.name) from None
 
     cache = _hf_cache()
-    names = ("model.safetensors", "pytorch_model.bin")
-    for filename in names:
-        try:
-            cached = huggingface_hub.hf_hub_download(info.hf_repo, filename, cache_dir=cache, local_files_only=True)
-        except Exception:  # noqa: BLE001 - huggingface_hub's "not cached" errors differ between versions
-            continue
+    cached = _cached(info)
+    if cached:
         return info, _read_hub_file(cached)
-    if _offline() or not _reachable("https://huggingface.co"):
-        raise _not_available(info, f"{info.hf_repo} ({' or '.join(names)})", cache)
+    if not _downloadable(info):
+        raise _not_available(info, f"{info.hf_repo} ({' or '.join(_HUB_FILES)})", cache)
     try:
-        downloaded = huggingface_hub.hf_hub_download(info.hf_repo, names[0], cache_dir=cache)
+        downloaded = huggingface_hub.hf_hub_download(info.hf_repo, _HUB_FILES[0], cache_dir=cache)
     except Exception as e:  # noqa: BLE001 - HTTP / repository errors: one line naming the weights
-        raise _download_failed(info, f"{info.hf_repo}/{names[0]}", cache, e) from None
+        raise _download_failed(info, f"{info.hf_repo}/{_HUB_FILES[0]}", cache, e) from None
     return info, _read_hub_file(downloaded)
 
 
-def available(spec: str, arch: str) -> bool:
-    """Whether ``resolve(spec, arch)`` would find the weights: in the cache, or downloadable (not
-    offline and the host answering, a probe of a few seconds at most). Nothing is downloaded."""
-    import torch
-
-    info = weights_info(spec, arch)
-    if info.hf_repo is None:
-        if os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", info.filename)):
-            return True
-        return not _offline() and _reachable(info.url)
-    try:
-        import huggingface_hub
-    except ImportError:
-        return False
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        try:
-            huggingface_hub.hf_hub_download(info.hf_repo, filename, cache_dir=_hf_cache(), local_files_only=True)
-            return True
-        except Exception:  # noqa: BLE001 - not cached (the error class differs between versions)
-            continue
-    return not _offline() and _reachable("https://huggingface.co")
+def is_cached(spec: str, arch: str) -> bool:
+    """Whether the weights of ``spec`` are in the local cache (``resolve`` reads them without a
+    download). No network: the same answer on every rank of a torchrun job."""
+    return _cached(weights_info(spec, arch)) is not None
 
 
 def _missing_hub_package(package: str, what: str) -> ValueError:

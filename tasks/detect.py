@@ -265,8 +265,7 @@ def write_prediction(result: Mapping[str, Any], image: np.ndarray, source: str, 
         draw_detection_grid([torch.from_numpy(image).permute(2, 0, 1)], [result], meta["class_names"],
                             out_dir / f"{stem}.png", nrow=1)
     shown = [f"{d['class']} {d['score']:.2f}" for d in entry["detections"] if d["score"] >= 0.3]
-    print(f"{source}: {len(shown)} objects (score >= 0.3): {', '.join(shown) or '-'}"
-          + (f" -> {out_dir / stem}.json/.png" if images else ""))
+    print(f"{source}: {len(shown)} objects (score >= 0.3): {', '.join(shown) or '-'} -> {out_dir / stem}.json/.png")
     return entry
 
 

@@ -102,7 +102,7 @@ from torchvision.ops import nms
 from heads import FCOSHead, MultiLabelHead, MultiTaskModel
 from heads.geometry import split_levels
 from tasks.data.preprocess import Preprocess
-from tasks.engine.checkpoint import CKPT_FORMAT, PREDICT_ONLY, load_checkpoint, write_atomic
+from tasks.engine.checkpoint import CKPT_FORMAT, PREDICT_ONLY, atomic_save, load_checkpoint, write_atomic
 from tasks.engine.predict import Predictor, load_task_model
 from tasks.engine.registry import TASKS
 from tasks.engine.runner import prog_name, run_cli
@@ -116,6 +116,11 @@ DETECTIONS = ("boxes", "scores", "labels", "num_detections")  # the post-process
 DYNAMIC_DIMS = {0: "batch", 2: "height", 3: "width"}
 MIN_OPSET = 18
 FORMATS = {"onnx": ".onnx", "predict": ".predict.pt"}  # --format -> the default output's suffix
+
+
+def default_output(weights: Path, fmt: str = "onnx") -> Path:
+    """Where ``--format fmt`` writes without ``--output``: beside the checkpoint, its stem + suffix."""
+    return weights.with_name(weights.stem + FORMATS[fmt])
 # torchvision.ops.batched_nms on the CPU shifts each class's boxes apart by label * (max
 # coordinate + 1) and runs one NMS up to this many boxes (numel 4000), one NMS per class beyond
 _COORDINATE_TRICK_BOXES = 1000
@@ -161,7 +166,7 @@ def check_output_path(output: Path, weights: Path, fmt: str = "onnx") -> None:
     """Refuse an ``--output`` whose writing would destroy something: the input checkpoint (also
     through a link), a folder, or an existing file that is not what ``fmt`` writes (an ONNX
     model; a predict-only checkpoint)."""
-    default = weights.with_suffix("").with_suffix(FORMATS[fmt]) if fmt == "predict" else weights.with_suffix(".onnx")
+    default = default_output(weights, fmt)
     if _same_file(output, weights):
         raise ValueError(f"--output {output} is the input checkpoint --weights {weights}: exporting would replace "
                          f"it; choose another --output (the default is {default})"
@@ -672,11 +677,16 @@ def predict_checkpoint(source: str | os.PathLike | Mapping[str, Any], name: str 
     EMA when kept) with float tensors in float16 but the BatchNorm statistics (and any tensor
     float16 cannot hold: kept in float32, named under ``predict_only``), the config (trunk
     sources cleared: the weights are all here) and the completed metadata."""
+    ckpt = load_checkpoint(source) if not isinstance(source, Mapping) else source
+    name = os.fspath(name if name is not None else source if not isinstance(source, Mapping) else "checkpoint")
+    return _predict_only(ckpt, name)[0]
+
+
+def _predict_only(ckpt: Mapping[str, Any], name: str) -> tuple[dict[str, Any], nn.Module]:
+    """``predict_checkpoint``'s checkpoint of ``ckpt`` and the float32 model it came from."""
     from backbones.weights import state_checksum
     from tasks.engine.config import config_to_dict
 
-    ckpt = load_checkpoint(source) if not isinstance(source, Mapping) else source
-    name = os.fspath(name if name is not None else source if not isinstance(source, Mapping) else "checkpoint")
     spec, model, meta, cfg = load_task_model(ckpt, name=name)  # the loader's checks: fits the config, finite
     keep = _float32_keys(model)
     state, beyond = {}, []
@@ -691,7 +701,7 @@ def predict_checkpoint(source: str | os.PathLike | Mapping[str, Any], name: str 
     return {"format": CKPT_FORMAT, "task": spec.name, "config": config_to_dict(cfg), "meta": meta, "model": state,
             "ema": None, "epoch": ckpt.get("epoch"), "metrics": ckpt.get("metrics") or {},
             PREDICT_ONLY: {"source": Path(name).name, "dtype": "float16", "float32": sorted(keep) + beyond},
-            "checksums": {"model": state_checksum(state)}}
+            "checksums": {"model": state_checksum(state)}}, model
 
 
 def check_predict_checkpoint(path: str | os.PathLike, model: nn.Module, task: str,
@@ -719,15 +729,15 @@ def check_predict_checkpoint(path: str | os.PathLike, model: nn.Module, task: st
 def export_predict(weights: Path, output: Path, check: bool) -> dict[str, Any]:
     """``--format predict``: ``predict_checkpoint`` written atomically to ``output``; with
     ``check`` loaded back and compared before the rename."""
-    task, model, meta = load_model(weights)
+    if not weights.exists():
+        raise FileNotFoundError(f"--weights {weights}: no such file")
     check_output_path(output, weights, "predict")
-    ckpt = predict_checkpoint(weights)
-    shapes = check_shapes(Preprocess.from_meta(meta).size, in_channels(model))
+    ckpt, model = _predict_only(load_checkpoint(weights), str(weights))  # read and built once
+    task = ckpt["task"]
 
-    def save(tmp: Path) -> dict[str, float]:
-        torch.save(ckpt, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+    shapes = check_shapes(Preprocess.from_meta(ckpt["meta"]).size, in_channels(model))
+
+    def verify(tmp: Path) -> dict[str, float]:
         if not check:
             return {}
         try:
@@ -735,7 +745,7 @@ def export_predict(weights: Path, output: Path, check: bool) -> dict[str, Any]:
         except ValueError as e:
             raise ValueError(f"--check failed, {output} not written (--no-check writes it unchecked): {e}") from None
 
-    diffs = write_atomic(output, save)
+    diffs = atomic_save(ckpt, output, verify)
     size, before = output.stat().st_size, weights.stat().st_size
     print(f"wrote {output}: {task} weights in float16 for prediction, {size / 2**20:.1f} MiB "
           f"({size / before:.2f} of {weights}'s {before / 2**20:.1f} MiB)")
@@ -774,14 +784,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.format == "predict":
         if args.raw or args.opset is not None:
             raise ValueError(f"{'--raw' if args.raw else '--opset'} goes with --format onnx, not --format predict")
-        output = Path(args.output) if args.output else weights.with_name(weights.stem + FORMATS["predict"])
+        output = Path(args.output) if args.output else default_output(weights, "predict")
         return export_predict(weights, output, args.check)
     _require("onnx", "onnxscript", *(["onnxruntime"] if args.check else []))
     if args.opset is not None and args.opset < MIN_OPSET:
         # the exporter writes 18 and converts down; onnx 1.23 fails on these graphs (ReduceMean
         # axes) and the exporter then keeps 18 with a logged traceback
         raise ValueError(f"--opset {args.opset}: the dynamo exporter writes opset {MIN_OPSET} or newer")
-    output = Path(args.output) if args.output else weights.with_suffix(".onnx")
+    output = Path(args.output) if args.output else default_output(weights)
     task, model, meta = load_model(weights)
     check_output_path(output, weights)  # before the export's minutes: nothing of the user's is replaced
     bad = nonfinite_weights(model)
@@ -802,7 +812,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _check_dynamic(proto, output)
     _set_metadata(proto, metadata(task, meta, model, str(weights), args.raw), interface_doc())
     shapes = check_shapes(pre.size, channels)
-    originals = check_images(pre) if detections else []
+    originals = check_images(pre) if detections and args.check else []
 
     def verify(tmp: Path) -> dict[str, float]:
         if not args.check:

@@ -278,7 +278,7 @@ def write_prediction(result: Mapping[str, Any], image: np.ndarray, source: str, 
         write_json(out_dir / f"{stem}.json", entry)
     found = ", ".join(c["class"] for c in entry.get("classes", [])) or "-"
     print(f"{source}: classes {found}; {sum(1 for d in entry.get('detections', []) if d['score'] >= 0.3)} boxes "
-          f"(score >= 0.3)" + (f" -> {out_dir / stem}.json/.png" if images else ""))
+          f"(score >= 0.3) -> {out_dir / stem}.json/.png")
     return entry
 
 

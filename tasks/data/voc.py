@@ -26,7 +26,7 @@ from .images import display_path
 from .segmentation import MaskFolderDataset
 
 __all__ = ["VOC_CLASSES", "find_voc", "voc_ids", "voc_coco", "voc_detection", "voc_segmentation", "voc_classes",
-           "read_class_list"]
+           "find_class_list", "read_class_list"]
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -124,13 +124,19 @@ def _objects(ann: dict[str, Any], path: Path) -> list[dict[str, Any]]:
     return objects
 
 
+def find_class_list(folder: Path) -> Path | None:
+    """``classes.txt`` in ``folder`` or the folder above it (a VOC20xx folder and its VOCdevkit,
+    a mask folder and the dataset folder), or None."""
+    return next((p for p in (folder / "classes.txt", folder.parent / "classes.txt") if p.is_file()), None)
+
+
 def voc_classes(voc: Path, splits: tuple[str, ...] = ("train", "val")) -> tuple[list[str], str]:
     """``(class names, where they came from)`` of a VOC-layout detection set: ``classes.txt`` in
     the VOC20xx folder or the VOCdevkit above it; else the object names of the ``splits``' XML
     files: VOC's 20 (in VOC's order) when they are all VOC classes, else the names found, sorted."""
-    for path in (voc / "classes.txt", voc.parent / "classes.txt"):
-        if path.is_file():
-            return read_class_list(path), display_path(path)
+    listed = find_class_list(voc)
+    if listed is not None:
+        return read_class_list(listed), display_path(listed)
     found: set[str] = set()
     for split in splits:
         for stem in voc_ids(voc, "Main", split):

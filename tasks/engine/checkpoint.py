@@ -136,14 +136,16 @@ def remove_stale_temps(folder: str | os.PathLike, keep: set[Path] = frozenset())
         Path(entry.path).unlink(missing_ok=True)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through ``write_atomic``, synced to disk before the rename."""
-    def save(tmp: Path) -> None:
+def atomic_save(obj: Any, path: str | os.PathLike, verify: Callable[[Path], Any] | None = None) -> Any:
+    """``torch.save`` through ``write_atomic``, synced to disk before the rename; ``verify(tmp)``
+    (its result returned) may read the file back first, and refuse it by raising."""
+    def save(tmp: Path) -> Any:
         torch.save(obj, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        return verify(tmp) if verify is not None else None
 
-    write_atomic(path, save)
+    return write_atomic(path, save)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

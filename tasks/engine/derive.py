@@ -18,17 +18,17 @@ The rules (what ultralytics and timm's train script fix or derive, made explicit
 * classes: the data's (class folders, COCO categories, ``classes.txt`` / ``--classes``, VOC
   object names, mask values);
 * weights: a classifier on fewer than 1,000 images starts from torchvision's ImageNet weights
-  when they are cached or can be downloaded (from scratch, so few images are often learnt by
-  heart: see ``FEW_IMAGES``); otherwise it trains from scratch and a note says so;
+  when they are in the local cache (from scratch, so few images are often learnt by heart: see
+  ``FEW_IMAGES``); otherwise it trains from scratch and a note says how to get them;
 * image size: classification the median shorter side, detection / segmentation the median
   longer side, rounded to a multiple of 32 and kept within what trains in reasonable time
   (224 / 640 on a GPU, 128 / 320 on the CPU; 224 for an ImageNet-pretrained classifier);
 * batch: what the device holds at that size (the GPU recipes' batch at their size, scaled
   by the pixel count; a small one on the CPU), at most an eighth of the training images, so
   that an epoch is at least 8 steps (a cap never under 8 images: BatchNorm);
-* learning rate: AdamW at the recipes' measured rate for batch 64 (1e-3 classification, 2e-3
-  dense), scaled by sqrt(batch / 64), the rule for Adam-type optimisers; a pretrained trunk
-  trains at a tenth of it;
+* learning rate: AdamW at 2e-3 for batch 64 for the dense tasks (their recipes' measured rate)
+  and 1e-3 for classification (AdamW's usual rate: the classification recipes use SGD), scaled
+  by sqrt(batch / 64), the rule for Adam-type optimisers; a pretrained trunk trains at a tenth;
 * epochs: enough for a number of optimizer steps that trains a ResNet-18 from scratch on
   small data (2,000 on a GPU, 600 on the CPU), between 5 and 300 epochs; warm-up 5% of the
   steps (at least 50, at most 1,000), given in epochs;
@@ -136,8 +136,9 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
 
 
-# A classifier on fewer images than this starts from ImageNet weights when they can be had (else a
-# note says why it may not learn): from scratch, on 200 images of coloured shapes (4 classes) every
+# A classifier on fewer images than this starts from ImageNet weights when they are cached (else a
+# note says why it may not learn; the threshold itself is a judgement, not a measurement): from
+# scratch, on 200 images of coloured shapes (4 classes) every
 # setting tried (AdamW / SGD, 64 / 128
 # px, weight decay 0.05 / 0.5, 600 / 2,000 steps) stayed at chance (25-33%) while the
 # training accuracy reached 98%; 200 Fashion-MNIST images reached 90-96% (H200 and 2 CPU cores).
@@ -152,7 +153,8 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
     (the learning rate of the user's batch). Under ``named_recipe`` only the facts: the dataset
     kind, channels, class count and names. A classifier on fewer than ``FEW_IMAGES`` images
     without weights of the user's starts from ImageNet weights when ``imagenet_available()``
-    says they can be had (cached, or a download); otherwise it gets a note in ``facts.notes``
+    says they are cached (asked without the network, so every torchrun rank derives the same);
+    otherwise it gets a note in ``facts.notes``
     (printed with the derivation)."""
     cpus = cpus or cpu_count()
     gpu = device == "cuda"
@@ -179,12 +181,12 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
     if not dense and not pretrained and facts.train < FEW_IMAGES and "model.weights" not in given:
         if imagenet_available is not None and imagenet_available():
             add("model.weights", "imagenet", f"{facts.train} images are few to train a ResNet from scratch: "
-                "torchvision's ImageNet weights (from the cache, or downloaded once)")
+                "torchvision's ImageNet weights, found in the cache")
             pretrained = True
         else:
             facts.notes.append(f"{facts.train} training images and a trunk from scratch: a ResNet may learn this "
                                "few by heart and stay near chance on new images; ImageNet weights "
-                               "(--set model.weights=imagenet) are not in the cache and cannot be downloaded here")
+                               "are not in the cache: --set model.weights=imagenet downloads them once")
 
     w, h = facts.median_size
     if dense:
@@ -203,9 +205,9 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
             size = _round32(min(w, h), 32, hi) if w else 64
             why = f"median shorter side {min(w, h)} px, as a multiple of 32 in 32..{hi}{'' if gpu else ' (CPU)'}"
         add("data.image_size", size, why)
-        per_device = 256 * (64 / size) ** 2 * (4 if gpu else 1) if size > 64 else (256 if gpu else 64)
-        per_device = min(per_device, 256)
-        ref = "256 at 64 px on a GPU" if gpu else "64 at 64 px on the CPU"
+        most = 256 if gpu else 64  # up to 128 px, then fewer as the pixels grow
+        per_device = min(most, most * (128 / size) ** 2)
+        ref = f"{most} up to 128 px on {'a GPU' if gpu else 'the CPU'}"
     # at least 8 steps per epoch where the data allows it, a cap that never takes the batch under
     # 8 images (BatchNorm statistics of fewer are noise; the device's own batch may be smaller,
     # 4 at 320 px on the CPU), nor over the images there are

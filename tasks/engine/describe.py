@@ -1,6 +1,7 @@
-"""The user's data described without decoding it (``DataFacts`` for ``tasks.engine.derive``):
+"""The user's data described without decoding images (``DataFacts`` for ``tasks.engine.derive``):
 counts and classes from folder listings and annotation files, sizes and channels from image
-headers. Each task's ``describe_data`` picks the describer of its data kind."""
+headers; mask folders without a class list have up to ``MASK_SCAN`` masks read for their largest
+class id. Each task's ``describe_data`` picks the describer of its data kind."""
 from __future__ import annotations
 
 import warnings
@@ -13,7 +14,7 @@ from tasks.data.coco import check_categories, check_images, load_coco_json
 from tasks.data.folders import ImageFolderDataset, list_images
 from tasks.data.images import display_path, read_mask
 from tasks.data.segmentation import IMAGE_SUFFIXES
-from tasks.data.voc import VOC_CLASSES, find_voc, read_class_list, voc_classes, voc_ids
+from tasks.data.voc import VOC_CLASSES, find_class_list, find_voc, read_class_list, voc_classes, voc_ids
 
 from .derive import DataFacts, data_name, image_sample_stats
 
@@ -74,7 +75,7 @@ def describe_voc(root: str, train_split: str, val_split: str, *, segmentation: b
     if classes:
         names, where = list(classes), "--classes"
     elif segmentation:
-        found = next((p for p in (voc / "classes.txt", voc.parent / "classes.txt") if p.is_file()), None)
+        found = find_class_list(voc)
         names, where = (read_class_list(found), display_path(found)) if found else (
             ["background", *VOC_CLASSES], "Pascal VOC's 21 (no classes.txt)")
     else:
@@ -111,13 +112,13 @@ def describe_masks(paths: dict[str, str], *, classes: Sequence[str] | None = Non
         raise ValueError(f"{display_path(paths['train_images'])}: no images")
     notes: list[str] = []
     mask_dir = Path(paths["train_masks"])
-    found = next((p for p in (mask_dir / "classes.txt", mask_dir.parent / "classes.txt") if p.is_file()), None)
+    found = find_class_list(mask_dir)
     if classes:
         names, where = list(classes), "--classes"
     elif found is not None:
         names, where = read_class_list(found), display_path(found)
     else:
-        masks = sorted(mask_dir.glob("*.png"))
+        masks = list_images(mask_dir, (".png",), recursive=False)[0]  # hidden files are no masks
         if not masks:
             raise ValueError(f"{display_path(mask_dir)}: no masks (<image stem>.png)")
         rng = np.random.default_rng(seed)

@@ -54,7 +54,7 @@ from .loop import autocast
 from .registry import TASKS, TaskSpec, read_meta, spec_for_checkpoint
 from .viz import WRITE_HOOK, write_file, write_json
 
-__all__ = ["Predictor", "predict_images", "load_task_model", "predict_files", "unique_stems", "check_load_arguments",
+__all__ = ["Predictor", "predict_images", "load_task_model", "predict_files", "check_load_arguments",
            "SUMMARY", "COCO_RESULTS", "COCO_IMAGES"]
 
 
@@ -414,12 +414,6 @@ class _Stems:
         return candidate
 
 
-def unique_stems(paths: Sequence[str]) -> list[str]:
-    """Distinct output stems for ``paths`` (``_Stems``)."""
-    stems = _Stems()
-    return [stems.add(Path(path).stem) for path in paths]
-
-
 class _NameTaken(Exception):
     """An output name that belongs to another input's files, or is an input file itself."""
 
@@ -430,14 +424,11 @@ class _Outputs:
     when it returns, so they appear together or not at all. A name is refused (the input gets
     the next free stem) when another input's files already have it (``a/img.png``'s mask
     ``img_mask.png`` and ``c/img_mask.png``'s picture), or when it is an input file. Writes
-    go only into ``folder`` (the folder itself may be a link: the user's choice). Without
-    ``images`` only the files an input's entry names are kept (a segmentation mask: the
-    result itself); its pictures and its own JSON are not (``summary.json`` holds the entry)."""
+    go only into ``folder`` (the folder itself may be a link: the user's choice)."""
 
-    def __init__(self, folder: Path, inputs: Sequence[str], images: bool = True) -> None:
+    def __init__(self, folder: Path, inputs: Sequence[str]) -> None:
         self.folder = folder
         self.root = folder.resolve()
-        self.images = images
         self.owner: dict[str, int] = {_name_key(name): -1 for name in _OWN}  # name key -> input index
         self.inputs: set[Path] = set()
         self.input_ids: set[tuple[int, int]] = set()
@@ -522,10 +513,6 @@ class _Outputs:
                 raise
             finally:
                 WRITE_HOOK.reset(token)
-            if not self.images:  # (drawn and encoded all the same: the task's writer draws as it writes)
-                named = {v for v in entry.values() if isinstance(v, str)}
-                for key in [k for k, (_, path) in self.staged.items() if str(path) not in named]:
-                    self.staged.pop(key)[0].unlink(missing_ok=True)
             return {**entry, "files": self._commit()}
         raise AssertionError("unreachable")
 
@@ -650,7 +637,7 @@ def predict_files(predictor: Predictor, inputs: Sequence[Any], out_dir: Path, ba
         raise ValueError("predict_files() takes paths: image files, folders, glob patterns, .txt lists or videos "
                          "(images in memory: Predictor.predict)")
     paths = [item_path(item) for item in items]
-    outputs = _Outputs(out_dir, paths, images)
+    outputs = _Outputs(out_dir, paths)
     # temp files of a --predict that was killed (its process gone); a live one's are kept
     remove_stale_temps(outputs.folder, keep=outputs.inputs)
     failed: list[tuple[int, str]] = []  # (input index, why)

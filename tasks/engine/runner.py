@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from backbones.pretrained import available as pretrained_available
+from backbones.pretrained import is_cached as weights_cached
 from tasks.data.voc import read_class_list
 
 from . import distributed
@@ -679,10 +679,9 @@ def _made_for_data(spec: TaskSpec, facts: DataFacts, args: argparse.Namespace, r
     lines that say what was chosen and why."""
     named = bool(args.config)
     given = _flatten(user)
-    depth = given.get("model.depth", getattr(cfg.model, "depth", 18))
     derived = derive(spec.name, facts, device=resolve_device(cfg.train.device).type, given=given,
                      named_recipe=named, pretrained=bool(cfg.model.weights or cfg.model.trunk),
-                     imagenet_available=lambda: pretrained_available("imagenet", f"resnet{depth}"))
+                     imagenet_available=lambda: weights_cached("imagenet", f"resnet{cfg.model.depth}"))
     base = read_yaml(recipe_path) if named else {}
     made = _nest({d.key: d.value for d in derived if not d.yours})
     data = merge_dicts(merge_dicts(base, made), user)

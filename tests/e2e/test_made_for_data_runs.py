@@ -35,7 +35,7 @@ def test_folders_given_only_their_paths(tmp_path, runs, capsys):
     assert load(folder / "best.pt", device="cpu").class_names == ["cat", "dog", "owl"]
 
 
-def test_a_small_set_starts_from_imagenet_weights_when_they_can_be_had(tmp_path, runs, capsys, torch_home):
+def test_a_small_set_starts_from_imagenet_weights_when_they_are_cached(tmp_path, runs, capsys, torch_home):
     root = write_image_folders(tmp_path / "pets", n_per_class=4, size=24)
     args = FAST + ["--train-images", str(root / "train"), "--val-images", str(root / "val"),
                    "--set", "data.num_workers=0", "--set", "data.image_size=32", "--batch-size", "4"]

@@ -32,18 +32,14 @@ def test_torchvision_name_loads_the_cached_file(torch_home, name):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_available_says_whether_resolve_would_find_the_weights(torch_home, monkeypatch):
+def test_is_cached_looks_in_the_cache_only(torch_home, monkeypatch):
     probes = []
-    monkeypatch.setattr(pretrained_module, "_reachable", lambda url: probes.append(url) or False)
-    assert not pretrained_module.available("imagenet", "resnet18") and probes == []  # offline: no probe
-    monkeypatch.delenv("ONETRUNK_OFFLINE")
-    assert not pretrained_module.available("imagenet", "resnet18") and probes == [
-        "https://download.pytorch.org/models/" + TV_FILE]  # online, the host does not answer
-    monkeypatch.setattr(pretrained_module, "_reachable", lambda url: True)
-    assert pretrained_module.available("imagenet", "resnet18")  # a download would be tried
-    monkeypatch.setenv("ONETRUNK_OFFLINE", "1")
+    monkeypatch.setattr(pretrained_module, "_reachable", lambda url: probes.append(url) or True)
+    monkeypatch.delenv("ONETRUNK_OFFLINE")  # online, a host that answers: still not cached
+    assert not pretrained_module.is_cached("imagenet", "resnet18")
     write_torchvision_resnet18(torch_home)
-    assert pretrained_module.available("imagenet", "resnet18")  # cached
+    assert pretrained_module.is_cached("imagenet", "resnet18")
+    assert probes == []  # never the network: every torchrun rank gets the same answer
 
 
 def test_missing_weights_name_the_file_the_folder_and_the_url(torch_home, monkeypatch):
