@@ -1,6 +1,6 @@
 """Shapes: a COCO detection set that is not FashionScenes, for checking that a recipe holds on
 other data (the seed sweep of ``benchmarks.seeds`` on it, say); with ``--masks``, a segmentation
-set of mask folders of the same kind of images (a user's own layout).
+set of mask folders of similar images (a user's own layout).
 
     python -m benchmarks.shapes --out DIR [--train 3000] [--val 500] [--seed 0] [--masks]
 
@@ -12,7 +12,8 @@ clutter lines), four classes (circle, square, triangle, cross) of 14-140 px draw
 colour, overlapping each other, 1-10 per image, a few images with none. JPEG, quality 90.
 
 ``--masks``: ``DIR/{train,val}/images/*.jpg``, ``DIR/{train,val}/masks/*.png`` (pixel = class id,
-0 background, 1-4 the shapes, 1-5 per image of radius 10-60 px) and ``DIR/classes.txt``; it
+0 background, 1-4 the shapes, 1-5 per image of radius 10-60 px, drawn with OpenCV on the same
+backgrounds, no clutter lines, JPEG quality 95) and ``DIR/classes.txt``; it
 prints the ``python -m tasks.segment`` flags for them.
 
 The set is written into a temporary folder beside ``DIR`` and renamed into place when complete;
