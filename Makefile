@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 FMNIST  ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-unit bench package-check fashion-mnist clean
+.PHONY: demo test test-unit test-slow bench package-check fashion-mnist clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,11 @@ test: $(STAMP)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit
+
+# the tests marked slow (several processes, the detector's network-only ONNX export, compiling,
+# ResNet-50 recipes): a few minutes more; CI runs them after `make test`
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
 
 demo: $(STAMP) fashion-mnist
 	$(PY) -m tasks.classify

@@ -45,9 +45,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_file(path, lambda tmp: tmp.write_text(text))
 
 
-def save_figure(fig, path: str | os.PathLike) -> None:
+def save_figure(fig, path: str | os.PathLike, tight: bool = True) -> None:
+    """``fig`` as a PNG; ``tight`` crops to the drawn content, at the cost of a second layout
+    pass (a figure with fixed margins passes ``False``)."""
     try:
-        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight" if tight else None))
     finally:
         plt.close(fig)
 
@@ -60,13 +62,17 @@ def plot_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike, *, m
     loss_keys = [k for k in keys if k.startswith("train_loss")]
     if len(loss_keys) == 2:  # one loss term: its curve is the total's
         loss_keys = ["train_loss"]
-    metric_keys = [k for k in keys if k.startswith("val_")]
+    # COCO's -1: no object of that size in the val set (APl on small images), nothing to draw
+    metric_keys = [k for k in keys if k.startswith("val_") and any(r.get(k, -1) != -1 for r in records)]
 
     def series(key):  # only the epochs that have the key (evaluation may skip epochs)
         pts = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
         return [p[0] for p in pts], [p[1] for p in pts]
 
+    # fixed margins, not bbox_inches="tight": its second layout pass took 0.32 s a picture
+    # against 0.20 s (2 CPU cores), and curves.png is redrawn during training
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig.subplots_adjust(left=0.07, right=0.985, bottom=0.13, top=0.92, wspace=0.15)
     for k in loss_keys:
         axes[0].plot(*series(k), marker=".", label=k[len("train_"):])
     axes[0].set(xlabel="epoch", ylabel="training loss", title="loss")
@@ -80,7 +86,7 @@ def plot_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike, *, m
     axes[1].grid(alpha=0.3)
     if metric_keys:
         axes[1].legend(fontsize=8)
-    save_figure(fig, path)
+    save_figure(fig, path, tight=False)
 
 
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str | os.PathLike, *, title: str = "") -> None:

@@ -42,6 +42,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.slow  # every variant of the benchmark, compiled ones included (~12 s)
 def test_bench_backbone_cpu_smoke(tmp_path, capsys, one_thread):
     models = ["resnet18", "resnet50"]
     args = ["--out", str(tmp_path), "--models", ",".join(models), "--batch", "2", "--size", "32",

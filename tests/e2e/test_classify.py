@@ -190,6 +190,7 @@ def test_trunk_width_is_a_config_key_and_survives_the_checkpoint(fm_dir, tmp_pat
     assert [s.channels for s in model.backbone.feature_info] == [16, 32, 64, 128]
 
 
+@pytest.mark.slow  # torch.compile on the CPU, twice (~11 s)
 def test_compile_cache_is_written_after_the_first_epoch_and_read_next_time(fm_dir, tmp_path, monkeypatch, capsys):
     # inductor itself is not run here (minutes on 2 cores): torch.compile is the identity and the
     # cache-artifact API records what the trainer hands it

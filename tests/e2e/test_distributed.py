@@ -18,6 +18,9 @@ from tasks.engine.config import config_from_dict
 from tasks.engine.loaders import TensorLoader
 from tests.fakes import tiny_scenes_args, write_fake_fashion_mnist
 
+# every test starts 2-3 processes that each import torch (8-15 s on 2 cores): the slow tier
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["--device", "cpu", "--quiet", "--batch-size", "32", "--limit-train", "192", "--limit-val", "96",
          "--set", "optim.lr=0.01", "--set", "optim.warmup_epochs=0.5", "--set", "optim.schedule=cosine",

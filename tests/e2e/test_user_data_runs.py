@@ -92,6 +92,7 @@ def test_voc_trains_a_step_for_detection_and_segmentation(tmp_path):
     assert len(record["val_iou"]) == 21  # background + the 20 VOC classes
 
 
+@pytest.mark.slow  # ResNet-50 recipes (7-9 s each)
 @pytest.mark.parametrize("task, recipe", [(detect, "configs/detect/coco_fcos_resnet50.yaml"),
                                           (segment, "configs/segment/voc_fcn_resnet50.yaml")])
 def test_the_user_data_recipes_run_end_to_end(task, recipe, tmp_path, torch_home):

@@ -300,3 +300,16 @@ def test_classify_evaluate_reports_precision_recall_and_names_the_confusion_axes
     assert "shirt 1.000/0.750" in lines[1] and "boot 0.667/0.500" in lines[1] and "precision/recall" in lines[1]
     assert ticks == {"x": ["shirt", "boot", "bag"], "y": ["shirt", "boot", "bag"]}
     assert (tmp_path / "confusion.png").is_file()
+
+
+def test_curves_leave_out_coco_minus_one_metrics(tmp_path, monkeypatch):
+    """APl is -1 on every epoch of a set without large objects (COCO's "none"): no line for it,
+    its -1 would stretch the validation axis under the real metrics."""
+    from tasks.engine import viz
+    figures = []
+    monkeypatch.setattr(viz, "save_figure", lambda fig, path, tight=True: figures.append(fig))
+    records = [{"epoch": e, "train_loss": 1.0 / e, "val_AP": 0.1 * e, "val_APl": -1.0, "val_APs": -1.0 if e == 1 else 0.2}
+               for e in (1, 2, 3)]
+    viz.plot_curves(records, tmp_path / "curves.png", main_metric="AP")
+    labels = [line.get_label() for line in figures[0].axes[1].get_lines()]
+    assert labels == ["AP", "APs"]
