@@ -44,6 +44,7 @@ def untrained_checkpoints(folder: Path) -> list[Path]:
     names = [f"class{i}" for i in range(10)]
     c = classify.ClassifyConfig()
     c.model.num_classes = 10
+    c.data.dataset, c.data.image_size = "folders", 224  # an RGB classifier: an image-folders model
     d = detect.DetectConfig()
     s = segment.SegmentConfig()
     return [

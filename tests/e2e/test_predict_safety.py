@@ -425,24 +425,28 @@ def test_a_model_whose_output_is_nan_serves_nothing(ckpts):
     _one_line(e)
 
 
-@pytest.mark.parametrize("task", ["detect", "segment"])
-def test_file_names_that_are_not_utf8_are_predicted(ckpts, task, tmp_path):
+def test_file_names_that_are_not_utf8_are_predicted(ckpts, tmp_path):
     folder = os.path.join(os.fsencode(tmp_path), b"in")
     os.mkdir(folder)
     name = os.path.join(folder, b"\xff\xfe.png")
     ok, data = cv2.imencode(".png", np.full((30, 40, 3), 90, np.uint8))  # cv2.imwrite would crash on the name
     data.tofile(os.fsdecode(name))
     # in a new process (a fork of this one, with torch's threads running, can deadlock): a
-    # segfault there (cv2.imread / cv2.haveImageReader on such a name) fails the test, not the session
+    # segfault there (cv2.imread / cv2.haveImageReader on such a name) fails the test, not the
+    # session; one process for both tasks (each start imports torch: ~5 s on 2 cores)
+    outs = {task: str(tmp_path / task) for task in ("detect", "segment")}
     code = (f"import os, sys\nfrom tasks import load\nfrom tasks.engine.predict import predict_files\n"
-            f"name = os.fsdecode({name!r})\np = load({str(ckpts[task])!r}, device='cpu')\n"
-            f"assert len(p.predict(name)) == 1\npredict_files(p, [name], {str(tmp_path / 'out')!r}, batch_size=1)\n")
+            f"name = os.fsdecode({name!r})\n"
+            f"for ckpt, out in {[(str(ckpts[t]), o) for t, o in outs.items()]!r}:\n"
+            f"    p = load(ckpt, device='cpu')\n"
+            f"    assert len(p.predict(name)) == 1\n    predict_files(p, [name], out, batch_size=1)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
                           capture_output=True, text=True, errors="backslashreplace", timeout=300)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    # the name as Python's os.fsdecode gives it: os.fsencode of it opens the file again
-    assert len(summary) == 1 and os.fsencode(summary[0]["image"]) == name
+    for out in outs.values():
+        summary = json.loads((Path(out) / "summary.json").read_text())
+        # the name as Python's os.fsdecode gives it: os.fsencode of it opens the file again
+        assert len(summary) == 1 and os.fsencode(summary[0]["image"]) == name
 
 
 def test_predict_without_weights_never_picks_a_model_silently(tmp_path, ckpts, capfd, monkeypatch):
