@@ -24,9 +24,9 @@ def _seed():
     yield
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ckpts(tmp_path_factory):
-    """An untrained checkpoint of every task: ``{task: path}``."""
+    """An untrained checkpoint of every task: ``{task: path}`` (read only: one set for the session)."""
     from tasks.engine.registry import TASKS
     from tests.fakes import write_task_checkpoint
     root = tmp_path_factory.mktemp("ckpts")
