@@ -216,7 +216,9 @@ def evaluate(model: torch.nn.Module, data: TaskData, device: torch.device, amp: 
 
 
 def report(metrics: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
-    lines = ["COCO box " + "  ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_NAMES)]
+    # -1: COCOeval's "no object of that size" (APl on small images), shown as "-"
+    lines = ["COCO box " + "  ".join(f"{k} " + ("-" if metrics[k] == -1 else f"{metrics[k]:.4f}")
+                                     for k in METRIC_NAMES)]
     ap, ap50 = metrics.get("per_class_AP"), metrics.get("per_class_AP50")
     if ap and ap50:  # -1: no ground truth of the class
         lines.append("  AP (AP50) per class: " + "  ".join(

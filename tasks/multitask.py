@@ -27,7 +27,7 @@ import torch
 
 from backbones import build_backbone
 from heads import MultiLabelHead, MultiTaskModel
-from tasks.data.coco import METRIC_NAMES, CocoEvaluator, collate_detection
+from tasks.data.coco import CocoEvaluator, collate_detection
 from tasks.data.images import pad_batch
 from tasks.data.preprocess import Geometry
 from tasks.data.segmentation import IGNORE_INDEX
@@ -186,16 +186,11 @@ def evaluate(model: MultiTaskModel, data: TaskData, device: torch.device, amp: b
 
 
 def report(m: Mapping[str, Any], meta: Mapping[str, Any]) -> list[str]:
-    lines = [f"classification mAP {m['cls_mAP']:.4f} F1 {m['cls_F1']:.4f} | detection AP {m['AP']:.4f} "
-             f"AP50 {m['AP50']:.4f} | segmentation mIoU {m['miou']:.4f} pixel acc {m['pixel_acc']:.4f}",
-             "  detection " + "  ".join(f"{k} {m[k]:.4f}" for k in METRIC_NAMES[1:])]
-    ap, ap50 = m.get("per_class_AP"), m.get("per_class_AP50")
-    if ap and ap50:  # -1: no ground truth of the class
-        lines.append("  AP (AP50) per class: " + "  ".join(
-            f"{n} " + ("-" if ap[n] < 0 else f"{ap[n]:.3f} ({ap50[n]:.3f})") for n in ap))
-    if "per_class_iou" in m:
-        lines.append("  IoU per class: " + "  ".join(f"{n} {v:.3f}" for n, v in m["per_class_iou"].items()))
-    return lines
+    """The summary, then the detection and segmentation heads' lines as their own tasks report them."""
+    detection, segmentation = DETECT.report(m, meta), SEGMENT.report(m, meta)
+    return [f"classification mAP {m['cls_mAP']:.4f} F1 {m['cls_F1']:.4f} | detection AP {m['AP']:.4f} "
+            f"AP50 {m['AP50']:.4f} | segmentation mIoU {m['miou']:.4f} pixel acc {m['pixel_acc']:.4f}",
+            "  detection: " + detection[0], *detection[1:], *segmentation[1:]]
 
 
 def _draw(images, detections, masks, class_names, path: Path, *, truth: Sequence[dict] | None = None,

@@ -313,3 +313,9 @@ def test_curves_leave_out_coco_minus_one_metrics(tmp_path, monkeypatch):
     viz.plot_curves(records, tmp_path / "curves.png", main_metric="AP")
     labels = [line.get_label() for line in figures[0].axes[1].get_lines()]
     assert labels == ["AP", "APs"]
+
+
+def test_detect_report_shows_cocos_minus_one_as_a_dash():
+    metrics = {"AP": 0.5, "AP50": 0.75, "AP75": 0.5, "APs": 0.25, "APm": 0.5, "APl": -1.0}
+    line = detect.report(metrics, {"class_names": ["a"]})[0]
+    assert line == "COCO box AP 0.5000  AP50 0.7500  AP75 0.5000  APs 0.2500  APm 0.5000  APl -"
