@@ -857,6 +857,20 @@ def resolve_switches(cfg: Any, device: torch.device, *, fixed_shapes: bool = Tru
     return lines
 
 
+def _derivation_of(config_yaml: Path) -> list[str]:
+    """The comment lines atop a run's config.yaml: the settings made for its data, and why."""
+    try:
+        text = config_yaml.read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("# "):
+            break
+        lines.append(line[2:])
+    return lines
+
+
 def _start_run(r: Run, trainer: Trainer) -> None:
     """The run really starts (data and model built, a --resume checkpoint accepted): only now is
     its folder changed. Results of the run it replaces go (there only with --overwrite: a mix of
@@ -883,7 +897,9 @@ def _start_run(r: Run, trainer: Trainer) -> None:
         if kept:
             write_atomic(out / "metrics.jsonl", lambda tmp: tmp.write_text(
                 "".join(json.dumps(rec) + "\n" for rec in kept)))
-    header = "".join(f"# {line}\n" for line in r.derivation)  # the settings made for the data, and why
+    # the settings made for the data, and why; a resumed run keeps those of the run it continues
+    derivation = r.derivation or (_derivation_of(r.resume_from.parent / "config.yaml") if r.resume_from else [])
+    header = "".join(f"# {line}\n" for line in derivation)
     write_atomic(out / "config.yaml", lambda tmp: tmp.write_text(header + yaml.safe_dump(config_to_dict(r.cfg),
                                                                                           sort_keys=False)))
 

@@ -33,6 +33,12 @@ def test_folders_given_only_their_paths(tmp_path, runs, capsys):
     assert cfg["data"]["image_size"] == 32 and cfg["train"]["batch_size"] == 8 and cfg["optim"]["name"] == "adamw"
     assert cfg["data"]["num_workers"] == 0 and cfg["train"]["epochs"] == 1  # the user's own, kept
     assert load(folder / "best.pt", device="cpu").class_names == ["cat", "dog", "owl"]
+    # a resumed run keeps the derivation atop config.yaml (the checkpoint's config is not re-derived)
+    header = [line for line in text.splitlines() if line.startswith("# ")]
+    classify.main(["--resume", str(folder), "--epochs", "2", "--quiet", "--device", "cpu"])
+    again = (folder / "config.yaml").read_text()
+    assert [line for line in again.splitlines() if line.startswith("# ")] == header
+    assert yaml.safe_load(again)["train"]["epochs"] == 2
 
 
 def test_a_small_set_starts_from_imagenet_weights_when_they_are_cached(tmp_path, runs, capsys, torch_home):
