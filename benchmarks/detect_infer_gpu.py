@@ -1,4 +1,4 @@
-"""Detection inference on one GPU, path by path (issue 16): a trained FCOS checkpoint, its val batches
+"""Detection inference on one GPU, path by path: a trained FCOS checkpoint, its val batches
 held on the device, median of 5 interleaved rounds; AP and detections of the device NMS against
 torchvision's ``batched_nms`` over the whole val set.
 

@@ -17,7 +17,7 @@ The geometry is albumentations' exactly: the scaled size ``int(h * s)``, the cro
 point: a pixel may differ by one grey level) and cv2's ``INTER_NEAREST`` rule
 ``floor(x * src / dst)`` for masks, albumentations' box arithmetic and visibility filter. The tests
 compare the two paths on fixed parameters. The DataLoader workers (PNG decode + albumentations)
-were the ceiling of dense training on an H200 (issue 16); here a batch costs a few kernels.
+were the ceiling of dense training on an H200; here a batch costs a few kernels.
 """
 from __future__ import annotations
 
