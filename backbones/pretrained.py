@@ -187,9 +187,10 @@ def resolve(spec: str, arch: str) -> tuple[NamedWeights, str | Mapping[str, Any]
 
     info = weights_info(spec, arch)
     if info.hf_repo is None:  # a torch.hub file (torchvision's, or a timm tag without a hub repo)
+        cached = _cached(info)
+        if cached:
+            return info, cached
         folder, path = _hub_file(info)
-        if _cached(info):
-            return info, path
         if not _downloadable(info):
             raise _not_available(info, info.filename, folder)
         os.makedirs(folder, exist_ok=True)

@@ -138,8 +138,7 @@ def _pow2_floor(x: float) -> int:
 
 # A classifier on fewer images than this starts from ImageNet weights when they are cached (else a
 # note says why it may not learn; the threshold itself is a judgement, not a measurement): from
-# scratch, on 200 images of coloured shapes (4 classes) every
-# setting tried (AdamW / SGD, 64 / 128
+# scratch, on 200 images of coloured shapes (4 classes) every setting tried (AdamW / SGD, 64 / 128
 # px, weight decay 0.05 / 0.5, 600 / 2,000 steps) stayed at chance (25-33%) while the
 # training accuracy reached 98%; 200 Fashion-MNIST images reached 90-96% (H200 and 2 CPU cores).
 FEW_IMAGES = 1000
@@ -154,8 +153,7 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
     kind, channels, class count and names. A classifier on fewer than ``FEW_IMAGES`` images
     without weights of the user's starts from ImageNet weights when ``imagenet_available()``
     says they are cached (asked without the network, so every torchrun rank derives the same);
-    otherwise it gets a note in ``facts.notes``
-    (printed with the derivation)."""
+    otherwise it gets a note in ``facts.notes`` (printed with the derivation)."""
     cpus = cpus or cpu_count()
     gpu = device == "cuda"
     dense = task != "classify"

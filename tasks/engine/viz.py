@@ -62,12 +62,12 @@ def plot_curves(records: Sequence[dict[str, Any]], path: str | os.PathLike, *, m
     loss_keys = [k for k in keys if k.startswith("train_loss")]
     if len(loss_keys) == 2:  # one loss term: its curve is the total's
         loss_keys = ["train_loss"]
-    # COCO's -1: no object of that size in the val set (APl on small images), nothing to draw
-    metric_keys = [k for k in keys if k.startswith("val_") and any(r.get(k, -1) != -1 for r in records)]
-
-    def series(key):  # only the epochs that have the key (evaluation may skip epochs)
-        pts = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    def series(key):  # only the epochs that have the key (evaluation may skip epochs), without
+        # COCO's -1 (no object of that size in the val set: APl on small images)
+        pts = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and r[key] != -1]
         return [p[0] for p in pts], [p[1] for p in pts]
+
+    metric_keys = [k for k in keys if k.startswith("val_") and series(k)[0]]
 
     # fixed margins, not bbox_inches="tight": its second layout pass took 0.32 s a picture
     # against 0.20 s (2 CPU cores), and curves.png is redrawn during training
