@@ -2,7 +2,7 @@
 other data (the seed sweep of ``benchmarks.seeds`` on it, say); with ``--masks``, a segmentation
 set of mask folders of similar images (a user's own layout).
 
-    python -m benchmarks.shapes --out DIR [--train 3000] [--val 500] [--seed 0] [--masks]
+    python -m benchmarks.shapes --out DIR [--train 3000] [--val 500] [--seed 0] [--masks | --folders]
 
 Writes ``DIR/train/*.jpg``, ``DIR/val/*.jpg``, ``DIR/train.json`` and ``DIR/val.json`` (COCO
 instances, boxes only) and prints the ``--set`` flags that point a detection recipe at them.
@@ -10,6 +10,10 @@ The images differ from FashionScenes where a recipe could have been tuned to it:
 (width 320-512, height 240-400), RGB colour everywhere, textured backgrounds (gradients, noise,
 clutter lines), four classes (circle, square, triangle, cross) of 14-140 px drawn in any
 colour, overlapping each other, 1-10 per image, a few images with none. JPEG, quality 90.
+
+``--folders``: a classification set of class folders, ``DIR/{train,val}/<shape>/*.jpg``, one
+shape per image (radius 25-45 % of the shorter side, any colour, rotated) on the same
+backgrounds with a few clutter lines, images 64-128 px wide and high (a user's small photo set).
 
 ``--masks``: ``DIR/{train,val}/images/*.jpg``, ``DIR/{train,val}/masks/*.png`` (pixel = class id,
 0 background, 1-4 the shapes, 1-5 per image of radius 10-60 px, drawn with OpenCV on the same
@@ -138,13 +142,40 @@ def _write_mask_split(root: Path, split: str, n: int, rng: np.random.Generator) 
     (root / "classes.txt").write_text("background\n" + "\n".join(CLASSES) + "\n")
 
 
-def ensure_shapes(out: str | Path, train: int = 3000, val: int = 500, seed: int = 0, masks: bool = False) -> Path:
-    """The set in ``out`` (``masks``: the mask-folder layout): generated when missing, reused
-    when ``out`` holds the same set."""
+def _write_folder_split(root: Path, split: str, n: int, rng: np.random.Generator) -> None:
+    import cv2
+
+    for name in CLASSES:
+        (root / split / name).mkdir(parents=True)
+    for i in range(n):
+        k = i % len(CLASSES)  # balanced classes
+        w, h = int(rng.integers(64, 129)), int(rng.integers(64, 129))
+        img = _background(rng, w, h)
+        for _ in range(int(rng.integers(0, 4))):
+            p0, p1 = rng.uniform(0, [w, h]).astype(int), rng.uniform(0, [w, h]).astype(int)
+            cv2.line(img, tuple(int(v) for v in p0), tuple(int(v) for v in p1),
+                     tuple(int(v) for v in rng.integers(0, 256, 3)), int(rng.integers(1, 3)))
+        r = float(rng.uniform(0.25, 0.45)) * min(w, h)
+        cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+        color = tuple(int(v) for v in rng.integers(0, 256, 3))
+        poly = _polygon(CLASSES[k], cx, cy, r, rng.uniform(0, 2 * math.pi))
+        if poly is None:
+            cv2.circle(img, (int(cx), int(cy)), int(r), color, -1, cv2.LINE_AA)
+        else:
+            cv2.fillPoly(img, [np.array(poly, np.int32)], color, cv2.LINE_AA)
+        cv2.imwrite(str(root / split / CLASSES[k] / f"{i:04d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+
+def ensure_shapes(out: str | Path, train: int = 3000, val: int = 500, seed: int = 0, masks: bool = False,
+                  folders: bool = False) -> Path:
+    """The set in ``out`` (``masks``: the mask-folder layout, ``folders``: class folders):
+    generated when missing, reused when ``out`` holds the same set."""
+    if masks and folders:
+        raise ValueError("masks and folders: one layout at a time")
     out = Path(out)
     spec: dict[str, Any] = {"generator": "benchmarks.shapes", "train": train, "val": val, "seed": seed}
-    if masks:
-        spec["layout"] = "masks"
+    if masks or folders:
+        spec["layout"] = "masks" if masks else "folders"
     if out.exists():
         marker = out / MARKER
         if out.is_dir() and marker.is_file() and json.loads(marker.read_text()) == spec:
@@ -158,7 +189,7 @@ def ensure_shapes(out: str | Path, train: int = 3000, val: int = 500, seed: int 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         rng = np.random.default_rng(seed)
-        write = _write_mask_split if masks else _write_split
+        write = _write_mask_split if masks else _write_folder_split if folders else _write_split
         write(tmp, "train", train, rng)
         write(tmp, "val", val, rng)
         (tmp / MARKER).write_text(json.dumps(spec))
@@ -184,6 +215,12 @@ def segment_flags(root: str | Path) -> list[str]:
             "--classes", str(root / "classes.txt")]
 
 
+def folder_flags(root: str | Path) -> list[str]:
+    """The ``python -m tasks.classify`` flags for the class-folder set in ``root``."""
+    root = Path(root).resolve()
+    return ["--train-images", str(root / "train"), "--val-images", str(root / "val")]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.shapes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,15 +228,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train", type=int, default=3000)
     p.add_argument("--val", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--masks", action="store_true", help="mask folders for segmentation instead of COCO boxes")
+    layout = p.add_mutually_exclusive_group()
+    layout.add_argument("--masks", action="store_true", help="mask folders for segmentation instead of COCO boxes")
+    layout.add_argument("--folders", action="store_true", help="class folders for classification instead of COCO boxes")
     args = p.parse_args(argv)
     if args.train < 1 or args.val < 1:
         p.error("--train and --val: expected at least 1 image each")
     try:
-        root = ensure_shapes(args.out, args.train, args.val, args.seed, masks=args.masks)
+        root = ensure_shapes(args.out, args.train, args.val, args.seed, masks=args.masks, folders=args.folders)
     except OSError as e:
         p.exit(2, f"error: {e}\n")
-    print(" ".join(segment_flags(root)) if args.masks else " ".join(f"--set {f}" for f in recipe_flags(root)))
+    if args.folders:
+        print(" ".join(folder_flags(root)))
+    else:
+        print(" ".join(segment_flags(root)) if args.masks else " ".join(f"--set {f}" for f in recipe_flags(root)))
 
 
 if __name__ == "__main__":

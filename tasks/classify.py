@@ -233,7 +233,7 @@ def evaluate(model: torch.nn.Module, data: TaskData, device: torch.device, amp: 
             cm.update(model(images).argmax(1), labels)
     model.train(was_training)
     m = cm.all_reduce().compute()
-    if output is not None and distributed.is_main():
+    if output is not None:
         plot_confusion(cm.mat.cpu().numpy(), names, Path(output) / "confusion.png",
                        title=f"accuracy {m['acc']:.2%} on {int(cm.mat.sum())} images")
     return {"acc": m["acc"], "per_class_acc": m["per_class_acc"],

@@ -207,7 +207,7 @@ def evaluate(model: torch.nn.Module, data: TaskData, device: torch.device, amp: 
         return metrics
 
     metrics = distributed.on_main(score)  # COCOeval on rank 0, its metrics on every rank
-    if output is not None and distributed.is_main():
+    if output is not None:
         results = json.dumps(evaluator.results)
         write_file(Path(output) / "predictions.json", lambda tmp: tmp.write_text(results))
         if shown[0]:

@@ -180,7 +180,7 @@ def evaluate(model: MultiTaskModel, data: TaskData, device: torch.device, amp: b
     metrics = {"cls_mAP": cls["mAP"], "cls_F1": cls["F1"], **det, "miou": seg["miou"],
                "pixel_acc": seg["pixel_acc"], "per_class_iou": by_name(["background", *names], seg["iou"])}
     metrics["mean"] = (metrics["cls_mAP"] + metrics["AP"] + metrics["miou"]) / 3
-    if output is not None and shown[0] and distributed.is_main():
+    if output is not None and shown[0]:
         _draw(shown[0], shown[1], shown[2], names, Path(output) / "multitask.png", truth=shown[3])
     return metrics
 

@@ -40,7 +40,6 @@ from tasks.data.segmentation import (IGNORE_INDEX, CocoSemanticDataset, MaskFold
                                      scenes_segmentation)
 from tasks.data.transforms import segmentation_train_transforms
 from tasks.data.voc import voc_segmentation
-from tasks.engine import distributed
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded, setting
 from tasks.engine.datasets import (cached_train_loader, data_files, dense_preprocess, dense_train_transforms,
                                    file_loaders)
@@ -217,7 +216,7 @@ def evaluate(model: torch.nn.Module, data: TaskData, device: torch.device, amp: 
                 shown[1].extend(pred[:take].cpu())
                 shown[2].extend(masks[:take].cpu())
     model.train(was_training)
-    if output is not None and shown[0] and distributed.is_main():
+    if output is not None and shown[0]:
         draw_segmentation_grid(shown[0], shown[1], names, Path(output) / "segmentation.png", targets=shown[2])
     metrics = cm.all_reduce().segmentation()
     return {**metrics, "per_class_iou": by_name(names, metrics["iou"])}

@@ -63,7 +63,8 @@ class TaskSpec:
     * ``build_data(cfg, device, *, train=True, quiet=False) -> TaskData``.
     * ``evaluate(model, data, device, amp=True, *, output=None, quiet=True) -> metrics``: the
       model in eval mode on ``data.val``; with ``output`` (a folder) it also writes the task's
-      pictures and files there. Under torchrun the metrics are reduced across ranks.
+      pictures and files there. Under torchrun the metrics are reduced across ranks and the
+      runner passes ``output`` to the main process only (the others get None).
     * ``make_preprocess(cfg, meta=None) -> Preprocess``: how this task feeds images, from the
       config (and the normalisation of ``meta`` when given: old checkpoints without
       ``meta["preprocess"]`` get theirs this way).

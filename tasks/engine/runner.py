@@ -960,7 +960,8 @@ def _run(r: Run) -> dict[str, Any]:
     graphed = inference_models(cfg, device)
 
     def evaluate(m, final: bool) -> dict[str, Any]:
-        return spec.evaluate(graphed(m), data, device, cfg.train.amp, output=r.output if final else None)
+        return spec.evaluate(graphed(m), data, device, cfg.train.amp,
+                             output=r.output if final and distributed.is_main() else None)
 
     # (a graphed step turns the models' per-step target checks off in the Trainer: they sync the host)
     trainer = Trainer(spec.name, cfg, model, data.train, output=r.output, device=device, quiet=args.quiet,

@@ -48,3 +48,19 @@ def test_shapes_masks_layout_is_a_mask_folder_set_the_segmentation_reader_loads(
     assert json.loads((root / "shapes.json").read_text())["layout"] == "masks"
     with pytest.raises(FileExistsError):  # the COCO set is another set
         ensure_shapes(root, train=3, val=2, seed=7)
+
+
+def test_shapes_folders_layout_is_a_balanced_class_folder_set_the_folder_reader_loads(tmp_path):
+    from benchmarks.shapes import folder_flags
+    from tasks.data.folders import ImageFolderDataset
+
+    root = ensure_shapes(tmp_path / "f", train=8, val=4, seed=1, folders=True)
+    ds = ImageFolderDataset(root / "train", channels=3)
+    assert ds.classes == sorted(CLASSES) and len(ds) == 8
+    assert all(len(list((root / "val" / c).iterdir())) == 1 for c in CLASSES)  # balanced classes
+    image, label = ds[0][:2]
+    assert image.shape[0] == 3 and 64 <= min(image.shape[1:]) and max(image.shape[1:]) <= 128
+    assert folder_flags(root) == ["--train-images", str((root / "train").resolve()),
+                                  "--val-images", str((root / "val").resolve())]
+    with pytest.raises(ValueError, match="one layout"):
+        ensure_shapes(tmp_path / "g", train=2, val=1, masks=True, folders=True)
