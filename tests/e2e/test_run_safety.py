@@ -507,6 +507,7 @@ def test_ctrl_c_twice_while_a_checkpoint_is_written(fm_dir, tmp_path, monkeypatc
     not ahead of last.pt, no lock, and the line that says what to resume."""
     out = tmp_path / "r"
     real = checkpoint_module.atomic_save
+    sent = threading.Event()
 
     def slow_save(obj, path):
         if Path(path).name == "last.pt" and obj["epoch"] == 1:
@@ -514,9 +515,21 @@ def test_ctrl_c_twice_while_a_checkpoint_is_written(fm_dir, tmp_path, monkeypatc
             time.sleep(0.3)
             os.kill(os.getpid(), signal.SIGINT)  # ... and again, while the main thread waits for this write
             time.sleep(0.3)
+            sent.set()
         return real(obj, path)
 
+    real_epoch = Trainer.train_one_epoch
+
+    def epoch_after_the_signals(self, epoch):
+        # on a loaded machine the writer thread can reach epoch 1's last.pt after the main thread
+        # has trained every epoch: the second epoch (index 1) waits here, where the first Ctrl-C
+        # interrupts it
+        if epoch == 1:
+            sent.wait(timeout=60)
+        return real_epoch(self, epoch)
+
     monkeypatch.setattr(checkpoint_module, "atomic_save", slow_save)
+    monkeypatch.setattr(Trainer, "train_one_epoch", epoch_after_the_signals)
     code, err = cli(classify.main, QUICK + ["--data-dir", str(fm_dir), "--epochs", "3", "--output", str(out)],
                     capsys)
     assert code == 130
@@ -525,6 +538,7 @@ def test_ctrl_c_twice_while_a_checkpoint_is_written(fm_dir, tmp_path, monkeypatc
     assert f"last.pt holds epoch 1 of 3; resume with --resume {out}" in err
     assert not (out / runner.LOCK_NAME).exists() and not list(out.glob(".*tmp*"))
     monkeypatch.setattr(checkpoint_module, "atomic_save", real)
+    monkeypatch.setattr(Trainer, "train_one_epoch", real_epoch)
     classify.main(["--resume", str(out), "--quiet"])
     assert epochs(out) == [1, 2, 3]
 
