@@ -41,7 +41,7 @@ def describe_folders(train: str, val: str, *, limit_train: int | None = None, li
 
 
 def _coco_counts(path: str) -> tuple[dict[int, str], dict[int, dict]]:
-    data = load_coco_json(Path(path))
+    data = load_coco_json(Path(path), keep=True)  # the datasets built next take this parse
     return check_categories(Path(path), data["categories"]), check_images(Path(path), data["images"])
 
 

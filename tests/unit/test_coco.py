@@ -323,3 +323,45 @@ def test_importing_the_data_modules_does_not_reach_the_network():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "calls []" in out.stdout, out.stdout
+
+
+def _count_parses(monkeypatch) -> list:
+    from tasks.data import coco
+
+    parsed, real = [], coco.json.load
+    monkeypatch.setattr(coco.json, "load", lambda f, **kw: parsed.append(f.name) or real(f, **kw))
+    monkeypatch.setattr(coco, "_HANDOFF", {})
+    return parsed
+
+
+def test_describing_then_building_the_datasets_parses_each_file_once(coco_dir, monkeypatch):
+    from tasks.engine.describe import describe_coco
+
+    parsed = _count_parses(monkeypatch)
+    (coco_dir / "val.json").write_text(json.dumps(_coco_json()))
+    paths = {"train_ann": str(coco_dir / "ann.json"), "val_ann": str(coco_dir / "val.json"),
+             "train_images": str(coco_dir)}
+    facts = describe_coco(paths, background=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train, val = _dataset(coco_dir), CocoDetection(coco_dir / "val.json", coco_dir)
+    assert facts.class_names == train.class_names == val.class_names and len(train) == facts.train
+    assert sorted(parsed) == sorted([paths["train_ann"], paths["val_ann"]])
+    _dataset(coco_dir)  # the kept parse was taken: a later reader parses the file again
+    assert len(parsed) == 3
+
+
+def test_a_kept_parse_is_not_used_for_a_changed_file_and_at_most_two_are_kept(coco_dir, monkeypatch):
+    from tasks.data import coco
+
+    parsed = _count_parses(monkeypatch)
+    path = coco_dir / "ann.json"
+    coco.load_coco_json(path, keep=True)
+    changed = _coco_json()
+    changed["categories"] = changed["categories"][:2] + [{"id": 8, "name": "belt"}]
+    path.write_text(json.dumps(changed) + " ")  # another size: another file
+    assert [c["name"] for c in coco.load_coco_json(path)["categories"]][-1] == "belt" and len(parsed) == 2
+    for name in ("a.json", "b.json", "c.json"):
+        (coco_dir / name).write_text(json.dumps(_coco_json()))
+        coco.load_coco_json(coco_dir / name, keep=True)
+    assert len(coco._HANDOFF) == 2 and not any(k[0].endswith("a.json") for k in coco._HANDOFF)
