@@ -99,7 +99,7 @@ class _DuplicateKey(ValueError):
 
 # Parses kept for the next reader of the same unchanged file: a run describes the user's data
 # (tasks.engine.describe) and then builds its datasets from the same files. Parsing is the cost:
-# 7.3 s for a 207 MB file of 860,000 annotations on 2 CPU cores (COCO train2017's file is 448 MB).
+# 7.3 s for a 207 MB file of 860,000 annotations on 2 CPU cores.
 # An entry is taken by its reader (never shared, so never kept alive beside the dataset built from
 # it), at most _HANDOFF_MAX of them.
 _HANDOFF: dict[tuple[str, int, int], dict] = {}
