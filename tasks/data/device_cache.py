@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .scenes import cv2_single_threaded
+from .images import cv2_single_threaded
 
 __all__ = ["DenseCache", "decode_dense", "cache_nbytes", "dense_augment", "DenseAugment"]
 

@@ -16,13 +16,14 @@ turns phone photos upright first, as an image viewer shows them.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import stat
 import struct
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch
 
 __all__ = ["ImageReadError", "MaskError", "read_image", "read_mask", "read_image_size", "exif_orientation",
            "apply_orientation", "image_from_input", "pad_batch", "load_skipping_bad", "display_path",
-           "max_image_pixels", "IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "MAX_IMAGE_PIXELS_ENV"]
+           "max_image_pixels", "cv2_single_threaded", "IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "MAX_IMAGE_PIXELS_ENV"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 # The most pixels (width x height) an image file may have before it is decoded. Twice PIL's
@@ -51,6 +52,21 @@ _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last chunk of every PNG: le
 _JPEG_SOI = b"\xff\xd8\xff"
 # start-of-frame markers (they hold the size): C0..CF except DHT (C4), JPG (C8) and DAC (CC)
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+@contextlib.contextmanager
+def cv2_single_threaded() -> Iterator[None]:
+    """cv2 with one thread inside the block: fork worker processes in here. A child forked while
+    cv2's thread pool is up (any threaded cv2 call in the parent before: a resize, albumentations)
+    hangs for good in its first ``cv2.setNumThreads`` (OpenCV 5.1's pthreads pool; setting one
+    thread in the parent first joins the pool). Threads that call cv2 themselves (the parallelism
+    is theirs) run in here too. The parent gets its threads back when the block ends."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
 
 
 class ImageReadError(OSError):

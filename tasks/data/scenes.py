@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import contextlib
 import json
 import math
 import os
@@ -41,7 +40,6 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -49,8 +47,9 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-__all__ = ["NUM_CLASSES", "IGNORE_INDEX", "generate_scenes", "ensure_scenes", "default_root", "cv2_single_threaded",
-           "render_preview", "get_args_parser", "main"]
+from .images import cv2_single_threaded
+
+__all__ = ["NUM_CLASSES", "IGNORE_INDEX", "generate_scenes", "ensure_scenes", "default_root", "render_preview", "get_args_parser", "main"]
 
 NUM_CLASSES = 10
 IGNORE_INDEX = 255
@@ -202,20 +201,6 @@ def render_scene(rng: np.random.Generator, items: np.ndarray, labels: np.ndarray
 
 # ----------------------------------------------------------------------------- workers
 _WORKER_DATA: dict = {}
-
-
-@contextlib.contextmanager
-def cv2_single_threaded() -> Iterator[None]:
-    """cv2 with one thread inside the block. A child forked while cv2's thread pool is up (any
-    cv2 call before, e.g. albumentations) hangs in its first cv2 call (seen in
-    ``cv2.setNumThreads``): fork workers in here. Threads that call cv2 themselves (the parallelism
-    is theirs) run in here too."""
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(threads)
 
 
 def _init_worker(data: dict) -> None:

@@ -323,7 +323,13 @@ class DeviceLoader:
         return stats() if stats is not None else {}
 
     def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
+        if getattr(self.loader, "num_workers", 0) > 0:
+            from tasks.data.images import cv2_single_threaded
+            with cv2_single_threaded():  # the workers fork here: a child of cv2's thread pool hangs
+                batches = iter(self.loader)
+        else:
+            batches = iter(self.loader)
+        for batch in batches:
             if batch is None:  # every sample of it left out (an evaluation set with skip_bad)
                 continue
             batch = move_to(batch, self.device)

@@ -192,6 +192,33 @@ def test_make_loader_reseeds_worker_randomness_per_epoch():
     assert epoch_draws(1) == epoch_draws(1) != epoch_draws(2)
 
 
+def test_workers_forked_after_cv2_ran_threaded_in_the_parent_do_not_hang():
+    """OpenCV's thread pool, up in the parent (a threaded resize: evaluation, albumentations),
+    makes a forked worker hang for good in ``seed_worker``'s ``cv2.setNumThreads``; the loader
+    forks its workers with cv2 single-threaded (the DataLoader's timeout turns a hang into a failure)."""
+    import cv2
+    from tasks.data.transforms import seed_worker
+
+    class Resized(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return cv2.resize(np.full((600, 600, 3), i, np.uint8), (300, 300)).mean()
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1000, 1000))  # the pool is up
+        dl = DataLoader(Resized(), batch_size=2, num_workers=1, worker_init_fn=seed_worker, timeout=30)
+        for _ in range(2):  # a fork per epoch: the parent's threads are back in between
+            assert [b.tolist() for b in DeviceLoader(dl, torch.device("cpu"))] == [[0.0, 1.0]]
+            cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1000, 1000))
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(threads)
+
+
 def test_shard_range_and_sampler_cover_every_sample_once():
     for n in (0, 1, 7, 10):
         for world in (1, 2, 3):
