@@ -12,16 +12,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Tests run in parallel processes (pytest-xdist), a file's tests in one process (its module fixtures
+# built once): 2:53 instead of 5:40 on 2 cores. XDIST= runs them in this process, one at a time.
+XDIST   ?= -n auto --maxprocesses 4 --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 test-unit: $(STAMP)
-	$(PY) -m pytest tests/unit
+	$(PY) -m pytest $(XDIST) tests/unit
 
 # the tests marked slow (several processes, the detector's network-only ONNX export, compiling,
 # ResNet-50 recipes): a few minutes more; CI runs them after `make test`
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest $(XDIST) -m slow
 
 demo: $(STAMP) fashion-mnist
 	$(PY) -m tasks.classify

@@ -6,8 +6,10 @@ import tempfile
 import pytest
 import torch
 
-# Two CPU cores on CI: more threads than cores only adds contention.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two CPU cores on CI: more threads than cores only adds contention (under pytest-xdist, each
+# worker process gets its share of the cores).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 os.environ.setdefault("MPLBACKEND", "Agg")
 # Tests never download: named weights resolve from an empty cache of this session (a test that
 # needs a file puts it there, or points TORCH_HOME / HF_HOME elsewhere), offline. The settings
