@@ -21,6 +21,7 @@ curves.png, last.pt / best.pt and confusion.png.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -156,8 +157,8 @@ def _fashion_mnist(cfg: ClassifyConfig, device: torch.device, pre: Preprocess, t
     return train_loader, val, list(fashion_mnist.CLASSES)
 
 
-def _folders(cfg: ClassifyConfig, device: torch.device, pre: Preprocess, train: bool, skipped: dict[str, int]
-             ) -> tuple[Any, Any, list[str]]:
+def _folders(cfg: ClassifyConfig, device: torch.device, pre: Preprocess, train: bool,
+             skipped: dict[str, dict[str, str]]) -> tuple[Any, Any, list[str]]:
     d = cfg.data
     if not d.train_images or not d.val_images:
         raise ValueError("image-folder data needs both --train-images DIR and --val-images DIR")
@@ -175,8 +176,14 @@ def _folders(cfg: ClassifyConfig, device: torch.device, pre: Preprocess, train: 
 
     def finish(training: bool):
         def on_device(batch):
-            images, labels, n_bad = batch
-            skipped["n"] += int(n_bad)
+            images, labels, bad = batch
+            seen = skipped["train" if training else "val"]
+            for b in bad:
+                if b.path not in seen:  # once per file, not per epoch
+                    seen[b.path] = b.reason
+                    warnings.warn(f"skipping an unreadable image (data.skip_bad): {b.reason}", stacklevel=2)
+            if images is None:
+                return None  # every image of the batch was unreadable
             x = aug(images, train=training)
             if cfg.train.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -208,7 +215,7 @@ def describe_data(cfg: ClassifyConfig) -> DataFacts | None:
 
 def build_data(cfg: ClassifyConfig, device: torch.device, *, train: bool = True, quiet: bool = False) -> TaskData:
     pre = make_preprocess(cfg)
-    skipped = {"n": 0}
+    skipped: dict[str, dict[str, str]] = {"train": {}, "val": {}}
     if _uses_folders(cfg):
         train_loader, val, classes = _folders(cfg, device, pre, train, skipped)
     else:

@@ -3,7 +3,7 @@
 Images are decoded with OpenCV in DataLoader workers and transformed with albumentations;
 they leave the worker as uint8 ``[C, H, W]`` tensors and are normalised on the device.
 An unreadable image (corrupt, truncated, over the pixel limit) is an error naming the file, or,
-with ``skip_bad``, is skipped and counted. Hidden entries (names starting with '.':
+with ``skip_bad``, is skipped: the batch leaves out its sample and carries its name and reason. Hidden entries (names starting with '.':
 ``.ipynb_checkpoints``, macOS ``._x.png`` resource forks, ``.DS_Store``) are no classes and no
 images; other files without an image extension (a GIF, a text file) are skipped with one
 warning that names them.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import albumentations as A
 import numpy as np
@@ -23,7 +23,13 @@ from torch.utils.data import Dataset
 from .images import IMAGE_EXTENSIONS, ImageReadError, display_path, read_image
 from .subset import subset_indices
 
-__all__ = ["ImageFolderDataset", "collate_skip_bad", "list_images", "warn_skipped_files"]
+__all__ = ["ImageFolderDataset", "Unreadable", "collate_skip_bad", "list_images", "warn_skipped_files"]
+
+
+class Unreadable(NamedTuple):
+    """What ``ImageFolderDataset`` returns for an image it could not use under ``skip_bad``."""
+    path: str
+    reason: str
 
 
 def _hidden(name: str) -> bool:
@@ -105,26 +111,26 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | Unreadable:
         path, label = self.samples[i]
         try:
             img = read_image(path, self.channels)
-        except (ImageReadError, FileNotFoundError):
+        except (ImageReadError, FileNotFoundError) as e:
             if self.skip_bad:
-                return None  # dropped (and counted) by collate_skip_bad
-            raise
+                return Unreadable(display_path(path), str(e))  # left out of the batch by collate_skip_bad
+            raise type(e)(f"{e}; --set data.skip_bad=true skips unreadable images") from None
         if self.transforms is not None:
             img = self.transforms(image=img)["image"]
         return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1), label  # [C, H, W] uint8
 
 
-def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack a batch, dropping samples that came back ``None``; returns how many were dropped."""
-    good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good)
+def collate_skip_bad(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[Unreadable]]:
+    """Stack a batch, leaving out the ``Unreadable`` samples; returns them third (images and
+    labels None when no sample is left)."""
+    bad = [b for b in batch if isinstance(b, Unreadable)]
+    good = [b for b in batch if not isinstance(b, Unreadable)]
     if not good:
-        warnings.warn(f"a whole batch of {len(batch)} images was unreadable and skipped")
-        return torch.zeros(0, 1, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), skipped
+        return None, None, bad
     images = torch.stack([b[0] for b in good])
     labels = torch.tensor([b[1] for b in good], dtype=torch.int64)
-    return images, labels, skipped
+    return images, labels, bad

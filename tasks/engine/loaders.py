@@ -155,6 +155,8 @@ def move_to(obj: Any, device: torch.device) -> Any:
         return obj.to(device, non_blocking=True)
     if isinstance(obj, dict):
         return {k: move_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple takes its fields one by one
+        return type(obj)(*(move_to(v, device) for v in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(move_to(v, device) for v in obj)
     return obj
@@ -333,7 +335,11 @@ class DeviceLoader:
             if batch is None:  # every sample of it left out (an evaluation set with skip_bad)
                 continue
             batch = move_to(batch, self.device)
-            yield self.on_device(batch) if self.on_device is not None else batch
+            if self.on_device is not None:
+                batch = self.on_device(batch)
+                if batch is None:  # it says every sample was left out
+                    continue
+            yield batch
 
 
 

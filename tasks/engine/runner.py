@@ -37,6 +37,7 @@ import signal
 import socket
 import sys
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -974,16 +975,27 @@ def _run(r: Run) -> dict[str, Any]:
     record = trainer.fit()
     metrics = {k[len("val_"):]: v for k, v in record.items() if k.startswith("val_")}
     if data.skipped is not None:
-        skipped = data.skipped["n"]
-        if distributed.world_size() > 1:  # every rank's shard
-            skipped = int(distributed.all_reduce_sum(torch.tensor(skipped, device=device)))
-        if skipped:
-            say(f"skipped {skipped} unreadable training images (data.skip_bad)")
+        for line in skipped_lines(data.skipped):
+            say(line)
     lines = spec.report(metrics, data.meta)
     say(f"done: {lines[0]}, {record.get('train_time_total_s', 0):.1f} s of training, run folder {r.output}")
     for line in lines[1:]:
         say(line)
     return {**record, **metrics, "output": str(r.output)}
+
+
+def skipped_lines(skipped: dict[str, dict[str, str]], show: int = 3) -> list[str]:
+    """One line per split that left unreadable images out (``TaskData.skipped``: split -> {path:
+    reason}, of every rank under torchrun), naming the first ``show`` of them."""
+    lines = []
+    for split, seen in skipped.items():
+        paths = sorted({p for part in distributed.all_gather_object(sorted(seen)) for p in part})
+        if paths:
+            named = ", ".join(paths[:show]) + (f", ... ({len(paths)})" if len(paths) > show else "")
+            kind = {"train": "training", "val": "validation"}.get(split, split)
+            lines.append(f"skipped {len(paths)} unreadable {kind} image{'s' if len(paths) > 1 else ''} "
+                         f"(data.skip_bad): {named}")
+    return lines
 
 
 def error_line(e: BaseException) -> str:
@@ -999,6 +1011,13 @@ def error_line(e: BaseException) -> str:
     return text
 
 
+def _warning_text(message, category, filename, lineno, line=None) -> str:
+    """``warnings.formatwarning`` of the commands: one line, ``warning: <message>`` (another
+    category than UserWarning is named), without Python's file, line number and source line."""
+    kind = "warning" if category is UserWarning else category.__name__
+    return f"{kind}: {' '.join(str(message).split())}\n"
+
+
 def run_cli(main) -> None:
     """``if __name__ == "__main__"`` of every command: a mistake in the input (bad config, missing
     file, wrong data) ends with one line naming it instead of a traceback, exit status 2; a run
@@ -1006,8 +1025,11 @@ def run_cli(main) -> None:
     SIGTERM 143 (128 + the signal, as a shell reports them; both stop a run cleanly, ``run``).
     ``ONETRUNK_DEBUG=1`` shows the full traceback. Under torchrun each failing rank prints its
     line (``error [rank R]:`` on ranks other than 0), and the process group is left in every
-    case."""
+    case. Warnings print as one ``warning: ...`` line each (``ONETRUNK_DEBUG=1``: Python's form)."""
     code = 0
+    formatwarning = warnings.formatwarning
+    if not os.environ.get("ONETRUNK_DEBUG"):
+        warnings.formatwarning = _warning_text
     try:
         with stop_on_sigterm():  # every command: a temp file being written is removed, not left behind
             main()
@@ -1024,6 +1046,7 @@ def run_cli(main) -> None:
         sys.stderr.flush()
         code = 3 if stopped else 2
     finally:
+        warnings.formatwarning = formatwarning
         # stopping already (130 / 143): another Ctrl-C now would only turn the exit into a traceback
         with hold_signals("stopping", reraise=code not in (130, 143)):
             distributed.destroy()

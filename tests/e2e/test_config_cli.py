@@ -1,5 +1,6 @@
 """The task commands' config surface end to end: --list-keys, --list-recipes, --help as typed, one-line errors."""
 import importlib
+import os
 import re
 import subprocess
 import sys
@@ -56,6 +57,16 @@ def test_onetrunk_help_names_the_command_as_typed(capsys):
     with pytest.raises(SystemExit):
         cli.main(["segment", "--list-keys"])
     assert "model.aux_weight = 0.4" in capsys.readouterr().out
+
+
+def test_cli_warnings_are_one_line_each():
+    code = ("import warnings; from tasks.engine.runner import run_cli; "
+            "run_cli(lambda: (warnings.warn('skipping a.png:\\n  truncated'), warnings.warn('soon', FutureWarning)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "warning: skipping a.png: truncated\nFutureWarning: soon\n"
+    debug = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "ONETRUNK_DEBUG": "1"})
+    assert "UserWarning: skipping a.png:" in debug.stderr  # Python's own form, with where it came from
 
 
 def test_cli_errors_are_one_line(tmp_path):

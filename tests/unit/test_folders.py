@@ -27,7 +27,8 @@ def test_unreadable_image_is_named_or_skipped(tmp_path):
         ds[idx]
     skipping = ImageFolderDataset(root / "train", skip_bad=True)
     images, labels, skipped = collate_skip_bad([skipping[idx], skipping[0]])
-    assert skipped == 1 and images.shape[0] == 1 and labels.tolist() == [0]
+    assert [b.path for b in skipped] == [str(bad)] and images.shape[0] == 1 and labels.tolist() == [0]
+    assert collate_skip_bad([skipping[idx]])[:2] == (None, None)  # nothing left of the batch
 
 
 def test_val_classes_must_be_known(tmp_path):

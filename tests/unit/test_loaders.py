@@ -1,4 +1,6 @@
 """tasks.engine.loaders: the batch iterators the engine trains from (no processes, tiny tensors)."""
+import collections
+
 import numpy as np
 import pytest
 import torch
@@ -172,6 +174,8 @@ def test_move_to_handles_nested_containers_and_leaves_other_values():
     moved = move_to(batch, torch.device("cpu"))
     assert isinstance(moved["a"][1], tuple) and moved["a"][1][1] == "name" and moved["n"] == 3
     assert torch.equal(moved["a"][0], torch.ones(1))
+    pair = collections.namedtuple("Pair", "x name")(torch.ones(1), "a")
+    assert move_to([pair], torch.device("cpu")) == [pair]
 
 
 def test_make_loader_reseeds_worker_randomness_per_epoch():
