@@ -45,6 +45,19 @@ def test_the_users_settings_are_kept_and_used_by_the_rules_after_them():
     assert any("train.epochs" in line and "(yours)" in line for line in lines)
 
 
+def test_the_warm_up_is_a_short_part_of_any_run():
+    def warm_steps(train, given):
+        values = _values(derive("classify", _facts(train=train), device="cpu", given=given, cpus=2))
+        steps = -(-train // values["train.batch_size"])
+        return round(values["optim.warmup_epochs"] * steps), values["train.epochs"] * steps
+
+    for train in (412, 20_000):  # the derived runs: 5% of their steps, at least 50
+        warm, total = warm_steps(train, {})
+        assert total >= 600 and warm == max(50, round(0.05 * total))
+    warm, total = warm_steps(91, {"train.epochs": 3})  # the user's short run decays too: not all warm-up
+    assert total == 36 and warm == 7
+
+
 def test_a_classifier_on_few_images_starts_from_imagenet_weights_when_they_are_cached():
     def never():
         raise AssertionError("asked whether ImageNet weights can be had where no rule needs them")
