@@ -233,9 +233,12 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
     epochs = int(given.get("train.epochs", epochs))
     total = epochs * steps_per_epoch
     # a short run (the user's --epochs) still decays: all warm-up, it would end at the peak rate
-    warm = min(1000, max(50, round(0.05 * total)), max(1, total // 5))
-    add("optim.warmup_epochs", round(warm / steps_per_epoch, 2),
-        f"{warm} warm-up steps: 5% of {total} (50..1000, at most a fifth of the run)")
+    warm = min(1000, max(50, round(0.05 * total)))
+    why = f"{warm} warm-up steps: 5% of {total} (50..1000)"
+    if warm > max(1, total // 5):
+        warm = max(1, total // 5)
+        why = f"{warm} warm-up steps: a fifth of the run's {total}"
+    add("optim.warmup_epochs", round(warm / steps_per_epoch, 2), why)
     add("train.eval_every", max(1, math.ceil(epochs / 30)), "about 30 evaluations in the run")
     workers = min(8, cpus if gpu else max(cpus - 1, 0))
     add("data.num_workers", workers, f"{cpus} CPUs{'' if gpu else ', one kept for training on the CPU'}, 8 at most")

@@ -56,6 +56,9 @@ def test_the_warm_up_is_a_short_part_of_any_run():
         assert total >= 600 and warm == max(50, round(0.05 * total))
     warm, total = warm_steps(91, {"train.epochs": 3})  # the user's short run decays too: not all warm-up
     assert total == 36 and warm == 7
+    lines = derivation_lines(_facts(train=91), derive("classify", _facts(train=91), device="cpu",
+                                                      given={"train.epochs": 3}, cpus=2), {})
+    assert any("7 warm-up steps: a fifth of the run's 36" in line for line in lines)
 
 
 def test_a_classifier_on_few_images_starts_from_imagenet_weights_when_they_are_cached():
