@@ -3,10 +3,10 @@
 Images are decoded with OpenCV in DataLoader workers and transformed with albumentations;
 they leave the worker as uint8 ``[C, H, W]`` tensors and are normalised on the device.
 An unreadable image (corrupt, truncated, over the pixel limit) is an error naming the file, or,
-with ``skip_bad``, is skipped: the batch leaves out its sample and carries its name and reason. Hidden entries (names starting with '.':
-``.ipynb_checkpoints``, macOS ``._x.png`` resource forks, ``.DS_Store``) are no classes and no
-images; other files without an image extension (a GIF, a text file) are skipped with one
-warning that names them.
+with ``skip_bad``, is left out of its batch, which carries its name and the reason instead.
+Hidden entries (names starting with '.': ``.ipynb_checkpoints``, macOS ``._x.png`` resource
+forks, ``.DS_Store``) are no classes and no images; other files without an image extension (a
+GIF, a text file) are skipped with one warning that names them.
 """
 from __future__ import annotations
 
