@@ -116,6 +116,19 @@ def _write_split(root: Path, split: str, n: int, rng: np.random.Generator) -> No
     (root / f"{split}.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
 
 
+def _fill_shape(img: np.ndarray, cls: str, cx: float, cy: float, r: float, rot: float, color,
+                antialiased: bool = False) -> None:
+    """Draw shape ``cls`` filled with ``color`` into ``img`` with OpenCV (a mask: its class id)."""
+    import cv2
+
+    line = cv2.LINE_AA if antialiased else cv2.LINE_8
+    poly = _polygon(cls, cx, cy, r, rot)
+    if poly is None:
+        cv2.circle(img, (int(cx), int(cy)), int(r), color, -1, line)
+    else:
+        cv2.fillPoly(img, [np.array(poly, np.int32)], color, line)
+
+
 def _write_mask_split(root: Path, split: str, n: int, rng: np.random.Generator) -> None:
     import cv2
 
@@ -129,14 +142,9 @@ def _write_mask_split(root: Path, split: str, n: int, rng: np.random.Generator) 
             r = rng.uniform(10, 60)
             cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
             color = tuple(int(v) for v in rng.integers(0, 256, 3))
-            poly = _polygon(CLASSES[k], cx, cy, r, rng.uniform(0, 2 * math.pi))
-            if poly is None:
-                cv2.circle(img, (int(cx), int(cy)), int(r), color, -1)
-                cv2.circle(mask, (int(cx), int(cy)), int(r), k + 1, -1)
-            else:
-                points = np.array(poly, np.int32)
-                cv2.fillPoly(img, [points], color)
-                cv2.fillPoly(mask, [points], k + 1)
+            rot = rng.uniform(0, 2 * math.pi)
+            _fill_shape(img, CLASSES[k], cx, cy, r, rot, color)
+            _fill_shape(mask, CLASSES[k], cx, cy, r, rot, k + 1)
         cv2.imwrite(str(root / split / "images" / f"{i:04d}.jpg"), img)
         cv2.imwrite(str(root / split / "masks" / f"{i:04d}.png"), mask)
     (root / "classes.txt").write_text("background\n" + "\n".join(CLASSES) + "\n")
@@ -158,11 +166,7 @@ def _write_folder_split(root: Path, split: str, n: int, rng: np.random.Generator
         r = float(rng.uniform(0.25, 0.45)) * min(w, h)
         cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
         color = tuple(int(v) for v in rng.integers(0, 256, 3))
-        poly = _polygon(CLASSES[k], cx, cy, r, rng.uniform(0, 2 * math.pi))
-        if poly is None:
-            cv2.circle(img, (int(cx), int(cy)), int(r), color, -1, cv2.LINE_AA)
-        else:
-            cv2.fillPoly(img, [np.array(poly, np.int32)], color, cv2.LINE_AA)
+        _fill_shape(img, CLASSES[k], cx, cy, r, rng.uniform(0, 2 * math.pi), color, antialiased=True)
         cv2.imwrite(str(root / split / CLASSES[k] / f"{i:04d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
 
 
@@ -238,10 +242,9 @@ def main(argv: list[str] | None = None) -> None:
         root = ensure_shapes(args.out, args.train, args.val, args.seed, masks=args.masks, folders=args.folders)
     except OSError as e:
         p.exit(2, f"error: {e}\n")
-    if args.folders:
-        print(" ".join(folder_flags(root)))
-    else:
-        print(" ".join(segment_flags(root)) if args.masks else " ".join(f"--set {f}" for f in recipe_flags(root)))
+    flags = (folder_flags(root) if args.folders else segment_flags(root) if args.masks
+             else [f"--set {f}" for f in recipe_flags(root)])
+    print(" ".join(flags))
 
 
 if __name__ == "__main__":

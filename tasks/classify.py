@@ -215,8 +215,9 @@ def describe_data(cfg: ClassifyConfig) -> DataFacts | None:
 
 def build_data(cfg: ClassifyConfig, device: torch.device, *, train: bool = True, quiet: bool = False) -> TaskData:
     pre = make_preprocess(cfg)
-    skipped: dict[str, dict[str, str]] = {"train": {}, "val": {}}
+    skipped: dict[str, dict[str, str]] | None = None  # only files can be unreadable
     if _uses_folders(cfg):
+        skipped = {"train": {}, "val": {}}
         train_loader, val, classes = _folders(cfg, device, pre, train, skipped)
     else:
         train_loader, val, classes = _fashion_mnist(cfg, device, pre, train)
