@@ -83,7 +83,8 @@ class ImageFolderDataset(Dataset):
         found = sorted(folders)
         if not found:
             raise ValueError(f"{name}: expected one sub-folder per class (e.g. {name}/cat/1.png), found none")
-        if classes is None:
+        defines_classes = classes is None
+        if defines_classes:
             classes = found
         else:
             unknown = sorted(set(found) - set(classes))
@@ -92,15 +93,22 @@ class ImageFolderDataset(Dataset):
         self.classes = list(classes)
         self.samples: list[tuple[str, int]] = []
         skipped: list[Path] = []
+        empty: list[str] = []
         for label, class_name in enumerate(self.classes):
             folder = self.root / folders.get(class_name, class_name)
             if folder.is_dir():
                 files, other = list_images(folder)
                 self.samples += [(str(f), label) for f in files]
                 skipped += other
+                if not files:
+                    empty.append(class_name)
         warn_skipped_files(self.root, skipped, IMAGE_EXTENSIONS)
         if not self.samples:
             raise ValueError(f"{name}: no images with extensions {IMAGE_EXTENSIONS}")
+        if defines_classes and empty:  # a class the model would have to predict without one example of it
+            raise ValueError(f"{name}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
+                             f"{'hold' if len(empty) > 1 else 'holds'} no {'/'.join(IMAGE_EXTENSIONS)} images: "
+                             f"add images or remove {'them' if len(empty) > 1 else 'it'}")
         if limit is not None:
             keep = subset_indices(len(self.samples), limit, seed, [label for _, label in self.samples])
             self.samples = [self.samples[i] for i in keep]

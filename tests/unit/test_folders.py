@@ -36,3 +36,16 @@ def test_val_classes_must_be_known(tmp_path):
     (root / "val" / "emu").mkdir()
     with pytest.raises(ValueError, match="emu"):
         ImageFolderDataset(root / "val", classes=["cat", "dog", "owl"])
+
+
+def test_a_training_class_folder_without_images_is_refused_a_validation_one_is_not(tmp_path):
+    root = write_image_folders(tmp_path)
+    (root / "train" / "emu").mkdir()
+    (root / "train" / "emu" / "notes.txt").write_text("no image here")
+    with pytest.warns(UserWarning, match="notes.txt"), \
+            pytest.raises(ValueError, match=r"train: class folder emu holds no .*images: add images or remove it"):
+        ImageFolderDataset(root / "train")
+    for f in (root / "val" / "owl").iterdir():
+        f.unlink()
+    val = ImageFolderDataset(root / "val", classes=["cat", "dog", "owl"])  # no owl to score: allowed
+    assert val.classes == ["cat", "dog", "owl"] and {label for _, label in val.samples} == {0, 1}
