@@ -37,7 +37,8 @@ from tasks.data.preprocess import Geometry
 from tasks.data.transforms import DETECTION_MIN_VISIBILITY
 from tasks.engine import distributed
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded, setting
-from tasks.engine.datasets import cached_train_loader, coco_sets, data_files, dense_preprocess, file_loaders
+from tasks.engine.datasets import (cached_train_loader, coco_sets, data_files, dense_preprocess, file_loaders,
+                                   unusable_samples)
 from tasks.engine.derive import DataFacts
 from tasks.engine.describe import describe_coco, describe_voc_config
 from tasks.engine.logging import progress
@@ -169,7 +170,7 @@ def build_data(cfg: DetectConfig, device: torch.device, *, train: bool = True, q
     meta = {"class_names": val_set.class_names, "category_ids": val_set.cat_ids, **pre.to_meta()}
     # CocoDetection clips boxes, drops degenerate ones and maps labels into range
     return TaskData(train_loader, val, meta, val_set=val_set, targets_checked=True,
-                    fixed_shapes=cfg.data.resize != "aspect")
+                    skipped=unusable_samples(train_set, val_set), fixed_shapes=cfg.data.resize != "aspect")
 
 
 # ----------------------------------------------------------------------------- evaluation

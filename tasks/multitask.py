@@ -33,7 +33,7 @@ from tasks.data.preprocess import Geometry
 from tasks.data.segmentation import IGNORE_INDEX
 from tasks.engine import distributed
 from tasks.engine.config import OptimConfig, TrainConfig, bounded, setting
-from tasks.engine.datasets import coco_sets, data_files, dense_preprocess, file_loaders
+from tasks.engine.datasets import coco_sets, data_files, dense_preprocess, file_loaders, unusable_samples
 from tasks.engine.logging import progress
 from tasks.engine.loop import autocast
 from tasks.engine.metrics import ConfusionMatrix, by_name, coco_scores, multilabel_metrics
@@ -134,7 +134,8 @@ def build_data(cfg: MultiTaskConfig, device: torch.device, *, train: bool = True
     train_loader, val = file_loaders(train_set, val_set, cfg=cfg, device=device, normalize=pre.normalize,
                                      train_collate=_collate, val_collate=_collate, finish=finish)
     meta = {"class_names": val_set.class_names, "category_ids": val_set.cat_ids, **pre.to_meta()}
-    return TaskData(train_loader, val, meta, val_set=val_set, fixed_shapes=d.resize != "aspect")
+    return TaskData(train_loader, val, meta, val_set=val_set, skipped=unusable_samples(train_set, val_set),
+                    fixed_shapes=d.resize != "aspect")
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -42,7 +42,7 @@ from tasks.data.transforms import segmentation_train_transforms
 from tasks.data.voc import voc_segmentation
 from tasks.engine.config import DenseDataConfig, ModelConfig, OptimConfig, TrainConfig, bounded, setting
 from tasks.engine.datasets import (cached_train_loader, data_files, dense_preprocess, dense_train_transforms,
-                                   file_loaders)
+                                   file_loaders, unusable_samples)
 from tasks.engine.derive import DataFacts
 from tasks.engine.describe import describe_coco, describe_masks, describe_voc_config
 from tasks.engine.logging import progress
@@ -188,7 +188,7 @@ def build_data(cfg: SegmentConfig, device: torch.device, *, train: bool = True, 
     train_loader = cached or train_loader
     # the mask datasets check every class id when they read a mask
     return TaskData(train_loader, val, {"class_names": list(val_set.class_names), **pre.to_meta()},
-                    val_set=val_set, targets_checked=True,
+                    val_set=val_set, targets_checked=True, skipped=unusable_samples(train_set, val_set),
                     fixed_shapes=cfg.data.resize != "aspect")
 
 

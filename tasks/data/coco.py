@@ -24,7 +24,8 @@ Bad input, and what ``skip_bad`` changes:
   the JSON ``width``/``height``): ``ImageReadError`` naming the file. Decoding every image at
   init would cost a full pass over the data, so with ``skip_bad`` such an image is skipped
   when met instead: a warning names it, ``stats["unreadable"]`` counts it (in the process that
-  met it, i.e. a worker) and the next readable sample is returned in its place; an
+  met it, i.e. a worker), ``unusable`` flags it for every process (it is not read again, and
+  the run names it at its end) and the next readable sample is returned in its place; an
   ``evaluation`` set returns None instead (``collate_detection`` drops it, and
   ``CocoEvaluator`` scores only the images it saw, so the image leaves ground truth and
   predictions alike).
@@ -49,7 +50,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
-from .images import ImageReadError, display_path, load_skipping_bad, pad_batch, read_image, read_mask
+from .images import (ImageReadError, Unusable, display_path, load_skipping_bad, pad_batch, read_image, read_mask,
+                     with_skip_hint)
 from .subset import subset_indices
 
 __all__ = ["CocoDetection", "CocoEvaluator", "load_coco_json", "check_categories", "check_images", "is_int",
@@ -376,6 +378,9 @@ class CocoDetection(torch.utils.data.Dataset):
     scores exactly what the dataset serves.
     """
 
+    # what skip_bad skips: unreadable, or vanished since init (FileNotFoundError)
+    unusable_errors: tuple[type[BaseException], ...] = (OSError,)
+
     def __init__(self, ann_file: str | os.PathLike | Mapping[str, Any], image_dir: str | os.PathLike,
                  transforms: A.Compose | None = None, *, skip_bad: bool = False,
                  limit: int | None = None, mask_dir: str | os.PathLike | None = None, evaluation: bool = False,
@@ -427,6 +432,7 @@ class CocoDetection(torch.utils.data.Dataset):
             self.coco.dataset = gt
             self.coco.createIndex()
         self._report()
+        self.unusable = Unusable(len(self._records), self.sample_name) if skip_bad else None
 
     # -- init helpers -----------------------------------------------------------------------
 
@@ -500,10 +506,16 @@ class CocoDetection(torch.utils.data.Dataset):
         index, size = index if isinstance(index, tuple) else (index, None)
         transforms = self.transforms.at(size) if size is not None and hasattr(self.transforms, "at") else None
         if not self.skip_bad:
-            return self._load(index, transforms)
-        # unreadable or vanished since init (FileNotFoundError)
-        return load_skipping_bad(lambda i: self._load(i, transforms), index, len(self), (OSError,), self.stats,
-                                 str(self.ann_file), replace=not self.evaluation)
+            try:
+                return self._load(index, transforms)
+            except self.unusable_errors as e:
+                raise with_skip_hint(e) from None
+        return load_skipping_bad(lambda i: self._load(i, transforms), index, len(self), self.unusable_errors,
+                                 self.stats, str(self.ann_file), replace=not self.evaluation, unusable=self.unusable)
+
+    def sample_name(self, index: int) -> str:
+        """The image file of sample ``index``, as messages name it."""
+        return display_path(self._records[index][1])
 
     def _load(self, index: int, transforms: Any = None) -> tuple[torch.Tensor, dict]:
         img_id, path, h, w, boxes, labels = self._records[index]

@@ -22,6 +22,7 @@ were the ceiling of dense training on an H200; here a batch costs a few kernels.
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .images import cv2_single_threaded
+from .images import cv2_single_threaded, with_skip_hint
 
 __all__ = ["DenseCache", "decode_dense", "cache_nbytes", "dense_augment", "DenseAugment"]
 
@@ -65,8 +66,13 @@ def decode_dense(dataset: Any, transforms: Any, size: int, *, boxes: bool, masks
                  quiet: bool = True) -> DenseCache:
     """Every sample of ``dataset`` (a ``CocoDetection`` or mask dataset) read once through
     ``transforms`` (the evaluation resize), packed into a ``DenseCache`` on the CPU. Threads:
-    cv2 and PNG decoding release the GIL."""
+    cv2 and PNG decoding release the GIL. A sample the dataset cannot use (its
+    ``unusable_errors``) stops the decoding, naming the file, or under the dataset's
+    ``skip_bad`` is left out of the cache, flagged in its ``unusable`` and named in one warning."""
     n = len(dataset)
+    errors = getattr(dataset, "unusable_errors", ())
+    skip = getattr(dataset, "unusable", None) is not None
+    failed: dict[int, str] = {}
     images = torch.zeros(n, 3, size, size, dtype=torch.uint8)
     hw = torch.zeros(n, 2, dtype=torch.int64)
     mask_t = torch.full((n, size, size), 255, dtype=torch.uint8) if masks else None
@@ -74,7 +80,13 @@ def decode_dense(dataset: Any, transforms: Any, size: int, *, boxes: bool, masks
     per_labels: list[torch.Tensor] = [torch.zeros(0, dtype=torch.int64)] * n
 
     def load(i: int) -> None:
-        image, target = dataset._load(i, transforms)  # the dataset's own reading and checks
+        try:
+            image, target = dataset._load(i, transforms)  # the dataset's own reading and checks
+        except errors as e:
+            if not skip:
+                raise with_skip_hint(e) from None
+            failed[i] = str(e)
+            return
         h, w = image.shape[-2:]
         if h > size or w > size:
             raise ValueError(f"sample {i}: {w}x{h} after the resize, larger than the cache's {size}x{size}")
@@ -89,6 +101,20 @@ def decode_dense(dataset: Any, transforms: Any, size: int, *, boxes: bool, masks
     # the threads are the parallelism; cv2's own pool, once up, would hang workers forked later
     with cv2_single_threaded(), ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
         list(tqdm(pool.map(load, range(n)), total=n, desc="decode to cache", unit="img", disable=quiet or None))
+    if failed:
+        if len(failed) == n:
+            raise ValueError(f"none of the {n} training images could be used: {failed[min(failed)]}")
+        for i in failed:
+            dataset.unusable.add(i)
+        shown = "; ".join(failed[i] for i in sorted(failed)[:3]) + (f"; ... ({len(failed)})" if len(failed) > 3 else "")
+        warnings.warn(f"skipping {len(failed)} unusable training image{'s' if len(failed) > 1 else ''} "
+                      f"(data.skip_bad): {shown}", stacklevel=2)
+        keep = torch.tensor(sorted(set(range(n)) - set(failed)))
+        images, hw = images[keep], hw[keep]
+        mask_t = mask_t[keep] if masks else None
+        per_boxes = [per_boxes[i] for i in keep.tolist()]
+        per_labels = [per_labels[i] for i in keep.tolist()]
+        n = len(keep)
     box_t = label_t = None
     if boxes:
         m = max(1, max(len(b) for b in per_boxes))

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 __all__ = ["ImageReadError", "MaskError", "read_image", "read_mask", "read_image_size", "exif_orientation",
-           "apply_orientation", "image_from_input", "pad_batch", "load_skipping_bad", "display_path",
+           "apply_orientation", "image_from_input", "pad_batch", "load_skipping_bad", "Unusable",
+           "with_skip_hint", "display_path",
            "max_image_pixels", "cv2_single_threaded", "IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "MAX_IMAGE_PIXELS_ENV"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -487,26 +488,63 @@ def pad_batch(tensors: Sequence[torch.Tensor], size_divisible: int = 32, fill: i
     return out.permute(0, 3, 1, 2) if channels_last else out
 
 
+class Unusable:
+    """The samples a dataset found unusable under ``skip_bad``, one flag per sample in shared
+    memory: the DataLoader's workers (forked or spawned, and started afresh each epoch) and the
+    process that made the dataset see the same flags. So a bad file is read, warned about and
+    counted once in a run, not once per epoch and worker, and the run can name every one at its
+    end (iterating yields their ``name(index)``). Made in the dataset's ``__init__``, before any
+    worker starts."""
+
+    def __init__(self, size: int, name: Callable[[int], str]) -> None:
+        self.flags = torch.zeros(max(size, 1), dtype=torch.bool).share_memory_()
+        self.name = name
+
+    def __contains__(self, index: int) -> bool:
+        return bool(self.flags[index])
+
+    def add(self, index: int) -> None:
+        self.flags[index] = True
+
+    def __iter__(self) -> Iterator[str]:
+        return (self.name(i) for i in self.flags.nonzero().flatten().tolist())
+
+
+def with_skip_hint(e: BaseException) -> BaseException:
+    """``e`` again (same type), its message ending with how to skip such images instead."""
+    return type(e)(f"{e}; --set data.skip_bad=true skips unreadable images")
+
+
 def load_skipping_bad(load: Callable[[int], Any], index: int, size: int, errors: tuple[type, ...],
-                      stats: dict[str, int], source: str, *, replace: bool = True) -> Any:
+                      stats: dict[str, int], source: str, *, replace: bool = True,
+                      unusable: Unusable | None = None) -> Any:
     """``load(index)``, or, when it raises one of ``errors``, the next sample (wrapping round)
     that loads (``replace``: training, whose batches keep their size) or None (evaluation: the
     sample leaves the evaluation, which the collate functions drop, so that no image is scored
-    twice or under another image's id). Each skip is counted in ``stats["unreadable"]`` and
-    warned about; a dataset with no usable sample at all raises ``ImageReadError`` naming
+    twice or under another image's id). Each failure is warned about, counted in
+    ``stats["unreadable"]`` and flagged in ``unusable``, whose samples are passed over without
+    being read again; a dataset with no usable sample at all raises ``ImageReadError`` naming
     ``source``."""
+    def failed(i: int, e: BaseException, what: str) -> None:
+        stats["unreadable"] += 1
+        if unusable is not None:
+            unusable.add(i)
+        warnings.warn(f"{what}: {e}", stacklevel=4)
+
     if not replace:
+        if unusable is not None and index in unusable:
+            return None
         try:
             return load(index)
         except errors as e:
-            stats["unreadable"] += 1
-            warnings.warn(f"left out of the evaluation, unusable: {e}", stacklevel=3)
+            failed(index, e, "left out of the evaluation, unusable")
             return None
     for attempt in range(size):
         i = (index + attempt) % size
+        if unusable is not None and i in unusable:
+            continue
         try:
             return load(i)
         except errors as e:
-            stats["unreadable"] += 1
-            warnings.warn(f"skipping unusable sample: {e}", stacklevel=3)
+            failed(i, e, "skipping unusable sample")
     raise ImageReadError(f"{display_path(source)}: none of the {size} samples could be used")

@@ -25,7 +25,8 @@ Bad input, and what ``skip_bad`` changes (the style of ``tasks.data.coco``):
   or mask, mask not 'P'/'L', mask size different from its image, class ids ``>= num_classes``
   other than 255: ``ImageReadError`` / ``MaskError`` (a ``ValueError``) naming the file; with
   ``skip_bad`` a warning names it, ``stats["unreadable"]`` counts it (in the process that met
-  it) and the next usable sample is served in its place.
+  it), ``unusable`` flags it for every process (it is not read again, and the run names it at
+  its end) and the next usable sample is served in its place.
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ from .coco import (check_categories, check_images, checked_annotations, is_int, 
                    segmentation_problem)
 from .folders import list_images, warn_skipped_files
 from .subset import subset_indices
-from .images import (ImageReadError, MaskError, display_path, load_skipping_bad, pad_batch, read_image, read_image_size,
-                     read_mask)
+from .images import (ImageReadError, MaskError, Unusable, display_path, load_skipping_bad, pad_batch, read_image,
+                     read_image_size, read_mask, with_skip_hint)
 
 __all__ = ["MaskFolderDataset", "CocoSemanticDataset", "MaskError", "read_mask", "collate_segmentation",
            "scenes_segmentation", "IGNORE_INDEX", "IMAGE_SUFFIXES"]
@@ -62,6 +63,9 @@ class _SegmentationDataset(torch.utils.data.Dataset):
     implement ``_read(index) -> (image HWC uint8 RGB, mask HW uint8)`` and ``_name(index)``."""
 
     ignore_index = IGNORE_INDEX
+    # what skip_bad skips: unreadable, vanished since init, or a bad mask
+    unusable_errors: tuple[type[BaseException], ...] = (OSError, MaskError)
+    unusable: Unusable | None = None
     num_classes: int
     class_names: list[str]
 
@@ -84,10 +88,20 @@ class _SegmentationDataset(torch.utils.data.Dataset):
         index, size = index if isinstance(index, tuple) else (index, None)
         transforms = self.transforms.at(size) if size is not None and hasattr(self.transforms, "at") else None
         if not self.skip_bad:
-            return self._load(index, transforms)
-        # unreadable, vanished since init, or a bad mask
-        return load_skipping_bad(lambda i: self._load(i, transforms), index, len(self), (OSError, MaskError),
-                                 self.stats, self._source(), replace=not self.evaluation)
+            try:
+                return self._load(index, transforms)
+            except self.unusable_errors as e:
+                raise with_skip_hint(e) from None
+        return load_skipping_bad(lambda i: self._load(i, transforms), index, len(self), self.unusable_errors,
+                                 self.stats, self._source(), replace=not self.evaluation, unusable=self.unusable)
+
+    def _track_unusable(self) -> None:
+        """``unusable``, made once the samples are known (at the end of a subclass's ``__init__``)."""
+        self.unusable = Unusable(len(self), self.sample_name) if self.skip_bad else None
+
+    def sample_name(self, index: int) -> str:  # pragma: no cover - subclasses
+        """The image file of sample ``index``, as messages name it."""
+        raise NotImplementedError
 
     def image_sizes(self) -> list[tuple[int, int]]:  # pragma: no cover - subclasses
         """``(h, w)`` of every sample without decoding it (the aspect batch sampler's input)."""
@@ -203,12 +217,16 @@ class MaskFolderDataset(_SegmentationDataset):
                                         f"data.skip_bad=true skips images without masks")
         self.stats["images"] = len(self._pairs)
         self._sizes: list[tuple[int, int]] | None = None
+        self._track_unusable()
         if self.stats["skipped_images"]:
             warnings.warn(f"{display_path(self.image_dir)}: {self.stats['skipped_images']} images without a mask "
                           f"in {display_path(self.mask_dir)} are not used; counters in .stats", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self._pairs)
+
+    def sample_name(self, index: int) -> str:
+        return display_path(self._pairs[index][0])
 
     def image_sizes(self) -> list[tuple[int, int]]:
         if self._sizes is None:
@@ -312,6 +330,7 @@ class CocoSemanticDataset(_SegmentationDataset):
             self._records.append((img_id, self.image_dir / img["file_name"], img["height"], img["width"],
                                   instances + crowd))
         self.stats["images"] = len(self._records)
+        self._track_unusable()
         noted = {k: self.stats[k] for k in ("malformed", "skipped_images") if self.stats[k]}
         if noted:
             what = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in noted.items())
@@ -338,6 +357,9 @@ class CocoSemanticDataset(_SegmentationDataset):
 
     def __len__(self) -> int:
         return len(self._records)
+
+    def sample_name(self, index: int) -> str:
+        return display_path(self._records[index][1])
 
     def image_sizes(self) -> list[tuple[int, int]]:
         return [(h, w) for _, _, h, w, _ in self._records]

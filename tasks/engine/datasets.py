@@ -8,7 +8,7 @@ the task's ``Preprocess``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -24,7 +24,8 @@ from . import distributed
 from .config import DenseDataConfig
 from .loaders import AspectBatchSampler, DenseTensorLoader, DeviceLoader, make_loader, normalize_images
 
-__all__ = ["dense_preprocess", "dense_train_transforms", "data_files", "coco_sets", "file_loaders", "cache_mode",
+__all__ = ["dense_preprocess", "dense_train_transforms", "data_files", "coco_sets", "unusable_samples", "file_loaders",
+           "cache_mode",
            "cached_train_loader"]
 
 # FashionScenes' files, by data flag
@@ -115,6 +116,14 @@ def coco_sets(cfg: Any, paths: Mapping[str, str], pre: Any, *, train: bool = Tru
         raise ValueError(f"{paths['train_ann']} and {paths['val_ann']} have different categories "
                          f"({train_set.cat_ids} vs {val_set.cat_ids})")
     return val_set, train_set
+
+
+def unusable_samples(train_set: Optional[Any], val_set: Optional[Any]) -> Optional[dict[str, Iterable[str]]]:
+    """``TaskData.skipped`` of file datasets under ``data.skip_bad``: each split's ``unusable``
+    record (shared with the DataLoader workers), read when the run ends; None without skip_bad."""
+    found = {split: ds.unusable for split, ds in (("train", train_set), ("val", val_set))
+             if getattr(ds, "unusable", None) is not None}
+    return found or None
 
 
 def file_loaders(train_set: Optional[torch.utils.data.Dataset], val_set: torch.utils.data.Dataset, *,

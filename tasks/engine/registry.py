@@ -17,7 +17,7 @@ import importlib
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from tasks.data.preprocess import Preprocess
 from tasks.engine.config import upgrade_saved_config
@@ -35,8 +35,9 @@ class TaskData:
     steps, optional ``set_epoch``); ``train`` is None for evaluation only. ``meta``: the
     checkpoint metadata of a model trained on this data (class names, normalisation,
     ``preprocess``); ``.preprocess`` is its ``Preprocess``. ``val_set``: the validation dataset
-    when evaluation needs it (COCO ground truth). ``skipped``: ``{split: {path: reason}}`` of the
-    images left out as unreadable (``data.skip_bad``), where the data records them.
+    when evaluation needs it (COCO ground truth). ``skipped``: ``{split: paths}`` (an iterable, read when the
+    run ends; a ``{path: reason}`` dict is one) of the images left out as unreadable
+    (``data.skip_bad``), where the data records them.
     ``targets_checked``: the datasets already guarantee valid targets (labels in range, boxes
     with area, mask ids known), so the models' own per-step checks (a host sync) can go.
     ``fixed_shapes``: False where batch shapes vary (the aspect mode): no CUDA graph then
@@ -46,7 +47,7 @@ class TaskData:
     val: Any
     meta: dict[str, Any]
     val_set: Any = None
-    skipped: Optional[dict[str, dict[str, str]]] = None
+    skipped: Optional[dict[str, Iterable[str]]] = None
     targets_checked: bool = False
     fixed_shapes: bool = True  # every batch has one shape (what train.cuda_graph and train.graph_eval need)
 

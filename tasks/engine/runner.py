@@ -40,7 +40,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import yaml
@@ -984,9 +984,9 @@ def _run(r: Run) -> dict[str, Any]:
     return {**record, **metrics, "output": str(r.output)}
 
 
-def skipped_lines(skipped: dict[str, dict[str, str]], show: int = 3) -> list[str]:
-    """One line per split that left unreadable images out (``TaskData.skipped``: split -> {path:
-    reason}, of every rank under torchrun), naming the first ``show`` of them."""
+def skipped_lines(skipped: dict[str, Iterable[str]], show: int = 3) -> list[str]:
+    """One line per split that left unreadable images out (``TaskData.skipped``: split -> paths,
+    of every rank under torchrun), naming the first ``show`` of them."""
     lines = []
     for split, seen in skipped.items():
         paths = sorted({p for part in distributed.all_gather_object(sorted(seen)) for p in part})

@@ -147,6 +147,30 @@ def test_corrupt_image_raises_or_is_skipped(coco_dir):
     with pytest.warns(UserWarning, match="gray.png"):
         _, t = ds[0]
     assert t["image_id"] == 5 and ds.stats["unreadable"] == 1   # the next sample instead
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once flagged, passed over without a read or a warning
+        assert ds[0][1]["image_id"] == 5 and ds.stats["unreadable"] == 1
+    assert list(ds.unusable) == [str(coco_dir / "gray.png")]
+    with pytest.raises(ImageReadError, match=r"gray.png: .*; --set data.skip_bad=true skips"):
+        _dataset(coco_dir)[0]
+
+
+def test_unusable_images_found_by_workers_are_flagged_for_the_run(coco_dir):
+    """Workers start afresh each epoch: the flag a worker sets reaches the main process and the
+    next epoch's workers, which do not read the file again (here it became readable meanwhile)."""
+    good = (coco_dir / "gray.png").read_bytes()
+    (coco_dir / "gray.png").write_bytes(b"not a png at all")
+    ds = _dataset(coco_dir, skip_bad=True)
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_detection)
+
+    def ids():
+        return sorted(t["image_id"] for _, targets in loader for t in targets)
+
+    assert ids() == [5, 5, 7, 10]  # gray.png (id 2) replaced by the next sample
+    assert list(ds.unusable) == [str(coco_dir / "gray.png")]
+    (coco_dir / "gray.png").write_bytes(good)
+    assert ids() == [5, 5, 7, 10]
+    assert [t["image_id"] for _, t in (_dataset(coco_dir, skip_bad=True)[i] for i in range(4))] == [2, 5, 7, 10]
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -335,6 +335,11 @@ def test_bad_masks_named(tmp_path):
     assert [str(w.message).split(": ")[1].rsplit("/", 1)[-1] for w in caught] == ["high.png", "rgb.png", "small.png"]
     np.testing.assert_array_equal(mask.numpy(), _label_map())
     assert skipping.stats["unreadable"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # flagged: passed over, not read nor warned about again
+        np.testing.assert_array_equal(skipping[2][1].numpy(), _label_map())
+    assert [p.rsplit("/", 1)[-1] for p in skipping.unusable] == ["high.png", "rgb.png", "small.png"]
+    assert skipping.stats["unreadable"] == 3
     # missing mask: at init, naming the image and the mask looked for
     cv2.imwrite(str(tmp_path / "images" / "lonely.jpg"), np.zeros((12, 16, 3), np.uint8))
     with pytest.raises(FileNotFoundError, match=r"lonely\.jpg: no mask .*lonely\.png"):
