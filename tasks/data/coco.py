@@ -333,7 +333,8 @@ def checked_annotations(anns: list, images: dict[int, dict], cat_to_label: dict[
         if problem is not None:
             ann_id = _brief(ann["id"]) if isinstance(ann, dict) and "id" in ann else f"#{i}"
             if not skip_bad:
-                raise ValueError(f"{display_path(ann_file)}: malformed annotation id {ann_id}: {problem}")
+                raise ValueError(f"{display_path(ann_file)}: malformed annotation id {ann_id}: {problem}; "
+                                 f"--set data.skip_bad=true drops malformed annotations")
             stats["malformed"] += 1
             continue
         seen.add(ann["id"])
@@ -475,8 +476,7 @@ class CocoDetection(torch.utils.data.Dataset):
         if noted:
             what = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in noted.items())
             warnings.warn(f"{display_path(self.ann_file)}: {what} (boxes clipped to the image; degenerate and "
-                          f"malformed annotations and skipped images are not used); "
-                          f"counters in .stats", stacklevel=3)
+                          f"malformed annotations and skipped images are not used)", stacklevel=3)
 
     # -- categories -------------------------------------------------------------------------
 

@@ -220,7 +220,7 @@ class MaskFolderDataset(_SegmentationDataset):
         self._track_unusable()
         if self.stats["skipped_images"]:
             warnings.warn(f"{display_path(self.image_dir)}: {self.stats['skipped_images']} images without a mask "
-                          f"in {display_path(self.mask_dir)} are not used; counters in .stats", stacklevel=2)
+                          f"in {display_path(self.mask_dir)} are not used", stacklevel=2)
 
     def __len__(self) -> int:
         return len(self._pairs)
@@ -334,7 +334,7 @@ class CocoSemanticDataset(_SegmentationDataset):
         noted = {k: self.stats[k] for k in ("malformed", "skipped_images") if self.stats[k]}
         if noted:
             what = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in noted.items())
-            warnings.warn(f"{display_path(self.ann_file)}: {what} (not used); counters in .stats", stacklevel=2)
+            warnings.warn(f"{display_path(self.ann_file)}: {what} (not used)", stacklevel=2)
 
     def _sanitize_annotations(self, anns: list, images: dict[int, dict], kept: set[int]) -> dict[int, list[dict]]:
         """The usable annotations of the kept images, grouped by image in file order."""
