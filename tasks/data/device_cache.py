@@ -84,7 +84,7 @@ def decode_dense(dataset: Any, transforms: Any, size: int, *, boxes: bool, masks
             image, target = dataset._load(i, transforms)  # the dataset's own reading and checks
         except errors as e:
             if not skip:
-                raise with_skip_hint(e) from None
+                raise (with_skip_hint(e) if isinstance(e, OSError) else e) from None
             failed[i] = str(e)
             return
         h, w = image.shape[-2:]

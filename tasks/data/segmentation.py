@@ -90,7 +90,7 @@ class _SegmentationDataset(torch.utils.data.Dataset):
         if not self.skip_bad:
             try:
                 return self._load(index, transforms)
-            except self.unusable_errors as e:
+            except OSError as e:  # a bad mask (MaskError) names its own remedy: skipping is not always it
                 raise with_skip_hint(e) from None
         return load_skipping_bad(lambda i: self._load(i, transforms), index, len(self), self.unusable_errors,
                                  self.stats, self._source(), replace=not self.evaluation, unusable=self.unusable)
