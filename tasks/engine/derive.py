@@ -132,6 +132,12 @@ def _round32(x: float, lo: int, hi: int) -> int:
     return int(min(hi, max(lo, 32 * round(x / 32))))
 
 
+def _in_use(given: Mapping[str, Any], key: str, derived: int) -> int:
+    """The user's number for ``key`` where they gave one (the rules after it use it), else ours."""
+    value = given.get(key)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else derived
+
+
 def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
 
@@ -193,6 +199,7 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
         size = _round32(max(w, h), 128, hi) if w else 256
         add("data.image_size", size, f"median longer side {max(w, h)} px, as a multiple of 32 in 128..{hi}"
             f"{'' if gpu else ' (CPU)'}")
+        size = _in_use(given, "data.image_size", size)
         per_device = 64 * (256 / size) ** 2 if gpu else 8 * (256 / size) ** 2
         ref = "64 at 256 px on a GPU (the FashionScenes recipe)" if gpu else "8 at 256 px on the CPU"
     else:
@@ -204,6 +211,7 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
             size = _round32(min(w, h), 32, hi) if w else 64
             why = f"median shorter side {min(w, h)} px, as a multiple of 32 in 32..{hi}{'' if gpu else ' (CPU)'}"
         add("data.image_size", size, why)
+        size = _in_use(given, "data.image_size", size)
         most = 256 if gpu else 64  # up to 128 px, then fewer as the pixels grow
         per_device = min(most, most * (128 / size) ** 2)
         ref = f"{most} up to 128 px on {'a GPU' if gpu else 'the CPU'}"

@@ -45,6 +45,15 @@ def test_the_users_settings_are_kept_and_used_by_the_rules_after_them():
     assert any("train.epochs" in line and "(yours)" in line for line in lines)
 
 
+def test_the_batch_follows_the_users_image_size():
+    def batch(task, given):
+        return _values(derive(task, _facts(kind="masks", median_size=(416, 320), train=3000), device="cpu",
+                              given=given, cpus=2))["train.batch_size"]
+
+    assert batch("segment", {}) == 4 and batch("segment", {"data.image_size": 224}) == 8  # 320 px derived
+    assert batch("classify", {}) == 64 and batch("classify", {"data.image_size": 256}) == 16  # 128 px derived
+
+
 def test_the_warm_up_is_a_short_part_of_any_run():
     def warm_steps(train, given):
         values = _values(derive("classify", _facts(train=train), device="cpu", given=given, cpus=2))
