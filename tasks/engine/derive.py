@@ -132,12 +132,6 @@ def _round32(x: float, lo: int, hi: int) -> int:
     return int(min(hi, max(lo, 32 * round(x / 32))))
 
 
-def _in_use(given: Mapping[str, Any], key: str, derived: int) -> int:
-    """The user's number for ``key`` where they gave one (the rules after it use it), else ours."""
-    value = given.get(key)
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else derived
-
-
 def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
 
@@ -167,8 +161,10 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
     k = len(facts.class_names)
     out: list[Derived] = []
 
-    def add(key: str, value: Any, why: str) -> None:
+    def add(key: str, value: Any, why: str) -> Any:
+        """Record ``key``; returns the value in use (the user's where given: the rules after it use it)."""
         out.append(Derived(key, given.get(key, value), why, yours=key in given))
+        return out[-1].value
 
     add("data.dataset", facts.kind, f"{facts.where}")
     if not dense:
@@ -200,9 +196,8 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
         # AP 0.177 at 320 px / batch 4 against 0.376 at 224 / 8; segmentation mIoU 0.329 against 0.612)
         hi = 640 if gpu else 224
         size = _round32(max(w, h), 128, hi) if w else 256
-        add("data.image_size", size, f"median longer side {max(w, h)} px, as a multiple of 32 in 128..{hi}"
+        size = add("data.image_size", size, f"median longer side {max(w, h)} px, as a multiple of 32 in 128..{hi}"
             f"{'' if gpu else ' (CPU)'}")
-        size = _in_use(given, "data.image_size", size)
         per_device = 64 * (256 / size) ** 2 if gpu else 8 * (256 / size) ** 2
         ref = "64 at 256 px on a GPU (the FashionScenes recipe)" if gpu else "8 at 256 px on the CPU"
     else:
@@ -213,8 +208,7 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
         else:
             size = _round32(min(w, h), 32, hi) if w else 64
             why = f"median shorter side {min(w, h)} px, as a multiple of 32 in 32..{hi}{'' if gpu else ' (CPU)'}"
-        add("data.image_size", size, why)
-        size = _in_use(given, "data.image_size", size)
+        size = add("data.image_size", size, why)
         most = 256 if gpu else 64  # up to 128 px, then fewer as the pixels grow
         per_device = min(most, most * (128 / size) ** 2)
         ref = f"{most} up to 128 px on {'a GPU' if gpu else 'the CPU'}"
@@ -222,8 +216,8 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
     # 8 images (BatchNorm statistics of fewer are noise; the device's own batch may be smaller
     # where the user's image size asks for it), nor over the images there are
     batch = min(_pow2_floor(per_device), max(8, _pow2_floor(facts.train / 8)), _pow2_floor(max(facts.train, 1)))
-    add("train.batch_size", batch, f"{ref}, scaled by pixels; at most 1/8 of {facts.train} images (a cap never under 8)")
-    batch = int(given.get("train.batch_size", batch))
+    batch = add("train.batch_size", batch,
+                f"{ref}, scaled by pixels; at most 1/8 of {facts.train} images (a cap never under 8)")
     add("data.eval_batch_size", batch * 2, "twice the training batch (no gradients)")
 
     base = 2e-3 if dense else 1e-3
@@ -240,9 +234,8 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
     steps_per_epoch = max(1, math.ceil(facts.train / batch))
     target = 2000 if gpu else 600
     epochs = int(min(300, max(5, math.ceil(target / steps_per_epoch))))
-    add("train.epochs", epochs, f"about {target:,} steps{' (CPU)' if not gpu else ''} at {steps_per_epoch} "
-        f"steps per epoch, within 5..300")
-    epochs = int(given.get("train.epochs", epochs))
+    epochs = add("train.epochs", epochs, f"about {target:,} steps{' (CPU)' if not gpu else ''} at {steps_per_epoch} "
+                 f"steps per epoch, within 5..300")
     total = epochs * steps_per_epoch
     # a short run (the user's --epochs) still decays: all warm-up, it would end at the peak rate
     warm = min(1000, max(50, round(0.05 * total)))

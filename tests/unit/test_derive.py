@@ -46,15 +46,14 @@ def test_the_users_settings_are_kept_and_used_by_the_rules_after_them():
 
 
 def test_the_batch_follows_the_users_image_size():
-    def batch(task, given):
+    def cpu(task, given):
         return _values(derive(task, _facts(kind="masks", median_size=(416, 320), train=3000), device="cpu",
-                              given=given, cpus=2))["train.batch_size"]
+                              given=given, cpus=2))
 
-    cpu = _values(derive("segment", _facts(kind="masks", median_size=(416, 320), train=3000), device="cpu",
-                         given={}, cpus=2))
-    assert cpu["data.image_size"] == 224 and cpu["train.batch_size"] == 8  # 8 images a batch on the CPU
-    assert batch("segment", {"data.image_size": 320}) == 4
-    assert batch("classify", {}) == 64 and batch("classify", {"data.image_size": 256}) == 16  # 128 px derived
+    assert cpu("segment", {})["data.image_size"] == 224 and cpu("segment", {})["train.batch_size"] == 8  # 8 a batch
+    assert cpu("segment", {"data.image_size": 320})["train.batch_size"] == 4
+    assert cpu("classify", {})["train.batch_size"] == 64  # 128 px derived
+    assert cpu("classify", {"data.image_size": 256})["train.batch_size"] == 16
 
 
 def test_the_warm_up_is_a_short_part_of_any_run():
