@@ -144,7 +144,7 @@ class FCOSHead(FCOSPostprocess, nn.Module):
         # a pre-activation pushed below 0 everywhere early in training never comes back (every
         # box degenerate, GIoU loss frozen at 1.0: 1 of 20 seeds on FashionScenes-3000), and exp
         # also gained AP on 18 of the other 19 (median +0.038 AP at 8 epochs). softplus also trains on
-        # every seed, 0.021 AP below exp at 8 epochs, 0.003 above it at 24 (docs/DETECTION.md).
+        # every seed, 0.021 AP below exp at 8 epochs, 0.003 above at 24 (docs/DETECTION.md).
         self.cls_tower = _tower(fpn_channels, num_convs)
         self.reg_tower = _tower(fpn_channels, num_convs)
         self.cls_logits = nn.Conv2d(fpn_channels, num_classes, 3, padding=1)
