@@ -98,7 +98,7 @@ def decode_dense(dataset: Any, transforms: Any, size: int, *, boxes: bool, masks
         if boxes:
             per_boxes[i], per_labels[i] = target["boxes"].float(), target["labels"]
 
-    # the threads are the parallelism; cv2's own pool, once up, would hang workers forked later
+    # the threads are the parallelism: cv2's own pool on top of them would oversubscribe the CPUs
     with cv2_single_threaded(), ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
         list(tqdm(pool.map(load, range(n)), total=n, desc="decode to cache", unit="img", disable=quiet or None))
     if failed:

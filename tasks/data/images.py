@@ -57,11 +57,9 @@ _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 @contextlib.contextmanager
 def cv2_single_threaded() -> Iterator[None]:
-    """cv2 with one thread inside the block: fork worker processes in here. A child forked while
-    cv2's thread pool is up (any threaded cv2 call in the parent before: a resize, albumentations)
-    hangs for good in its first ``cv2.setNumThreads`` (OpenCV 5.1's pthreads pool; setting one
-    thread in the parent first joins the pool). Threads that call cv2 themselves (the parallelism
-    is theirs) run in here too. The parent gets its threads back when the block ends."""
+    """cv2 with one thread inside the block: for threads that call cv2 themselves (the parallelism
+    is theirs). The caller gets its threads back when the block ends. (Forks need no block: the
+    hook in ``tasks/data/__init__.py`` makes every fork with cv2 at one thread.)"""
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:

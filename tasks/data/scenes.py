@@ -47,7 +47,6 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from .images import cv2_single_threaded
 
 __all__ = ["NUM_CLASSES", "IGNORE_INDEX", "generate_scenes", "ensure_scenes", "default_root", "render_preview", "get_args_parser", "main"]
 
@@ -327,8 +326,8 @@ def generate_scenes(out_dir, *, train: int = 8000, val: int = 1000, size: int = 
         else:
             import multiprocessing
 
-            with cv2_single_threaded():  # the parent gets its threads back once the pool is up
-                pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(data,))
+            # forked with cv2 at one thread (tasks/data/__init__.py says why)
+            pool = multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(data,))
             results = pool.imap(_render_job, jobs)  # in job order, so ids do not depend on timing
         try:
             for job, chunk in zip(jobs, results):

@@ -325,13 +325,7 @@ class DeviceLoader:
         return stats() if stats is not None else {}
 
     def __iter__(self) -> Iterator[Any]:
-        if getattr(self.loader, "num_workers", 0) > 0:
-            from tasks.data.images import cv2_single_threaded
-            with cv2_single_threaded():  # the workers fork here: a child of cv2's thread pool hangs
-                batches = iter(self.loader)
-        else:
-            batches = iter(self.loader)
-        for batch in batches:
+        for batch in self.loader:  # workers fork with cv2 at one thread (tasks/data/__init__.py says why)
             if batch is None:  # every sample of it left out (an evaluation set with skip_bad)
                 continue
             batch = move_to(batch, self.device)

@@ -161,7 +161,7 @@ def test_unusable_images_found_by_workers_are_flagged_for_the_run(coco_dir):
     good = (coco_dir / "gray.png").read_bytes()
     (coco_dir / "gray.png").write_bytes(b"not a png at all")
     ds = _dataset(coco_dir, skip_bad=True)
-    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_detection)
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_detection, timeout=60)
 
     def ids():
         return sorted(t["image_id"] for _, targets in loader for t in targets)
@@ -250,7 +250,7 @@ def test_seed_worker_reproducible_and_new_each_epoch(coco_dir):
 
     def run():
         loader = DataLoader(ds, batch_size=2, num_workers=2, worker_init_fn=seed_worker,
-                            collate_fn=collate_detection, generator=torch.Generator().manual_seed(7))
+                            collate_fn=collate_detection, generator=torch.Generator().manual_seed(7), timeout=60)
         return [torch.cat([imgs.flatten() for imgs, _ in loader]) for _epoch in range(2)]
 
     first, second = run(), run()
@@ -274,7 +274,7 @@ class _CvThreads(torch.utils.data.Dataset):
 
 def test_seed_worker_gives_each_worker_one_opencv_thread():
     # OpenCV's default pool (one thread per core) in each of N workers oversubscribes the CPU
-    loader = DataLoader(_CvThreads(), batch_size=1, num_workers=1, worker_init_fn=seed_worker)
+    loader = DataLoader(_CvThreads(), batch_size=1, num_workers=1, worker_init_fn=seed_worker, timeout=60)
     assert [int(b) for b in loader] == [1, 1]
 
 

@@ -198,8 +198,9 @@ def test_make_loader_reseeds_worker_randomness_per_epoch():
 
 def test_workers_forked_after_cv2_ran_threaded_in_the_parent_do_not_hang():
     """OpenCV's thread pool, up in the parent (a threaded resize: evaluation, albumentations),
-    makes a forked worker hang for good in ``seed_worker``'s ``cv2.setNumThreads``; the loader
-    forks its workers with cv2 single-threaded (the DataLoader's timeout turns a hang into a failure)."""
+    makes a forked worker hang for good in ``seed_worker``'s ``cv2.setNumThreads``; every fork
+    happens with cv2 single-threaded (the fork hook of ``tasks.data``), ours and a plain
+    DataLoader's alike (the DataLoader's timeout turns a hang into a failure)."""
     import cv2
     from tasks.data.transforms import seed_worker
 
@@ -215,8 +216,11 @@ def test_workers_forked_after_cv2_ran_threaded_in_the_parent_do_not_hang():
     try:
         cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1000, 1000))  # the pool is up
         dl = DataLoader(Resized(), batch_size=2, num_workers=1, worker_init_fn=seed_worker, timeout=30)
-        for _ in range(2):  # a fork per epoch: the parent's threads are back in between
+        for _ in range(3):  # a fork per epoch: the parent's threads are back in between
             assert [b.tolist() for b in DeviceLoader(dl, torch.device("cpu"))] == [[0.0, 1.0]]
+            assert cv2.getNumThreads() == 2
+            cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1000, 1000))
+            assert [b.tolist() for b in dl] == [[0.0, 1.0]]  # a user's own loop over the DataLoader
             cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1000, 1000))
         assert cv2.getNumThreads() == 2
     finally:
