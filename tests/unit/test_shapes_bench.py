@@ -1,4 +1,5 @@
-"""benchmarks.shapes: a COCO detection set that is not FashionScenes, and its mask-folder layout."""
+"""benchmarks.shapes: a COCO detection set that is not FashionScenes, its mask-folder and class-folder
+layouts; benchmarks.small_folders, the plain from-scratch loop on such a class-folder set."""
 import json
 
 import pytest
@@ -64,3 +65,21 @@ def test_shapes_folders_layout_is_a_balanced_class_folder_set_the_folder_reader_
                                   "--val-images", str((root / "val").resolve())]
     with pytest.raises(ValueError, match="one layout"):
         ensure_shapes(tmp_path / "g", train=2, val=1, masks=True, folders=True)
+
+
+def test_small_folders_plain_loop_trains_and_writes_its_result(tmp_path):
+    """benchmarks.small_folders: a few steps on a tiny folder set, the result file in the schema."""
+    from benchmarks import small_folders
+
+    root = ensure_shapes(tmp_path / "f", train=8, val=4, seed=1, folders=True)
+    out = tmp_path / "r.json"
+    result = small_folders.main([str(root), "--steps", "5", "--weight-decay", "2", "--label-smoothing", "0.1",
+                                 "--dropout", "0.5", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["schema"] == "onetrunk-bench-1" and saved["numbers"] == {"accuracy": result["accuracy"]}
+    assert saved["settings"] == {"steps": 5, "weight_decay": 2.0, "label_smoothing": 0.1, "dropout": 0.5,
+                                 "rot90": True, "seed": 0}
+    assert result["train_images"] == 8 and result["val_images"] == 4 and len(result["accuracies"]) == 5
+    assert result["classes"] == ["circle", "cross", "square", "triangle"] and 0.0 <= result["accuracy"] <= 1.0
+    with pytest.raises(SystemExit):
+        small_folders.main([str(tmp_path / "missing")])
