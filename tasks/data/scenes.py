@@ -47,7 +47,6 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-
 __all__ = ["NUM_CLASSES", "IGNORE_INDEX", "generate_scenes", "ensure_scenes", "default_root", "render_preview", "get_args_parser", "main"]
 
 NUM_CLASSES = 10
