@@ -1,6 +1,7 @@
 """benchmarks.shapes: a COCO detection set that is not FashionScenes, its mask-folder and class-folder
 layouts; benchmarks.small_folders, the plain from-scratch loop on such a class-folder set."""
 import json
+import math
 
 import pytest
 
@@ -78,8 +79,29 @@ def test_small_folders_plain_loop_trains_and_writes_its_result(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["schema"] == "onetrunk-bench-1" and saved["numbers"] == {"accuracy": result["accuracy"]}
     assert saved["settings"] == {"steps": 5, "weight_decay": 2.0, "label_smoothing": 0.1, "dropout": 0.5,
-                                 "rot90": True, "seed": 0}
+                                 "rot90": True, "seed": 0, "any_angle": False, "mixup": 0.0, "loss": "ce",
+                                 "sgd": False, "lr": None}
     assert result["train_images"] == 8 and result["val_images"] == 4 and len(result["accuracies"]) == 5
     assert result["classes"] == ["circle", "cross", "square", "triangle"] and 0.0 <= result["accuracy"] <= 1.0
     with pytest.raises(SystemExit):
         small_folders.main([str(tmp_path / "missing")])
+
+
+def test_small_folders_variants_run_and_the_cosine_loss_rewards_the_target(tmp_path):
+    """The variants the lead in USAGE.md was measured with: any-angle rotation, mixup, the cosine
+    loss, SGD; quarter turns and any angle are one choice."""
+    import torch
+
+    from benchmarks import small_folders
+
+    root = ensure_shapes(tmp_path / "f", train=8, val=4, seed=1, folders=True)
+    result = small_folders.main([str(root), "--steps", "3", "--any-angle", "--mixup", "0.4", "--loss", "cosine",
+                                 "--sgd", "--lr", "0.01"])
+    assert len(result["accuracies"]) == 3 and math.isfinite(result["last_train_loss"])
+    with pytest.raises(SystemExit):
+        small_folders.main([str(root), "--no-rot90", "--any-angle"])
+    y = torch.tensor([0, 2])
+    right, wrong = torch.eye(3)[y] * 50, torch.eye(3)[[1, 0]] * 50
+    assert small_folders.loss_fn(right, y, "cosine", 0.0) < 0.01 < small_folders.loss_fn(wrong, y, "cosine", 0.0)
+    x = torch.randn(4, 3, small_folders.STORED, small_folders.STORED)
+    assert small_folders.augment(x, rot90=False, any_angle=True).shape == (4, 3, small_folders.CROP, small_folders.CROP)
