@@ -93,10 +93,11 @@ def run(root: Path, *, steps: int, weight_decay: float, label_smoothing: float, 
     x_val = x_val[:, :, margin:margin + CROP, margin:margin + CROP]
     torch.manual_seed(seed)
     model = Classifier(len(classes), dropout)
+    lr = lr if lr is not None else 0.05 if sgd else 1e-3
     if sgd:
-        opt = torch.optim.SGD(model.parameters(), lr=lr or 0.05, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr or 1e-3, weight_decay=weight_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     every = max(1, steps // 5)
