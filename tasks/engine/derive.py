@@ -50,8 +50,8 @@ import numpy as np
 __all__ = ["DataFacts", "Derived", "derive", "derivation_lines", "image_sample_stats", "data_name", "cpu_count",
            ]
 
-_SPLIT_WORDS = {"train", "training", "trainval", "val", "valid", "validation", "test", "images", "imgs", "jpegimages",
-                "annotations", "masks", "labels", "data", "dataset", "images_train", "train_images"}
+_SPLIT_WORDS = {"train", "training", "trainval", "val", "valid", "validation", "test", "images", "imgs", "img", "image",
+                "jpegimages", "annotations", "annotation", "ann", "anns", "masks", "labels", "data", "dataset", "images_train", "train_images"}
 
 
 @dataclass
@@ -245,7 +245,7 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
     why = f"{warm} warm-up steps: 5% of {total} (50..1000)"
     if warm > max(1, total // 5):
         warm = max(1, total // 5)
-        why = f"{warm} warm-up steps: a fifth of the run's {total}"
+        why = f"{warm} warm-up step{'s' if warm > 1 else ''}: a fifth of the run's {total}"
     add("optim.warmup_epochs", round(warm / steps_per_epoch, 2), why)
     add("train.eval_every", max(1, math.ceil(epochs / 30)), "about 30 evaluations in the run")
     workers = min(8, cpus if gpu else max(cpus - 1, 0))

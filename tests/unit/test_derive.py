@@ -97,7 +97,8 @@ def test_a_named_recipe_gets_only_the_facts():
 
 @pytest.mark.parametrize("path,name", [("data/pets/train", "pets"), ("shapes/train.json", "shapes"),
                                        ("x/VOCdevkit/VOC2012", "VOC2012"), ("coco/annotations/instances_train.json",
-                                                                             "coco"), ("my set/images/train", "my_set")])
+                                                                             "coco"), ("my set/images/train", "my_set"),
+                                       ("birds/img", "birds"), ("birds/ann.json", "birds")])
 def test_the_run_folder_is_named_after_the_data(tmp_path, path, name):
     target = tmp_path / path
     target.parent.mkdir(parents=True, exist_ok=True)
