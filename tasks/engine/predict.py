@@ -616,7 +616,7 @@ def predict_files(predictor: Predictor, inputs: Sequence[Any], out_dir: Path, ba
     lists every entry (the task's result: classify's top classes, detection's boxes...), each
     with the ``files`` written for it (a video frame's with its ``video`` and ``frame``); for
     detection (and multitask) ``coco_results.json`` and ``coco_images.json`` hold the boxes in
-    COCO's results format (``_CocoResults``). ``images=False``: only the files an entry names
+    COCO's results format (``_CocoResults``); a last line (stdout) names them. ``images=False``: only the files an entry names
     (segmentation masks) are written, no pictures and no per-image JSON or line.
     Files are read, predicted and written ``batch_size`` at a time, video frames decoded as
     they go (memory stays bounded for a folder or a video of any size); ``progress``: a tqdm
@@ -685,4 +685,6 @@ def predict_files(predictor: Predictor, inputs: Sequence[Any], out_dir: Path, ba
         predicted = f"the other {n} were predicted" if n == len(paths) - len(failed) else f"{n} images were predicted"
         raise ValueError(f"{len(failed)} of {len(paths)} inputs {what}" + (f" ({predicted})" if entries else "")
                          + f": {min(failed)[1]}")
+    detections = f", {len(coco.results)} detections in {COCO_RESULTS}" if coco.images else ""
+    print(f"done: {len(entries)} image{'s' if len(entries) != 1 else ''} -> {out_dir / SUMMARY}{detections}")
     return entries

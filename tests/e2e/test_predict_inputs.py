@@ -295,6 +295,7 @@ def test_no_images_writes_the_json_and_the_masks_only(ckpts, task, kept, tmp_pat
     assert sorted(p.name for p in folder.iterdir()) == sorted(own + kept)
     (entry,) = _summary(tmp_path / "out")
     assert [os.path.basename(f) for f in entry["files"]] == kept and image not in out  # no line per image
+    assert f"done: 1 image -> {folder / 'summary.json'}" in out  # the closing line, also without pictures
     if kept:
         assert entry["mask"] == str(folder / "a_mask.png")
 
