@@ -137,14 +137,23 @@ def voc_classes(voc: Path, splits: tuple[str, ...] = ("train", "val")) -> tuple[
     listed = find_class_list(voc)
     if listed is not None:
         return read_class_list(listed), display_path(listed)
-    found: set[str] = set()
-    for split in splits:
-        for stem in voc_ids(voc, "Main", split):
-            path = voc / "Annotations" / f"{stem}.xml"
-            found.update(str(obj.get("name")) for obj in _objects(_parse(path, stem, split), path))
+    found = voc_object_names(voc, "Main", splits)
     if found <= set(VOC_CLASSES):
         return list(VOC_CLASSES), "Pascal VOC's 20 classes (every object name is one of them)"
     return sorted(found), f"the object names of the XML files of {', '.join(splits)}"
+
+
+def voc_object_names(voc: Path, kind: str, splits: tuple[str, ...]) -> set[str]:
+    """The object names of the XML files of the ``splits`` of ``ImageSets/<kind>``. Main: every
+    image needs its XML file; Segmentation: images without one are passed over (a tree may hold
+    masks only)."""
+    found: set[str] = set()
+    for split in splits:
+        for stem in voc_ids(voc, kind, split):
+            path = voc / "Annotations" / f"{stem}.xml"
+            if kind == "Main" or path.is_file():
+                found.update(str(obj.get("name")) for obj in _objects(_parse(path, stem, split), path))
+    return found
 
 
 def voc_coco(voc: Path, split: str, classes: Sequence[str] | None = None) -> dict[str, Any]:

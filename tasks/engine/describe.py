@@ -14,7 +14,8 @@ from tasks.data.coco import check_categories, check_images, load_coco_json
 from tasks.data.folders import ImageFolderDataset, list_images
 from tasks.data.images import display_path, read_mask
 from tasks.data.segmentation import IMAGE_SUFFIXES
-from tasks.data.voc import VOC_CLASSES, find_class_list, find_voc, read_class_list, voc_classes, voc_ids
+from tasks.data.voc import (VOC_CLASSES, find_class_list, find_voc, read_class_list, voc_classes, voc_ids,
+                            voc_object_names)
 
 from .derive import DataFacts, data_name, image_sample_stats
 
@@ -68,22 +69,65 @@ def describe_voc(root: str, train_split: str, val_split: str, *, segmentation: b
                  limit_val: int | None = None, seed: int = 0) -> DataFacts:
     """A VOC-layout tree. Detection: ``classes``, else ``voc_classes`` (classes.txt, the XML's
     object names, VOC's 20). Segmentation: ``classes`` (background first), else a classes.txt
-    (background first), else VOC's 21."""
+    (background first), else VOC's 21 when every XML object name is a VOC class and no mask id
+    is above 20; else (a tree of other classes) numbered classes up to the largest mask id, as
+    for mask folders: the XML files name the classes but not which mask id each one is."""
     voc = find_voc(root)
     kind = "Segmentation" if segmentation else "Main"
     train_ids, val_ids = voc_ids(voc, kind, train_split), voc_ids(voc, kind, val_split)
+    notes: list[str] = []
+    numbered = False
     if classes:
         names, where = list(classes), "--classes"
     elif segmentation:
         found = find_class_list(voc)
-        names, where = (read_class_list(found), display_path(found)) if found else (
-            ["background", *VOC_CLASSES], "Pascal VOC's 21 (no classes.txt)")
+        if found:
+            names, where = read_class_list(found), display_path(found)
+        else:
+            objects = voc_object_names(voc, kind, (train_split, val_split))
+            masks = [voc / "SegmentationClass" / f"{i}.png" for i in train_ids]
+            top, read = _largest_mask_id(masks, seed)
+            if objects <= set(VOC_CLASSES) and top <= len(VOC_CLASSES):
+                names, where = ["background", *VOC_CLASSES], "Pascal VOC's 21 (no classes.txt" + (
+                    "; every XML object name is a VOC class)" if objects else ")")
+            else:
+                names, numbered = _numbered(top), True
+                where = f"the largest class id in {read} of {len(masks)} masks"
+                named = f"the XML files name {', '.join(sorted(objects))} but not which mask id each is" if objects \
+                    else "no classes.txt"
+                notes.append(f"class names are numbers ({named}): give them in {display_path(voc / 'classes.txt')} "
+                             f"(one per line, background first) or --classes")
+                notes += _partial_scan(read, len(masks), top)
     else:
         names, where = voc_classes(voc, (train_split, val_split))
     size, _ = image_sample_stats([voc / "JPEGImages" / f"{i}.jpg" for i in train_ids], seed=seed)
     return DataFacts(kind="voc", name=data_name(voc), where=display_path(voc), train=_limited(len(train_ids), limit_train),
                      val=_limited(len(val_ids), limit_val), class_names=names, classes_from=where, median_size=size,
-                     record_classes=True)
+                     record_classes=True, notes=notes, numbered=numbered)
+
+
+def _largest_mask_id(masks: Sequence[Path], seed: int) -> tuple[int, int]:
+    """``(largest class id, masks read)`` over up to ``MASK_SCAN`` of ``masks`` drawn with
+    ``seed`` (255, ignore, left out)."""
+    rng = np.random.default_rng(seed)
+    pick = masks if len(masks) <= MASK_SCAN else [masks[i] for i in sorted(rng.choice(len(masks), MASK_SCAN,
+                                                                                    replace=False))]
+    top = 0
+    for path in pick:
+        ids = np.unique(read_mask(path))
+        ids = ids[ids != 255]
+        if ids.size:
+            top = max(top, int(ids.max()))
+    return top, len(pick)
+
+
+def _partial_scan(read: int, total: int, top: int) -> list[str]:
+    return [f"only {read} of {total} masks were read for the class count: a class id above {top} elsewhere stops "
+            f"the run naming its mask; a classes.txt makes it exact"] if read < total else []
+
+
+def _numbered(top: int) -> list[str]:
+    return ["background", *(f"class_{i}" for i in range(1, max(top, 1) + 1))]
 
 
 def describe_voc_config(d, seed: int, *, segmentation: bool) -> DataFacts | None:
@@ -121,23 +165,12 @@ def describe_masks(paths: dict[str, str], *, classes: Sequence[str] | None = Non
         masks = list_images(mask_dir, (".png",), recursive=False)[0]  # hidden files are no masks
         if not masks:
             raise ValueError(f"{display_path(mask_dir)}: no masks (<image stem>.png)")
-        rng = np.random.default_rng(seed)
-        pick = masks if len(masks) <= MASK_SCAN else [masks[i] for i in sorted(rng.choice(len(masks), MASK_SCAN,
-                                                                                        replace=False))]
-        top = 0
-        for path in pick:
-            m = read_mask(path)
-            ids = np.unique(m)
-            ids = ids[ids != 255]
-            if ids.size:
-                top = max(top, int(ids.max()))
-        names = ["background", *(f"class_{i}" for i in range(1, max(top, 1) + 1))]
-        where = f"the largest class id in {len(pick)} of {len(masks)} masks"
+        top, read = _largest_mask_id(masks, seed)
+        names = _numbered(top)
+        where = f"the largest class id in {read} of {len(masks)} masks"
         notes.append(f"class names are numbers: give them in {display_path(mask_dir / 'classes.txt')} (one per line, "
                      f"background first) or --classes")
-        if len(pick) < len(masks):
-            notes.append(f"only {len(pick)} of {len(masks)} masks were read for the class count: a class id above "
-                         f"{top} elsewhere stops the run naming its mask; a classes.txt makes it exact")
+        notes += _partial_scan(read, len(masks), top)
     size, _ = image_sample_stats(train, seed=seed)
     return DataFacts(kind="folders", name=data_name(paths["train_images"]), where=display_path(paths["train_images"]),
                      train=_limited(len(train), limit_train), val=_limited(len(val), limit_val), class_names=names,

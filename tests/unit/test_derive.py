@@ -153,6 +153,22 @@ def test_voc_layout_with_other_classes_reads_them_from_the_xml_or_classes_txt(tm
     assert seg.class_names == ["background", "kite"] and seg.classes_from == "--classes"
 
 
+def test_voc_segmentation_of_other_classes_numbers_the_mask_ids_instead_of_naming_voc_classes(tmp_path):
+    root = write_voc_tree(tmp_path)
+    voc = root / "VOC2012"
+    facts = describe_voc(str(root), "train", "val", segmentation=True)
+    assert len(facts.class_names) == 21 and not facts.notes and not facts.numbered  # VOC names, mask ids <= 20
+    for xml in (voc / "Annotations").glob("*.xml"):
+        xml.write_text(xml.read_text().replace("aeroplane", "kite").replace("bicycle", "drone"))
+    facts = describe_voc(str(root), "train", "val", segmentation=True)
+    # the XML names kite and drone, but not which mask id is which: numbered up to the largest id (1)
+    assert facts.class_names == ["background", "class_1"] and facts.numbered
+    assert "drone, kite" in facts.notes[0] and "classes.txt" in facts.notes[0]
+    (voc / "classes.txt").write_text("background\nkite\n")
+    facts = describe_voc(str(root), "train", "val", segmentation=True)
+    assert facts.class_names == ["background", "kite"] and not facts.numbered
+
+
 def test_mask_folders_count_classes_from_the_masks_or_read_classes_txt(tmp_path):
     import cv2
     for split in ("train", "val"):
