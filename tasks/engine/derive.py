@@ -51,7 +51,8 @@ __all__ = ["DataFacts", "Derived", "derive", "derivation_lines", "image_sample_s
            ]
 
 _SPLIT_WORDS = {"train", "training", "trainval", "val", "valid", "validation", "test", "images", "imgs", "img", "image",
-                "jpegimages", "annotations", "annotation", "ann", "anns", "masks", "labels", "data", "dataset", "images_train", "train_images"}
+                "jpegimages", "annotations", "annotation", "ann", "anns", "masks", "labels", "data", "dataset",
+                "images_train", "train_images"}
 
 
 @dataclass

@@ -616,8 +616,9 @@ def predict_files(predictor: Predictor, inputs: Sequence[Any], out_dir: Path, ba
     lists every entry (the task's result: classify's top classes, detection's boxes...), each
     with the ``files`` written for it (a video frame's with its ``video`` and ``frame``); for
     detection (and multitask) ``coco_results.json`` and ``coco_images.json`` hold the boxes in
-    COCO's results format (``_CocoResults``); a last line (stdout) names them. ``images=False``: only the files an entry names
-    (segmentation masks) are written, no pictures and no per-image JSON or line.
+    COCO's results format (``_CocoResults``); a last line (stdout) names them. ``images=False``:
+    only the files an entry names (segmentation masks) are written, no pictures and no per-image
+    JSON or line.
     Files are read, predicted and written ``batch_size`` at a time, video frames decoded as
     they go (memory stays bounded for a folder or a video of any size); ``progress``: a tqdm
     bar. Files inside ``out_dir`` (an earlier run's outputs) are never read nor written over:

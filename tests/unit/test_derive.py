@@ -167,6 +167,11 @@ def test_voc_segmentation_of_other_classes_numbers_the_mask_ids_instead_of_namin
     (voc / "classes.txt").write_text("background\nkite\n")
     facts = describe_voc(str(root), "train", "val", segmentation=True)
     assert facts.class_names == ["background", "kite"] and not facts.numbered
+    (voc / "classes.txt").unlink()
+    for xml in (voc / "Annotations").glob("*.xml"):  # masks only, ids VOC's could have: VOC's 21
+        xml.unlink()
+    facts = describe_voc(str(root), "train", "val", segmentation=True)
+    assert len(facts.class_names) == 21 and not facts.numbered and facts.classes_from.startswith("Pascal VOC's 21")
 
 
 def test_mask_folders_count_classes_from_the_masks_or_read_classes_txt(tmp_path):
