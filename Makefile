@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 
 # Tests run in parallel processes (pytest-xdist), a file's tests in one process (its module fixtures
 # built once): 2:53 instead of 5:40 on 2 cores. XDIST= runs them in this process, one at a time.
-XDIST   ?= -n auto --maxprocesses 4 --dist loadfile
+# A worker killed by pytest-timeout (a hung test) ends the session: pytest-xdist's replacement
+# worker can wait for ever under --dist loadfile (pytest-xdist issues 784 and 1378).
+XDIST   ?= -n auto --maxprocesses 4 --dist loadfile --max-worker-restart 0
 
 test: $(STAMP)
 	$(PY) -m pytest $(XDIST)

@@ -1,6 +1,9 @@
 import atexit
+import ctypes
 import os
 import shutil
+import signal
+import sys
 import tempfile
 
 import pytest
@@ -18,6 +21,13 @@ os.environ["ONETRUNK_OFFLINE"] = "1"
 for _var, _prefix in (("TORCH_HOME", "onetrunk-tests-torch-"), ("HF_HOME", "onetrunk-tests-hf-")):
     os.environ[_var] = tempfile.mkdtemp(prefix=_prefix)
     atexit.register(shutil.rmtree, os.environ[_var], True)
+
+# A test that hangs is killed by pytest-timeout with its xdist worker; a process that worker
+# forked (a DataLoader or pool worker) would live on holding the worker's pipe, so pytest-xdist
+# never sees the worker die and the whole session waits for CI's limit. Children die with it.
+if sys.platform.startswith("linux"):
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    os.register_at_fork(after_in_child=lambda: _prctl(1, signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
 
 
 @pytest.fixture(autouse=True)

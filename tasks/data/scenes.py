@@ -332,10 +332,14 @@ def generate_scenes(out_dir, *, train: int = 8000, val: int = 1000, size: int = 
             for job, chunk in zip(jobs, results):
                 per_image[job[1]].extend(chunk)
                 bar.update(len(chunk))
-        finally:
-            if pool is not None:
+        except BaseException:
+            if pool is not None:  # an error or Ctrl-C: the workers are stopped mid-job
                 pool.terminate()
                 pool.join()
+            raise
+        if pool is not None:  # every job done: the workers leave on their own (no signal to miss)
+            pool.close()
+            pool.join()
 
     for split, count in counts.items():
         _write_json_atomic(out / "annotations" / f"instances_{split}.json", _coco(split, args, per_image[split]))

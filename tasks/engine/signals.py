@@ -21,15 +21,6 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()  # signal handlers live there only
 
 
-def _default_action(signum: int) -> None:
-    """Do what ``signum`` does without a Python handler (forked children inherit the handlers
-    below and must not turn a pool's SIGTERM into an exception)."""
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-
-
 @contextlib.contextmanager
 def stop_on_sigterm():
     """Inside the block SIGTERM raises ``Terminated`` (the default action would kill the process
@@ -37,14 +28,10 @@ def stop_on_sigterm():
     if not _main_thread():
         yield
         return
-    owner = os.getpid()
-
     def terminate(signum, frame):
-        if os.getpid() != owner:  # a forked child (a pool or DataLoader worker): the default action, as before
-            _default_action(signum)
-            return
         raise Terminated(f"signal {signum}")
 
+    terminate.onetrunk = True  # a forked child gets the default back (the fork hooks below)
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
@@ -64,16 +51,13 @@ def hold_signals(note: str = "stopping: finishing the files being written (the r
         yield
         return
     received: list[int] = []
-    owner = os.getpid()
 
     def hold(signum, frame):
-        if os.getpid() != owner:  # a child forked inside the block
-            _default_action(signum)
-            return
         if not received:
             print(note, file=sys.stderr, flush=True)
         received.append(signum)
 
+    hold.onetrunk = True  # a forked child gets the default back (the fork hooks below)
     previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -82,3 +66,44 @@ def hold_signals(note: str = "stopping: finishing the files being written (the r
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         if received and reraise and sys.exc_info()[0] is None:
             raise Terminated() if received[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
+# A fork (a pool or DataLoader worker) while a handler above is installed. CPython runs a Python
+# handler only once the child has finished its after-fork set-up, which forgets every signal that
+# came before: a SIGTERM sent right after the fork (``Pool.terminate`` once the jobs are done
+# before the last worker is up) was lost, and the pool waited for ever on that worker (lost in 297
+# of 300 forks killed at once; a test's scene generation hung this way). So the forking thread
+# blocks SIGTERM around the fork, and the child unblocks it once its handlers are Python's
+# defaults again: a SIGTERM sent meanwhile waits, then kills it as it would any process. (SIGINT
+# is not blocked: a KeyboardInterrupt raised inside a fork hook is swallowed, and a Ctrl-C that a
+# new worker misses leaves nothing running: its parent gets one too and stops it.)
+_fork_masks: list = []  # per fork in progress: the forking thread's signal mask (None: not ours)
+
+
+def _ours(signum: int) -> bool:
+    return getattr(signal.getsignal(signum), "onetrunk", False)
+
+
+def _before_fork() -> None:
+    ours = _ours(signal.SIGINT) or _ours(signal.SIGTERM)
+    _fork_masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if ours else None)
+
+
+def _after_fork_in_parent() -> None:
+    mask = _fork_masks.pop()
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _after_fork_in_child() -> None:
+    mask = _fork_masks.pop()
+    if mask is not None:
+        for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if _ours(signum):
+                signal.signal(signum, default)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+if hasattr(signal, "pthread_sigmask") and hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
