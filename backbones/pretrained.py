@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
-__all__ = ["NamedWeights", "is_named", "weights_info", "resolve", "is_cached", "weights_normalization"]
+__all__ = ["NamedWeights", "is_named", "weights_info", "resolve", "source", "weights_normalization"]
 
 _PROBE_TIMEOUT_S = 3.0
 
@@ -219,10 +219,14 @@ def resolve(spec: str, arch: str) -> tuple[NamedWeights, str | Mapping[str, Any]
     return info, _read_hub_file(downloaded)
 
 
-def is_cached(spec: str, arch: str) -> bool:
-    """Whether the weights of ``spec`` are in the local cache (``resolve`` reads them without a
-    download). No network: the same answer on every rank of a torchrun job."""
-    return _cached(weights_info(spec, arch)) is not None
+def source(spec: str, arch: str, *, network: bool = True) -> str | None:
+    """Where ``resolve`` would take the weights of ``spec`` from: ``"cache"``, ``"download"``
+    (not offline and the host answers: a probe of a few seconds at most; only with ``network``)
+    or None (neither: ``resolve`` would raise)."""
+    info = weights_info(spec, arch)
+    if _cached(info) is not None:
+        return "cache"
+    return "download" if network and _downloadable(info) else None
 
 
 def _missing_hub_package(package: str, what: str) -> ValueError:

@@ -137,8 +137,8 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
 
 
-# A classifier on fewer images than this starts from ImageNet weights when they are cached (else a
-# note says why it may not learn): from scratch, on 200 images of coloured shapes (4 classes) every
+# A classifier on fewer images than this starts from ImageNet weights when they are cached or can be
+# downloaded (else a note says why it may not learn): from scratch, on 200 images of coloured shapes (4 classes) every
 # setting tried (AdamW / SGD, 64 / 128 px, weight decay 0.05 / 0.5, 600 / 2,000 steps) stayed at
 # chance (25-33%) while the training accuracy reached 98%; 200 Fashion-MNIST images reached 90-96%
 # (H200 and 2 CPU cores). The derived CPU run on 600 / 1,000 images of the shapes: 51% / 94.5%
@@ -151,14 +151,14 @@ FEW_IMAGES = 1000
 
 def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any], named_recipe: bool = False,
            pretrained: bool = False, cpus: int | None = None,
-           imagenet_available: Callable[[], bool] | None = None) -> list[Derived]:
+           imagenet_source: Callable[[], str | None] | None = None) -> list[Derived]:
     """The settings for ``facts`` on ``device`` ("cuda" or "cpu"). ``given``: the user's own
     settings (``{"train.batch_size": 16}``), listed as theirs and used by the rules after them
     (the learning rate of the user's batch). Under ``named_recipe`` only the facts: the dataset
     kind, channels, class count and names. A classifier on fewer than ``FEW_IMAGES`` images
-    without weights of the user's starts from ImageNet weights when ``imagenet_available()``
-    says they are cached (asked without the network, so every torchrun rank derives the same);
-    otherwise it gets a note in ``facts.notes`` (printed with the derivation)."""
+    without weights of the user's starts from ImageNet weights when ``imagenet_source()`` says
+    where they come from (``"cache"`` or ``"download"``; ``backbones.pretrained.source``);
+    otherwise (None) it gets a note in ``facts.notes`` (printed with the derivation)."""
     cpus = cpus or cpu_count()
     gpu = device == "cuda"
     dense = task != "classify"
@@ -184,14 +184,17 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
         return out
 
     if not dense and not pretrained and facts.train < FEW_IMAGES and "model.weights" not in given:
-        if imagenet_available is not None and imagenet_available():
+        where = imagenet_source() if imagenet_source is not None else None
+        if where is not None:
             add("model.weights", "imagenet", f"{facts.train} images are few to train a ResNet from scratch: "
-                "torchvision's ImageNet weights, found in the cache")
+                "torchvision's ImageNet weights, " + ("found in the cache" if where == "cache" else
+                                                      "downloaded once into torch.hub's cache"))
             pretrained = True
         else:
             facts.notes.append(f"{facts.train} training images and a trunk from scratch: a ResNet may learn this "
-                               "few by heart and stay near chance on new images; ImageNet weights "
-                               "are not in the cache: --set model.weights=imagenet downloads them once")
+                               "few by heart and stay near chance on new images; ImageNet weights are neither "
+                               "in the cache nor downloadable here (--set model.weights=imagenet names the file "
+                               "and where to put it)")
 
     w, h = facts.median_size
     if dense:

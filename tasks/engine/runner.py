@@ -45,7 +45,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import yaml
 
-from backbones.pretrained import is_cached as weights_cached
+from backbones.pretrained import source as weights_source
 from tasks.data.voc import read_class_list
 
 from . import distributed
@@ -682,7 +682,8 @@ def _made_for_data(spec: TaskSpec, facts: DataFacts, args: argparse.Namespace, r
     given = _flatten(user)
     derived = derive(spec.name, facts, device=resolve_device(cfg.train.device).type, given=given,
                      named_recipe=named, pretrained=bool(cfg.model.weights or cfg.model.trunk),
-                     imagenet_available=lambda: weights_cached("imagenet", f"resnet{cfg.model.depth}"))
+                     imagenet_source=lambda: weights_source("imagenet", f"resnet{cfg.model.depth}",
+                                                            network=distributed.env_world_size() == 1))
     base = read_yaml(recipe_path) if named else {}
     made = _nest({d.key: d.value for d in derived if not d.yours})
     data = merge_dicts(merge_dicts(base, made), user)

@@ -41,7 +41,12 @@ def test_folders_given_only_their_paths(tmp_path, runs, capsys):
     assert yaml.safe_load(again)["train"]["epochs"] == 2
 
 
-def test_a_small_set_starts_from_imagenet_weights_when_they_are_cached(tmp_path, runs, capsys, torch_home):
+def test_a_small_set_starts_from_imagenet_weights_where_they_can_be_had(tmp_path, runs, capsys, torch_home,
+                                                                        monkeypatch):
+    import torch
+
+    from backbones import pretrained
+
     root = write_image_folders(tmp_path / "pets", n_per_class=4, size=24)
     args = FAST + ["--train-images", str(root / "train"), "--val-images", str(root / "val"),
                    "--set", "data.num_workers=0", "--set", "data.image_size=32", "--batch-size", "4"]
@@ -49,10 +54,20 @@ def test_a_small_set_starts_from_imagenet_weights_when_they_are_cached(tmp_path,
     out = capsys.readouterr().out
     assert "  model.weights " not in out and "note: 12 training images and a trunk from scratch" in out
     assert yaml.safe_load((runs / "classify" / "pets" / "config.yaml").read_text())["model"]["weights"] is None
-    write_torchvision_resnet18(torch_home)  # the weights in the cache: taken, and said so
-    classify.main(args + ["--output", str(tmp_path / "pretrained")])
+    # online, a host that answers: downloaded (here: written by a stand-in for torch.hub's download)
+    monkeypatch.delenv("ONETRUNK_OFFLINE")
+    monkeypatch.setattr(pretrained, "_reachable", lambda url: True)
+    state = write_torchvision_resnet18(tmp_path / "server").state_dict()
+    downloads = []
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda url, dst, *a, **k: downloads.append(url) or torch.save(state, dst))
+    classify.main(args + ["--output", str(tmp_path / "downloaded")])
     out = capsys.readouterr().out
     assert "model.weights         imagenet  (12 images are few to train a ResNet from scratch" in out
+    assert "downloaded once into torch.hub's cache" in out and len(downloads) == 1
+    classify.main(args + ["--output", str(tmp_path / "pretrained")])  # in the cache now: taken, and said so
+    out = capsys.readouterr().out
+    assert "found in the cache" in out and len(downloads) == 1
     assert "optim.trunk_lr_mult   0.1" in out and "note:" not in out
     cfg = yaml.safe_load((tmp_path / "pretrained" / "config.yaml").read_text())
     assert cfg["model"]["weights"] == "imagenet" and cfg["optim"]["trunk_lr_mult"] == 0.1

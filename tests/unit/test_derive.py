@@ -72,18 +72,21 @@ def test_the_warm_up_is_a_short_part_of_any_run():
     assert any("7 warm-up steps: a fifth of the run's 36" in line for line in lines)
 
 
-def test_a_classifier_on_few_images_starts_from_imagenet_weights_when_they_are_cached():
+def test_a_classifier_on_few_images_starts_from_imagenet_weights_where_they_can_be_had():
     def never():
         raise AssertionError("asked whether ImageNet weights can be had where no rule needs them")
 
-    with_weights = _values(derive("classify", _facts(train=200), device="cpu", given={}, imagenet_available=lambda: True))
-    assert with_weights["model.weights"] == "imagenet" and with_weights["data.image_size"] == 224
-    assert with_weights["optim.trunk_lr_mult"] == 0.1
+    for where, why in (("cache", "found in the cache"), ("download", "downloaded once")):
+        made = derive("classify", _facts(train=200), device="cpu", given={}, imagenet_source=lambda: where)
+        with_weights = _values(made)
+        assert with_weights["model.weights"] == "imagenet" and with_weights["data.image_size"] == 224
+        assert with_weights["optim.trunk_lr_mult"] == 0.1
+        assert why in next(d.why for d in made if d.key == "model.weights")
     few, many, yours, dense = (_facts(train=n) for n in (200, 5000, 200, 200))
-    derive("classify", few, device="cpu", given={}, imagenet_available=lambda: False)
+    derive("classify", few, device="cpu", given={}, imagenet_source=lambda: None)
     for facts, task, given in ((many, "classify", {}), (yours, "classify", {"model.weights": None}),
                                (dense, "detect", {})):
-        assert "model.weights" not in _values(derive(task, facts, device="cpu", given=given, imagenet_available=never))
+        assert "model.weights" not in _values(derive(task, facts, device="cpu", given=given, imagenet_source=never))
     assert len(few.notes) == 1 and "200 training images" in few.notes[0] and "model.weights=imagenet" in few.notes[0]
     assert many.notes == yours.notes == dense.notes == []
     lines = derivation_lines(few, derive("classify", _facts(train=200), device="cpu", given={}), {})

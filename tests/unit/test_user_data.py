@@ -32,14 +32,20 @@ def test_torchvision_name_loads_the_cached_file(torch_home, name):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_is_cached_looks_in_the_cache_only(torch_home, monkeypatch):
+def test_weights_source_says_cache_download_or_neither(torch_home, monkeypatch):
+    answers = [False]
     probes = []
-    monkeypatch.setattr(pretrained_module, "_reachable", lambda url: probes.append(url) or True)
-    monkeypatch.delenv("ONETRUNK_OFFLINE")  # online, a host that answers: still not cached
-    assert not pretrained_module.is_cached("imagenet", "resnet18")
+    monkeypatch.setattr(pretrained_module, "_reachable", lambda url: probes.append(url) or answers[-1])
+    monkeypatch.delenv("ONETRUNK_OFFLINE")
+    assert pretrained_module.source("imagenet", "resnet18") is None  # the host does not answer
+    answers.append(True)
+    assert pretrained_module.source("imagenet", "resnet18") == "download"
+    assert pretrained_module.source("imagenet", "resnet18", network=False) is None
+    assert len(probes) == 2  # network=False asks no host: every torchrun rank gets the same answer
+    monkeypatch.setenv("ONETRUNK_OFFLINE", "1")
+    assert pretrained_module.source("imagenet", "resnet18") is None and len(probes) == 2
     write_torchvision_resnet18(torch_home)
-    assert pretrained_module.is_cached("imagenet", "resnet18")
-    assert probes == []  # never the network: every torchrun rank gets the same answer
+    assert pretrained_module.source("imagenet", "resnet18") == "cache"
 
 
 def test_missing_weights_name_the_file_the_folder_and_the_url(torch_home, monkeypatch):
