@@ -97,10 +97,13 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     mask = _fork_masks.pop()
-    if mask is not None:
+    if mask is None:
+        return
+    try:
         for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
             if _ours(signum):
                 signal.signal(signum, default)
+    finally:  # never a child that SIGTERM cannot reach
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
