@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlparse
@@ -113,14 +114,24 @@ def _offline() -> bool:
 
 def _reachable(url: str) -> bool:
     """Whether ``url``'s host accepts a connection within a few seconds: without it a
-    download on a machine with no route out could wait far longer before failing."""
+    download on a machine with no route out could wait far longer before failing. The probe
+    runs on a thread of its own: the name lookup before the connection takes no timeout (a
+    name server that does not answer: glibc tries twice, 5 s each, per server)."""
     parsed = urlparse(url)
-    try:
-        socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
-                                 timeout=_PROBE_TIMEOUT_S).close()
-        return True
-    except OSError:
-        return False
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
+                                     timeout=_PROBE_TIMEOUT_S).close()
+            answer.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, name="weights-host-probe", daemon=True)
+    thread.start()
+    thread.join(_PROBE_TIMEOUT_S)
+    return bool(answer)
 
 
 def _not_available(info: NamedWeights, what: str, folder: str) -> FileNotFoundError:

@@ -48,6 +48,16 @@ def test_weights_source_says_cache_download_or_neither(torch_home, monkeypatch):
     assert pretrained_module.source("imagenet", "resnet18") == "cache"
 
 
+def test_the_host_probe_waits_a_few_seconds_at_most(monkeypatch):
+    import time
+
+    monkeypatch.setattr(pretrained_module, "_PROBE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(pretrained_module.socket, "create_connection", lambda *a, **k: time.sleep(3))  # a stuck lookup
+    start = time.perf_counter()
+    assert not pretrained_module._reachable("https://download.pytorch.org/models/x.pth")
+    assert time.perf_counter() - start < 1.5
+
+
 def test_missing_weights_name_the_file_the_folder_and_the_url(torch_home, monkeypatch):
     with pytest.raises(FileNotFoundError, match=rf"{TV_FILE} is not in the cache {torch_home} .*from "
                                                 r"https://download.pytorch.org/models/" + TV_FILE):
