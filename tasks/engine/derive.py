@@ -138,14 +138,15 @@ def _pow2_floor(x: float) -> int:
 
 
 # A classifier on fewer images than this starts from ImageNet weights when they are cached or can be
-# downloaded (else a note says why it may not learn): from scratch, on 200 images of coloured shapes (4 classes) every
-# setting tried (AdamW / SGD, 64 / 128 px, weight decay 0.05 / 0.5, 600 / 2,000 steps) stayed at
-# chance (25-33%) while the training accuracy reached 98%; 200 Fashion-MNIST images reached 90-96%
-# (H200 and 2 CPU cores). The derived CPU run on 600 / 1,000 images of the shapes: 51% / 94.5%
-# (twice the steps on 600: 59.5%, learnt by heart); where between them the line lies is not measured.
-# In a plain loop only quarter turns with AdamW weight decay 2 over 1,500 steps got past 50% (65%
-# / 73% on two sets; no decay, mixup, loss or optimizer tried without the turns passed 45%): the turns
-# suit shapes, not every user's classes, so they are no derived setting (docs/USAGE.md).
+# downloaded (else a note says why it may not learn): from scratch, on 200 images of coloured shapes
+# (4 classes) every setting tried (AdamW / SGD, 64 / 128 px, weight decay 0.05 / 0.5, 600 / 2,000
+# steps) stayed at chance (25-33%) while the training accuracy reached 98%; 200 Fashion-MNIST images
+# reached 90-96% (H200 and 2 CPU cores). The derived CPU run on 600 / 1,000 images of the shapes:
+# 51% / 94.5% (twice the steps on 600: 59.5%, learnt by heart); where between them the line lies is
+# not measured. In a plain loop only quarter turns with AdamW weight decay 2 over 1,500 steps got
+# past 50% (65% / 73% on two sets; no decay, mixup, loss or optimizer tried without the turns passed
+# 45%): the turns suit shapes, not every user's classes, so they are no derived setting
+# (docs/USAGE.md).
 FEW_IMAGES = 1000
 
 
