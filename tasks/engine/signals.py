@@ -77,7 +77,7 @@ def hold_signals(note: str = "stopping: finishing the files being written (the r
 # defaults again: a SIGTERM sent meanwhile waits, then kills it as it would any process. (SIGINT
 # is not blocked: a KeyboardInterrupt raised inside a fork hook is swallowed, and a Ctrl-C that a
 # new worker misses leaves nothing running: its parent gets one too and stops it.)
-_fork_masks: list = []  # per fork in progress: the forking thread's signal mask (None: not ours)
+_fork = threading.local()  # .mask: the forking thread's signal mask while it forks (None: not ours)
 
 
 def _ours(signum: int) -> bool:
@@ -86,17 +86,17 @@ def _ours(signum: int) -> bool:
 
 def _before_fork() -> None:
     ours = _ours(signal.SIGINT) or _ours(signal.SIGTERM)
-    _fork_masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if ours else None)
+    _fork.mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if ours else None
 
 
 def _after_fork_in_parent() -> None:
-    mask = _fork_masks.pop()
+    mask = getattr(_fork, "mask", None)
     if mask is not None:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _after_fork_in_child() -> None:
-    mask = _fork_masks.pop()
+    mask = getattr(_fork, "mask", None)  # the child's one thread is the one that forked
     if mask is None:
         return
     try:
