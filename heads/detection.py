@@ -140,11 +140,12 @@ class FCOSHead(FCOSPostprocess, nn.Module):
 
         # Shared over levels (torchvision FCOSHead layout). The regression targets are divided
         # by the stride, so one set of weights sees the same O(1)-O(8) target scale on every
-        # level. The distances are exp(s_l * x) (float32, a learned scale per level): with ReLU,
-        # a pre-activation pushed below 0 everywhere early in training never comes back (every
-        # box degenerate, GIoU loss frozen at 1.0: 1 of 20 seeds on FashionScenes-3000), and exp
-        # also gained AP on 18 of the other 19 (median +0.038 AP at 8 epochs). softplus also trains on
-        # every seed, 0.021 AP below exp at 8 epochs, 0.003 above at 24 (docs/DETECTION.md).
+        # level. The distances are exp(s_l * x) (float32, a learned scale per level) or
+        # softplus(x): with ReLU, a pre-activation pushed below 0 everywhere early in training
+        # never comes back (every box degenerate, GIoU loss frozen at 1.0: 1 of 20 seeds on
+        # FashionScenes-3000). exp also gained AP on 18 of the other 19 (median +0.038 at 8
+        # epochs); softplus trains on every seed too, 0.021 AP below exp at 8 epochs and 0.003
+        # above at 24 (docs/DETECTION.md: the detect task picks by the run's length).
         self.cls_tower = _tower(fpn_channels, num_convs)
         self.reg_tower = _tower(fpn_channels, num_convs)
         self.cls_logits = nn.Conv2d(fpn_channels, num_classes, 3, padding=1)

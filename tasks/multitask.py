@@ -315,7 +315,7 @@ SPEC = TaskSpec(saved_defaults={"model.reg_activation": "relu"},
     data_flags=("data_dir", "train_ann", "train_images", "train_masks", "val_ann", "val_images", "val_masks"),
     build_model=build_model, build_data=build_data, evaluate=evaluate, make_preprocess=dense_preprocess,
     decode=decode, write_prediction=write_prediction, report=report, predict_options=("score_thresh",),
-    add_arguments=_add_arguments)
+    add_arguments=_add_arguments, resolve_for_run=DETECT.resolve_for_run)
 
 
 def get_args_parser():

@@ -55,7 +55,7 @@ from .step import autocast, build_step, check_sync_bn, one_image_batches, unwrap
 from .updater import OptimizerStateError, Updater, seek_schedule
 
 __all__ = ["NonFiniteLossError", "TrainingGuardError", "Trainer", "autocast", "unwrap", "seek_schedule", "Terminated",
-           "stop_on_sigterm", "hold_signals", "config_diff"]
+           "stop_on_sigterm", "hold_signals", "config_diff", "steps_per_epoch"]
 
 # optimizer settings the saved optimizer / schedule state carries: a resume with other values
 # would silently keep the saved ones (or fail to load), so a difference is refused
@@ -142,6 +142,11 @@ class EpochLosses:
         return {"loss": means[0], **{f"loss_{k}": v for k, v in zip(self.keys, means[1:])}}, images
 
 
+def steps_per_epoch(train_loader: Any, accumulate: int = 1) -> int:
+    """Optimizer steps in one epoch of ``train_loader``: one per ``accumulate`` batches."""
+    return math.ceil(len(train_loader) / max(1, accumulate))
+
+
 class Trainer:
     """Fits ``model`` on ``train_loader``, evaluating every ``train.eval_every`` epochs and at the end.
 
@@ -209,7 +214,7 @@ class Trainer:
         if len(train_loader) == 0:
             raise ValueError("the training set gives no batch: is it empty, or smaller than the batch size?")
         # optimizer steps: the schedule, the guard, log points and checkpoints count these
-        self.steps_per_epoch = math.ceil(len(train_loader) / self.accumulate)
+        self.steps_per_epoch = steps_per_epoch(train_loader, self.accumulate)
         self.guard = TrainingGuard(enabled=tcfg.guard, device=device, steps_per_epoch=self.steps_per_epoch,
                                    warmup_steps=int(round(ocfg.warmup_epochs * self.steps_per_epoch)), lr=ocfg.lr,
                                    output=self.output, check_grad_norm=scaler is None)

@@ -80,6 +80,9 @@ class TaskSpec:
     * ``predict(predictor, images, batch_size, **options)`` (optional): replaces the default
       batching of ``Predictor.predict`` (segmentation's sliding window).
     * ``add_arguments(parser)`` (optional): the task's own command-line flags.
+    * ``resolve_for_run(cfg, steps) -> [lines]`` (optional): the settings that depend on the
+      run's length (``steps`` optimizer steps) fixed in ``cfg``, one line each that changed;
+      called on a training run's config before it is recorded (detection's ``auto`` box head).
     * ``describe_data(cfg) -> DataFacts | None`` (optional): the user's own data of ``cfg``
       described without decoding it (``tasks.engine.derive``); None for the built-in data. A
       task with it gets settings made for the user's data (``derive``) instead of its recipe.
@@ -103,6 +106,7 @@ class TaskSpec:
     predict: Optional[Callable[..., list[dict[str, Any]]]] = None
     add_arguments: Optional[Callable[[Any], None]] = None
     describe_data: Optional[Callable[[Any], Any]] = None
+    resolve_for_run: Optional[Callable[[Any, int], list[str]]] = None
     # ``{"section.key": value}``: what a checkpoint saved before the key existed ran with (its
     # config lacks the key, and today's default differs); filled in when a checkpoint is read
     saved_defaults: Mapping[str, Any] = field(default_factory=dict)

@@ -151,7 +151,9 @@ def test_a_checkpoint_from_before_the_exp_box_head_loads_as_relu(tmp_path):
     from tests.fakes import TINY_MODELS, write_task_checkpoint
 
     ckpt = load_checkpoint(write_task_checkpoint(tmp_path / "new.pt", "detect"))
-    assert ckpt["config"]["model"]["reg_activation"] == "exp"
+    # a model built outside a training run: auto is the exp head (a reg_scales parameter)
+    assert ckpt["config"]["model"]["reg_activation"] == "auto"
+    assert any(k.endswith("reg_scales") for k in ckpt["model"])
     # the checkpoint as the ReLU head wrote it: no such key in its config, no reg_scales
     cfg = config_from_dict(TASKS["detect"].config, TINY_MODELS["detect"])
     cfg.model.reg_activation = "relu"
@@ -163,3 +165,24 @@ def test_a_checkpoint_from_before_the_exp_box_head_loads_as_relu(tmp_path):
     heads = [m for m in predictor.model.modules() if hasattr(m, "reg_activation")]
     assert heads and all(m.reg_activation == "relu" for m in heads)
     assert len(predictor.predict(torch.randint(0, 255, (3, 64, 64), dtype=torch.uint8))) == 1
+
+
+def test_the_auto_box_head_is_fixed_by_the_run_length_and_recorded(run, scenes_args, tmp_path, monkeypatch, capsys):
+    """model.reg_activation=auto: a short run trains exp, a run of LONG_RUN_STEPS or more
+    softplus; config.yaml and the checkpoint hold the head that ran (not auto), the run says
+    which, and the checkpoint loads as that head."""
+    from tasks import load
+
+    out, _ = run
+    assert load_checkpoint(out / "last.pt")["config"]["model"]["reg_activation"] == "exp"
+    assert "reg_activation: exp" in (out / "config.yaml").read_text()
+
+    monkeypatch.setattr(detect, "LONG_RUN_STEPS", 2)  # this tiny run's 1 epoch is >= 2 steps
+    long_run = tmp_path / "long"
+    detect.main([a for a in scenes_args if a != "--quiet"] + ["--epochs", "1", "--output", str(long_run)])
+    assert "model.reg_activation: softplus (auto: a run of" in capsys.readouterr().out
+    ckpt = load_checkpoint(long_run / "last.pt")
+    assert ckpt["config"]["model"]["reg_activation"] == "softplus"
+    assert not any(k.endswith("reg_scales") for k in ckpt["model"])
+    heads = [m for m in load(long_run / "last.pt", device="cpu").model.modules() if hasattr(m, "reg_activation")]
+    assert heads and all(m.reg_activation == "softplus" for m in heads)

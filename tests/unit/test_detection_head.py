@@ -382,3 +382,20 @@ def test_graphed_inference_on_cpu_is_the_model():
     wrapper = get(model)
     assert isinstance(wrapper, GraphedInference) and wrapper.model is model and get(model) is wrapper
     assert get(_detector()) is not wrapper
+
+
+def test_auto_box_head_picks_by_optimizer_steps():
+    from tasks import detect
+
+    cfg = detect.DetectConfig()
+    assert cfg.model.reg_activation == "auto"
+    assert detect.resolve_for_run(cfg, detect.LONG_RUN_STEPS - 1) == [
+        f"model.reg_activation: exp (auto: a run of {detect.LONG_RUN_STEPS - 1:,} steps; softplus from "
+        f"{detect.LONG_RUN_STEPS:,})"]
+    assert cfg.model.reg_activation == "exp"
+    assert detect.resolve_for_run(cfg, 10 ** 6) == [] and cfg.model.reg_activation == "exp"  # fixed once
+    cfg = detect.DetectConfig()
+    assert detect.resolve_for_run(cfg, detect.LONG_RUN_STEPS) and cfg.model.reg_activation == "softplus"
+    cfg = detect.DetectConfig()
+    cfg.model.reg_activation = "relu"  # a head the user named is kept
+    assert detect.resolve_for_run(cfg, 10 ** 6) == [] and cfg.model.reg_activation == "relu"
