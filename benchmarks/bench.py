@@ -51,7 +51,7 @@ from tasks.engine.config import CONFIG_ROOT, load_config
 from tasks.engine.distributed import resolve_device
 from tasks.engine.graphs import GraphedInference, inference_models
 from tasks.engine.logging import env_info
-from tasks.engine.loop import Trainer, autocast, steps_per_epoch
+from tasks.engine.loop import Trainer, autocast, settings_for_run
 from tasks.engine.registry import TASKS
 from tasks.engine.runner import prog_name, run, run_cli
 
@@ -277,8 +277,7 @@ def bench_dense(task: str, out: Path, overrides: list[str], device: torch.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = spec.build_data(cfg, device, quiet=True)
-    if spec.resolve_for_run is not None:  # as a run of the recipe would (detection's auto box head)
-        spec.resolve_for_run(cfg, steps_per_epoch(data.train, cfg.train.accumulate) * cfg.train.epochs)
+    settings_for_run(spec, cfg, data.train)  # as a run of the recipe would (detection's auto box head)
     k = len(data.meta["class_names"])
     metric = spec.main_metric
     models = {f"onetrunk ResNet-{cfg.model.depth}": lambda: spec.build_model(cfg, data.meta)}

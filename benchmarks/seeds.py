@@ -126,7 +126,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
             return row
         from benchmarks.bench import _TorchvisionFCN, _TorchvisionFCOS
         from tasks.engine.graphs import inference_models
-        from tasks.engine.loop import Trainer, steps_per_epoch
+        from tasks.engine.loop import Trainer, settings_for_run
 
         try:
             from tasks.engine.guard import TrainingGuardError
@@ -148,8 +148,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         t_data = time.perf_counter()
         data = _data_for(spec, cfg, device)
         row["data_s"] = round(time.perf_counter() - t_data, 1)
-        if spec.resolve_for_run is not None and not job["peer"]:  # as a run of the recipe would
-            spec.resolve_for_run(cfg, steps_per_epoch(data.train, cfg.train.accumulate) * cfg.train.epochs)
+        settings_for_run(spec, cfg, data.train)  # as a run of the recipe would (detection's auto box head)
         seed_everything(seed)  # the model's initialisation depends on the seed alone
         k = len(data.meta["class_names"])
         if not job["peer"]:

@@ -55,7 +55,7 @@ from .step import autocast, build_step, check_sync_bn, one_image_batches, unwrap
 from .updater import OptimizerStateError, Updater, seek_schedule
 
 __all__ = ["NonFiniteLossError", "TrainingGuardError", "Trainer", "autocast", "unwrap", "seek_schedule", "Terminated",
-           "stop_on_sigterm", "hold_signals", "config_diff", "steps_per_epoch"]
+           "stop_on_sigterm", "hold_signals", "config_diff", "settings_for_run"]
 
 # optimizer settings the saved optimizer / schedule state carries: a resume with other values
 # would silently keep the saved ones (or fail to load), so a difference is refused
@@ -145,6 +145,15 @@ class EpochLosses:
 def steps_per_epoch(train_loader: Any, accumulate: int = 1) -> int:
     """Optimizer steps in one epoch of ``train_loader``: one per ``accumulate`` batches."""
     return math.ceil(len(train_loader) / max(1, accumulate))
+
+
+def settings_for_run(spec: Any, cfg: Any, train_loader: Any) -> list[str]:
+    """The task's settings that depend on the run's length (``TaskSpec.resolve_for_run``:
+    detection's ``auto`` box head) fixed in ``cfg`` for ``cfg.train.epochs`` epochs of
+    ``train_loader``; one line per setting it fixed."""
+    if spec.resolve_for_run is None:
+        return []
+    return spec.resolve_for_run(cfg, steps_per_epoch(train_loader, cfg.train.accumulate) * cfg.train.epochs)
 
 
 class Trainer:

@@ -57,7 +57,7 @@ from .distributed import resolve_device
 from .graphs import inference_model, inference_models
 from .logging import Console, MetricsLog
 from .viz import write_json
-from .loop import Terminated, Trainer, TrainingGuardError, hold_signals, steps_per_epoch, stop_on_sigterm
+from .loop import Terminated, Trainer, TrainingGuardError, hold_signals, settings_for_run, stop_on_sigterm
 from .inputs import expand as expand_inputs
 from .predict import Predictor, load_task_model, predict_files
 from .registry import TaskSpec, spec_for_checkpoint
@@ -932,8 +932,8 @@ def _run(r: Run) -> dict[str, Any]:
         raise ValueError(f"the validation set is empty ({source}): there is nothing to evaluate")
     # cfg as this run will use it (config.yaml and the checkpoints record it): nothing changes it after this
     resolved = resolve_switches(cfg, device, fixed_shapes=data.fixed_shapes, world=distributed.world_size())
-    if spec.resolve_for_run is not None and not args.eval_only and r.resume_from is None:
-        resolved += spec.resolve_for_run(cfg, steps_per_epoch(data.train, cfg.train.accumulate) * cfg.train.epochs)
+    if not args.eval_only and r.resume_from is None:  # a resumed run keeps its checkpoint's settings
+        resolved += settings_for_run(spec, cfg, data.train)
     if not args.eval_only:  # evaluating a checkpoint elsewhere: its training switches are no news
         for line in resolved:
             say(line)

@@ -224,6 +224,7 @@ def test_detector_postprocessed_onnx_outputs_equal_pytorch_boxes(exported, name)
     heads a run can train: exp, softplus)."""
     ckpt, result = exported(name)
     _, model, _ = export.load_model(ckpt)
+    assert model.head.reg_activation == ("softplus" if name.endswith("softplus") else "exp")
     params = json.loads({p.key: p.value for p in onnx.load(result["output"]).metadata_props}["postprocess"])
     images = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
