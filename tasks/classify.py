@@ -70,6 +70,7 @@ class ClassifyDataConfig:
     crop_padding: int = bounded(2, 0, help="Fashion-MNIST: random crop after zero padding by this many pixels "
                                            "(0: off)")
     hflip: bool = setting(True, "random horizontal flips in training")
+    rot90: bool = setting(False, "folders: random quarter turns in training")
     random_erasing: float = bounded(0.0, 0.0, 1.0, help="probability of erasing a random rectangle of an image")
     # measured on the long recipe: 95.95% with CutMix 1.0 against 95.68% without (docs/BENCHMARKS.md)
     cutmix_alpha: float = bounded(0.0, 0.0, help="Fashion-MNIST: CutMix of every batch on the GPU, area from "
@@ -168,7 +169,7 @@ def _folders(cfg: ClassifyConfig, device: torch.device, pre: Preprocess, train: 
     # the training folder fixes the classes and their order, also when only evaluating
     train_ds = ImageFolderDataset(d.train_images, channels=chans, skip_bad=d.skip_bad, limit=d.limit_train,
                                   seed=cfg.train.seed,
-                                  transforms=classification_train_transforms(pre.size, hflip=d.hflip,
+                                  transforms=classification_train_transforms(pre.size, hflip=d.hflip, rot90=d.rot90,
                                                                              seed=cfg.train.seed))
     val_ds = ImageFolderDataset(d.val_images, channels=chans, classes=train_ds.classes, skip_bad=d.skip_bad,
                                 limit=d.limit_val, seed=cfg.train.seed, transforms=pre.albumentations())

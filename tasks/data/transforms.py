@@ -221,9 +221,13 @@ def segmentation_train_transforms(size: int, scale: Sequence[float] = (0.5, 2.0)
 # Classification (image folders)
 # ---------------------------------------------------------------------------------------------
 
-def classification_train_transforms(size: int, *, hflip: bool = True, seed: int | None = None) -> A.Compose:
-    """Random resized crop to ``size`` (35-100 % of the area) and a horizontal flip."""
+def classification_train_transforms(size: int, *, hflip: bool = True, rot90: bool = False,
+                                    seed: int | None = None) -> A.Compose:
+    """Random resized crop to ``size`` (35-100 % of the area), a horizontal flip and (``rot90``)
+    a rotation by 0, 90, 180 or 270 degrees."""
     ops = [A.RandomResizedCrop(size=(size, size), scale=(0.35, 1.0))]
     if hflip:
         ops.append(A.HorizontalFlip(p=0.5))
+    if rot90:
+        ops.append(A.RandomRotate90(p=1.0))
     return reseed_transforms(A.Compose(ops, seed=seed), seed)

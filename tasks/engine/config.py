@@ -70,8 +70,6 @@ REMOVED_KEYS: dict[str, str] = {
     "model.cls_dropout": "no recipe set it and no measurement backs another value: the multi-label head has none",
     "model.seg_dropout": "no recipe set it and no measurement backs another value: the segmentation head keeps 0.1",
     "optim.betas": "no recipe set it and nothing measured another value: AdamW runs with PyTorch's (0.9, 0.999)",
-    "optim.norm_weight_decay": "no recipe set it and nothing measured another value: norm weights and biases "
-                               "never decay",
     "optim.final_lr_ratio": "no recipe set it and nothing measured another value: cosine schedules end at 0",
     "train.cudnn_benchmark_limit": "PyTorch's default (10 algorithms timed per shape) measured as fast as any "
                                    "other limit (Fashion-MNIST ResNet-18, H200)",
@@ -316,6 +314,8 @@ class OptimConfig:
     nesterov: bool = setting(True, "SGD with Nesterov momentum")
     weight_decay: float = bounded(5e-4, 0.0, help="weight decay of conv and linear weights (norm weights and "
                                                   "biases: none)")
+    norm_weight_decay: float = bounded(0.0, 0.0, help="weight decay of norm weights and biases (torchvision's "
+                                                     "--norm-weight-decay)")
     schedule: str = setting("cosine", "cosine | onecycle | constant (per step)")
     warmup_epochs: float = bounded(1.0, 0.0, help="linear warm-up epochs (onecycle: its rising phase)")
     label_smoothing: float = bounded(0.0, 0.0, 1.0, help="classification: label smoothing of the cross-entropy")

@@ -17,7 +17,7 @@ from tasks.data.segmentation import IMAGE_SUFFIXES
 from tasks.data.voc import (VOC_CLASSES, find_class_list, find_voc, read_class_list, voc_classes, voc_ids,
                             voc_object_names)
 
-from .derive import DataFacts, data_name, image_sample_stats
+from .derive import DataFacts, data_name, image_sample_stats, orientation_check, sample_by_class
 
 __all__ = ["describe_folders", "describe_coco", "describe_voc", "describe_voc_config", "describe_masks", "MASK_SCAN"]
 
@@ -36,9 +36,11 @@ def describe_folders(train: str, val: str, *, limit_train: int | None = None, li
         tr = ImageFolderDataset(train, channels=3)
         va = ImageFolderDataset(val, channels=3, classes=tr.classes)
     size, chans = image_sample_stats([p for p, _ in tr.samples], seed=seed)
+    orientation = orientation_check(sample_by_class(tr.samples, tr.classes, seed=seed))
     return DataFacts(kind="folders", name=data_name(train), where=display_path(train),
                      train=_limited(len(tr), limit_train), val=_limited(len(va), limit_val),
-                     class_names=list(tr.classes), classes_from="the class folders", median_size=size, channels=chans)
+                     class_names=list(tr.classes), classes_from="the class folders", median_size=size, channels=chans,
+                     orientation=orientation)
 
 
 def _coco_counts(path: str) -> tuple[dict[int, str], dict[int, dict]]:

@@ -33,7 +33,7 @@ def param_groups(model: nn.Module, weight_decay: float, norm_weight_decay: float
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, lr=cfg.lr, trunk_lr_mult=cfg.trunk_lr_mult)
+    groups = param_groups(model, cfg.weight_decay, cfg.norm_weight_decay, lr=cfg.lr, trunk_lr_mult=cfg.trunk_lr_mult)
     if not any(g["params"] for g in groups):
         raise ValueError("no trainable parameters: is every stage frozen (model.freeze_at=5) without a head?")
     # Fused kernels on CUDA: one launch for all parameters instead of several per tensor.
@@ -114,7 +114,7 @@ def rebuild_scheduler(optimizer: torch.optim.Optimizer, model: nn.Module, cfg: O
     them would start from the wrong base (or fail: "KeyError: 'max_lr'"); they are reset to the
     config's base values first, as ``build_optimizer`` sets them. Seek it to the step reached
     (``loop.seek_schedule``)."""
-    base = param_groups(model, cfg.weight_decay, lr=cfg.lr, trunk_lr_mult=cfg.trunk_lr_mult)
+    base = param_groups(model, cfg.weight_decay, cfg.norm_weight_decay, lr=cfg.lr, trunk_lr_mult=cfg.trunk_lr_mult)
     base = [g for g in base if g["params"]]
     if len(base) != len(optimizer.param_groups):
         raise ValueError(f"the optimizer has {len(optimizer.param_groups)} parameter groups, this model and config "

@@ -117,7 +117,7 @@ def test_an_old_checkpoint_config_loads_without_its_removed_keys(tmp_path):
     path = write_task_checkpoint(tmp_path / "seg.pt", "segment")
     ckpt = load_checkpoint(path)
     ckpt["config"]["model"].update(dice_weight=0.5, dropout=0.2)
-    ckpt["config"]["optim"].update(betas=[0.9, 0.99], norm_weight_decay=0.0, final_lr_ratio=0.01)
+    ckpt["config"]["optim"].update(betas=[0.9, 0.99], final_lr_ratio=0.01)
     ckpt["config"]["train"].update(cudnn_benchmark_limit=4, cuda_graph=True)
     del ckpt["config"]["train"]["graph_eval"]
     atomic_save(ckpt, path)

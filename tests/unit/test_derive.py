@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tasks.engine.derive import DataFacts, data_name, derivation_lines, derive
+from tasks.engine.derive import DataFacts, Orientation, data_name, derivation_lines, derive, orientation_check
 from tasks.engine.describe import describe_coco, describe_folders, describe_masks, describe_voc
 from tests.fakes import write_image_folders, write_voc_tree
 
@@ -29,7 +29,7 @@ def test_classification_settings_follow_the_data_and_the_device():
                                                                             rel=1e-2)
     small = _values(derive("classify", _facts(median_size=(28, 28), channels=1, train=180), device="cpu", given={}))
     assert small["data.image_size"] == 32 and small["model.in_chans"] == 1 and small["train.batch_size"] == 16
-    steps = -(-180 // 16)
+    steps = 180 // 16
     assert 5 <= small["train.epochs"] and small["train.epochs"] * steps >= 600  # about 600 steps on the CPU
 
 
@@ -59,17 +59,17 @@ def test_the_batch_follows_the_users_image_size():
 def test_the_warm_up_is_a_short_part_of_any_run():
     def warm_steps(train, given):
         values = _values(derive("classify", _facts(train=train), device="cpu", given=given, cpus=2))
-        steps = -(-train // values["train.batch_size"])
+        steps = train // values["train.batch_size"]
         return round(values["optim.warmup_epochs"] * steps), values["train.epochs"] * steps
 
     for train in (412, 20_000):  # the derived runs: 5% of their steps, at least 50
         warm, total = warm_steps(train, {})
         assert total >= 600 and warm == max(50, round(0.05 * total))
     warm, total = warm_steps(91, {"train.epochs": 3})  # the user's short run decays too: not all warm-up
-    assert total == 36 and warm == 7
+    assert total == 33 and warm == 6
     lines = derivation_lines(_facts(train=91), derive("classify", _facts(train=91), device="cpu",
                                                       given={"train.epochs": 3}, cpus=2), {})
-    assert any("7 warm-up steps: a fifth of the run's 36" in line for line in lines)
+    assert any("6 warm-up steps: a fifth of the run's 33" in line for line in lines)
 
 
 def test_a_classifier_on_few_images_starts_from_imagenet_weights_where_they_can_be_had():
@@ -198,3 +198,63 @@ def test_mask_folders_count_classes_from_the_masks_or_read_classes_txt(tmp_path)
     facts = describe_masks(paths)
     assert facts.class_names == ["background", "sky", "road", "car"] and not facts.notes
     assert facts.median_size == (30, 20) and facts.record_classes
+
+
+def test_few_images_from_scratch_get_strong_decay_and_a_long_run():
+    def made(train, device, source=None):
+        values = _values(derive("classify", _facts(train=train, median_size=(96, 96)), device=device, given={},
+                                cpus=2, imagenet_source=lambda: source))
+        steps = train // values["train.batch_size"]  # training drops the last partial batch
+        return values, values["train.epochs"] * steps
+
+    for device, target in (("cpu", 3000), ("cuda", 6000)):
+        values, total = made(200, device)
+        assert values["optim.weight_decay"] == values["optim.norm_weight_decay"] == 2.0
+        assert target <= total < target + 20  # the steps, not a number of epochs
+    for values, total in (made(200, "cpu", source="cache"), made(5000, "cpu")):  # pretrained, or enough images
+        assert values["optim.weight_decay"] == 0.05 and "optim.norm_weight_decay" not in values
+        assert total < 1000
+    values, _ = made(200, "cpu")
+    derived = derive("detect", _facts(kind="coco", train=200), device="cpu", given={}, cpus=2)
+    assert _values(derived)["optim.weight_decay"] == 0.05  # the dense tasks keep their rule
+
+
+def _turned_shapes(rng, n, turn):
+    """``n`` 32x32 images of an L shape at a random place, each turned by ``turn(rng)`` quarters."""
+    images = []
+    for _ in range(n):
+        img = rng.integers(0, 40, (32, 32), dtype=np.uint8)
+        y, x = rng.integers(2, 14, 2)
+        img[y:y + 16, x:x + 4] = 220
+        img[y + 12:y + 16, x:x + 12] = 220
+        images.append(np.ascontiguousarray(np.rot90(img, turn(rng))))
+    return images
+
+
+def test_quarter_turns_only_for_data_without_an_up():
+    rng = np.random.default_rng(0)
+    any_turn = {c: _turned_shapes(rng, 40, lambda r: int(r.integers(4))) for c in ("a", "b")}
+    assert orientation_check(any_turn).free
+    upright = {"a": any_turn["a"], "b": _turned_shapes(rng, 40, lambda r: 0)}  # one class always upright
+    check = orientation_check(upright)
+    assert not check.free and "'b'" in check.why
+    stripes = []  # no mean image to see, but every edge horizontal
+    for _ in range(40):
+        img = np.zeros((32, 32), np.uint8)
+        img[int(rng.integers(4)):: 4] = 200
+        stripes.append(img)
+    check = orientation_check({"a": any_turn["a"], "s": stripes})
+    assert not check.free and "edges" in check.why
+
+    free = _facts(orientation=Orientation(True, "no up"))
+    assert _values(derive("classify", free, device="cpu", given={}, cpus=2))["data.rot90"] is True
+    assert _values(derive("classify", _facts(orientation=Orientation(False, "an up")), device="cpu", given={},
+                          cpus=2))["data.rot90"] is False
+    assert "data.rot90" not in _values(derive("classify", _facts(), device="cpu", given={}, cpus=2))  # not looked at
+    assert _values(derive("classify", free, device="cpu", given={"data.rot90": False}, cpus=2))["data.rot90"] is False
+
+
+def test_folders_are_described_with_their_orientation(tmp_path):
+    write_image_folders(tmp_path, n_per_class=8)
+    facts = describe_folders(str(tmp_path / "train"), str(tmp_path / "val"))
+    assert facts.orientation is not None and facts.orientation.free  # noise images: no up

@@ -49,3 +49,18 @@ def test_a_training_class_folder_without_images_is_refused_a_validation_one_is_n
         f.unlink()
     val = ImageFolderDataset(root / "val", classes=["cat", "dog", "owl"])  # no owl to score: allowed
     assert val.classes == ["cat", "dog", "owl"] and {label for _, label in val.samples} == {0, 1}
+
+
+@pytest.mark.parametrize("rot90", [False, True])
+def test_quarter_turns_turn_the_training_crops(rot90):
+    import numpy as np
+
+    ramp = np.add.outer(np.arange(32) * 2, np.arange(32)).astype(np.uint8)  # brightest at the bottom right
+    image = np.repeat(ramp[..., None], 3, axis=2)
+    transform = classification_train_transforms(16, hflip=False, rot90=rot90, seed=0)
+    corners = set()
+    for _ in range(40):
+        out = transform(image=image)["image"][..., 0].astype(int)
+        values = [out[0, 0], out[0, -1], out[-1, 0], out[-1, -1]]
+        corners.add(int(np.argmax(values)))
+    assert corners == ({0, 1, 2, 3} if rot90 else {3})  # a crop keeps the up; the turns move it

@@ -75,3 +75,12 @@ def test_seek_schedule_equals_stepping(schedule):
     opt.step(), sched.step()
     opt2.step(), sched2.step()
     assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())
+
+
+def test_norm_weights_and_biases_decay_only_when_asked():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    for norm_decay in (0.0, 2.0):
+        cfg = config_from_dict(OptimConfig, {"name": "adamw", "weight_decay": 0.5, "norm_weight_decay": norm_decay})
+        groups = build_optimizer(model, cfg, torch.device("cpu")).param_groups
+        decays = {p.ndim: g["weight_decay"] for g in groups for p in g["params"]}
+        assert decays == {4: 0.5, 1: norm_decay}

@@ -68,40 +68,20 @@ def test_shapes_folders_layout_is_a_balanced_class_folder_set_the_folder_reader_
         ensure_shapes(tmp_path / "g", train=2, val=1, masks=True, folders=True)
 
 
-def test_small_folders_plain_loop_trains_and_writes_its_result(tmp_path):
-    """benchmarks.small_folders: a few steps on a tiny folder set, the result file in the schema."""
-    from benchmarks import small_folders
+def test_small_sets_runs_the_command_on_each_set_and_writes_the_accuracies(tmp_path):
+    """benchmarks.small_sets: the classify command with each variant's --set values on a set it
+    generates, the accuracies from the run's metrics.jsonl, the result file in the schema."""
+    from benchmarks import small_sets
 
-    root = ensure_shapes(tmp_path / "f", train=8, val=4, seed=1, folders=True)
     out = tmp_path / "r.json"
-    result = small_folders.main([str(root), "--steps", "5", "--weight-decay", "2", "--label-smoothing", "0.1",
-                                 "--dropout", "0.5", "--out", str(out)])
+    result = small_sets.main(["--out", str(tmp_path / "w"), "--sets", "shapes1", "--images", "8", "--device", "cpu",
+                              "--variants", "short=train.epochs=1;data.image_size=32", "--workers", "0",
+                              "--result", str(out)])
+    (run,) = result["runs"]
+    assert run["rc"] == 0 and run["epochs"] == 1 and 0.0 <= run["final"] <= 1.0 and len(run["curve"]) == 1
+    assert any("data.rot90" in line for line in run["derivation"])  # the settings made for the set, printed
     saved = json.loads(out.read_text())
-    assert saved["schema"] == "onetrunk-bench-1" and saved["numbers"] == {"accuracy": result["accuracy"]}
-    assert saved["settings"] == {"steps": 5, "weight_decay": 2.0, "label_smoothing": 0.1, "dropout": 0.5,
-                                 "rot90": True, "seed": 0, "any_angle": False, "mixup": 0.0, "loss": "ce",
-                                 "sgd": False, "lr": None}
-    assert result["train_images"] == 8 and result["val_images"] == 4 and len(result["accuracies"]) == 5
-    assert result["classes"] == ["circle", "cross", "square", "triangle"] and 0.0 <= result["accuracy"] <= 1.0
-    with pytest.raises(SystemExit):
-        small_folders.main([str(tmp_path / "missing")])
-
-
-def test_small_folders_variants_run_and_the_cosine_loss_rewards_the_target(tmp_path):
-    """The variants the lead in USAGE.md was measured with: any-angle rotation, mixup, the cosine
-    loss, SGD; quarter turns and any angle are one choice."""
-    import torch
-
-    from benchmarks import small_folders
-
-    root = ensure_shapes(tmp_path / "f", train=8, val=4, seed=1, folders=True)
-    result = small_folders.main([str(root), "--steps", "3", "--any-angle", "--mixup", "0.4", "--loss", "cosine",
-                                 "--sgd", "--lr", "0.01"])
-    assert len(result["accuracies"]) == 3 and math.isfinite(result["last_train_loss"])
-    with pytest.raises(SystemExit):
-        small_folders.main([str(root), "--no-rot90", "--any-angle"])
-    y = torch.tensor([0, 2])
-    right, wrong = torch.eye(3)[y] * 50, torch.eye(3)[[1, 0]] * 50
-    assert small_folders.loss_fn(right, y, "cosine", 0.0) < 0.01 < small_folders.loss_fn(wrong, y, "cosine", 0.0)
-    x = torch.randn(4, 3, small_folders.STORED, small_folders.STORED)
-    assert small_folders.augment(x, rot90=False, any_angle=True).shape == (4, 3, small_folders.CROP, small_folders.CROP)
+    assert saved["schema"] == "onetrunk-bench-1" and saved["numbers"]["short/shapes"]["n"] == 1
+    assert (tmp_path / "w" / "sets" / "shapes1-8" / "train" / "circle").is_dir()
+    with pytest.raises(ValueError, match="shapesN"):
+        small_sets.main(["--out", str(tmp_path / "w"), "--sets", "cifar"])
