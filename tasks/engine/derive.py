@@ -236,6 +236,8 @@ FEW_IMAGES = 1000
 # 3,000 steps, 0.955-0.98 at 6,000 (docs/USAGE.md). On the CPU the run stops at 3,000 steps (about
 # 20 minutes on two cores at 96 px); 6,000 would take twice that.
 SMALL_DECAY = 2.0
+SMALL_BATCH = 16  # at most: 200 images give 16 (1/8 of the set); a larger batch would make the CPU's
+                  # 3,000 steps hours long (600 images: 64 a batch, about 100 minutes on two cores)
 SMALL_STEPS = {"cuda": 6000, "cpu": 3000}
 
 
@@ -282,7 +284,7 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
             pretrained = True
         else:
             facts.notes.append(f"{facts.train} training images and a trunk from scratch: the small-data settings "
-                               "below (a long run, strong weight decay) get further than a short run, but less far "
+                               "(a long run, strong weight decay) get further than a short run, but less far "
                                "than ImageNet weights, which are neither in the cache nor downloadable here "
                                "(--set model.weights=imagenet names the file and where to put it)")
     # from scratch on few images: the small-data rules (weight decay, run length) below
@@ -318,8 +320,10 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
     # 8 images (BatchNorm statistics of fewer are noise; the device's own batch may be smaller
     # where the user's image size asks for it), nor over the images there are
     batch = min(_pow2_floor(per_device), max(8, _pow2_floor(facts.train / 8)), _pow2_floor(max(facts.train, 1)))
-    batch = add("train.batch_size", batch,
-                f"{ref}, scaled by pixels; at most 1/8 of {facts.train} images (a cap never under 8)")
+    why = f"{ref}, scaled by pixels; at most 1/8 of {facts.train} images (a cap never under 8)"
+    if scratch and batch > SMALL_BATCH:  # the measured small-data run; its steps stay as long on the CPU
+        batch, why = SMALL_BATCH, "few images from scratch: the batch the small-data settings were measured with"
+    batch = add("train.batch_size", batch, why)
     add("data.eval_batch_size", batch * 2, "twice the training batch (no gradients)")
 
     base = 2e-3 if dense else 1e-3

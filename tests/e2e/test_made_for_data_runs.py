@@ -1,6 +1,8 @@
 """A run on the user's own data, given only the data paths: the settings are made for that data
 (classes, channels, size, batch, ...), printed with their reasons, recorded in config.yaml, and
 the run folder is named after the data; VOC layouts and mask folders of any classes."""
+import re
+
 import cv2
 import numpy as np
 import pytest
@@ -24,7 +26,8 @@ def test_folders_given_only_their_paths(tmp_path, runs, capsys):
                           "--set", "data.num_workers=0"])
     out = capsys.readouterr().out
     assert "data: 18 train / 18 val images in 3 classes, RGB, median 40x40" in out
-    assert "model.num_classes     3  (the class folders: cat, dog, owl)" in out and "train.epochs" in out
+    assert re.search(r"model\.num_classes +3  \(the class folders: cat, dog, owl\)", out) and "train.epochs" in out
+    assert re.search(r"data\.rot90 +True  \(no class has an up", out)  # noise images: no up
     folder = runs / "classify" / "pets"  # named after the data, not the built-in recipe
     text = (folder / "config.yaml").read_text()
     assert text.startswith("# data: 18 train")  # the derivation, kept with what ran
@@ -32,6 +35,7 @@ def test_folders_given_only_their_paths(tmp_path, runs, capsys):
     assert (cfg["data"]["dataset"], cfg["model"]["in_chans"], cfg["model"]["num_classes"]) == ("folders", 3, 3)
     assert cfg["data"]["image_size"] == 32 and cfg["train"]["batch_size"] == 8 and cfg["optim"]["name"] == "adamw"
     assert cfg["data"]["num_workers"] == 0 and cfg["train"]["epochs"] == 1  # the user's own, kept
+    assert cfg["optim"]["weight_decay"] == cfg["optim"]["norm_weight_decay"] == 2.0 and cfg["data"]["rot90"]
     assert load(folder / "best.pt", device="cpu").class_names == ["cat", "dog", "owl"]
     # a resumed run keeps the derivation atop config.yaml (the checkpoint's config is not re-derived)
     header = [line for line in text.splitlines() if line.startswith("# ")]

@@ -258,3 +258,12 @@ def test_folders_are_described_with_their_orientation(tmp_path):
     write_image_folders(tmp_path, n_per_class=8)
     facts = describe_folders(str(tmp_path / "train"), str(tmp_path / "val"))
     assert facts.orientation is not None and facts.orientation.free  # noise images: no up
+
+
+def test_the_small_data_batch_is_the_measured_one():
+    def batch(train):
+        return _values(derive("classify", _facts(train=train, median_size=(96, 96)), device="cpu", given={},
+                              cpus=2))["train.batch_size"]
+
+    assert batch(200) == 16 and batch(900) == 16 and batch(96) == 8  # not 64 at 900 images: hours on the CPU
+    assert batch(2000) == 64  # enough images: the device's batch
