@@ -1,7 +1,6 @@
 """benchmarks.shapes: a COCO detection set that is not FashionScenes, its mask-folder and class-folder
-layouts; benchmarks.small_folders, the plain from-scratch loop on such a class-folder set."""
+layouts; benchmarks.small_sets, the classify command on such class-folder sets."""
 import json
-import math
 
 import pytest
 
