@@ -22,7 +22,6 @@ line per run and the median / min / max per variant and set kind; writes ``--res
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ import numpy as np
 
 from benchmarks.schema import command_line, write_result
 from benchmarks.shapes import ensure_shapes
+from tasks.engine.logging import MetricsLog
 
 CLAIM = "validation accuracy of the classify command trained from scratch on 200-image class-folder sets"
 FASHION_SETS = {"fashion4": (0, 1, 7, 8), "fashion10": tuple(range(10))}
@@ -81,8 +81,7 @@ def run_one(data: Path, out: Path, sets: list[str], seed: int, device: str, env:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     (out.parent / f"{out.name}.log").write_text(proc.stdout + proc.stderr)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-            if line.strip()] if (out / "metrics.jsonl").is_file() else []
+    rows = MetricsLog(out / "metrics.jsonl").records()  # a run that died mid-line keeps its whole lines
     accs = [r["val_acc"] for r in rows if "val_acc" in r]
     config = out / "config.yaml"  # the settings made for the data head it as comments
     lines = config.read_text().splitlines() if config.is_file() else []

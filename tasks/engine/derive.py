@@ -74,7 +74,9 @@ class DataFacts:
     channels: int = 3         # 1: every sampled image is grayscale
     record_classes: bool = False  # the datasets need data.classes (VOC layout, mask folders)
     numbered: bool = False    # the names are only numbers (mask ids): a user's model.num_classes decides the count
-    orientation: Orientation | None = None  # class folders: whether the images have an up (None: not looked at)
+    # class folders: looks at the images and says whether they have an up (decodes a sample: called
+    # only where a rule uses it, not under a named recipe); None: not looked at
+    orientation: Callable[[], Orientation] | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -245,8 +247,8 @@ FEW_IMAGES = 1000
 # and 1) in 1,924 / 1,554 s of training on two cores (96 px);
 # 6,000 would take twice that.
 SMALL_DECAY = 2.0
-SMALL_BATCH = 16  # at most: 200 images give 16 (1/8 of the set); 600 images would get 64, and the
-                  # CPU's 3,000 steps of 64 would take about four times the 32 minutes of 16
+SMALL_BATCH = 16  # at most: 200 images give 16 (1/8 of the set); 600 images would get 64, and
+                  # 3,000 steps of 64 at the measured CPU rate (25 images/s at 96 px) are about 2 hours
 SMALL_STEPS = {"cuda": 6000, "cpu": 3000}
 
 
@@ -300,7 +302,8 @@ def derive(task: str, facts: DataFacts, *, device: str, given: Mapping[str, Any]
     scratch = not dense and not pretrained and facts.train < FEW_IMAGES
 
     if not dense and facts.orientation is not None:
-        add("data.rot90", facts.orientation.free, facts.orientation.why)
+        orientation = facts.orientation()
+        add("data.rot90", orientation.free, orientation.why)
 
     w, h = facts.median_size
     if dense:

@@ -36,11 +36,10 @@ def describe_folders(train: str, val: str, *, limit_train: int | None = None, li
         tr = ImageFolderDataset(train, channels=3)
         va = ImageFolderDataset(val, channels=3, classes=tr.classes)
     size, chans = image_sample_stats([p for p, _ in tr.samples], seed=seed)
-    orientation = orientation_check(sample_by_class(tr.samples, tr.classes, seed=seed))
     return DataFacts(kind="folders", name=data_name(train), where=display_path(train),
                      train=_limited(len(tr), limit_train), val=_limited(len(va), limit_val),
                      class_names=list(tr.classes), classes_from="the class folders", median_size=size, channels=chans,
-                     orientation=orientation)
+                     orientation=lambda: orientation_check(sample_by_class(tr.samples, tr.classes, seed=seed)))
 
 
 def _coco_counts(path: str) -> tuple[dict[int, str], dict[int, dict]]:

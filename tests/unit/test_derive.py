@@ -246,18 +246,23 @@ def test_quarter_turns_only_for_data_without_an_up():
     check = orientation_check({"a": any_turn["a"], "s": stripes})
     assert not check.free and "edges" in check.why
 
-    free = _facts(orientation=Orientation(True, "no up"))
+    free = _facts(orientation=lambda: Orientation(True, "no up"))
     assert _values(derive("classify", free, device="cpu", given={}, cpus=2))["data.rot90"] is True
-    assert _values(derive("classify", _facts(orientation=Orientation(False, "an up")), device="cpu", given={},
+    assert _values(derive("classify", _facts(orientation=lambda: Orientation(False, "an up")), device="cpu", given={},
                           cpus=2))["data.rot90"] is False
     assert "data.rot90" not in _values(derive("classify", _facts(), device="cpu", given={}, cpus=2))  # not looked at
     assert _values(derive("classify", free, device="cpu", given={"data.rot90": False}, cpus=2))["data.rot90"] is False
+
+    def never():
+        raise AssertionError("decoded images for a rule a named recipe does not use")
+
+    derive("classify", _facts(orientation=never), device="cpu", given={}, named_recipe=True)
 
 
 def test_folders_are_described_with_their_orientation(tmp_path):
     write_image_folders(tmp_path, n_per_class=8)
     facts = describe_folders(str(tmp_path / "train"), str(tmp_path / "val"))
-    assert facts.orientation is not None and facts.orientation.free  # noise images: no up
+    assert facts.orientation is not None and facts.orientation().free  # noise images: no up
 
 
 def test_the_small_data_batch_is_the_measured_one():
